@@ -1,0 +1,13 @@
+#!/bin/bash
+# Set up (as root, like scripts/test.sh) and run the benchmarks; each prints
+# chspawner against its anchor, side by side, with the ratio. Arguments go to
+# every benchmark (e.g. --runs 50).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
+scripts/setup-system.sh
+scripts/setup-venv.sh >/dev/null
+scripts/build-image.sh busybox >/dev/null
+scripts/build-image.sh bookworm >/dev/null
+echo "== container start: chspawner run vs Charliecloud ch-run ($(nproc) cores, $(uname -r))"
+"$CHSPAWNER_VENV/bin/python" bench/runtime_start.py --check "$@"

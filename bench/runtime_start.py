@@ -1,0 +1,76 @@
+"""Container start time: ``chspawner run`` against Charliecloud's ``ch-run``.
+
+Both run side by side in one hyperfine session, as the unprivileged user,
+on the same images: ``/bin/true`` in the busybox image and
+``python3 -S -c pass`` in the Debian image. ``chspawner run`` is the
+installed console command, exactly as users type it. Prints each median and
+the ratio, and (with --check) fails if a ratio is over its target.
+
+Run as root (it drops to the test user): ``bench/run.sh`` or
+``python bench/runtime_start.py [--runs N] [--check]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+AS_USER = REPO / "scripts" / "as-user.sh"
+CHSPAWNER = Path(sys.executable).parent / "chspawner"
+IMAGES = Path(os.environ.get("CHSPAWNER_IMAGE_CACHE", "/var/cache/chspawner/images"))
+USER = os.environ.get("CHSPAWNER_USER", "chtest")
+
+#: (label, image, command, target ratio) from the issue that set them.
+CASES = [
+    ("/bin/true", "busybox", ["/bin/true"], 6.0),
+    ("python3 -S -c pass", "bookworm", ["python3", "-S", "-c", "pass"], 2.5),
+]
+
+
+def hyperfine(commands: dict[str, str], runs: int) -> dict[str, float]:
+    """Median seconds per command, measured in one hyperfine run."""
+    uid = pwd.getpwnam(USER).pw_uid
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chown(tmp, uid, -1)
+        result = Path(tmp) / "result.json"
+        argv = [str(AS_USER), USER, "hyperfine", "--style=none", "-N",
+                "--warmup=10", f"--runs={runs}", f"--export-json={result}"]
+        for name, command in commands.items():
+            argv += ["--command-name", name, command]
+        run = subprocess.run(argv, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            sys.exit(f"hyperfine failed: {run.stderr.strip()}")
+        data = json.loads(result.read_text())
+    return {r["command"]: r["median"] for r in data["results"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a ratio is over its target")
+    args = parser.parse_args()
+    print(f"{'command':<22} {'ch-run':>9} {'chspawner':>10} {'ratio':>6} {'target':>7}")
+    over = False
+    for label, image, command, target in CASES:
+        image_dir = IMAGES / image
+        tail = f"{image_dir} -- {' '.join(command)}"
+        medians = hyperfine({"ch-run": f"ch-run {tail}",
+                             "chspawner": f"{CHSPAWNER} run {tail}"}, args.runs)
+        ratio = medians["chspawner"] / medians["ch-run"]
+        over |= ratio > target
+        print(f"{label:<22} {medians['ch-run'] * 1e3:>7.2f}ms "
+              f"{medians['chspawner'] * 1e3:>8.2f}ms {ratio:>5.2f}x {target:>6.1f}x"
+              f"{'  OVER TARGET' if ratio > target else ''}")
+    return 1 if args.check and over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1033 @@
+"""The builtin container launcher: ch-run's command line, in stdlib Python.
+
+This module is the hot path of every container start, so it imports only
+what it must (no argparse, no re, no dataclasses) and can run on its own as
+``python -I -S launcher.py [OPTION...] IMAGE [--] CMD [ARG...]``. It sets up
+the container in the calling process and then ``exec``s the command: the
+command keeps our PID, nothing supervises it, and signals reach it directly.
+
+The container is what Charliecloud's ch-run makes: a user namespace (the
+caller's uid and gid mapped to themselves, or to ``-u``/``-g``) plus a mount
+namespace, pivoted into the image directory. Host network, devices and file
+systems stay native. The differences from ch-run are fixes:
+
+* ``/etc/hosts``, ``/etc/resolv.conf``, ``/etc/machine-id`` are really
+  read-only (a bind mount ignores MS_RDONLY until it is remounted);
+* ``/etc/passwd`` and ``/etc/group`` are written into a private tmpfs, so no
+  temporary file is ever left on the host;
+* every path inside the image is resolved inside the image, one component
+  at a time through file descriptors, and mounted through
+  ``/proc/self/fd/N``: symlinks (absolute or relative) and ``..`` can't lead
+  a mount out of the image, and nothing can be swapped between check and use;
+* bind destinations are created only with ``-w``/``-W`` and never under
+  another mount (a host directory).
+
+Exit codes are ch-run's: 31 runtime error, 49 the command can't be executed,
+64 usage; otherwise the command's own status.
+"""
+
+import os
+import sys
+
+EXIT_RUNTIME = 31
+EXIT_EXEC = 49
+EXIT_USAGE = 64
+
+PROG = "chspawner run"
+DEFAULT_JOIN_DIR = "/dev/shm"
+CH_RUNNING = "Weird Al Yankovic"  # ch-run's value; scripts test for it
+
+USAGE = """\
+Usage: chspawner run [OPTION...] IMAGE [--] CMD [ARG...]
+
+Run CMD in an unprivileged container made from IMAGE (a directory, or the
+name of an image in the store). Options are those of Charliecloud's ch-run.
+
+  -b, --bind=SRC[:DST]    bind-mount host SRC at guest DST (default: SRC)
+  -c, --cd=DIR            initial working directory in the container
+      --env-no-expand     don't expand $VAR in --set-env values
+      --feature=FEAT      exit 0 if FEAT (extglob, overlayfs) is supported
+  -g, --gid=GID           run as GID within the container
+      --home              bind host $HOME at /home/$USER, set $HOME to it
+  -j, --join              share one container with peer invocations
+      --join-ct=N         number of join peers (implies --join)
+      --join-pid=PID      join the container of process PID
+      --join-tag=TAG      label of the peer group (implies --join)
+      --no-passwd         don't generate /etc/passwd and /etc/group
+  -q, --quiet             print less; -qq: no command stdout; -qqq: nor
+                          its stderr
+  -s, --storage=DIR       image store (default $CH_IMAGE_STORAGE or
+                          /var/tmp/$USER.ch)
+      --set-env[=ARG]     set variables: image's ch/environment (no ARG),
+                          NAME=VALUE, or a host FILE of such lines
+  -t, --private-tmp       private tmpfs at /tmp instead of the host's
+  -u, --uid=UID           run as UID within the container
+      --unset-env=GLOB    unset variables whose names match GLOB
+  -v, --verbose           print more (repeatable)
+  -w, --write             mount the image read-write
+  -W, --write-fake[=SIZE] writable tmpfs overlay over a read-only image
+      --backend=NAME      builtin (default, or $CHSPAWNER_BACKEND) or ch-run
+  -?, -h, --help          print this help and exit
+  -V, --version           print the version and exit
+
+Exit status: the command's own; 31 runtime error, 49 can't execute the
+command, 64 usage error.
+"""
+
+
+class Fail(Exception):
+    """An error that ends the launch: a one-line message and an exit code."""
+
+    def __init__(self, message, code=EXIT_RUNTIME):
+        super().__init__(message)
+        self.code = code
+
+
+# -------------------------------------------------------------- options ----
+
+class Options:
+    """ch-run's options, parsed. Defaults are ch-run's."""
+
+    __slots__ = (
+        "binds", "cd", "env_ops", "env_expand", "feature", "uid", "gid", "home", "join", "join_ct",
+        "join_tag", "join_pid", "passwd", "storage", "private_tmp",
+        "writable", "write_fake", "verbose", "quiet", "backend", "backend_argv",
+        "image", "command", "action",
+    )
+
+    def __init__(self):
+        self.binds = []        # [(src, dst)]
+        self.cd = None
+        self.env_ops = []      # [("image"|"file"|"set"|"unset", arg)]
+        self.env_expand = True  # global, as in ch-run, wherever it appears
+        self.feature = None
+        self.uid = None
+        self.gid = None
+        self.home = False
+        self.join = False
+        self.join_ct = None
+        self.join_tag = None
+        self.join_pid = None
+        self.passwd = True
+        self.storage = None
+        self.private_tmp = False
+        self.writable = False
+        self.write_fake = None  # tmpfs size string; "" = tmpfs default
+        self.verbose = 0        # -v count: more messages on stderr
+        self.quiet = 0          # -q count: -qq silences the command's stdout,
+                                # -qqq its stderr too (as ch-run)
+        self.backend = None
+        self.backend_argv = ()  # indices in argv of --backend and its value
+        self.image = None
+        self.command = []
+        self.action = "run"     # or "help", "version"
+
+
+def _int_arg(opt, value, minimum=0):
+    try:
+        number = int(value, 10)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise Fail(f"{opt}: not a valid number: {value!r}", EXIT_USAGE)
+    return number
+
+
+def _set_bind(o, value):
+    if not value:
+        raise Fail("--bind: empty argument", EXIT_USAGE)
+    src, sep, dst = value.partition(":")
+    if not src or (sep and not dst):
+        raise Fail(f"--bind: expected SRC[:DST], got {value!r}", EXIT_USAGE)
+    o.binds.append((src, dst or src))
+
+
+def _set_join_ct(o, v):
+    o.join, o.join_ct = True, _int_arg("--join-ct", v, 1)
+
+
+def _set_join_tag(o, v):
+    if not v:
+        raise Fail("--join-tag: empty tag", EXIT_USAGE)
+    o.join, o.join_tag = True, v
+
+
+def _set_unset_env(o, v):
+    if not v:
+        raise Fail("--unset-env: GLOB must not be empty", EXIT_USAGE)
+    o.env_ops.append(("unset", v))
+
+
+def _set_env(o, v):
+    if v is None:
+        o.env_ops.append(("image", None))
+    elif "=" in v:
+        o.env_ops.append(("set", v))
+    else:
+        o.env_ops.append(("file", v))
+
+
+def _set_feature(o, v):
+    o.action, o.feature = "feature", v
+
+
+def _set_backend(o, v):
+    if v not in ("builtin", "ch-run"):
+        raise Fail(f"--backend: unknown backend {v!r} (builtin, ch-run)",
+                   EXIT_USAGE)
+    o.backend = v
+
+
+def _set_flag(attr, value):
+    def setter(o, _v):
+        setattr(o, attr, value)
+    return setter
+
+
+def _bump(attr, step):
+    def setter(o, _v):
+        setattr(o, attr, getattr(o, attr) + step)
+    return setter
+
+
+# (short, long, argument) -> setter. argument: "no", "required", "optional"
+# (an optional argument is only taken with "=", as with getopt).
+_OPTION_TABLE = (
+    ("b", "bind", "required", _set_bind),
+    ("c", "cd", "required", lambda o, v: setattr(o, "cd", v)),
+    (None, "env-no-expand", "no", _set_flag("env_expand", False)),
+    (None, "feature", "required", _set_feature),
+    ("g", "gid", "required", lambda o, v: setattr(o, "gid", _int_arg("--gid", v))),
+    (None, "home", "no", _set_flag("home", True)),
+    ("j", "join", "no", _set_flag("join", True)),
+    (None, "join-ct", "required", _set_join_ct),
+    (None, "join-pid", "required",
+     lambda o, v: setattr(o, "join_pid", _int_arg("--join-pid", v, 1))),
+    (None, "join-tag", "required", _set_join_tag),
+    (None, "no-home", "no", lambda o, v: None),  # deprecated no-op in ch-run
+    (None, "no-passwd", "no", _set_flag("passwd", False)),
+    ("q", "quiet", "no", _bump("quiet", 1)),
+    ("s", "storage", "required", lambda o, v: setattr(o, "storage", v)),
+    (None, "set-env", "optional", _set_env),
+    ("t", "private-tmp", "no", _set_flag("private_tmp", True)),
+    ("u", "uid", "required", lambda o, v: setattr(o, "uid", _int_arg("--uid", v))),
+    (None, "unset-env", "required", _set_unset_env),
+    ("v", "verbose", "no", _bump("verbose", 1)),
+    ("w", "write", "no", _set_flag("writable", True)),
+    ("W", "write-fake", "optional", lambda o, v: setattr(o, "write_fake", v or "")),
+    (None, "backend", "required", _set_backend),
+    ("?", "help", "no", _set_flag("action", "help")),
+    ("h", None, "no", _set_flag("action", "help")),
+    (None, "usage", "no", _set_flag("action", "usage")),
+    ("V", "version", "no", _set_flag("action", "version")),
+)
+_SHORT = {s: (f"-{s}", kind, fn) for s, _l, kind, fn in _OPTION_TABLE if s}
+_LONG = {l: (f"--{l}", kind, fn) for _s, l, kind, fn in _OPTION_TABLE if l}
+
+
+def parse_args(argv):
+    """Parse ch-run's command line: ``[OPTION...] IMAGE [--] CMD [ARG...]``.
+
+    Options may also follow IMAGE up to ``--`` or the first non-option, as
+    ch-run (argp) allows. Raises Fail(..., 64) on a usage error.
+    """
+    o = Options()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            if o.image is None:
+                if i >= len(argv):
+                    break
+                o.image = argv[i]
+                i += 1
+            o.command = argv[i:]
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if name not in _LONG:
+                raise Fail(f"unrecognized option '--{name}'", EXIT_USAGE)
+            label, kind, setter = _LONG[name]
+            if name == "backend":
+                o.backend_argv = (i - 1,) if eq else (i - 1, i)
+            if kind == "no":
+                if eq:
+                    raise Fail(f"option '{label}' takes no argument", EXIT_USAGE)
+                value = None
+            elif kind == "required" and not eq:
+                if i >= len(argv):
+                    raise Fail(f"option '{label}' requires an argument", EXIT_USAGE)
+                value = argv[i]
+                i += 1
+            elif kind == "optional" and not eq:
+                value = None
+            setter(o, value)
+        elif arg.startswith("-") and len(arg) > 1:
+            j = 1
+            while j < len(arg):  # clustered short options: -wt, -bSRC
+                letter = arg[j]
+                j += 1
+                if letter not in _SHORT:
+                    raise Fail(f"invalid option -- '{letter}'", EXIT_USAGE)
+                label, kind, setter = _SHORT[letter]
+                value = None
+                if kind == "required":
+                    if j < len(arg):
+                        value = arg[j:]
+                    elif i < len(argv):
+                        value = argv[i]
+                        i += 1
+                    else:
+                        raise Fail(f"option requires an argument -- '{letter}'",
+                                   EXIT_USAGE)
+                    j = len(arg)
+                elif kind == "optional" and j < len(arg):
+                    value = arg[j:].removeprefix("=")
+                    j = len(arg)
+                setter(o, value)
+        elif o.image is None:
+            o.image = arg
+        else:
+            o.command = argv[i - 1:]
+            break
+    if o.action != "run":
+        return o
+    if o.image is None:
+        raise Fail("no image given", EXIT_USAGE)
+    if not o.command:
+        raise Fail("no command given", EXIT_USAGE)
+    if o.writable and o.write_fake is not None:
+        raise Fail("--write and --write-fake are mutually exclusive", EXIT_USAGE)
+    if o.verbose and o.quiet:
+        raise Fail("--verbose and --quiet are mutually exclusive", EXIT_USAGE)
+    if o.join_pid is not None and (o.join or o.join_ct or o.join_tag):
+        raise Fail("--join-pid can't be combined with --join", EXIT_USAGE)
+    return o
+
+
+# ---------------------------------------------------------------- libc -----
+
+class _Libc:
+    """The few system calls Python's os module lacks (before 3.12), by ctypes.
+
+    Loaded only when a container is really set up, so --help and usage
+    errors stay fast.
+    """
+
+    CLONE_NEWNS = 0x00020000
+    CLONE_NEWUSER = 0x10000000
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+    MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC = 32, 4096, 8192, 16384
+    MS_PRIVATE = 1 << 18
+    MNT_DETACH = 2
+    PR_SET_NO_NEW_PRIVS = 38
+    FNM_EXTMATCH = 1 << 5
+    # pivot_root(2) has no glibc wrapper; its number depends on the machine.
+    SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203,
+                      "riscv64": 41, "s390x": 217, "i686": 217}
+
+    def __init__(self):
+        import ctypes
+        self._ctypes = ctypes
+        self.c = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, result, what):
+        if result != 0:
+            errno = self._ctypes.get_errno()
+            raise Fail(f"{what}: {os.strerror(errno)}")
+
+    def unshare(self, flags):
+        self._check(self.c.unshare(flags), "can't unshare(2) user+mount namespaces")
+
+    def setns(self, fd, what):
+        self._check(self.c.setns(fd, 0), f"can't join {what}")
+
+    def mount(self, src, target, fstype, flags, data, what):
+        enc = os.fsencode
+        result = self.c.mount(
+            None if src is None else enc(src), enc(target),
+            None if fstype is None else enc(fstype),
+            self._ctypes.c_ulong(flags), None if data is None else enc(data))
+        self._check(result, what)
+
+    def umount(self, target, what):
+        self._check(self.c.umount2(os.fsencode(target), self.MNT_DETACH), what)
+
+    def pivot_root(self, new, old):
+        number = self.SYS_PIVOT_ROOT.get(os.uname().machine)
+        if number is None:
+            raise Fail(f"pivot_root(2): unknown machine {os.uname().machine}")
+        result = self.c.syscall(self._ctypes.c_long(number), os.fsencode(new),
+                                os.fsencode(old))
+        return 0 if result == 0 else self._ctypes.get_errno()
+
+    def no_new_privs(self):
+        self._check(self.c.prctl(self.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+                    "can't set no_new_privs")
+
+    def fnmatch(self, pattern, name):
+        return self.c.fnmatch(os.fsencode(pattern), os.fsencode(name),
+                              self.FNM_EXTMATCH) == 0
+
+
+# statvfs(3) flags that a bind remount inside a user namespace must keep
+# ("locked" flags), mapped to their MS_* values.
+_STATVFS_TO_MS = ((1, 1), (2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048),
+                  (4096, 1 << 21))
+
+
+def _locked_flags(fd_path):
+    f_flag = os.statvfs(fd_path).f_flag
+    return sum(ms for st, ms in _STATVFS_TO_MS if f_flag & st)
+
+
+# ------------------------------------------------------ path resolution ----
+
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+MAX_SYMLINKS = 40
+
+
+class Root:
+    """An image root, with paths resolved strictly inside it.
+
+    ``open(path)`` walks ``path`` one component at a time from the root's
+    directory file descriptor with O_NOFOLLOW; a symlink is read and its
+    target walked in turn, an absolute one from the image root, and ``..``
+    never climbs above the root. The result is an O_PATH descriptor, so what
+    was resolved is what gets mounted on (via /proc/self/fd/N): no window
+    between check and use.
+    """
+
+    def __init__(self, path, display=None):
+        self.path = display or path  # for messages
+        self.fd = os.open(path, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._mnt_id = None
+
+    @property
+    def mnt_id(self):
+        """The root's mount; only paths on it may be created."""
+        if self._mnt_id is None:
+            self._mnt_id = mount_id(self.fd)
+        return self._mnt_id
+
+    def open(self, path, create=False):
+        """Return an O_PATH fd for ``path`` inside the root, or raise.
+
+        With ``create``, missing directories are made (mode 0755) but only
+        on the image's own file system mount, never under another mount.
+        Raises FileNotFoundError (with ``.missing``), Fail for anything else.
+        """
+        todo = [c for c in reversed(path.split("/")) if c]
+        stack = [os.dup(self.fd)]   # fds of the directories walked so far
+        links = 0
+        try:
+            while todo:
+                name = todo.pop()
+                if name == ".":
+                    continue
+                if name == "..":
+                    if len(stack) > 1:
+                        os.close(stack.pop())
+                    continue
+                parent = stack[-1]
+                try:
+                    fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=parent)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    if mount_id(parent) != self.mnt_id:
+                        raise Fail(f"can't create {path}: it would be under "
+                                   "another mount (a host directory)")
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=parent)
+                    except OSError as e:
+                        raise Fail(f"can't create {path}: {e.strerror}")
+                    fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=parent)
+                if _is_symlink(fd):
+                    target = os.readlink(name, dir_fd=parent)
+                    os.close(fd)
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        raise Fail(f"can't resolve {path}: too many symlinks")
+                    if target.startswith("/"):
+                        while len(stack) > 1:
+                            os.close(stack.pop())
+                    todo.extend(c for c in reversed(target.split("/")) if c)
+                    continue
+                if todo and not _is_dir(fd):
+                    os.close(fd)
+                    raise Fail(f"can't resolve {path}: {name} is not a directory")
+                stack.append(fd)
+            return stack.pop()
+        except (FileNotFoundError, Fail):
+            raise
+        except OSError as e:
+            raise Fail(f"can't resolve {path} in image: {e.strerror}")
+        finally:
+            for fd in stack:
+                os.close(fd)
+
+    def exists(self, path):
+        try:
+            os.close(self.open(path))
+            return True
+        except (FileNotFoundError, Fail):
+            return False
+
+
+def _is_symlink(fd):
+    return (os.fstat(fd).st_mode & 0o170000) == 0o120000
+
+
+def _is_dir(fd):
+    return (os.fstat(fd).st_mode & 0o170000) == 0o040000
+
+
+def mount_id(fd):
+    """The mount ID of an open file (Linux >= 3.15 fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return int(line[7:])
+    raise Fail("can't read mount id from /proc/self/fdinfo")
+
+
+def fd_path(fd):
+    return f"/proc/self/fd/{fd}"
+
+
+# ------------------------------------------------------------- the image ---
+
+def image_name_to_dir(name):
+    """A store name's directory name, as Charliecloud mangles it."""
+    return name.replace("/", "%").replace(":", "+")
+
+
+def find_image(ref, storage):
+    """Return the image directory for a path or a name in the store."""
+    if storage is None:
+        storage = os.environ.get("CH_IMAGE_STORAGE") or \
+            f"/var/tmp/{_username(os.getuid())}.ch"
+    # A name in the store wins, as in ch-run; ".." can't be part of a name.
+    if "/.." not in f"/{ref}" and not ref.startswith("/") and ref:
+        candidate = os.path.join(storage, "img", image_name_to_dir(ref))
+        if os.path.isdir(candidate):
+            return candidate
+    if os.path.isdir(ref):
+        return os.path.realpath(ref)
+    raise Fail(f"image not found: {ref} (no such directory, and no such "
+               f"image in store {storage})")
+
+
+def _username(uid):
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return os.environ.get("USER") or str(uid)
+
+
+# ----------------------------------------------------------- environment ---
+
+def parse_env_line(line, where):
+    """One ch-run --set-env assignment: NAME=VALUE, one pair of '' stripped."""
+    name, eq, value = line.partition("=")
+    if not eq:
+        raise Fail(f"--set-env: {where}: no '=' in {line!r}")
+    if not name:
+        raise Fail(f"--set-env: {where}: empty variable name in {line!r}")
+    if len(value) >= 2 and value[0] == "'" and value[-1] == "'":
+        value = value[1:-1]
+    return name, value
+
+
+def expand_value(value, env):
+    """ch-run's expansion: each ':'-item "$NAME" becomes NAME's value, or is
+    dropped (with its colon) when NAME is unset or empty."""
+    if "$" not in value:
+        return value
+    items = []
+    for item in value.split(":"):
+        if item.startswith("$"):
+            item = env.get(item[1:], "")
+            if not item:
+                continue
+        items.append(item)
+    return ":".join(items)
+
+
+def read_env_file(path, where):
+    try:
+        with open(path, "rb") as f:
+            text = os.fsdecode(f.read())
+    except OSError as e:
+        raise Fail(f"--set-env: can't read {where}: {e.strerror}")
+    return [parse_env_line(line, f"{where}:{n}")
+            for n, line in enumerate(text.split("\n"), 1) if line]
+
+
+def read_host_env_files(o):
+    """Read --set-env=FILE files now, while host paths are still visible."""
+    o.env_ops = [("pairs", read_env_file(arg, arg)) if op == "file"
+                 else (op, arg) for op, arg in o.env_ops]
+
+
+def build_env(o, libc, host_env, username):
+    """The command's environment: ch-run's default tweaks, then --set-env and
+    --unset-env in command-line order, then CH_RUNNING."""
+    env = dict(host_env)
+    if o.home:
+        env["HOME"] = f"/home/{username}"
+    path = env.get("PATH")
+    if path is None:
+        env["PATH"] = "/bin"
+    elif "/bin" not in path.split(":"):
+        env["PATH"] = f"{path}:/bin"
+    env.pop("TMPDIR", None)
+    for op, arg in o.env_ops:
+        if op == "unset":
+            for name in [n for n in env if libc.fnmatch(arg, n)]:
+                del env[name]
+            continue
+        if op == "set":
+            pairs = [parse_env_line(arg, "argument")]
+        elif op == "pairs":
+            pairs = arg
+        else:  # "image": ch/environment, read inside the container's root
+            pairs = read_env_file("/ch/environment", "image's /ch/environment")
+        for name, value in pairs:
+            env[name] = expand_value(value, env) if o.env_expand else value
+    env["CH_RUNNING"] = CH_RUNNING
+    return env
+
+
+# ----------------------------------------------------------- the container -
+
+REQUIRED_DIRS = ("dev", "proc", "sys", "tmp")
+HOST_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/machine-id")
+
+
+class Container:
+    """Sets up one container; ``enter()`` leaves us inside it."""
+
+    def __init__(self, o, image_dir, libc, log):
+        self.o = o
+        self.image_dir = image_dir
+        self.libc = libc
+        self.log = log
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.cuid = self.uid if o.uid is None else o.uid
+        self.cgid = self.gid if o.gid is None else o.gid
+        self.username = os.environ.get("USER") or _username(self.uid)
+
+    def check_image(self, root):
+        missing = [f"/{d}" for d in REQUIRED_DIRS if not root.exists(d)]
+        if self.o.passwd:
+            missing += [f"/etc/{f}" for f in ("passwd", "group")
+                        if not root.exists(f"etc/{f}")]
+        if missing:
+            raise Fail(f"image {root.path} is broken: missing "
+                       f"{', '.join(missing)}")
+
+    def enter_namespaces(self):
+        self.libc.unshare(self.libc.CLONE_NEWUSER | self.libc.CLONE_NEWNS)
+        _write("/proc/self/uid_map", f"{self.cuid} {self.uid} 1")
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/gid_map", f"{self.cgid} {self.gid} 1")
+        # Keep our mounts from propagating anywhere (and theirs from us).
+        self.libc.mount(None, "/", None, self.libc.MS_REC | self.libc.MS_PRIVATE,
+                        None, "can't make / private")
+
+    def bind(self, src, root, dst, readonly=False, create=False):
+        """Bind host ``src`` at ``dst`` resolved inside ``root``."""
+        lib = self.libc
+        try:
+            fd = root.open(dst, create=create)
+        except FileNotFoundError:
+            hint = "" if create else " (use -w or -W to create it)"
+            raise Fail(f"can't bind {src}: destination not found in image: "
+                       f"{dst}{hint}")
+        try:
+            self.log(2, f"bind {src} -> {dst}{' (read-only)' if readonly else ''}")
+            lib.mount(src, fd_path(fd), None, lib.MS_BIND | lib.MS_REC, None,
+                      f"can't bind {src} to {dst}")
+        finally:
+            os.close(fd)
+        if readonly:
+            # MS_RDONLY is ignored by a new bind: remount the new mount, which
+            # a fresh lookup finds on top of what ``fd`` still points to.
+            fd = root.open(dst)
+            try:
+                lib.mount(None, fd_path(fd), None,
+                          lib.MS_REMOUNT | lib.MS_BIND | lib.MS_RDONLY
+                          | _locked_flags(src), None,
+                          f"can't make {dst} read-only")
+            finally:
+                os.close(fd)
+
+    def mount_root(self):
+        """Make the image (or a writable overlay of it) a mount of its own,
+        read-only unless -w; return its Root."""
+        lib, o, image = self.libc, self.o, self.image_dir
+        lib.mount(image, image, None, lib.MS_BIND | lib.MS_REC, None,
+                  f"can't bind image {image}")
+        if not o.writable:
+            lib.mount(None, image, None, lib.MS_REMOUNT | lib.MS_BIND
+                      | lib.MS_RDONLY | _locked_flags(image), None,
+                      f"can't make image read-only: {image}")
+        root = Root(image)
+        self.check_image(root)
+        if o.write_fake is None:
+            return root
+        # -W: a tmpfs holds the overlay's upper and work directories. It is
+        # mounted on the image's /dev, which host /dev covers later anyway;
+        # overlayfs sees the image's own (empty) /dev through lowerdir.
+        # All paths go through file descriptors: no ':' or ',' from the
+        # image path can reach the mount options.
+        size = f"size={o.write_fake}," if o.write_fake else ""
+        self.mount_tmpfs(root, "dev", f"{size}mode=0700")
+        scratch = root.open("dev")
+        try:
+            tmp = fd_path(scratch)
+            for d in ("upper", "work", "merged"):
+                os.mkdir(f"{tmp}/{d}", 0o700)
+            lib.mount("overlay", f"{tmp}/merged", "overlay", 0,
+                      f"lowerdir={fd_path(root.fd)},upperdir={tmp}/upper,"
+                      f"workdir={tmp}/work,userxattr,volatile",
+                      "can't mount overlayfs for --write-fake")
+            merged = Root(f"{tmp}/merged", display=root.path)
+        finally:
+            os.close(scratch)
+            os.close(root.fd)
+        return merged
+
+    def write_passwd(self, root):
+        """Bind generated /etc/passwd and /etc/group, made in a tmpfs that is
+        detached right away: nothing is ever written to the host."""
+        lib = self.libc
+        home = "/home/" + self.username if self.o.home else \
+            os.environ.get("HOME", "/")
+        passwd = ["root:x:0:0:root:/root:/bin/sh"]
+        group = ["root:x:0:"]
+        if self.cuid != 0:
+            passwd.append(f"{self.username}:x:{self.cuid}:{self.cgid}::"
+                          f"{home}:/bin/sh")
+        if self.cgid != 0:
+            group.append(f"{_groupname(self.gid)}:x:{self.cgid}:")
+        passwd.append("nobody:x:65534:65534:nobody:/:/bin/false")
+        group.append("nogroup:x:65534:")
+        # The image's /dev is the scratch mount point: host /dev covers it
+        # later anyway. Re-open by name to get the tmpfs, not what's below.
+        self.mount_tmpfs(root, "dev", "size=1m,mode=0755")
+        tmpfs = root.open("dev")
+        try:
+            tmpfs_path = fd_path(tmpfs)
+            for name, lines in (("passwd", passwd), ("group", group)):
+                src = f"{tmpfs_path}/{name}"
+                _write(src, "\n".join(lines) + "\n", create=True)
+                self.bind(src, root, f"etc/{name}", readonly=True)
+            lib.umount(tmpfs_path, "can't detach passwd tmpfs")
+        finally:
+            os.close(tmpfs)
+
+    def mount_tmpfs(self, root, dst, options):
+        fd = root.open(dst)
+        try:
+            self.libc.mount("tmpfs", fd_path(fd), "tmpfs", 0, options,
+                            f"can't mount tmpfs at /{dst}")
+        finally:
+            os.close(fd)
+
+    def setup_home(self, root):
+        """--home: a tmpfs over /home holding /home/$USER, bound to $HOME."""
+        host_home = os.environ.get("HOME")
+        if not host_home or not os.path.isdir(host_home):
+            raise Fail(f"--home: host $HOME is not a directory: {host_home!r}")
+        try:
+            self.mount_tmpfs(root, "home", "mode=0755")
+        except FileNotFoundError:
+            raise Fail(f"--home: image has no /home: {root.path}")
+        home_tmpfs = root.open("home")
+        try:
+            os.mkdir(f"{fd_path(home_tmpfs)}/{self.username}", 0o755)
+        finally:
+            os.close(home_tmpfs)
+        self.bind(host_home, root, f"home/{self.username}")
+
+    def pivot(self, root):
+        lib = self.libc
+        os.fchdir(root.fd)
+        os.close(root.fd)
+        err = lib.pivot_root(".", ".")
+        if err == 0:
+            # The old root is now stacked on top of the new one; drop it.
+            lib.umount(".", "can't detach old root")
+        elif err == 22:  # EINVAL: old root is a rootfs (initramfs); move.
+            lib.mount(".", "/", None, lib.MS_MOVE, None, "can't move new root")
+            os.chroot(".")
+        else:
+            raise Fail(f"can't pivot_root(2) into {root.path}: {os.strerror(err)}")
+        os.chdir("/")
+
+    def enter(self):
+        o = self.o
+        self.enter_namespaces()
+        root = self.mount_root()
+        for src in ("/dev", "/proc", "/sys"):
+            self.bind(src, root, src)
+        for src in HOST_FILES:
+            if os.path.exists(src) and root.exists(src):
+                self.bind(src, root, src, readonly=True)
+        if o.passwd:
+            self.write_passwd(root)
+        if o.private_tmp:
+            self.mount_tmpfs(root, "tmp", "mode=1777")
+        else:
+            self.bind(os.environ.get("TMPDIR") or "/tmp", root, "tmp")
+        if o.home:
+            self.setup_home(root)
+        create = o.writable or o.write_fake is not None
+        for src, dst in o.binds:
+            if not os.path.exists(src):
+                raise Fail(f"can't bind: source not found: {src}")
+            self.bind(src, root, dst, create=create)
+        self.pivot(root)
+
+
+def _groupname(gid):
+    import grp
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _write(path, text, create=False):
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ join ---
+
+def join_peer_count(o):
+    if o.join_ct is not None:
+        return o.join_ct
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
+                "SLURM_CPUS_ON_NODE"):
+        value = os.environ.get(var, "")
+        # SLURM_STEP_TASKS_PER_NODE looks like "4" or "4(x2)".
+        digits = value.split("(")[0].split(",")[0]
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    raise Fail("--join: can't tell the number of peers: give --join-ct or "
+               "set OMPI_COMM_WORLD_LOCAL_SIZE or SLURM_STEP_TASKS_PER_NODE")
+
+
+def join_tag(o):
+    tag = o.join_tag or os.environ.get("SLURM_STEP_ID") or str(os.getppid())
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+
+
+def join_namespaces(libc, pid):
+    """setns(2) into the user and mount namespaces of ``pid``."""
+    for ns in ("user", "mnt"):
+        try:
+            fd = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise Fail(f"can't join process {pid}: {e.strerror}")
+        try:
+            libc.setns(fd, f"{ns} namespace of process {pid}")
+        finally:
+            os.close(fd)
+
+
+def join_or_create(o, create, libc, log):
+    """--join: the first peer creates the container, the others join it.
+
+    Peers serialize on an flock(2)ed file in /dev/shm; the winner holds the
+    lock while it sets up, so the others wait for a ready container without
+    polling. The file records the winner's PID and the peers still to come;
+    the last peer removes it.
+    """
+    import fcntl
+    count = join_peer_count(o)
+    path = os.path.join(os.environ.get("CHSPAWNER_JOIN_DIR", DEFAULT_JOIN_DIR),
+                        f"chspawner-join.{os.getuid()}.{join_tag(o)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            raise Fail(f"--join: {path} belongs to another user")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        record = os.pread(fd, 64, 0).split()
+        if not record:
+            log(1, f"join: first of {count} peers, creating the container")
+            create()
+            winner, left = os.getpid(), count - 1
+        else:
+            winner, left = int(record[0]), int(record[1]) - 1
+            log(1, f"join: joining the container of process {winner}")
+            join_namespaces(libc, winner)
+        if left <= 0:
+            os.unlink(path)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{winner} {left}\n".encode(), 0)
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+# ------------------------------------------------------------------ main ---
+
+def _print_version():
+    here = os.path.dirname(os.path.abspath(__file__))
+    version = "unknown"
+    try:
+        with open(os.path.join(here, os.pardir, "_version.py")) as f:
+            for line in f:
+                if line.startswith("__version__"):
+                    version = line.split("=", 1)[1].strip().strip("\"'")
+    except OSError:
+        pass
+    print(version)
+
+
+FEATURES = {
+    "extglob": "--unset-env globs use fnmatch(3) with FNM_EXTMATCH",
+    "overlayfs": "--write-fake overlays a tmpfs (Linux >= 5.11)",
+}
+
+
+def has_feature(name):
+    """--feature=NAME: exit 0 if supported, as ch-run does."""
+    if name not in FEATURES:
+        raise Fail(f"unknown feature: {name} (known: {', '.join(FEATURES)})")
+    if name == "overlayfs":
+        release = os.uname().release.split(".")
+        return 0 if (int(release[0]), int(release[1])) >= (5, 11) else 1
+    return 0
+
+
+def default_signals():
+    """Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec:
+    give the command the default dispositions it would get from a shell."""
+    import _signal
+    for signum in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        _signal.signal(signum, _signal.SIG_DFL)
+
+
+def exec_ch_run(o, argv):
+    """The ch-run backend: hand the same command line to Charliecloud."""
+    args = [a for k, a in enumerate(argv) if k not in o.backend_argv]
+    ch_run = os.environ.get("CHSPAWNER_CH_RUN", "ch-run")
+    default_signals()
+    try:
+        os.execvp(ch_run, [ch_run, *args])
+    except OSError as e:
+        raise Fail(f"backend ch-run: can't execute {ch_run}: {e.strerror}")
+
+
+def launch(o, argv):
+    """Set up the container described by ``o`` and exec its command."""
+    def log(level, message):
+        if o.verbose >= level:
+            sys.stderr.write(f"{PROG}: {message}\n")
+
+    if os.getuid() != os.geteuid() or os.getgid() != os.getegid():
+        raise Fail("refusing to run setuid or setgid: this runtime needs no "
+                   "privilege")
+    image_dir = find_image(o.image, o.storage)
+    read_host_env_files(o)
+    libc = _Libc()
+    container = Container(o, image_dir, libc, log)
+    log(1, f"image {image_dir}, uid {container.cuid}, gid {container.cgid}")
+    if o.join_pid is not None:
+        join_namespaces(libc, o.join_pid)
+    elif o.join:
+        join_or_create(o, container.enter, libc, log)
+    else:
+        container.enter()
+    # The environment is made inside the container, where the image's
+    # /ch/environment is (and the join winner's, for peers).
+    env = build_env(o, libc, os.environ, container.username)
+    if o.cd is not None:
+        try:
+            os.chdir(o.cd)
+        except OSError as e:
+            raise Fail(f"can't cd to {o.cd}: {e.strerror}")
+    libc.no_new_privs()
+    default_signals()
+    log(1, f"exec {' '.join(o.command)}")
+    sys.stderr.flush()
+    if o.quiet >= 2:
+        silence = os.open("/dev/null", os.O_WRONLY)
+        os.dup2(silence, 1)
+        if o.quiet >= 3:
+            os.dup2(silence, 2)
+        os.close(silence)
+    execvpe(o.command, env)
+
+
+def execvpe(command, env):
+    """Exec ``command``, searching the container's $PATH like execvp(3).
+
+    os.execvpe would import modules lazily, and after pivot_root the host's
+    Python library is out of reach.
+    """
+    name = command[0]
+    dirs = [""] if "/" in name else env.get("PATH", "/bin:/usr/bin").split(":")
+    error = None
+    for d in dirs:
+        path = os.path.join(d or ".", name) if d or "/" not in name else name
+        try:
+            os.execve(path, command, env)
+        except OSError as e:
+            # Like execvp(3): keep looking past a missing file, but report
+            # a found-but-unusable one (EACCES) over ENOENT.
+            if error is None or e.errno != 2:
+                error = e
+    raise Fail(f"can't execve(2): {name}: {error.strerror}", EXIT_EXEC)
+
+
+def main(argv=None):
+    """``chspawner run``: parse ch-run's command line and launch."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        o = parse_args(argv)
+        if o.action in ("help", "usage"):
+            sys.stdout.write(USAGE if o.action == "help" else
+                             USAGE.split("\n", 1)[0] + "\n")
+            return 0
+        if o.action == "version":
+            _print_version()
+            return 0
+        if o.action == "feature":
+            return has_feature(o.feature)
+        backend = o.backend or os.environ.get("CHSPAWNER_BACKEND") or "builtin"
+        if backend == "ch-run":
+            exec_ch_run(o, argv)
+        elif backend != "builtin":
+            raise Fail(f"CHSPAWNER_BACKEND: unknown backend {backend!r}",
+                       EXIT_USAGE)
+        launch(o, argv)
+    except Fail as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        if e.code == EXIT_USAGE:
+            sys.stderr.write(f"Try '{PROG} --help' for more information.\n")
+        return e.code
+    except OSError as e:  # an unexpected system error: still one line
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return EXIT_RUNTIME
+    return EXIT_RUNTIME  # not reached: launch() execs or raises
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+#!/bin/bash
+# Install what chspawner's demo and tests need from Debian, and create the
+# unprivileged user they run containers as. Run as root; idempotent.
+set -euo pipefail
+die() { echo "setup-system.sh: $*" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || die "run me as root (I install Debian packages and create a user)"
+
+packages=(
+    python3 python3-venv        # the venv the unprivileged user can run
+    charliecloud-runtime        # ch-run: the second backend and the benchmark anchor
+    debootstrap busybox-static  # test and demo images
+    hyperfine                   # benchmarks
+    util-linux                  # setpriv, to drop to the test user
+    ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$p")
+done
+if (( ${#missing[@]} )); then
+    echo "setup-system.sh: installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >&2
+fi
+
+# Containers need unprivileged user namespaces (Debian's switch, if present).
+clone=/proc/sys/kernel/unprivileged_userns_clone
+if [[ -e $clone && $(cat $clone) == 0 ]]; then echo 1 > $clone; fi
+[[ $(cat /proc/sys/user/max_user_namespaces) -gt 0 ]] \
+    || die "user namespaces are disabled (user.max_user_namespaces = 0)"
+
+user=${CHSPAWNER_USER:-chtest}
+id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"

@@ -1,0 +1,15 @@
+#!/bin/bash
+# Set up this machine (Debian 12, as root) and run every test, then build the
+# docs. Arguments go to pytest. This is what CI runs (.ci/run).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
+scripts/setup-system.sh
+scripts/setup-venv.sh >/dev/null
+scripts/build-image.sh busybox
+scripts/build-image.sh bookworm
+# The venv's pytest, not "python -m pytest": tests must import the installed
+# package, not this checkout.
+"$CHSPAWNER_VENV/bin/pytest" "$@"
+"$CHSPAWNER_VENV/bin/sphinx-build" -W --keep-going -q -b html docs build/docs
+echo "docs: built in build/docs"

@@ -1,0 +1,15 @@
+"""The benchmark still runs and prints its ratios (figures: bench/run.sh)."""
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_runtime_start_benchmark_prints_ratios(user, busybox, bookworm):
+    out = subprocess.run([sys.executable, str(REPO / "bench/runtime_start.py"),
+                          "--runs", "3"], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    ratios = re.findall(r"^(/bin/true|python3 -S -c pass) .* ([\d.]+)x +[\d.]+x", out, re.M)
+    assert [label for label, _ in ratios] == ["/bin/true", "python3 -S -c pass"]
+    assert all(float(ratio) > 0 for _, ratio in ratios)

@@ -1,0 +1,178 @@
+"""Bind mounts: what users ask for works, and nothing leaves the image."""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import pytest
+
+from conftest import as_user, user_file
+
+ESCAPE_FIX = ("Charliecloud 0.31 resolves symlinks in bind destinations on "
+              "the host; the builtin backend resolves them inside the image")
+
+
+def mkdir_as(user, path):
+    as_user(user.pw_name, "mkdir", "-p", str(path))
+
+
+def test_bind_same_path_and_other_path(rt, user, user_dir, busybox):
+    data = user_dir / "data"
+    mkdir_as(user, data)
+    user_file(user, data / "f", "payload\n")
+    # SRC:DST onto a directory the image has.
+    assert rt.ok("-b", f"{data}:/mnt", str(busybox), "--", "cat", "/mnt/f") == "payload\n"
+    assert rt.ok(f"--bind={data}:/mnt", str(busybox), "--", "cat", "/mnt/f") == "payload\n"
+    # Binds are writable: a write lands on the host.
+    rt.ok("-b", f"{data}:/mnt", str(busybox), "--", "sh", "-c", "echo w > /mnt/g")
+    assert (data / "g").read_text() == "w\n"
+    # Repeatable.
+    other = user_dir / "other"
+    mkdir_as(user, other)
+    out = rt.ok("-b", f"{data}:/mnt", "-b", f"{other}:/home", str(busybox), "--",
+                "sh", "-c", "ls /mnt; ls /home")
+    assert out.split() == ["f", "g"]
+
+
+def test_bind_same_path_needs_destination(rt, busybox, host_dir_outside_tmp):
+    """SRC alone means SRC:SRC; a missing destination needs -w or -W."""
+    data = host_dir_outside_tmp
+    result = rt.run("-b", str(data), str(busybox), "--", "true")
+    assert result.returncode == rt.exit_runtime
+    assert "/var" in result.stderr  # the image has no /var
+
+
+def test_bind_creates_destination_with_write(rt, user, user_dir, user_image):
+    data = user_dir / "data"
+    mkdir_as(user, data)
+    user_file(user, data / "f", "x\n")
+    assert rt.ok("-w", "-b", f"{data}:/new/deep", str(user_image), "--",
+                 "cat", "/new/deep/f") == "x\n"
+    assert (user_image / "new/deep").is_dir()
+
+
+@pytest.mark.builtin_only("Charliecloud 0.31 has no --write-fake")
+def test_bind_creates_destination_in_write_fake_overlay(rt, user, user_dir, busybox):
+    data = user_dir / "data"
+    mkdir_as(user, data)
+    user_file(user, data / "f", "x\n")
+    assert rt.ok("-W", "-b", f"{data}:/new/deep", str(busybox), "--",
+                 "cat", "/new/deep/f") == "x\n"
+    assert not (busybox / "new").exists()
+
+
+def test_bind_source_missing(rt, user_dir, busybox):
+    result = rt.run("-b", f"{user_dir}/absent:/mnt", str(busybox), "--", "true")
+    assert result.returncode == rt.exit_runtime
+    assert "absent" in result.stderr
+
+
+def test_no_creating_under_another_bind(rt, user, user_dir, user_image):
+    """-w may create directories in the image, never in a host directory
+    bound into it: /tmp is the host's."""
+    data = user_dir / "data"
+    mkdir_as(user, data)
+    result = rt.run("-w", "-b", f"{data}:/tmp/created-by-bind", str(user_image),
+                    "--", "true", env={"TMPDIR": str(user_dir)})
+    assert result.returncode == rt.exit_runtime
+    assert not (user_dir / "created-by-bind").exists()
+
+
+def test_no_creating_under_an_earlier_user_bind(rt, user, user_dir, user_image):
+    data, other = user_dir / "data", user_dir / "other"
+    mkdir_as(user, data)
+    mkdir_as(user, other)
+    result = rt.run("-w", "-b", f"{data}:/mnt", "-b", f"{other}:/mnt/new",
+                    str(user_image), "--", "true")
+    assert result.returncode == rt.exit_runtime
+    assert not (data / "new").exists()
+
+
+def test_dotdot_cannot_leave_the_image(rt, user, user_dir, user_image):
+    data = user_dir / "data"
+    mkdir_as(user, data)
+    result = rt.run("-w", "-b", f"{data}:/../../../escaped", str(user_image),
+                    "--", "true")
+    assert not (user_dir / "escaped").exists()
+    assert not os.path.exists("/escaped")
+    if rt.backend == "builtin":  # ".." stops at the image root, as inside
+        assert result.returncode == 0, result.stderr
+        assert (user_image / "escaped").is_dir()
+
+
+def test_relative_symlink_cannot_leave_the_image(rt, user, user_dir, user_image):
+    data = user_dir / "data"
+    mkdir_as(user, data)
+    as_user(user.pw_name, "ln", "-s", "../../../..", str(user_image / "up"))
+    result = rt.run("-w", "-b", f"{data}:/up/escaped", str(user_image), "--", "true")
+    assert not (user_dir / "escaped").exists()
+    assert not os.path.exists("/escaped")
+    if rt.backend == "builtin":
+        assert result.returncode == 0, result.stderr
+        assert (user_image / "escaped").is_dir()
+
+
+@pytest.mark.builtin_only(ESCAPE_FIX)
+def test_absolute_symlink_resolves_inside_the_image(
+        rt, user, user_dir, user_image, host_dir_outside_tmp):
+    """An absolute link in the image means what it means in the container:
+    ``/abs -> /var/tmp/X`` is the image's /var/tmp/X, never the host's."""
+    data = user_dir / "data"
+    mkdir_as(user, data)
+    user_file(user, data / "f", "in\n")
+    target = host_dir_outside_tmp
+    as_user(user.pw_name, "ln", "-s", str(target), str(user_image / "abs"))
+    # The host directory exists, but the image has no such path: refused.
+    result = rt.run("-b", f"{data}:/abs", str(user_image), "--", "true")
+    assert result.returncode == rt.exit_runtime
+    assert "/abs" in result.stderr
+    # With -w the path is made inside the image; the host's stays untouched.
+    out = rt.ok("-w", "-b", f"{data}:/abs/x", str(user_image), "--",
+                "cat", f"{target}/x/f")
+    assert out == "in\n"
+    assert (user_image / str(target).lstrip("/") / "x").is_dir()
+    assert list(target.iterdir()) == []
+    # A link to a directory the image has works, inside the image.
+    as_user(user.pw_name, "ln", "-s", "/mnt", str(user_image / "tomnt"))
+    assert rt.ok("-b", f"{data}:/tomnt", str(user_image), "--",
+                 "cat", "/mnt/f") == "in\n"
+
+
+RENAME_EXCHANGE = 2
+
+
+@pytest.mark.builtin_only(ESCAPE_FIX)
+def test_symlink_swapped_during_setup_cannot_redirect_a_bind(
+        rt, user, user_dir, user_image):
+    """A directory in the image is swapped, over and over, with a symlink to
+    a host directory while containers bind onto a path under it. Whatever
+    the timing, nothing is ever created in the host directory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    data, victim = user_dir / "data", user_dir / "victim"
+    for d in (data, victim, user_image / "swap"):
+        mkdir_as(user, d)
+    as_user(user.pw_name, "ln", "-s", str(victim), str(user_image / "swap-link"))
+    stop = threading.Event()
+
+    def swapper():
+        a = os.fsencode(user_image / "swap")
+        b = os.fsencode(user_image / "swap-link")
+        while not stop.is_set():
+            assert libc.renameat2(-100, a, -100, b, RENAME_EXCHANGE) == 0, \
+                os.strerror(ctypes.get_errno())
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    try:
+        outcomes = set()
+        for _ in range(40):
+            result = rt.run("-w", "-b", f"{data}:/swap/made", str(user_image),
+                            "--", "true")
+            outcomes.add(result.returncode)
+            assert not (victim / "made").exists()
+    finally:
+        stop.set()
+        thread.join()
+    assert outcomes <= {0, rt.exit_runtime}
+    assert list(victim.iterdir()) == []

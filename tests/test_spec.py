@@ -1,0 +1,137 @@
+"""RunSpec and to_argv: one description, one command line, both backends."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from chspawner.runtime import Bind, RunSpec, to_argv
+from chspawner.runtime import launcher  # noqa: I001
+from chspawner.runtime.spec import LAUNCH_SCRIPT
+
+
+def full_spec(**overrides):
+    fields = dict(
+        image="example/img:1", command=["python3", "-c", "print(1)"],
+        binds=["/data", Bind("/scratch", "/mnt/s")], env={"A": "1", "Q": "'q'"},
+        unset_env=["SLURM_*"], image_env=True, cwd="/work", write_fake="2g",
+        home=True, private_tmp=True, passwd=False, uid=0, gid=0,
+        storage="/store", verbosity=2)
+    fields.update(overrides)
+    return RunSpec(**fields)
+
+
+def test_builtin_argv_runs_the_launcher_isolated():
+    argv = to_argv(RunSpec("img", ["true"]))
+    assert argv == [sys.executable, "-I", "-S", LAUNCH_SCRIPT, "img", "--", "true"]
+
+
+def test_ch_run_argv(monkeypatch):
+    monkeypatch.delenv("CHSPAWNER_CH_RUN", raising=False)
+    assert to_argv(RunSpec("img", ["true"]), "ch-run") == ["ch-run", "img", "--", "true"]
+    assert to_argv(RunSpec("img", ["true"]), "ch-run", ch_run="/opt/ch/bin/ch-run")[0] \
+        == "/opt/ch/bin/ch-run"
+
+
+def test_both_backends_get_the_same_options():
+    spec = full_spec()
+    builtin, ch_run = to_argv(spec, "builtin"), to_argv(spec, "ch-run")
+    assert builtin[4:] == ch_run[1:]
+
+
+def test_argv_parses_back_to_the_spec():
+    """What to_argv writes, the launcher reads as meant."""
+    spec = full_spec()
+    o = launcher.parse_args(to_argv(spec)[4:])
+    assert o.image == spec.image and o.command == list(spec.command)
+    assert o.binds == [("/data", "/data"), ("/scratch", "/mnt/s")]
+    assert o.cd == "/work" and o.write_fake == "2g"
+    assert o.home and o.private_tmp and not o.passwd
+    assert (o.uid, o.gid, o.storage, o.verbose) == (0, 0, "/store", 2)
+    assert o.env_ops == [("image", None), ("unset", "SLURM_*"),
+                         ("set", "A=1"), ("set", "Q=''q''")]
+
+
+def test_env_values_keep_their_quotes():
+    name, value = launcher.parse_env_line("Q=''q''", "x")
+    assert (name, value) == ("Q", "'q'")
+
+
+def test_env_expansion_can_be_turned_off():
+    o = launcher.parse_args(to_argv(RunSpec("i", ["c"], env={"X": "$Y"},
+                                            env_expand=False))[4:])
+    assert not o.env_expand
+
+
+def test_join_options_round_trip():
+    o = launcher.parse_args(to_argv(RunSpec("i", ["c"], join=True, join_ct=4,
+                                            join_tag="step"))[4:])
+    assert (o.join, o.join_ct, o.join_tag) == (True, 4, "step")
+    o = launcher.parse_args(to_argv(RunSpec("i", ["c"], join_pid=42))[4:])
+    assert o.join_pid == 42
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image="", command=["x"]), "image"),
+    (dict(image="i", command=[]), "command"),
+    (dict(image="i", command="ls -l"), "command"),
+    (dict(image="i", command=["x"], binds=["/a:relative"]), "absolute"),
+    (dict(image="i", command=["x"], env={"A=B": "1"}), "name"),
+    (dict(image="i", command=["x"], env={"": "1"}), "name"),
+    (dict(image="i", command=["x"], unset_env=[""]), "glob"),
+    (dict(image="i", command=["x"], writable=True, write_fake=True), "exclude"),
+    (dict(image="i", command=["x"], uid=-1), "uid"),
+    (dict(image="i", command=["x"], join_pid=3, join=True), "join_pid"),
+])
+def test_bad_specs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RunSpec(**kwargs)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        to_argv(RunSpec("i", ["c"]), "docker")
+
+
+def test_launcher_option_parsing_details():
+    o = launcher.parse_args(["-wtv", "-bSRC:/dst", "img", "-c", "/x", "--",
+                             "cmd", "-w"])
+    assert o.writable and o.private_tmp and o.verbose == 1
+    assert o.binds == [("SRC", "/dst")] and o.cd == "/x"
+    assert o.command == ["cmd", "-w"]
+    o = launcher.parse_args(["img", "echo", "-n", "x"])  # command without --
+    assert o.command == ["echo", "-n", "x"]
+    o = launcher.parse_args(["--backend", "ch-run", "img", "--", "--backend=x"])
+    assert o.backend == "ch-run" and o.backend_argv == (0, 1)
+    assert o.command == ["--backend=x"]
+
+
+def test_launcher_env_expansion_rules():
+    env = {"BAR": "bar", "EMPTY": ""}
+    assert launcher.expand_value("$BAR", env) == "bar"
+    assert launcher.expand_value("$BAR:baz", env) == "bar:baz"
+    assert launcher.expand_value("baz:$UNSET:qux", env) == "baz:qux"
+    assert launcher.expand_value("a:$EMPTY", env) == "a"
+    assert launcher.expand_value(":bar:baz::", env) == ":bar:baz::"
+    assert launcher.expand_value("x$BAR", env) == "x$BAR"
+
+
+def test_image_names_map_to_store_directories():
+    assert launcher.image_name_to_dir("example.com:5000/a/b:1") == "example.com+5000%a%b+1"
+
+
+
+def test_a_runspec_runs_on_both_backends(rt, user, user_dir, busybox):
+    """The API path: what to_argv builds starts the same container on both."""
+    from conftest import AS_USER, as_user, user_file
+    data = user_dir / "data"
+    as_user(user.pw_name, "mkdir", str(data))
+    user_file(user, data / "f", "bound\n")
+    spec = RunSpec(str(busybox), ["sh", "-c", 'cat /mnt/f; echo "$GREETING"; pwd; id -u'],
+                   binds=[Bind(str(data), "/mnt")], env={"GREETING": "'hi there'"},
+                   cwd="/etc", uid=0, unset_env=["LANG"])
+    result = subprocess.run([str(AS_USER), user.pw_name, *to_argv(spec, rt.backend)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["bound", "'hi there'", "/etc", "0"]
