@@ -17,10 +17,16 @@ def mkdir_as(user, path):
     as_user(user.pw_name, "mkdir", "-p", str(path))
 
 
-def test_bind_same_path_and_other_path(rt, user, user_dir, busybox):
-    data = user_dir / "data"
-    mkdir_as(user, data)
-    user_file(user, data / "f", "payload\n")
+@pytest.fixture
+def data(user, user_dir):
+    """A host directory to bind, owned by the test user, holding f."""
+    path = user_dir / "data"
+    mkdir_as(user, path)
+    user_file(user, path / "f", "payload\n")
+    return path
+
+
+def test_bind_same_path_and_other_path(rt, user, user_dir, busybox, data):
     # SRC:DST onto a directory the image has.
     assert rt.ok("-b", f"{data}:/mnt", str(busybox), "--", "cat", "/mnt/f") == "payload\n"
     assert rt.ok(f"--bind={data}:/mnt", str(busybox), "--", "cat", "/mnt/f") == "payload\n"
@@ -37,28 +43,21 @@ def test_bind_same_path_and_other_path(rt, user, user_dir, busybox):
 
 def test_bind_same_path_needs_destination(rt, busybox, host_dir_outside_tmp):
     """SRC alone means SRC:SRC; a missing destination needs -w or -W."""
-    data = host_dir_outside_tmp
-    result = rt.run("-b", str(data), str(busybox), "--", "true")
+    result = rt.run("-b", str(host_dir_outside_tmp), str(busybox), "--", "true")
     assert result.returncode == rt.exit_runtime
     assert "/var" in result.stderr  # the image has no /var
 
 
-def test_bind_creates_destination_with_write(rt, user, user_dir, user_image):
-    data = user_dir / "data"
-    mkdir_as(user, data)
-    user_file(user, data / "f", "x\n")
+def test_bind_creates_destination_with_write(rt, user, user_dir, user_image, data):
     assert rt.ok("-w", "-b", f"{data}:/new/deep", str(user_image), "--",
-                 "cat", "/new/deep/f") == "x\n"
+                 "cat", "/new/deep/f") == "payload\n"
     assert (user_image / "new/deep").is_dir()
 
 
 @pytest.mark.builtin_only("Charliecloud 0.31 has no --write-fake")
-def test_bind_creates_destination_in_write_fake_overlay(rt, user, user_dir, busybox):
-    data = user_dir / "data"
-    mkdir_as(user, data)
-    user_file(user, data / "f", "x\n")
+def test_bind_creates_destination_in_write_fake_overlay(rt, user, user_dir, busybox, data):
     assert rt.ok("-W", "-b", f"{data}:/new/deep", str(busybox), "--",
-                 "cat", "/new/deep/f") == "x\n"
+                 "cat", "/new/deep/f") == "payload\n"
     assert not (busybox / "new").exists()
 
 
@@ -68,20 +67,17 @@ def test_bind_source_missing(rt, user_dir, busybox):
     assert "absent" in result.stderr
 
 
-def test_no_creating_under_another_bind(rt, user, user_dir, user_image):
+def test_no_creating_under_another_bind(rt, user, user_dir, user_image, data):
     """-w may create directories in the image, never in a host directory
     bound into it: /tmp is the host's."""
-    data = user_dir / "data"
-    mkdir_as(user, data)
     result = rt.run("-w", "-b", f"{data}:/tmp/created-by-bind", str(user_image),
                     "--", "true", env={"TMPDIR": str(user_dir)})
     assert result.returncode == rt.exit_runtime
     assert not (user_dir / "created-by-bind").exists()
 
 
-def test_no_creating_under_an_earlier_user_bind(rt, user, user_dir, user_image):
-    data, other = user_dir / "data", user_dir / "other"
-    mkdir_as(user, data)
+def test_no_creating_under_an_earlier_user_bind(rt, user, user_dir, user_image, data):
+    other = user_dir / "other"
     mkdir_as(user, other)
     result = rt.run("-w", "-b", f"{data}:/mnt", "-b", f"{other}:/mnt/new",
                     str(user_image), "--", "true")
@@ -89,9 +85,7 @@ def test_no_creating_under_an_earlier_user_bind(rt, user, user_dir, user_image):
     assert not (data / "new").exists()
 
 
-def test_dotdot_cannot_leave_the_image(rt, user, user_dir, user_image):
-    data = user_dir / "data"
-    mkdir_as(user, data)
+def test_dotdot_cannot_leave_the_image(rt, user, user_dir, user_image, data):
     result = rt.run("-w", "-b", f"{data}:/../../../escaped", str(user_image),
                     "--", "true")
     assert not (user_dir / "escaped").exists()
@@ -101,9 +95,7 @@ def test_dotdot_cannot_leave_the_image(rt, user, user_dir, user_image):
         assert (user_image / "escaped").is_dir()
 
 
-def test_relative_symlink_cannot_leave_the_image(rt, user, user_dir, user_image):
-    data = user_dir / "data"
-    mkdir_as(user, data)
+def test_relative_symlink_cannot_leave_the_image(rt, user, user_dir, user_image, data):
     as_user(user.pw_name, "ln", "-s", "../../../..", str(user_image / "up"))
     result = rt.run("-w", "-b", f"{data}:/up/escaped", str(user_image), "--", "true")
     assert not (user_dir / "escaped").exists()
@@ -115,12 +107,9 @@ def test_relative_symlink_cannot_leave_the_image(rt, user, user_dir, user_image)
 
 @pytest.mark.builtin_only(ESCAPE_FIX)
 def test_absolute_symlink_resolves_inside_the_image(
-        rt, user, user_dir, user_image, host_dir_outside_tmp):
+        rt, user, user_dir, user_image, host_dir_outside_tmp, data):
     """An absolute link in the image means what it means in the container:
     ``/abs -> /var/tmp/X`` is the image's /var/tmp/X, never the host's."""
-    data = user_dir / "data"
-    mkdir_as(user, data)
-    user_file(user, data / "f", "in\n")
     target = host_dir_outside_tmp
     as_user(user.pw_name, "ln", "-s", str(target), str(user_image / "abs"))
     # The host directory exists, but the image has no such path: refused.
@@ -130,13 +119,13 @@ def test_absolute_symlink_resolves_inside_the_image(
     # With -w the path is made inside the image; the host's stays untouched.
     out = rt.ok("-w", "-b", f"{data}:/abs/x", str(user_image), "--",
                 "cat", f"{target}/x/f")
-    assert out == "in\n"
+    assert out == "payload\n"
     assert (user_image / str(target).lstrip("/") / "x").is_dir()
     assert list(target.iterdir()) == []
     # A link to a directory the image has works, inside the image.
     as_user(user.pw_name, "ln", "-s", "/mnt", str(user_image / "tomnt"))
     assert rt.ok("-b", f"{data}:/tomnt", str(user_image), "--",
-                 "cat", "/mnt/f") == "in\n"
+                 "cat", "/mnt/f") == "payload\n"
 
 
 RENAME_EXCHANGE = 2
@@ -144,13 +133,13 @@ RENAME_EXCHANGE = 2
 
 @pytest.mark.builtin_only(ESCAPE_FIX)
 def test_symlink_swapped_during_setup_cannot_redirect_a_bind(
-        rt, user, user_dir, user_image):
+        rt, user, user_dir, user_image, data):
     """A directory in the image is swapped, over and over, with a symlink to
     a host directory while containers bind onto a path under it. Whatever
     the timing, nothing is ever created in the host directory."""
     libc = ctypes.CDLL(None, use_errno=True)
-    data, victim = user_dir / "data", user_dir / "victim"
-    for d in (data, victim, user_image / "swap"):
+    victim = user_dir / "victim"
+    for d in (victim, user_image / "swap"):
         mkdir_as(user, d)
     as_user(user.pw_name, "ln", "-s", str(victim), str(user_image / "swap-link"))
     stop = threading.Event()

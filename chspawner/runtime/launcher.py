@@ -377,8 +377,8 @@ _STATVFS_TO_MS = ((1, 1), (2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048),
                   (4096, 1 << 21))
 
 
-def _locked_flags(fd_path):
-    f_flag = os.statvfs(fd_path).f_flag
+def _locked_flags(path):
+    f_flag = os.statvfs(path).f_flag
     return sum(ms for st, ms in _STATVFS_TO_MS if f_flag & st)
 
 
@@ -416,7 +416,8 @@ class Root:
 
         With ``create``, missing directories are made (mode 0755) but only
         on the image's own file system mount, never under another mount.
-        Raises FileNotFoundError (with ``.missing``), Fail for anything else.
+        Raises FileNotFoundError if a component is missing (and not made),
+        Fail for anything else.
         """
         todo = [c for c in reversed(path.split("/")) if c]
         stack = [os.dup(self.fd)]   # fds of the directories walked so far
@@ -447,7 +448,7 @@ class Root:
                     fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  dir_fd=parent)
                 if _is_symlink(fd):
-                    target = os.readlink(name, dir_fd=parent)
+                    target = os.readlink("", dir_fd=fd)  # this link, no other
                     os.close(fd)
                     links += 1
                     if links > MAX_SYMLINKS:
@@ -515,7 +516,7 @@ def find_image(ref, storage):
     if "/.." not in f"/{ref}" and not ref.startswith("/") and ref:
         candidate = os.path.join(storage, "img", image_name_to_dir(ref))
         if os.path.isdir(candidate):
-            return candidate
+            return os.path.realpath(candidate)
     if os.path.isdir(ref):
         return os.path.realpath(ref)
     raise Fail(f"image not found: {ref} (no such directory, and no such "
