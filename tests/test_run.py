@@ -354,12 +354,15 @@ def test_quiet_levels(rt, busybox):
     ["-v", "-q", "IMG", "--", "true"],
     ["--join-pid=1", "-j", "IMG", "--", "true"],
     ["--home=x", "IMG", "--", "true"],
+    ["--write-fake=lots", "IMG", "--", "true"],
+    ["-W=4gb", "IMG", "--", "true"],
 ])
 def test_usage_errors(rt, busybox, args):
     args = [str(busybox) if a == "IMG" else a for a in args]
     result = rt.run(*args)
     assert result.returncode == 64, result.stderr
     assert result.stderr.startswith("chspawner run: error: ")
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_help_and_version(rt):

@@ -167,6 +167,16 @@ def _set_env(o, v):
         o.env_ops.append(("file", v))
 
 
+def _set_write_fake(o, v):
+    # tmpfs(5) size: a number with an optional k/m/g/t suffix, or a percentage
+    # of memory. Checked here so a typo isn't reported as a mount failure.
+    number = (v or "").rstrip("kKmMgGtT%")
+    if v and (not number.isdigit() or len(v) - len(number) > 1):
+        raise Fail(f"--write-fake: bad size {v!r} (e.g. 4g, 512m, 25%)",
+                   EXIT_USAGE)
+    o.write_fake = v or ""
+
+
 def _set_feature(o, v):
     o.action, o.feature = "feature", v
 
@@ -214,7 +224,7 @@ _OPTION_TABLE = (
     (None, "unset-env", "required", _set_unset_env),
     ("v", "verbose", "no", _bump("verbose", 1)),
     ("w", "write", "no", _set_flag("writable", True)),
-    ("W", "write-fake", "optional", lambda o, v: setattr(o, "write_fake", v or "")),
+    ("W", "write-fake", "optional", _set_write_fake),
     (None, "backend", "required", _set_backend),
     ("?", "help", "no", _set_flag("action", "help")),
     ("h", None, "no", _set_flag("action", "help")),
@@ -444,7 +454,7 @@ class Root:
                     try:
                         os.mkdir(name, 0o755, dir_fd=parent)
                     except OSError as e:
-                        raise Fail(f"can't create {path}: {e.strerror}")
+                        raise Fail(f"can't create {path} in image: {e.strerror}")
                     fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  dir_fd=parent)
                 if _is_symlink(fd):
@@ -689,7 +699,7 @@ class Container:
         # All paths go through file descriptors: no ':' or ',' from the
         # image path can reach the mount options.
         size = f"size={o.write_fake}," if o.write_fake else ""
-        self.mount_tmpfs(root, "dev", f"{size}mode=0700")
+        self.mount_tmpfs(root, "dev", f"{size}mode=0700", "for --write-fake")
         scratch = root.open("dev")
         try:
             tmp = fd_path(scratch)
@@ -722,7 +732,7 @@ class Container:
         group.append("nogroup:x:65534:")
         # The image's /dev is the scratch mount point: host /dev covers it
         # later anyway. Re-open by name to get the tmpfs, not what's below.
-        self.mount_tmpfs(root, "dev", "size=1m,mode=0755")
+        self.mount_tmpfs(root, "dev", "size=1m,mode=0755", "for /etc/passwd")
         tmpfs = root.open("dev")
         try:
             tmpfs_path = fd_path(tmpfs)
@@ -734,11 +744,11 @@ class Container:
         finally:
             os.close(tmpfs)
 
-    def mount_tmpfs(self, root, dst, options):
+    def mount_tmpfs(self, root, dst, options, purpose=None):
         fd = root.open(dst)
         try:
             self.libc.mount("tmpfs", fd_path(fd), "tmpfs", 0, options,
-                            f"can't mount tmpfs at /{dst}")
+                            f"can't mount tmpfs {purpose or f'at /{dst}'}")
         finally:
             os.close(fd)
 
@@ -1020,9 +1030,8 @@ def main(argv=None):
                        EXIT_USAGE)
         launch(o, argv)
     except Fail as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        if e.code == EXIT_USAGE:
-            sys.stderr.write(f"Try '{PROG} --help' for more information.\n")
+        hint = f" (see '{PROG} --help')" if e.code == EXIT_USAGE else ""
+        sys.stderr.write(f"{PROG}: error: {e}{hint}\n")
         return e.code
     except OSError as e:  # an unexpected system error: still one line
         sys.stderr.write(f"{PROG}: error: {e}\n")
