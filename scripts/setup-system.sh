@@ -10,6 +10,8 @@ packages=(
     charliecloud-runtime        # ch-run: the second backend and the benchmark anchor
     debootstrap busybox-static  # test and demo images
     hyperfine                   # benchmarks
+    docker-registry skopeo umoci apache2-utils  # a real registry for pull tests
+    zstd xz-utils               # compressed test tarballs
     util-linux                  # setpriv, to drop to the test user
     ca-certificates
 )
