@@ -3,10 +3,16 @@
 ``chspawner run`` is the hot path: it goes straight to the stdlib launcher
 without importing argparse or anything else. Every other subcommand is
 parsed with argparse, which is only imported for them.
+
+Exit status: 0 success, 1 the operation failed (one line on stderr saying
+why), 64 usage error; ``run`` has ch-run's (see its --help).
 """
 from __future__ import annotations
 
 import sys
+
+EXIT_FAILED = 1
+EXIT_USAGE = 64
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,25 +24,149 @@ def main(argv: list[str] | None = None) -> int:
     return _main(argv)
 
 
-def _main(argv: list[str]) -> int:
+def _parser():
     import argparse
 
     from chspawner import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="chspawner",
-        description="Jupyter in your own container images, unprivileged.")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, and ch-run's usage status
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message} "
+                                  f"(see '{self.prog} --help')\n")
+
+    parser = Parser(prog="chspawner",
+                    description="Jupyter in your own container images, unprivileged.")
     parser.add_argument("--version", action="version", version=__version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser(
-        "run", add_help=False,
-        help="run a command in an image (ch-run's options; "
-             "'chspawner run --help' for them)")
+    # Accepted before or after a subcommand; SUPPRESS keeps a subparser's
+    # default from overwriting what was given before it.
+    common = Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("-s", "--storage", metavar="DIR",
+                        help="image store (default $CH_IMAGE_STORAGE or /var/tmp/$USER.ch)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     parser_class=Parser)
+    commands.add_parser("run", add_help=False,
+                        help="run a command in an image (ch-run's options; "
+                             "'chspawner run --help' for them)")
+
+    p = commands.add_parser("import", parents=[common],
+                            help="import an image from a directory, tarball, "
+                                 "docker save archive or OCI layout")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--arch", help="platform to take from a multi-arch OCI layout "
+                                  "(default: this machine's)")
+
+    p = commands.add_parser("pull", parents=[common],
+                            help="pull an image from an OCI registry")
+    p.add_argument("ref", metavar="REF", help="[REGISTRY/]REPOSITORY[:TAG][@DIGEST]")
+    p.add_argument("name", metavar="NAME", nargs="?",
+                   help="name in the store (default: REF)")
+    p.add_argument("--arch", help="platform in a multi-arch image "
+                                  "(default: this machine's)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain HTTP, for a registry without TLS")
+    p.add_argument("-j", "--jobs", type=int, default=4,
+                   help="layers downloaded at once (default 4)")
+
+    p = commands.add_parser("images", parents=[common], help="list and manage images")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    sub.add_parser("list", parents=[common], help="list images (the default)")
+    for action, text in (("inspect", "show an image's metadata as JSON"),
+                         ("path", "print an image's directory"),
+                         ("rm", "remove images")):
+        a = sub.add_parser(action, parents=[common], help=text)
+        a.add_argument("names", metavar="NAME", nargs="+" if action == "rm" else 1)
+    return parser
+
+
+def _main(argv: list[str]) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 64
-    return 0  # not reached: "run" is dispatched in main()
+        return EXIT_USAGE
+    import signal
+
+    from chspawner.images.store import Store, StoreError
+    # A batch system stops work with SIGTERM: clean up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        store = Store(getattr(args, "storage", None))
+        return COMMANDS[args.command](args, store)
+    except StoreError as e:
+        print(f"chspawner {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"chspawner {args.command}: interrupted; nothing was changed",
+              file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt
+
+
+def _progress(args):
+    from chspawner.images.progress import ProgressBars
+    return ProgressBars(quiet=getattr(args, "quiet", False))
+
+
+def cmd_import(args, store) -> int:
+    from chspawner.images.importer import import_image
+    from chspawner.images.store import check_name
+    bars = _progress(args)
+    try:
+        path = import_image(args.source, check_name(args.name), store, arch=args.arch,
+                            progress=bars)
+    finally:
+        bars.close()
+    print(path)
+    return 0
+
+
+def cmd_pull(args, store) -> int:
+    from chspawner.images.registry import default_name, pull
+    from chspawner.images.store import check_name
+    bars = _progress(args)
+    try:
+        path = pull(args.ref, check_name(args.name or default_name(args.ref)), store,
+                    arch=args.arch, insecure=args.insecure, jobs=max(args.jobs, 1),
+                    progress=bars)
+    finally:
+        bars.close()
+    print(path)
+    return 0
+
+
+def cmd_images(args, store) -> int:
+    import json
+    action = getattr(args, "action", None) or "list"
+    if action == "list":
+        images = store.images()
+        width = max([len(i.name) for i in images] + [4])
+        print(f"{'NAME':<{width}}  {'SIZE':>9}  SOURCE")
+        for i in images:
+            print(f"{i.name:<{width}}  {_size(i.size):>9}  {i.source}")
+    elif action == "inspect":
+        print(json.dumps(store.inspect(args.names[0]), indent=2))
+    elif action == "path":
+        print(store.require(args.names[0]))
+    elif action == "rm":
+        for name in args.names:
+            store.remove(name)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+COMMANDS = {"import": cmd_import, "pull": cmd_pull, "images": cmd_images}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from chspawner.images.trees import remove_tree
+
 REPO = Path(__file__).resolve().parents[1]
 AS_USER = REPO / "scripts" / "as-user.sh"
 VENV_BIN = Path(sys.executable).parent
@@ -119,7 +121,7 @@ def user_dir(user) -> Path:
     path = Path(tempfile.mkdtemp(prefix="chspawner-test-", dir="/tmp"))
     os.chown(path, user.pw_uid, user.pw_gid)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tree(path)
 
 
 @pytest.fixture

@@ -38,10 +38,12 @@ DEFAULT_JOIN_DIR = "/dev/shm"
 CH_RUNNING = "Weird Al Yankovic"  # ch-run's value; scripts test for it
 
 USAGE = """\
-Usage: chspawner run [OPTION...] IMAGE [--] CMD [ARG...]
+Usage: chspawner run [OPTION...] IMAGE [--] [CMD [ARG...]]
 
 Run CMD in an unprivileged container made from IMAGE (a directory, or the
 name of an image in the store). Options are those of Charliecloud's ch-run.
+Without CMD, run the image's own Entrypoint and Cmd, in its WorkingDir,
+with its environment (as Docker does).
 
   -b, --bind=SRC[:DST]    bind-mount host SRC at guest DST (default: SRC)
   -c, --cd=DIR            initial working directory in the container
@@ -305,8 +307,6 @@ def parse_args(argv):
         return o
     if o.image is None:
         raise Fail("no image given", EXIT_USAGE)
-    if not o.command:
-        raise Fail("no command given", EXIT_USAGE)
     if o.writable and o.write_fake is not None:
         raise Fail("--write and --write-fake are mutually exclusive", EXIT_USAGE)
     if o.verbose and o.quiet:
@@ -517,11 +517,15 @@ def image_name_to_dir(name):
     return name.replace("/", "%").replace(":", "+")
 
 
+def default_storage():
+    """Charliecloud's default store: /var/tmp/$USER.ch."""
+    return f"/var/tmp/{_username(os.getuid())}.ch"
+
+
 def find_image(ref, storage):
     """Return the image directory for a path or a name in the store."""
     if storage is None:
-        storage = os.environ.get("CH_IMAGE_STORAGE") or \
-            f"/var/tmp/{_username(os.getuid())}.ch"
+        storage = os.environ.get("CH_IMAGE_STORAGE") or default_storage()
     # A name in the store wins, as in ch-run; ".." can't be part of a name.
     if "/.." not in f"/{ref}" and not ref.startswith("/") and ref:
         candidate = os.path.join(storage, "img", image_name_to_dir(ref))
@@ -934,9 +938,47 @@ def default_signals():
         _signal.signal(signum, _signal.SIG_DFL)
 
 
+def image_defaults(o, image_dir):
+    """No command given: run the image's Entrypoint + Cmd, in its WorkingDir
+    unless -c says otherwise, with its environment first (as Docker does).
+    Returns the options this adds, for the ch-run backend's command line."""
+    import json
+    root = Root(image_dir)
+    try:
+        fd = root.open("ch/metadata.json")
+        try:
+            with open(fd_path(fd), "rb") as f:
+                metadata = json.load(f)
+        finally:
+            os.close(fd)
+        has_env = root.exists("ch/environment")
+    except (OSError, ValueError, Fail):
+        metadata, has_env = {}, False
+    finally:
+        os.close(root.fd)
+    o.command = [str(a) for a in (metadata.get("entrypoint") or [])
+                 + (metadata.get("cmd") or [])]
+    if not o.command:
+        raise Fail(f"no command given, and image {o.image} has no default "
+                   "command (Entrypoint or Cmd)", EXIT_USAGE)
+    added = []
+    if has_env:
+        o.env_ops.insert(0, ("image", None))
+        added.append("--set-env")
+    if o.cd is None and metadata.get("cwd"):
+        o.cd = metadata["cwd"]
+        added.append(f"--cd={o.cd}")
+    return added
+
+
 def exec_ch_run(o, argv):
     """The ch-run backend: hand the same command line to Charliecloud."""
     args = [a for k, a in enumerate(argv) if k not in o.backend_argv]
+    if not o.command:  # what image_defaults() added, then the command
+        added = image_defaults(o, find_image(o.image, o.storage))
+        if args and args[-1] == "--":
+            args.pop()
+        args += [*added, "--", *o.command]
     ch_run = os.environ.get("CHSPAWNER_CH_RUN", "ch-run")
     default_signals()
     try:
@@ -955,6 +997,8 @@ def launch(o, argv):
         raise Fail("refusing to run setuid or setgid: this runtime needs no "
                    "privilege")
     image_dir = find_image(o.image, o.storage)
+    if not o.command:
+        image_defaults(o, image_dir)
     read_host_env_files(o)
     libc = _Libc()
     container = Container(o, image_dir, libc, log)

@@ -139,13 +139,14 @@ class RunSpec:
         opts += [f"--unset-env={glob}" for glob in self.unset_env]
         if not self.env_expand:
             opts.append("--env-no-expand")
-        opts += [f"--set-env={name}={_literal(value)}"
+        opts += [f"--set-env={name}={env_literal(value)}"
                  for name, value in self.env.items()]
         return opts
 
 
-def _literal(value: str) -> str:
-    """Protect a value from ch-run's stripping of one pair of '' quotes."""
+def env_literal(value: str) -> str:
+    """Protect a value from ch-run's stripping of one pair of '' quotes
+    (on the command line and in environment files alike)."""
     if len(value) >= 2 and value[0] == value[-1] == "'":
         return f"'{value}'"
     return value

@@ -1,0 +1,155 @@
+"""``chspawner import``: bring an image in from a file or directory.
+
+Accepted sources, told apart by their content, not their names:
+
+* a root file system: a directory, or a tarball (.tar, .tar.gz, .tar.xz,
+  .tar.zst, .tar.bz2); a tarball holding a single top directory has it
+  stripped;
+* a ``docker save`` archive (or its unpacked directory);
+* an OCI image layout, as a directory or an archive.
+
+Layers are applied in order with OCI whiteouts. Every byte goes through
+:class:`~chspawner.images.unpack.ImageWriter`, and digests are checked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+from chspawner.images import layout
+from chspawner.images.progress import ByteCounter, Progress, ProgressCallback, no_progress
+from chspawner.images.store import (Store, StoreError, read_metadata, write_in_image,
+                                    write_metadata)
+from chspawner.images.streams import StreamError, TapReader, decompressed
+from chspawner.images.unpack import ImageWriter, UnpackError
+
+# First member names that mark an image archive (docker save, OCI), not a
+# root file system.
+ARCHIVE_MARKERS = re.compile(
+    r"^(\./)?(oci-layout|index\.json|manifest\.json|repositories|blobs(/|$)"
+    r"|[0-9a-f]{64}(/|\.json$|\.tar$))")
+# A tarball's single top directory is stripped, unless it looks like a
+# root file system's own top level.
+ROOTFS_TOP = {"bin", "boot", "dev", "etc", "home", "lib", "lib64", "opt", "proc",
+              "root", "run", "sbin", "srv", "sys", "tmp", "usr", "var"}
+
+
+class ImportFailed(StoreError):
+    """Import failed; one line, naming the source."""
+
+
+def import_image(src: str, name: str, store: Store, arch: str | None = None,
+                 progress: ProgressCallback = no_progress) -> Path:
+    """Import ``src`` as image ``name``; return the image's path."""
+    path = Path(src)
+    if not path.exists():
+        raise ImportFailed(f"{src}: no such file or directory")
+    kind = source_kind(path)
+    source = {"kind": kind, "path": str(path.resolve())}
+    with store.new_image(name) as image:
+        try:
+            if kind == "directory":
+                progress(Progress("unpack", f"copying {src}", 0, None, ""))
+                with ImageWriter(str(image)) as writer:
+                    writer.add_tree(str(path))
+            elif kind == "tarball":
+                _unpack_rootfs_tar(path, image, progress)
+            else:
+                found = _apply_layout(path, kind, image, arch, progress)
+                source["digest"] = found.digest
+            with ImageWriter(str(image)) as writer:
+                writer.finish()
+        except (UnpackError, layout.LayoutError) as e:
+            raise ImportFailed(f"{src}: {e}") from None
+        if kind in ("directory", "tarball"):
+            keep_or_write_metadata(image, source)
+        else:
+            config = found.config
+            write_metadata(image, config.get("config") or {}, source,
+                           arch=config.get("architecture"), history=config.get("history"))
+        progress(Progress("done", f"imported {name}", 1, 1, ""))
+    return store.path(name)
+
+
+def source_kind(path: Path) -> str:
+    """directory, tarball (root file systems), oci, docker-archive, or
+    archive (an image archive of either kind, told once unpacked)."""
+    if path.is_dir():
+        if (path / "oci-layout").is_file():
+            return "oci"
+        if (path / "manifest.json").is_file() and not (path / "etc").exists():
+            return "docker-archive"
+        return "directory"
+    try:
+        with open(path, "rb") as f, decompressed(f) as stream, \
+                tarfile.open(fileobj=stream, mode="r|") as tar:
+            first = next(iter(tar), None)
+    except (tarfile.TarError, StreamError, OSError, EOFError) as e:
+        raise ImportFailed(f"{path}: not a tar archive or image ({e})") from None
+    if first is None:
+        raise ImportFailed(f"{path}: empty archive")
+    return "archive" if ARCHIVE_MARKERS.match(first.name) else "tarball"
+
+
+def _unpack_rootfs_tar(path: Path, image: Path, progress: ProgressCallback) -> None:
+    counter = ByteCounter(progress, "unpack", f"unpacking {path.name}",
+                          path.stat().st_size)
+    with open(path, "rb") as f, ImageWriter(str(image)) as writer:
+        with decompressed(TapReader(f, lambda data: counter.add(len(data)))) as stream:
+            writer.add_tar(stream)
+    counter.finish()
+    _strip_single_top(image)
+
+
+def _strip_single_top(image: Path) -> None:
+    """``myimage/{bin,etc,...}`` becomes the image itself."""
+    entries = os.listdir(image)
+    if len(entries) != 1 or entries[0] in ROOTFS_TOP:
+        return
+    top = image / entries[0]
+    if top.is_symlink() or not top.is_dir():
+        return
+    moved = image.parent / "top"
+    os.rename(top, moved)
+    os.rmdir(image)
+    os.rename(moved, image)
+    image.chmod(0o700)
+
+
+def _apply_layout(path: Path, kind: str, image: Path, arch: str | None,
+                  progress: ProgressCallback) -> layout.Found:
+    """Apply a docker save or OCI image's layers. An archive is unpacked
+    first (through the same safe writer) into the import's scratch space."""
+    root = path
+    if kind == "archive":
+        root = image.parent / "archive"
+        root.mkdir(mode=0o700)
+        progress(Progress("unpack", f"reading {path.name}", 0, None, ""))
+        with open(path, "rb") as f, decompressed(f) as stream, \
+                ImageWriter(str(root)) as writer:
+            writer.add_tar(stream)
+        kind = "oci" if (root / "oci-layout").is_file() else "docker-archive"
+    found = (layout.read_oci(root, arch) if kind == "oci"
+             else layout.read_docker_save(root))
+    counter = ByteCounter(progress, "unpack", f"applying {len(found.layers)} layers",
+                          sum(layer.size for layer in found.layers))
+    with ImageWriter(str(image)) as writer:
+        for layer in found.layers:
+            layer.apply(writer, counter.add)
+    counter.finish()
+    return found
+
+
+def keep_or_write_metadata(image: Path, source: dict) -> None:
+    """A root file system carries no config; keep a Charliecloud image's own
+    ch/metadata.json and ch/environment if it has them, noting the source."""
+    existing = read_metadata(image)
+    if existing:
+        existing["source"] = source
+        write_in_image(image, "ch/metadata.json", json.dumps(existing, indent=2) + "\n")
+    else:
+        has_env = (image / "ch" / "environment").is_file()
+        write_metadata(image, {}, source, environment=not has_env)

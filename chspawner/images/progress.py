@@ -1,0 +1,95 @@
+"""Progress of long image work, as events a caller can show.
+
+Everything that takes a while (downloading layers, unpacking) reports
+through one callback: ``progress(Progress(...))``. The CLI draws bars from
+these events (:class:`ProgressBars`, on tqdm); the spawners will turn them
+into spawn-page progress messages. A callback must be cheap and must not
+raise; it may be called from a worker thread.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step's state: ``done`` of ``total`` units (None: unknown)."""
+
+    step: str            # "resolve", "download", "unpack", "done"
+    message: str
+    done: int = 0
+    total: int | None = None
+    unit: str = "B"      # "B" for bytes, "" for items
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.total:
+            return None
+        return min(self.done / self.total, 1.0)
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def no_progress(_event: Progress) -> None:
+    """The default callback: say nothing."""
+
+
+class ByteCounter:
+    """Adds up bytes from several workers (parallel layer downloads) into
+    one step and reports the total, at most every ``every`` bytes."""
+
+    def __init__(self, progress: ProgressCallback, step: str, message: str,
+                 total: int | None, every: int = 1 << 20):
+        self.progress, self.step, self.message = progress, step, message
+        self.total, self.every = total, every
+        self.done = 0
+        self._reported = 0
+        self._lock = threading.Lock()
+        progress(Progress(step, message, 0, total))
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            if self.done - self._reported < self.every:
+                return
+            self._reported = self.done
+        self.progress(Progress(self.step, self.message, self.done, self.total))
+
+    def finish(self) -> None:
+        self.progress(Progress(self.step, self.message, self.done, self.total))
+
+
+class ProgressBars:
+    """A progress callback that draws one tqdm bar per step on stderr (only
+    on a terminal, as tqdm decides) and prints step messages otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._bar = None
+        self._step: str | None = None
+
+    def __call__(self, event: Progress) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+        if event.step != self._step:
+            self.close()
+            self._step = event.step
+            self._bar = tqdm(total=event.total, desc=event.message, unit=event.unit,
+                             unit_scale=bool(event.unit), unit_divisor=1024,
+                             leave=True, disable=None, dynamic_ncols=True)
+            if self._bar.disable:  # not a terminal: one line per step
+                import sys
+                print(f"{event.message}", file=sys.stderr)
+        bar = self._bar
+        if event.total is not None and bar.total != event.total:
+            bar.total = event.total
+        bar.update(event.done - bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,257 @@
+"""The image store, laid out as Charliecloud's so ``ch-run NAME`` works too.
+
+::
+
+    $CH_IMAGE_STORAGE/            default /var/tmp/$USER.ch
+        img/<name>/               an image; '/' -> '%', ':' -> '+' in <name>
+            ch/metadata.json      config: arch, cwd, env, labels, entrypoint,
+                                  cmd, history, source
+            ch/environment        the image's Env, one NAME=VALUE per line
+        dlcache/sha256-<hex>      downloaded blobs, shared between pulls
+        tmp/                      imports in progress (never an image)
+
+An image appears in ``img/`` only complete: imports are written under
+``tmp/`` and renamed into place at the end; a failed or interrupted import
+is removed, and one killed outright is swept up by the next store operation.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from chspawner.images.trees import disk_usage, remove_tree
+from chspawner.runtime.launcher import default_storage, image_name_to_dir
+from chspawner.runtime.spec import env_literal
+
+# A reference as users write it: [host[:port]/]path[:tag][@sha256:hex].
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$")
+RENAME_EXCHANGE = 2
+
+
+class StoreError(Exception):
+    """A store operation failed; the message is one line."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it can name an image in the store, else raise."""
+    if not name or not NAME_RE.match(name):
+        raise StoreError(f"invalid image name {name!r}: use letters, digits "
+                         "and . _ - / : @, starting with a letter or digit")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise StoreError(f"invalid image name {name!r}: empty, '.' or '..' component")
+    if len(image_name_to_dir(name).encode()) > 255:
+        raise StoreError(f"invalid image name {name[:60]!r}...: too long")
+    return name
+
+
+def dir_to_name(dirname: str) -> str:
+    return dirname.replace("%", "/").replace("+", ":")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    path: Path
+    size: int            # bytes on disk
+    source: str          # where it came from, for people
+    created: str
+
+
+class Store:
+    """One user's (or one site's) image store."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root or os.environ.get("CH_IMAGE_STORAGE") or default_storage())
+        self.img = self.root / "img"
+        self.dlcache = self.root / "dlcache"
+        self.tmp = self.root / "tmp"
+
+    def path(self, name: str) -> Path:
+        return self.img / image_name_to_dir(check_name(name))
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_dir()
+
+    def require(self, name: str) -> Path:
+        path = self.path(name)
+        if not path.is_dir():
+            raise StoreError(f"no image {name} in store {self.root}")
+        return path
+
+    # ------------------------------------------------------------ reading --
+
+    def images(self) -> list[ImageInfo]:
+        self.sweep()
+        if not self.img.is_dir():
+            return []
+        infos = []
+        for entry in sorted(os.scandir(self.img), key=lambda e: e.name):
+            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                meta = read_metadata(Path(entry.path))
+                source = meta.get("source", {})
+                infos.append(ImageInfo(
+                    name=dir_to_name(entry.name), path=Path(entry.path),
+                    size=disk_usage(entry.path),
+                    source=source.get("ref") or source.get("path") or "unknown",
+                    created=source.get("time", "")))
+        return infos
+
+    def inspect(self, name: str) -> dict:
+        path = self.require(name)
+        return {"name": name, "path": str(path), **read_metadata(path)}
+
+    # ----------------------------------------------------------- changing --
+
+    def remove(self, name: str) -> None:
+        path = self.require(name)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        # Rename first, so the name is gone at once even for a big image.
+        doomed = Path(tempfile.mkdtemp(prefix=_scratch_prefix("rm"), dir=self.tmp))
+        os.rename(path, doomed / "image")
+        remove_tree(doomed)
+
+    @contextmanager
+    def new_image(self, name: str) -> Iterator[Path]:
+        """A fresh directory to build image ``name`` in; on a clean exit it
+        becomes the image (replacing an older one of that name), on an
+        error or interrupt it vanishes."""
+        final = self.path(name)
+        for d in (self.img, self.tmp, self.dlcache):
+            d.mkdir(parents=True, exist_ok=True)
+        self.sweep()
+        work = Path(tempfile.mkdtemp(prefix=_scratch_prefix("import"), dir=self.tmp))
+        try:
+            image = work / "image"
+            image.mkdir(mode=0o700)
+            yield image
+            image.chmod(0o755)
+            install(image, final)
+        finally:
+            remove_tree(work)
+
+    def sweep(self) -> None:
+        """Remove what imports killed outright (SIGKILL, a crash) left in
+        tmp/. Scratch names carry the PID and host that made them; on a
+        shared file system, only this host's dead ones are ours to judge."""
+        if not self.tmp.is_dir():
+            return
+        host = socket.gethostname()
+        for entry in os.scandir(self.tmp):
+            parts = entry.name.split("-", 2)
+            if len(parts) < 3 or not parts[1].isdigit():
+                continue
+            if parts[2].rpartition("-")[0] == host and not _alive(int(parts[1])):
+                remove_tree(Path(entry.path))
+
+
+def _scratch_prefix(kind: str) -> str:
+    """``KIND-PID-HOST-`` (mkdtemp's random suffix has no '-')."""
+    return f"{kind}-{os.getpid()}-{socket.gethostname()}-"
+
+
+def install(new: Path, final: Path) -> None:
+    """Put ``new`` at ``final`` in one step, swapping out any old image."""
+    try:
+        os.rename(new, final)
+        return
+    except OSError as e:
+        if not final.exists():
+            raise StoreError(f"can't install image at {final}: {e.strerror}") from None
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(new), -100, os.fsencode(final),
+                      RENAME_EXCHANGE) != 0:
+        raise StoreError(f"can't replace image at {final}: "
+                         f"{os.strerror(ctypes.get_errno())}")
+    # ``new`` now holds the old image; the caller's cleanup removes it.
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------- metadata ----
+
+def read_metadata(image: Path) -> dict:
+    try:
+        with open(image / "ch" / "metadata.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_metadata(image: Path, config: dict, source: dict, arch: str | None = None,
+                   history: list | None = None, environment: bool = True) -> None:
+    """Write ``ch/metadata.json`` and ``ch/environment`` from an OCI image
+    config's ``config`` section (Env, WorkingDir, Entrypoint, Cmd, Labels).
+
+    The keys are Charliecloud's (arch, cwd, env, labels, history) plus the
+    image's default command (entrypoint, cmd) and where it came from (source:
+    ref or path, digest, time). ``environment=False`` keeps the image's own
+    ch/environment.
+    """
+    env = {}
+    for item in config.get("Env") or []:
+        name, _, value = item.partition("=")
+        if name:
+            env[name] = value
+    metadata = {
+        "arch": arch or "unknown",
+        "cwd": config.get("WorkingDir") or "/",
+        "env": env,
+        "labels": config.get("Labels") or {},
+        "entrypoint": config.get("Entrypoint") or [],
+        "cmd": config.get("Cmd") or [],
+        "history": history or [],
+        "source": {**source, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    lines = [f"{name}={env_literal(value)}\n" for name, value in env.items()
+             if "\n" not in value]
+    write_in_image(image, "ch/metadata.json", json.dumps(metadata, indent=2) + "\n")
+    if environment:
+        write_in_image(image, "ch/environment", "".join(lines))
+
+
+def write_in_image(image: Path, path: str, text: str) -> None:
+    """Write a file at ``path`` (one directory deep) in an image, replacing
+    whatever is there (a symlink included) rather than writing through it."""
+    directory, name = path.split("/")
+    root = os.open(image, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(directory, 0o755, dir_fd=root)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.stat(directory, dir_fd=root,
+                                        follow_symlinks=False).st_mode):
+                os.unlink(directory, dir_fd=root)
+                os.mkdir(directory, 0o755, dir_fd=root)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                      | os.O_CLOEXEC, dir_fd=root)
+        try:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+            with open(fd, "w") as f:
+                f.write(text)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(root)

@@ -1,0 +1,96 @@
+"""Whole directory trees: removing and measuring them, whatever their depth.
+
+An image can be deeper than PATH_MAX or Python's recursion limit, and can
+hold directories without u+w; these helpers cope with all of that and never
+follow symlinks.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DIR_RDONLY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf ``path``; see :func:`remove_entry`."""
+    parent = os.open(os.path.dirname(os.path.abspath(path)), DIR_RDONLY)
+    try:
+        remove_entry(parent, os.path.basename(os.path.abspath(path)))
+    finally:
+        os.close(parent)
+
+
+def remove_entry(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd``, a whole tree if it is a directory.
+
+    Iterative, holding one directory open at a time (climbing back with
+    ".."), so no tree is too deep for it (recursion or file descriptor
+    limits); never follows symlinks; gives itself u+rwx on directories an
+    image left without.
+    """
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        pass
+    fd = _open_dir_for_removal(dir_fd, name)
+    names: list[str] = []
+    pending = [_clear_files(fd)]
+    while pending[-1] or names:
+        if pending[-1]:
+            child = pending[-1].pop()
+            sub = _open_dir_for_removal(fd, child)
+            os.close(fd)
+            fd = sub
+            names.append(child)
+            pending.append(_clear_files(fd))
+        else:
+            parent = os.open("..", DIR_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)
+            pending.pop()
+    os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def _open_dir_for_removal(dir_fd: int, name: str) -> int:
+    try:
+        return os.open(name, DIR_RDONLY, dir_fd=dir_fd)
+    except PermissionError:
+        os.chmod(name, 0o700, dir_fd=dir_fd)
+        return os.open(name, DIR_RDONLY, dir_fd=dir_fd)
+
+
+def _clear_files(fd: int) -> list[str]:
+    """Unlink everything but subdirectories in ``fd``; return those."""
+    if not os.fstat(fd).st_mode & 0o200:
+        os.fchmod(fd, 0o700)
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return subdirs
+
+
+def disk_usage(path: str) -> int:
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:  # deeper than PATH_MAX, or unreadable: not counted
+            continue
+        with it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                total += st.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return total

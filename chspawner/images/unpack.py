@@ -1,0 +1,482 @@
+"""Safe unpacking: the one way anything gets written into a new image.
+
+Every import path (a rootfs tarball, a directory, the layers of a
+``docker save`` archive, an OCI layout or a registry pull) feeds its entries
+through :class:`ImageWriter`, which guarantees:
+
+* nothing is written outside the image: absolute and ``..`` member names are
+  refused, as are hard links to outside and entries beneath a symlink; every
+  directory is reached from the image root one component at a time with
+  O_NOFOLLOW, so a symlink in the image is never followed while writing;
+* symlinks whose target leaves the image (absolute, or climbing above the
+  root) are rewritten to the relative path they mean inside the container,
+  so host-side tools following them stay in the image too;
+* device nodes and FIFOs are skipped; setuid and setgid bits are dropped;
+  the user gets ``u+rwX`` on everything; all files are the caller's;
+* OCI whiteouts (``.wh.NAME``, opaque ``.wh..wh..opq``) are applied when
+  unpacking layers;
+* what the runtime needs exists at the end (``dev proc sys tmp home``,
+  ``etc/passwd etc/group etc/hosts etc/resolv.conf``).
+
+Errors are :class:`UnpackError`: one line naming the member and why.
+Atomicity (unpack into a temporary directory, rename at the end) is the
+store's job: see :meth:`chspawner.images.store.Store.new_image`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from chspawner.images.streams import StreamError
+from chspawner.images.trees import remove_entry
+
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+DIR_FLAGS = O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+RUNTIME_DIRS = {"dev": 0o755, "proc": 0o755, "sys": 0o755, "tmp": 0o1777,
+                "home": 0o755, "etc": 0o755}
+RUNTIME_FILES = ("etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf")
+COPY_CHUNK = 1 << 20
+
+
+class UnpackError(Exception):
+    """Unpacking failed; the message says which member and why."""
+
+
+def _shown(name: str, limit: int = 120) -> str:
+    """A member name fit for a one-line message."""
+    name = name.replace("\n", "\\n")
+    return name if len(name) <= limit else name[:limit] + f"...({len(name)} chars)"
+
+
+def member_path(name: str) -> str:
+    """The normalized path of an archive member inside the image ('' = root).
+
+    Absolute names and any ``..`` are refused, not repaired: an archive that
+    has them was not made for unpacking into an image.
+    """
+    if name.startswith("/"):
+        raise UnpackError(f"{_shown(name)}: absolute path in archive")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnpackError(f"{_shown(name)}: '..' in path")
+    return "/".join(parts)
+
+
+def contained_link_target(link_path: str, target: str) -> str | None:
+    """Rewrite a symlink target that would leave the image, or return None.
+
+    ``link_path`` is the link's path in the image. Inside the container, an
+    absolute target starts at the image root and ``..`` stops there; the
+    rewrite is the same place as a relative path from the link's directory.
+    """
+    base = posixpath.dirname(link_path)
+    parts = [] if target.startswith("/") else base.split("/") if base else []
+    escapes = target.startswith("/")
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            else:
+                escapes = True
+        else:
+            parts.append(part)
+    if not escapes:
+        return None
+    resolved = "/".join(parts) or "."
+    return posixpath.relpath("/" + resolved, "/" + base) if base else resolved
+
+
+@dataclass
+class Stats:
+    """What an unpack did, for the user's summary."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped_devices: list[str] = field(default_factory=list)
+    rewritten_links: int = 0
+    stripped_setid: int = 0
+    whiteouts: int = 0
+
+
+def _umask() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+class ImageWriter:
+    """Writes entries into an (empty) image directory, safely.
+
+    Directories are reached through O_PATH file descriptors cached by path
+    (tar members come grouped by directory, so most lookups are a hit); any
+    replacement of a directory drops its cached descendants.
+    """
+
+    CACHE_SIZE = 128
+
+    def __init__(self, root: str):
+        self.root = root
+        self.root_fd = os.open(root, DIR_FLAGS)
+        self.umask = _umask()
+        self.stats = Stats()
+        self._dirs: OrderedDict[str, int] = OrderedDict()
+        self._layer_paths: set[str] | None = None  # paths added by this layer
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        os.close(self.root_fd)
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------- directories --
+
+    def _dir_fd(self, path: str, member: str) -> int:
+        """An O_PATH fd for directory ``path`` (creating missing ones),
+        reached from the nearest cached ancestor without following any
+        symlink."""
+        if not path:
+            return self.root_fd
+        fd = self._dirs.get(path)
+        if fd is not None:
+            self._dirs.move_to_end(path)
+            return fd
+        parts = path.split("/")
+        known = len(parts) - 1
+        while known and "/".join(parts[:known]) not in self._dirs:
+            known -= 1
+        fd = self._dirs[("/".join(parts[:known]))] if known else self.root_fd
+        for i in range(known, len(parts)):
+            fd = self._open_dir(fd, parts[i], "/".join(parts[:i + 1]), member)
+        return fd
+
+    def _open_dir(self, parent_fd: int, name: str, path: str, member: str) -> int:
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            self._mkdir(parent_fd, name, 0o755)
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                what = "a symlink" if _is_link(parent_fd, name) else "not a directory"
+                raise UnpackError(f"{_shown(member)}: {_shown(path, 60)} is {what}; "
+                                  "refusing to write beneath it") from None
+            raise
+        self._dirs[path] = fd
+        if len(self._dirs) > self.CACHE_SIZE:
+            # Evicting the oldest never closes ``parent_fd``: it was just
+            # used, so it is among the newest.
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def _forget(self, path: str) -> None:
+        """Drop cached fds for ``path`` and everything under it."""
+        prefix = path + "/"
+        for key in [k for k in self._dirs if k == path or k.startswith(prefix)]:
+            os.close(self._dirs.pop(key))
+
+    def _mkdir(self, parent_fd: int, name: str, mode: int) -> None:
+        os.mkdir(name, mode, dir_fd=parent_fd)
+        if mode & self.umask:
+            os.chmod(name, mode, dir_fd=parent_fd, follow_symlinks=True)
+
+    def _remove(self, parent_fd: int, name: str, path: str) -> bool:
+        """Remove whatever is at ``path``; False if nothing was there."""
+        if not _exists(parent_fd, name):
+            return False
+        self._forget(path)
+        remove_entry(parent_fd, name)
+        return True
+
+    # ------------------------------------------------------------ entries --
+
+    def _split(self, name: str) -> tuple[str, int, str]:
+        path = member_path(name)
+        if not path:
+            return "", -1, ""
+        parent, _, base = path.rpartition("/")
+        return path, self._dir_fd(parent, name), base
+
+    def _added(self, path: str) -> None:
+        if self._layer_paths is not None:
+            self._layer_paths.add(path)
+
+    def add_dir(self, name: str, mode: int) -> None:
+        path, pfd, base = self._split(name)
+        if not path:
+            return  # the root itself: its mode is the store's business
+        mode = (mode & 0o1777) | 0o700
+        try:
+            self._mkdir(pfd, base, mode)
+        except FileExistsError:
+            if not _is_dir(pfd, base):
+                self._remove(pfd, base, path)
+                self._mkdir(pfd, base, mode)
+            else:
+                os.chmod(base, mode, dir_fd=pfd)
+        self._added(path)
+
+    def add_file(self, name: str, mode: int, mtime: float, source: BinaryIO | int,
+                 size: int) -> None:
+        """A regular file with ``size`` bytes read from ``source`` (a file
+        object, or an fd to copy with sendfile)."""
+        path, pfd, base = self._split(name)
+        if not path:
+            raise UnpackError(f"{_shown(name)}: a file can't be the image root")
+        final = self._file_mode(mode)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(base, flags, final, dir_fd=pfd)
+        except FileExistsError:
+            self._remove(pfd, base, path)
+            fd = os.open(base, flags, final, dir_fd=pfd)
+        try:
+            if isinstance(source, int):
+                _sendfile(fd, source, size)
+            else:
+                _copy(fd, source, size)
+            if final & self.umask:
+                os.fchmod(fd, final)
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+        self.stats.files += 1
+        self.stats.bytes += size
+        self._added(path)
+
+    def add_symlink(self, name: str, target: str) -> None:
+        path, pfd, base = self._split(name)
+        if not path:
+            raise UnpackError(f"{_shown(name)}: a symlink can't be the image root")
+        if not target or "\0" in target:
+            raise UnpackError(f"{_shown(name)}: empty symlink target")
+        rewritten = contained_link_target(path, target)
+        if rewritten is not None:
+            target = rewritten
+            self.stats.rewritten_links += 1
+        try:
+            os.symlink(target, base, dir_fd=pfd)
+        except FileExistsError:
+            self._remove(pfd, base, path)
+            os.symlink(target, base, dir_fd=pfd)
+        self._added(path)
+
+    def add_hardlink(self, name: str, target: str) -> None:
+        path, pfd, base = self._split(name)
+        try:
+            target_path = member_path(target)
+        except UnpackError as e:
+            raise UnpackError(f"{_shown(name)}: hard link to outside the image "
+                              f"({e})") from None
+        if not path or not target_path:
+            raise UnpackError(f"{_shown(name)}: hard link to the image root")
+        tparent, _, tbase = target_path.rpartition("/")
+        tfd = self._dir_fd(tparent, name)
+        try:
+            os.stat(tbase, dir_fd=tfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise UnpackError(f"{_shown(name)}: hard link target {_shown(target)} "
+                              "is not in the image") from None
+        if _is_dir(tfd, tbase):
+            raise UnpackError(f"{_shown(name)}: hard link to a directory")
+        self._remove(pfd, base, path)
+        os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        self._added(path)
+
+    def skip_device(self, name: str) -> None:
+        self.stats.skipped_devices.append(member_path(name))
+
+    def _file_mode(self, mode: int) -> int:
+        if mode & 0o6000:
+            self.stats.stripped_setid += 1
+        mode = (mode & 0o777) | 0o600
+        return mode | 0o100 if mode & 0o111 else mode
+
+    # ---------------------------------------------------------- whiteouts --
+
+    def begin_layer(self) -> None:
+        """Entries from here on form one layer; whiteouts apply below it."""
+        self._layer_paths = set()
+
+    def _whiteout(self, name: str) -> bool:
+        """Apply ``name`` if it is a whiteout; True if it was one."""
+        base = posixpath.basename(name.rstrip("/"))
+        if not base.startswith(WHITEOUT):
+            return False
+        path = member_path(name)
+        parent = posixpath.dirname(path)
+        pfd = self._dir_fd(parent, name)
+        self.stats.whiteouts += 1
+        if base == OPAQUE:
+            # Hide everything the lower layers put here, but not what this
+            # layer adds, wherever in the layer its entries come.
+            prefix = parent + "/" if parent else ""
+            for entry in os.listdir(pfd):
+                if prefix + entry not in self._layer_paths:
+                    self._remove(pfd, entry, prefix + entry)
+            return True
+        hidden = base[len(WHITEOUT):]
+        if hidden in ("", ".", ".."):
+            raise UnpackError(f"{_shown(name)}: bad whiteout")
+        hidden_path = f"{parent}/{hidden}" if parent else hidden
+        if hidden_path not in self._layer_paths:
+            self._remove(pfd, hidden, hidden_path)
+        return True
+
+    # ------------------------------------------------------------ sources --
+
+    def add_tar(self, stream: BinaryIO, layer: bool = False) -> None:
+        """Unpack a tar stream (already decompressed). With ``layer``, it is
+        one OCI layer: whiteouts apply to what is already in the image."""
+        if layer:
+            self.begin_layer()
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_CHUNK) as tar:
+                for member in tar:
+                    self._add_member(tar, member, layer)
+        except (tarfile.TarError, StreamError) as e:
+            raise UnpackError(f"not a valid tar archive: {e}") from None
+        finally:
+            self._layer_paths = None
+
+    def _add_member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, layer: bool) -> None:
+        try:
+            if layer and self._whiteout(m.name):
+                return
+            if m.isdir():
+                self.add_dir(m.name, m.mode)
+            elif m.isreg():
+                self.add_file(m.name, m.mode, m.mtime, tar.extractfile(m), m.size)
+            elif m.issym():
+                self.add_symlink(m.name, m.linkname)
+            elif m.islnk():
+                self.add_hardlink(m.name, m.linkname)
+            elif m.ischr() or m.isblk() or m.isfifo():
+                self.skip_device(m.name)
+            else:
+                raise UnpackError(f"{_shown(m.name)}: unsupported member type "
+                                  f"{m.type!r}")
+        except UnpackError:
+            raise
+        except OSError as e:
+            raise UnpackError(f"{_shown(m.name)}: {e.strerror or e}") from None
+
+    def add_tree(self, src: str) -> None:
+        """Copy a directory tree, under the same rules as a tarball."""
+        for rel, entry in _walk(src):
+            st = entry.stat(follow_symlinks=False)
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    self.add_dir(rel, st.st_mode)
+                elif stat.S_ISREG(st.st_mode):
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        self.add_file(rel, st.st_mode, st.st_mtime, fd, st.st_size)
+                    finally:
+                        os.close(fd)
+                elif stat.S_ISLNK(st.st_mode):
+                    self.add_symlink(rel, os.readlink(entry.path))
+                else:
+                    self.skip_device(rel)
+            except UnpackError:
+                raise
+            except OSError as e:
+                raise UnpackError(f"{_shown(rel)}: {e.strerror or e}") from None
+
+    # -------------------------------------------------------------- finish --
+
+    def finish(self) -> None:
+        """Make what the runtime needs, where the image lacks it."""
+        for d, mode in RUNTIME_DIRS.items():
+            if not _exists(self.root_fd, d):
+                self._mkdir(self.root_fd, d, mode)
+        etc = self._dir_fd("etc", "etc")
+        for path in RUNTIME_FILES:
+            name = posixpath.basename(path)
+            # The runtime binds the host's hosts and resolv.conf onto these,
+            # which needs a file, not a symlink (often dangling, to /run).
+            if name in ("hosts", "resolv.conf") and _is_link(etc, name):
+                os.unlink(name, dir_fd=etc)
+            if not _exists(etc, name):
+                content = {"passwd": "root:x:0:0:root:/root:/bin/sh\n",
+                           "group": "root:x:0:\n"}.get(name, "")
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=etc)
+                os.write(fd, content.encode())
+                os.close(fd)
+
+
+def _walk(top: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """Entries under ``top`` as (path relative to top, DirEntry), parents
+    first, never following symlinks; iterative, so depth is no problem."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(top, rel) if rel else top) as it:
+            entries = sorted(it, key=lambda e: e.name, reverse=True)
+        for entry in entries:
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            yield path, entry
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(path)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _is_dir(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _copy(fd: int, source: BinaryIO, size: int) -> None:
+    remaining = size
+    while remaining:
+        chunk = source.read(min(remaining, COPY_CHUNK))
+        if not chunk:
+            raise UnpackError("archive ends in the middle of a file")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+        remaining -= len(chunk)
+
+
+def _sendfile(out_fd: int, in_fd: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        sent = os.sendfile(out_fd, in_fd, offset, size - offset)
+        if sent == 0:
+            raise UnpackError("source file shrank while copying")
+        offset += sent

@@ -1,0 +1,348 @@
+"""``chspawner import``: every source form, and a corpus of malicious
+tarballs that must give a clear error or a sanitized image while writing
+nothing outside the store."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from chspawner.images.unpack import UnpackError, contained_link_target, member_path
+from conftest import CHSPAWNER, AS_USER, as_user
+
+
+class Images:
+    """``chspawner import|images|run`` as the test user, on a private store."""
+
+    def __init__(self, user, store):
+        self.user, self.store = user, store
+
+    def cli(self, *args, check=False, **kwargs) -> subprocess.CompletedProcess:
+        result = as_user(self.user.pw_name, str(CHSPAWNER), *args, check=False,
+                         timeout=300, **kwargs)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def import_(self, src, name="x", check=False):
+        return self.cli("import", "-q", "-s", str(self.store), str(src), name,
+                        check=check)
+
+    def image(self, name="x"):
+        return self.store / "img" / name.replace("/", "%").replace(":", "+")
+
+    def leftovers(self):
+        """Anything an import left behind besides finished images."""
+        tmp = self.store / "tmp"
+        return sorted(os.listdir(tmp)) if tmp.exists() else []
+
+
+@pytest.fixture
+def images(user, user_dir):
+    store = user_dir / "store"
+    as_user(user.pw_name, "mkdir", str(store))
+    return Images(user, store)
+
+
+@pytest.fixture
+def outside(user, user_dir):
+    """A directory beside the store that no import may touch."""
+    path = user_dir / "outside"
+    as_user(user.pw_name, "mkdir", str(path))
+    return path
+
+
+def make_tar(path, entries, compression=""):
+    """entries: (name, type, content-or-target, mode) tuples."""
+    with tarfile.open(path, f"w:{compression}", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, value, mode in entries:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            info.mtime = 1_600_000_000
+            data = None
+            if kind == "file":
+                data = value.encode()
+                info.size = len(data)
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, value
+            elif kind == "hardlink":
+                info.type, info.linkname = tarfile.LNKTYPE, value
+            elif kind in ("chr", "blk", "fifo"):
+                info.type = {"chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
+                             "fifo": tarfile.FIFOTYPE}[kind]
+                info.devmajor, info.devminor = 1, 3
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    os.chmod(path, 0o644)
+    return path
+
+
+BASE = [("bin", "dir", None, 0o755), ("bin/hello", "file", "#!/bin/sh\necho hi\n", 0o755),
+        ("etc", "dir", None, 0o755), ("etc/passwd", "file", "root:x:0:0::/:/bin/sh\n", 0o644)]
+
+
+# ------------------------------------------------------------- sources ----
+
+@pytest.mark.parametrize("compression", ["", "gz", "xz", "bz2"])
+def test_tarball_forms(images, user_dir, compression):
+    tar = make_tar(user_dir / f"rootfs.tar.{compression}", BASE, compression)
+    images.import_(tar, check=True)
+    image = images.image()
+    assert (image / "bin/hello").read_text() == "#!/bin/sh\necho hi\n"
+    for d in ("dev", "proc", "sys", "tmp", "home"):
+        assert (image / d).is_dir()
+    for f in ("etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf"):
+        assert (image / f).is_file()
+    assert stat.S_IMODE((image / "tmp").stat().st_mode) == 0o1777
+    assert (image / "bin/hello").stat().st_mtime == 1_600_000_000
+    assert images.leftovers() == []
+
+
+def test_zstd_tarball(images, user_dir):
+    plain = make_tar(user_dir / "rootfs.tar", BASE)
+    subprocess.run(["zstd", "-q", str(plain), "-o", str(user_dir / "rootfs.tar.zst")],
+                   check=True)
+    os.chmod(user_dir / "rootfs.tar.zst", 0o644)
+    images.import_(user_dir / "rootfs.tar.zst", check=True)
+    assert (images.image() / "bin/hello").exists()
+
+
+def test_single_top_directory_is_stripped(images, user_dir):
+    tar = make_tar(user_dir / "r.tar",
+                   [("myimage", "dir", None, 0o755)]
+                   + [(f"myimage/{n}", k, v, m) for n, k, v, m in BASE])
+    images.import_(tar, check=True)
+    assert (images.image() / "bin/hello").is_file()
+    assert not (images.image() / "myimage").exists()
+
+
+def test_directory_source(images, busybox):
+    images.import_(busybox, "bb", check=True)
+    assert (images.image("bb") / "bin/busybox").is_file()
+    out = images.cli("run", "-s", str(images.store), "bb", "--", "echo", "ran",
+                     check=True).stdout
+    assert out == "ran\n"
+
+
+def test_store_listing_inspect_path_rm(images, user_dir, busybox):
+    images.import_(busybox, "example.com/tools:1.0", check=True)
+    listing = images.cli("images", "-s", str(images.store), check=True).stdout
+    assert "example.com/tools:1.0" in listing and "MiB" in listing
+    meta = json.loads(images.cli("images", "inspect", "-s", str(images.store),
+                                 "example.com/tools:1.0", check=True).stdout)
+    assert meta["source"]["kind"] == "directory"
+    path = images.cli("images", "path", "-s", str(images.store),
+                      "example.com/tools:1.0", check=True).stdout.strip()
+    assert path == str(images.image("example.com/tools:1.0"))
+    # ch-run finds it by name too: the layout is Charliecloud's.
+    ch = as_user(images.user.pw_name, "ch-run", "-s", str(images.store),
+                 "example.com/tools:1.0", "--", "true", check=False)
+    assert ch.returncode == 0, ch.stderr
+    images.cli("images", "rm", "-s", str(images.store), "example.com/tools:1.0",
+               check=True)
+    assert not images.image("example.com/tools:1.0").exists()
+    result = images.cli("images", "rm", "-s", str(images.store), "example.com/tools:1.0")
+    assert result.returncode == 1 and "no image" in result.stderr
+
+
+def test_reimport_replaces(images, user_dir):
+    images.import_(make_tar(user_dir / "a.tar", BASE), check=True)
+    images.import_(make_tar(user_dir / "b.tar", BASE + [("new", "file", "2", 0o644)]),
+                   check=True)
+    assert (images.image() / "new").read_text() == "2"
+    assert images.leftovers() == []
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../b", "/abs", "", "a//b", "x%y"])
+def test_bad_image_names(images, user_dir, name):
+    result = images.import_(make_tar(user_dir / "r.tar", BASE), name)
+    assert result.returncode == 1
+    assert "invalid image name" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (images.store / "img").exists() or os.listdir(images.store / "img") == []
+
+
+# ---------------------------------------------------- malicious corpus ----
+
+def assert_refused(images, result, outside, *words):
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    for word in words:
+        assert word in line, line
+    assert not images.image().exists()
+    assert images.leftovers() == []
+    assert os.listdir(outside) == []
+
+
+@pytest.mark.parametrize("entries, words", [
+    ([("../evil", "file", "x", 0o644)], ["../evil", "'..'"]),
+    ([("a/../../evil", "file", "x", 0o644)], ["'..'"]),
+    ([("/tmp/evil", "file", "x", 0o644)], ["/tmp/evil", "absolute"]),
+    ([("h", "hardlink", "../../etc/passwd", 0o644)], ["h", "hard link"]),
+    ([("h", "hardlink", "/etc/passwd", 0o644)], ["h", "hard link"]),
+    ([("h", "hardlink", "nothere", 0o644)], ["h", "not in the image"]),
+])
+def test_escaping_names_are_refused(images, user_dir, outside, entries, words):
+    tar = make_tar(user_dir / "evil.tar", BASE + entries)
+    assert_refused(images, images.import_(tar), outside, *words)
+
+
+@pytest.mark.parametrize("kind", ["absolute", "relative", "root"])
+def test_no_entry_beneath_a_symlink(images, user_dir, outside, kind):
+    """A symlink, then a file through it: the classic escape."""
+    target = {"absolute": str(outside),
+              "relative": "../" * 12 + str(outside).lstrip("/"),
+              "root": "."}[kind]
+    tar = make_tar(user_dir / "evil.tar", BASE + [("link", "symlink", target, 0o777),
+                                                  ("link/evil", "file", "x", 0o644)])
+    assert_refused(images, images.import_(tar), outside, "link/evil", "symlink")
+
+
+def test_links_leaving_the_image_are_rewritten(images, user_dir, outside):
+    tar = make_tar(user_dir / "links.tar", BASE + [
+        ("abs", "symlink", "/etc/passwd", 0o777),
+        ("bin/up", "symlink", "../../../../etc", 0o777),
+        ("bin/fine", "symlink", "hello", 0o777),
+        ("bin/sibling", "symlink", "../etc/passwd", 0o777),
+    ])
+    images.import_(tar, check=True)
+    image = images.image()
+    assert os.readlink(image / "abs") == "etc/passwd"
+    assert os.readlink(image / "bin/up") == "../etc"
+    assert os.readlink(image / "bin/fine") == "hello"          # untouched
+    assert os.readlink(image / "bin/sibling") == "../etc/passwd"  # untouched
+    assert (image / "abs").resolve() == (image / "etc/passwd").resolve()
+
+
+def test_devices_fifos_skipped_setid_stripped(images, user_dir, user):
+    tar = make_tar(user_dir / "odd.tar", BASE + [
+        ("dev", "dir", None, 0o755),
+        ("dev/null", "chr", None, 0o666), ("dev/sda", "blk", None, 0o660),
+        ("fifo", "fifo", None, 0o644),
+        ("bin/su", "file", "x", 0o4755), ("bin/wall", "file", "x", 0o2755),
+        ("locked", "dir", None, 0o000), ("locked/f", "file", "x", 0o000),
+    ])
+    images.import_(tar, check=True)
+    image = images.image()
+    assert os.listdir(image / "dev") == []
+    assert not (image / "fifo").exists()
+    assert stat.S_IMODE((image / "bin/su").stat().st_mode) == 0o755
+    assert stat.S_IMODE((image / "bin/wall").stat().st_mode) == 0o755
+    assert stat.S_IMODE((image / "locked").stat().st_mode) == 0o700  # u+rwX
+    assert stat.S_IMODE((image / "locked/f").stat().st_mode) == 0o600
+    for path in image.rglob("*"):
+        assert path.lstat().st_uid == user.pw_uid
+
+
+def test_huge_names(images, user_dir, outside):
+    tar = make_tar(user_dir / "long.tar", BASE + [("d/" + "x" * 300, "file", "x", 0o644)])
+    result = images.import_(tar)
+    assert_refused(images, result, outside, "too long")
+    assert len(result.stderr) < 400  # the name is shortened in the message
+
+
+def test_very_deep_paths_stay_inside(images, user_dir, outside):
+    """Deeper than PATH_MAX: unpacked one directory at a time, inside."""
+    deep = "/".join(["deep"] * 1100) + "/f"
+    images.import_(make_tar(user_dir / "deep.tar", BASE + [(deep, "file", "x", 0o644)]),
+                   check=True)
+    assert os.listdir(outside) == []
+    fd = os.open(images.image(), os.O_RDONLY)
+    try:
+        for _ in range(1100):
+            fd2 = os.open("deep", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = fd2
+        assert os.stat("f", dir_fd=fd).st_size == 1
+    finally:
+        os.close(fd)
+
+
+def test_not_an_archive(images, user_dir, outside):
+    junk = user_dir / "junk.tar.gz"
+    junk.write_bytes(b"\x1f\x8b" + os.urandom(2000))
+    junk.chmod(0o644)
+    result = images.import_(junk)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert images.leftovers() == [] and not images.image().exists()
+
+
+def test_truncated_archive(images, user_dir, outside):
+    full = make_tar(user_dir / "full.tar", BASE + [("big", "file", "y" * 100_000, 0o644)])
+    cut = user_dir / "cut.tar"
+    cut.write_bytes(full.read_bytes()[:60_000])
+    cut.chmod(0o644)
+    assert_refused(images, images.import_(cut), outside, "cut.tar")
+
+
+# -------------------------------------------------------- interruption ----
+
+def wait_for(condition, deadline_s=60, what="condition"):
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_import_leaves_nothing(images, user_dir, bookworm, sig):
+    """Stop an import midway: no image, no partial directory (a SIGKILLed
+    one is swept by the next store operation)."""
+    tar = user_dir / "big.tar"
+    subprocess.run(["tar", "-C", str(bookworm), "-cf", str(tar), "."], check=True)
+    tar.chmod(0o644)
+    proc = subprocess.Popen([str(AS_USER), images.user.pw_name, str(CHSPAWNER), "import",
+                             "-q", "-s", str(images.store), str(tar), "big"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Midway: the import's scratch image holds some files already.
+        def started():
+            tmp = images.store / "tmp"
+            return tmp.exists() and any(
+                len(os.listdir(tmp / d / "image")) > 3 for d in os.listdir(tmp)
+                if (tmp / d / "image").is_dir())
+        wait_for(started, what="the import to start writing")
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert not images.image("big").exists()
+    if sig != signal.SIGKILL:
+        assert images.leftovers() == []
+    images.cli("images", "-s", str(images.store), check=True)  # any store operation
+    images.import_(make_tar(user_dir / "small.tar", BASE), "small", check=True)
+    assert images.leftovers() == []
+
+
+# ---------------------------------------------------------------- units ---
+
+def test_member_path_rules():
+    assert member_path("./usr/bin/") == "usr/bin"
+    assert member_path(".") == ""
+    for bad in ("/etc", "../x", "a/../../b", "a/.."):
+        with pytest.raises(UnpackError):
+            member_path(bad)
+
+
+@pytest.mark.parametrize("link, target, expected", [
+    ("abs", "/etc/passwd", "etc/passwd"),
+    ("usr/bin/python3", "/usr/bin/python3.11", "python3.11"),
+    ("usr/lib/x", "/", "../.."),
+    ("a/b", "../../../../etc", "../etc"),
+    ("a/b", "../c", None),
+    ("a/b", "c/../../d", None),
+    ("x", "y", None),
+])
+def test_link_rewriting(link, target, expected):
+    assert contained_link_target(link, target) == expected
