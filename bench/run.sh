@@ -11,3 +11,5 @@ scripts/build-image.sh busybox >/dev/null
 scripts/build-image.sh bookworm >/dev/null
 echo "== container start: chspawner run vs Charliecloud ch-run ($(nproc) cores, $(uname -r))"
 "$CHSPAWNER_VENV/bin/python" bench/runtime_start.py --check "$@"
+echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"
+"$CHSPAWNER_VENV/bin/python" bench/images.py --check

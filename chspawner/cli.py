@@ -88,13 +88,14 @@ def _main(argv: list[str]) -> int:
         return EXIT_USAGE
     import signal
 
-    from chspawner.images.store import Store, StoreError
+    from chspawner.images import ImageError
+    from chspawner.images.store import Store
     # A batch system stops work with SIGTERM: clean up as for Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         store = Store(getattr(args, "storage", None))
         return COMMANDS[args.command](args, store)
-    except StoreError as e:
+    except ImageError as e:
         print(f"chspawner {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -29,6 +29,10 @@ IMAGE_CACHE = Path(os.environ.get("CHSPAWNER_IMAGE_CACHE",
 TEST_USER = os.environ.get("CHSPAWNER_USER", "chtest")
 BACKENDS = ("builtin", "ch-run")
 
+# The real-registry harness's session fixtures (registry, basic_registry,
+# token_registry, test_images).
+from registry import basic_registry, registry, test_images, token_registry  # noqa: E402,F401
+
 
 def ch_run_version() -> tuple[int, ...]:
     out = subprocess.run(["ch-run", "--version"], capture_output=True,

@@ -7,13 +7,20 @@ Docker bearer-token server.  Nothing is mocked, so a pull client that passes
 against this harness speaks the protocol the way registries do.
 
 Used from pytest through the session fixtures at the bottom (``registry``,
-``basic_registry``, ``token_registry``, ``test_images``), or directly::
+``basic_registry``, ``token_registry``, ``test_images``), which the top
+conftest imports (or registers: ``pytest_plugins = ["registry"]``), or
+directly::
 
-    with TokenServer() as tokens, Registry(auth="token", token_server=tokens) as reg:
-        push(images.one, reg)
+    images = build_images(workdir, busybox_rootfs)
+    with TokenServer(anonymous_pull=True) as tokens, \
+            Registry(auth="token", token_server=tokens) as reg:
+        push(images.one, reg)     # as reg.user, through the token flow
 
 Must run as root (pytest does): ``umoci unpack`` without ``--rootless`` keeps
 the layers' root ownership.
+
+PYTEST_DONT_REWRITE: it is both imported and loaded as a plugin, in either
+order, and has no test assertions to rewrite.
 """
 from __future__ import annotations
 
@@ -48,8 +55,8 @@ import pytest
 __all__ = [
     "Registry", "TokenServer", "TokenRequest", "Image", "PlatformImage",
     "ImageSet", "build_images", "push", "push_images", "export_oci_layout",
-    "export_oci_archive", "export_docker_archive", "MEDIA_TYPES",
-    "registry", "basic_registry", "token_registry", "test_images",
+    "export_oci_archive", "export_docker_archive", "MEDIA_TYPES", "ACCEPT_ALL",
+    "DIRECT", "registry", "basic_registry", "token_registry", "test_images",
 ]
 
 START_TIMEOUT = 15.0   # seconds a server gets to answer its first request
@@ -77,6 +84,18 @@ def _tail(text: str, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
+def _log_summary(text: str) -> str:
+    """The line of a docker-registry log that says why it stopped: a Go
+    panic's message or the last fatal/error entry (the tail of a panic is
+    only its stack trace), else the log's tail."""
+    lines = text.strip().splitlines()
+    for marker in ("panic: ", "level=fatal", "level=error"):
+        hits = [line.strip() for line in lines if marker in line]
+        if hits:
+            return hits[-1]
+    return _tail(text)
+
+
 def _tool(*argv: str, env: Mapping[str, str] | None = None) -> str:
     """Run a command-line tool; fail in one line with its stderr's tail."""
     try:
@@ -99,10 +118,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Loopback servers only: never through a proxy from http_proxy & co.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http_status(url: str, timeout: float = 1.0) -> int | None:
     """The status of GET url, or None while nothing accepts connections."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with DIRECT.open(url, timeout=timeout) as response:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
@@ -122,7 +145,7 @@ class TokenRequest:
     method: str
     path: str
     params: Mapping[str, list[str]]  # query (GET) or form (POST) fields
-    credentials: bool                # an Authorization header was sent
+    credentials: bool                # a user and password were sent
     user: str | None                 # the user it names, right or wrong
     status: int
     granted: list[dict] = field(default_factory=list)  # the token's "access"
@@ -187,7 +210,9 @@ class TokenServer:
         self._key, self._cert_der = self._make_key_and_cert()
 
     # Key material: one self-signed certificate that is both the JWT's x5c
-    # chain and the registry's whole rootcertbundle.
+    # chain and the registry's whole rootcertbundle.  (cryptography and jwt
+    # are imported where used, so a conftest importing this module doesn't
+    # need them until a token server is made.)
     def _make_key_and_cert(self) -> tuple[Any, bytes]:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -299,7 +324,7 @@ class TokenServer:
         if method == "POST":  # OAuth2 password grant carries its own creds
             user = params.get("username", [user])[0]
             password = params.get("password", [password])[0]
-        credentials = authorization is not None or method == "POST"
+        credentials = user is not None
         scopes = [s for v in params.get("scope", []) for s in v.split()]
 
         def record(status: int, granted: list[dict]) -> TokenRequest:
@@ -455,18 +480,22 @@ class Registry:
             if self._own_token_server:
                 self.token_server.start()
             self.token_server.add_user(self.user, self.password)
-        # Another process may grab the port between _free_port and bind;
-        # that shows as "address already in use", and a new port cures it.
-        for attempt in range(3):
-            self.port = _free_port()
-            self._write_config()
-            try:
-                self._spawn_and_wait()
-                return self
-            except _PortClash:
-                continue
-        raise RuntimeError(f"docker-registry: no free port after 3 tries; "
-                           f"log: {_tail(self.log_path.read_text())}")
+        try:
+            # Another process may grab the port between _free_port and bind;
+            # that shows as "address already in use", and a new port cures it.
+            for _ in range(3):
+                self.port = _free_port()
+                self._write_config()
+                try:
+                    self._spawn_and_wait()
+                    return self
+                except _PortClash:
+                    continue
+            raise RuntimeError(f"docker-registry: no free port after 3 tries; "
+                               f"log: {_log_summary(self.log())}")
+        except BaseException:
+            self.stop()  # __exit__ won't run when __enter__ raises
+            raise
 
     def _spawn_and_wait(self) -> None:
         with open(self.log_path, "wb") as log:
@@ -489,15 +518,14 @@ class Registry:
                     self._kill()
                     raise RuntimeError(
                         f"docker-registry on {self.host} not ready after "
-                        f"{START_TIMEOUT:.0f} s; log: {_tail(self.log_path.read_text())}"
+                        f"{START_TIMEOUT:.0f} s; log: {_log_summary(self.log())}"
                     ) from None
                 continue
-            log_text = self.log_path.read_text()
-            if "address already in use" in log_text:
+            if "address already in use" in self.log():
                 raise _PortClash()
             raise RuntimeError(
                 f"docker-registry on {self.host} exited {self.process.returncode} "
-                f"at start; log: {_tail(log_text)}")
+                f"at start; log: {_log_summary(self.log())}")
 
     def _kill(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -548,7 +576,8 @@ class Image:
     flattened rootfs; ``whiteouts`` maps each whiteout member of the *last*
     layer's tar to "file" or "opaque".  ``config`` is the expected subset
     of the image config's "config" object.  For an index, ``platforms``
-    lists the platform images, and ``files`` is the linux/amd64 one's.
+    lists the platform images, ``files`` is the linux/amd64 one's and
+    ``layers`` counts each platform image's layers.
     """
     name: str
     repo: str
@@ -725,7 +754,8 @@ def _make_opaque(layer: bytes, directory: str) -> bytes:
             parent, base = os.path.split(name)
             if parent == directory and base.startswith(".wh."):
                 continue  # subsumed by the opaque marker
-            if not inserted and (name == directory or f"{parent}/".startswith(f"{directory}/")):
+            inside = f"{parent}/".startswith(f"{directory}/")
+            if not inserted and (name == directory or inside):
                 opaque_dir(member if name == directory else None, member.mtime)
                 inserted = True
                 if name == directory:

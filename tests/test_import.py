@@ -346,3 +346,57 @@ def test_member_path_rules():
 ])
 def test_link_rewriting(link, target, expected):
     assert contained_link_target(link, target) == expected
+
+
+# ------------------------------------------- image archives and layouts ----
+
+@pytest.mark.parametrize("form", ["oci-dir", "oci-archive", "docker-archive"])
+def test_image_layouts_and_archives(images, user, user_dir, test_images, form):
+    """Layers applied in order, whiteouts included, config kept: the
+    multi-layer test image, in each form skopeo writes it."""
+    from registry import export_docker_archive, export_oci_archive, export_oci_layout
+    image = test_images.multi
+    src = user_dir / form
+    if form == "oci-dir":
+        export_oci_layout(image, src, owner=user)
+    elif form == "oci-archive":
+        export_oci_archive(image, src, owner=user)
+    else:
+        export_docker_archive(image, src, owner=user)
+    images.import_(src, "multi", check=True)
+    root = images.image("multi")
+    for path, content in image.files.items():
+        assert (root / path.lstrip("/")).read_text() == content, path
+    for path in image.absent:
+        assert not (root / path.lstrip("/")).exists(), path
+    meta = json.loads(images.cli("images", "inspect", "-s", str(images.store), "multi",
+                                 check=True).stdout)
+    assert meta["cwd"] == "/data" and meta["env"]["GREETING"] == "hello"
+    assert meta["source"]["kind"] in ("oci", "docker-archive")
+    assert images.cli("run", "-s", str(images.store), "multi",
+                      check=True).stdout == image.cmd_output
+    assert images.leftovers() == []
+
+
+def test_multi_arch_oci_layout(images, user, user_dir, test_images):
+    from registry import export_oci_layout
+    src = user_dir / "layout"
+    export_oci_layout(test_images.multiarch, src, owner=user)
+    images.import_(src, "native", check=True)
+    assert (images.image("native") / "arch.txt").read_text() == "amd64\n"
+    images.cli("import", "-q", "-s", str(images.store), "--arch", "arm64", str(src),
+               "arm", check=True)
+    assert (images.image("arm") / "arch.txt").read_text() == "arm64\n"
+
+
+def test_corrupted_layer_in_a_layout_is_refused(images, user, user_dir, test_images,
+                                                outside):
+    from registry import export_oci_layout
+    src = user_dir / "layout"
+    export_oci_layout(test_images.one, src, owner=user)
+    blobs = src / "blobs" / "sha256"
+    layer = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(layer.read_bytes())
+    data[-100] ^= 0xFF  # inside the gzip stream's tail: still decodes or not,
+    layer.write_bytes(bytes(data))  # the digest no longer matches either way
+    assert_refused(images, images.import_(src), outside)

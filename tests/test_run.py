@@ -275,7 +275,7 @@ def test_home(rt, busybox, user):
         f.write("from host home\n")
     try:
         out = rt.ok("--home", str(busybox), "--", "sh", "-c",
-                    f'echo $HOME; cat "$HOME/.chspawner-test-marker"; ls /home')
+                    'echo $HOME; cat "$HOME/.chspawner-test-marker"; ls /home')
         assert lines(out) == [f"/home/{user.pw_name}", "from host home", user.pw_name]
     finally:
         os.unlink(marker)

@@ -19,11 +19,10 @@ import re
 import tarfile
 from pathlib import Path
 
-from chspawner.images import layout
+from chspawner.images import ImageError, layout
 from chspawner.images.progress import ByteCounter, Progress, ProgressCallback, no_progress
-from chspawner.images.store import (Store, StoreError, read_metadata, write_in_image,
-                                    write_metadata)
-from chspawner.images.streams import StreamError, TapReader, decompressed
+from chspawner.images.store import Store, read_metadata, write_in_image, write_metadata
+from chspawner.images.streams import StreamError, TapReader, compression_of, decompressed
 from chspawner.images.unpack import ImageWriter, UnpackError
 
 # First member names that mark an image archive (docker save, OCI), not a
@@ -37,7 +36,7 @@ ROOTFS_TOP = {"bin", "boot", "dev", "etc", "home", "lib", "lib64", "opt", "proc"
               "root", "run", "sbin", "srv", "sys", "tmp", "usr", "var"}
 
 
-class ImportFailed(StoreError):
+class ImportFailed(ImageError):
     """Import failed; one line, naming the source."""
 
 
@@ -58,7 +57,7 @@ def import_image(src: str, name: str, store: Store, arch: str | None = None,
             elif kind == "tarball":
                 _unpack_rootfs_tar(path, image, progress)
             else:
-                found = _apply_layout(path, kind, image, arch, progress)
+                found, source["kind"] = _apply_layout(path, kind, image, arch, progress)
                 source["digest"] = found.digest
             with ImageWriter(str(image)) as writer:
                 writer.finish()
@@ -98,8 +97,13 @@ def _unpack_rootfs_tar(path: Path, image: Path, progress: ProgressCallback) -> N
     counter = ByteCounter(progress, "unpack", f"unpacking {path.name}",
                           path.stat().st_size)
     with open(path, "rb") as f, ImageWriter(str(image)) as writer:
-        with decompressed(TapReader(f, lambda data: counter.add(len(data)))) as stream:
-            writer.add_tar(stream)
+        if compression_of(f.read(8)) is None:
+            f.seek(0)
+            writer.add_tar_file(f, counter.add)
+        else:
+            f.seek(0)
+            with decompressed(TapReader(f, lambda data: counter.add(len(data)))) as stream:
+                writer.add_tar(stream)
     counter.finish()
     _strip_single_top(image)
 
@@ -120,9 +124,10 @@ def _strip_single_top(image: Path) -> None:
 
 
 def _apply_layout(path: Path, kind: str, image: Path, arch: str | None,
-                  progress: ProgressCallback) -> layout.Found:
-    """Apply a docker save or OCI image's layers. An archive is unpacked
-    first (through the same safe writer) into the import's scratch space."""
+                  progress: ProgressCallback) -> tuple[layout.Found, str]:
+    """Apply a docker save or OCI image's layers; return what was found and
+    which kind it was. An archive is unpacked first (through the same safe
+    writer) into the import's scratch space."""
     root = path
     if kind == "archive":
         root = image.parent / "archive"
@@ -140,7 +145,7 @@ def _apply_layout(path: Path, kind: str, image: Path, arch: str | None,
         for layer in found.layers:
             layer.apply(writer, counter.add)
     counter.finish()
-    return found
+    return found, kind
 
 
 def keep_or_write_metadata(image: Path, source: dict) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chspawner.images import ImageError
 from chspawner.images.streams import Sha256Tap, StreamError, TapReader, decompressed
 from chspawner.images.unpack import ImageWriter
 
@@ -30,7 +31,7 @@ ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64le",
           "s390x": "s390x", "i686": "386", "armv7l": "arm", "riscv64": "riscv64"}
 
 
-class LayoutError(Exception):
+class LayoutError(ImageError):
     """A layout or manifest is missing, malformed or fails its digest."""
 
 

@@ -63,33 +63,32 @@ class ByteCounter:
 
 
 class ProgressBars:
-    """A progress callback that draws one tqdm bar per step on stderr (only
-    on a terminal, as tqdm decides) and prints step messages otherwise."""
+    """A progress callback that draws one tqdm bar per step on stderr (on a
+    terminal, as tqdm decides; elsewhere it prints each step's message once).
+    Steps can interleave (layers unpack while others download)."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self._bar = None
-        self._step: str | None = None
+        self._bars: dict = {}
 
     def __call__(self, event: Progress) -> None:
         if self.quiet:
             return
-        from tqdm import tqdm
-        if event.step != self._step:
-            self.close()
-            self._step = event.step
-            self._bar = tqdm(total=event.total, desc=event.message, unit=event.unit,
-                             unit_scale=bool(event.unit), unit_divisor=1024,
-                             leave=True, disable=None, dynamic_ncols=True)
-            if self._bar.disable:  # not a terminal: one line per step
+        bar = self._bars.get(event.step)
+        if bar is None:
+            from tqdm import tqdm
+            bar = self._bars[event.step] = tqdm(
+                total=event.total, desc=event.message, unit=event.unit or "it",
+                unit_scale=bool(event.unit), unit_divisor=1024, leave=True,
+                disable=None, dynamic_ncols=True, position=len(self._bars))
+            if bar.disable:  # not a terminal: one line per step
                 import sys
-                print(f"{event.message}", file=sys.stderr)
-        bar = self._bar
+                print(event.message, file=sys.stderr, flush=True)
         if event.total is not None and bar.total != event.total:
             bar.total = event.total
         bar.update(event.done - bar.n)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import aiohttp
 
-from chspawner.images import layout
+from chspawner.images import ImageError, layout
 from chspawner.images.progress import ByteCounter, Progress, ProgressCallback, no_progress
-from chspawner.images.store import Store, StoreError, write_metadata
+from chspawner.images.store import Store, write_metadata
 from chspawner.images.streams import Sha256Tap
 from chspawner.images.unpack import ImageWriter, UnpackError
 
@@ -37,7 +37,7 @@ ACCEPT_MANIFESTS = ", ".join(layout.INDEX_TYPES + layout.MANIFEST_TYPES)
 CHUNK = 1 << 20
 
 
-class PullError(StoreError):
+class PullError(ImageError):
     """A pull failed; one line."""
 
 

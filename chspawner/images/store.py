@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from chspawner.images import ImageError
 from chspawner.images.trees import disk_usage, remove_tree
 from chspawner.runtime.launcher import default_storage, image_name_to_dir
 from chspawner.runtime.spec import env_literal
@@ -38,7 +39,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$")
 RENAME_EXCHANGE = 2
 
 
-class StoreError(Exception):
+class StoreError(ImageError):
     """A store operation failed; the message is one line."""
 
 

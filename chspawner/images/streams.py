@@ -137,6 +137,49 @@ class TapReader(io.RawIOBase):
             pass
 
 
+class ForwardReader(io.RawIOBase):
+    """A stream that can seek forward, by reading and dropping bytes.
+
+    tarfile's streaming mode ("r|") copies its whole read buffer on every
+    512-byte header it reads; its random-access mode ("r:") over this reader
+    reads headers and data straight from a C-buffered stream, and all its
+    seeks go forward. That difference is most of the cost of unpacking.
+    """
+
+    def __init__(self, source: BinaryIO):
+        super().__init__()
+        self._source = source
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self._position += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self._position + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self._position:
+            raise io.UnsupportedOperation("this stream only seeks forward")
+        while self._position < target:
+            if not self.read(min(target - self._position, CHUNK)):
+                break
+        return self._position
+
+
 class Sha256Tap:
     """A sha256 fed by a :class:`TapReader`, checked against a digest."""
 

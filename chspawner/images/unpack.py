@@ -30,11 +30,12 @@ import posixpath
 import stat
 import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from chspawner.images.streams import StreamError
+from chspawner.images import ImageError
+from chspawner.images.streams import ForwardReader, StreamError
 from chspawner.images.trees import remove_entry
 
 O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -47,7 +48,7 @@ RUNTIME_FILES = ("etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf")
 COPY_CHUNK = 1 << 20
 
 
-class UnpackError(Exception):
+class UnpackError(ImageError):
     """Unpacking failed; the message says which member and why."""
 
 
@@ -163,7 +164,11 @@ class ImageWriter:
         known = len(parts) - 1
         while known and "/".join(parts[:known]) not in self._dirs:
             known -= 1
-        fd = self._dirs[("/".join(parts[:known]))] if known else self.root_fd
+        fd = self.root_fd
+        if known:
+            ancestor = "/".join(parts[:known])
+            self._dirs.move_to_end(ancestor)
+            fd = self._dirs[ancestor]
         for i in range(known, len(parts)):
             fd = self._open_dir(fd, parts[i], "/".join(parts[:i + 1]), member)
         return fd
@@ -182,8 +187,8 @@ class ImageWriter:
             raise
         self._dirs[path] = fd
         if len(self._dirs) > self.CACHE_SIZE:
-            # Evicting the oldest never closes ``parent_fd``: it was just
-            # used, so it is among the newest.
+            # The oldest is never ``parent_fd`` (just moved to the end or
+            # just opened), so the walk in _dir_fd goes on safely.
             os.close(self._dirs.popitem(last=False)[1])
         return fd
 
@@ -234,10 +239,9 @@ class ImageWriter:
                 os.chmod(base, mode, dir_fd=pfd)
         self._added(path)
 
-    def add_file(self, name: str, mode: int, mtime: float, source: BinaryIO | int,
-                 size: int) -> None:
-        """A regular file with ``size`` bytes read from ``source`` (a file
-        object, or an fd to copy with sendfile)."""
+    def add_file(self, name: str, mode: int, mtime: float, size: int,
+                 write: Callable[[int], None]) -> None:
+        """A regular file of ``size`` bytes, which ``write(fd)`` writes."""
         path, pfd, base = self._split(name)
         if not path:
             raise UnpackError(f"{_shown(name)}: a file can't be the image root")
@@ -249,10 +253,7 @@ class ImageWriter:
             self._remove(pfd, base, path)
             fd = os.open(base, flags, final, dir_fd=pfd)
         try:
-            if isinstance(source, int):
-                _sendfile(fd, source, size)
-            else:
-                _copy(fd, source, size)
+            write(fd)
             if final & self.umask:
                 os.fchmod(fd, final)
             os.utime(fd, (mtime, mtime))
@@ -329,7 +330,7 @@ class ImageWriter:
             # Hide everything the lower layers put here, but not what this
             # layer adds, wherever in the layer its entries come.
             prefix = parent + "/" if parent else ""
-            for entry in os.listdir(pfd):
+            for entry in _listdir(pfd):
                 if prefix + entry not in self._layer_paths:
                     self._remove(pfd, entry, prefix + entry)
             return True
@@ -346,25 +347,44 @@ class ImageWriter:
     def add_tar(self, stream: BinaryIO, layer: bool = False) -> None:
         """Unpack a tar stream (already decompressed). With ``layer``, it is
         one OCI layer: whiteouts apply to what is already in the image."""
+        self._unpack(ForwardReader(stream), layer)
+
+    def add_tar_file(self, f: BinaryIO, count: Callable[[int], None]) -> None:
+        """Unpack an uncompressed tarball on disk: file contents are copied
+        by the kernel (sendfile) straight from the archive's own file."""
+        self._unpack(f, False, f.fileno(), count)
+
+    def _unpack(self, f: BinaryIO, layer: bool, data_fd: int | None = None,
+                count: Callable[[int], None] | None = None) -> None:
         if layer:
             self.begin_layer()
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_CHUNK) as tar:
-                for member in tar:
-                    self._add_member(tar, member, layer)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in _headers(tar):
+                    self._add_member(tar, member, layer, data_fd)
+                    if count:
+                        count(tarfile.BLOCKSIZE + (-(-member.size // 512) * 512
+                                                   if member.isreg() else 0))
         except (tarfile.TarError, StreamError) as e:
             raise UnpackError(f"not a valid tar archive: {e}") from None
         finally:
             self._layer_paths = None
 
-    def _add_member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, layer: bool) -> None:
+    def _add_member(self, tar: tarfile.TarFile, m: tarfile.TarInfo, layer: bool,
+                    data_fd: int | None) -> None:
         try:
             if layer and self._whiteout(m.name):
                 return
             if m.isdir():
                 self.add_dir(m.name, m.mode)
             elif m.isreg():
-                self.add_file(m.name, m.mode, m.mtime, tar.extractfile(m), m.size)
+                if data_fd is not None:
+                    def write(fd):
+                        _copy_member(fd, data_fd, m)
+                else:
+                    def write(fd):
+                        _copy(fd, tar.extractfile(m), m.size)
+                self.add_file(m.name, m.mode, m.mtime, m.size, write)
             elif m.issym():
                 self.add_symlink(m.name, m.linkname)
             elif m.islnk():
@@ -387,11 +407,12 @@ class ImageWriter:
                 if stat.S_ISDIR(st.st_mode):
                     self.add_dir(rel, st.st_mode)
                 elif stat.S_ISREG(st.st_mode):
-                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    src = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                     try:
-                        self.add_file(rel, st.st_mode, st.st_mtime, fd, st.st_size)
+                        self.add_file(rel, st.st_mode, st.st_mtime, st.st_size,
+                                      lambda fd: _sendfile(fd, src, st.st_size))
                     finally:
-                        os.close(fd)
+                        os.close(src)
                 elif stat.S_ISLNK(st.st_mode):
                     self.add_symlink(rel, os.readlink(entry.path))
                 else:
@@ -439,6 +460,15 @@ def _walk(top: str) -> Iterator[tuple[str, os.DirEntry]]:
                 stack.append(path)
 
 
+def _listdir(path_fd: int) -> list[str]:
+    """os.listdir for an O_PATH directory fd (which can't be read itself)."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=path_fd)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
 def _exists(dir_fd: int, name: str) -> bool:
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -473,10 +503,32 @@ def _copy(fd: int, source: BinaryIO, size: int) -> None:
         remaining -= len(chunk)
 
 
-def _sendfile(out_fd: int, in_fd: int, size: int) -> None:
-    offset = 0
-    while offset < size:
-        sent = os.sendfile(out_fd, in_fd, offset, size - offset)
+def _headers(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """A tar's members, forgetting each once yielded (nothing looks back,
+    and a big archive would otherwise keep them all in memory)."""
+    for member in tar:
+        tar.members.clear()
+        yield member
+
+
+def _copy_member(fd: int, data_fd: int, m: tarfile.TarInfo) -> None:
+    """A member's data from the archive file, holes of sparse files kept."""
+    if not m.issparse():
+        _sendfile(fd, data_fd, m.size, m.offset_data)
+        return
+    position = m.offset_data
+    for offset, length in m.sparse:
+        os.lseek(fd, offset, os.SEEK_SET)
+        _sendfile(fd, data_fd, length, position)
+        position += length
+    os.ftruncate(fd, m.size)
+
+
+def _sendfile(out_fd: int, in_fd: int, size: int, offset: int = 0) -> None:
+    """Copy ``size`` bytes from ``in_fd`` at ``offset``, in the kernel."""
+    end = offset + size
+    while offset < end:
+        sent = os.sendfile(out_fd, in_fd, offset, end - offset)
         if sent == 0:
-            raise UnpackError("source file shrank while copying")
+            raise UnpackError("archive ends in the middle of a file")
         offset += sent
