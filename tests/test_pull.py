@@ -102,8 +102,11 @@ def test_multi_layer_whiteouts_and_default_command(puller, registry, test_images
     for path in image.absent:
         assert not (root / path.lstrip("/")).exists(), path
     assert not list(root.rglob(".wh.*"))
-    # No command: the image's Entrypoint + Cmd, in its WorkingDir, its Env.
+    # No command: the image's Entrypoint + Cmd, in its WorkingDir, its Env,
+    # on either backend (chspawner tells ch-run what it can't read itself).
     assert puller.run("multi").stdout == image.cmd_output
+    assert puller.cli("run", "--backend=ch-run", "-s", str(puller.store), "multi",
+                      check=True).stdout == image.cmd_output
     # An explicit command overrides all that, as ch-run runs it: from /.
     assert puller.run("multi", "--", "pwd").stdout == "/\n"
     env = puller.run("multi", "--set-env", "--", "env").stdout
