@@ -5,10 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
-scripts/setup-system.sh
-scripts/setup-venv.sh >/dev/null
-scripts/build-image.sh busybox >/dev/null
-scripts/build-image.sh bookworm >/dev/null
+scripts/setup.sh busybox bookworm
 echo "== container start: chspawner run vs Charliecloud ch-run ($(nproc) cores, $(uname -r))"
 "$CHSPAWNER_VENV/bin/python" bench/runtime_start.py --check "$@"
 echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"

@@ -116,12 +116,9 @@ def _progress(args):
 def cmd_import(args, store) -> int:
     from chspawner.images.importer import import_image
     from chspawner.images.store import check_name
-    bars = _progress(args)
-    try:
+    with _progress(args) as bars:
         path = import_image(args.source, check_name(args.name), store, arch=args.arch,
                             progress=bars)
-    finally:
-        bars.close()
     print(path)
     return 0
 
@@ -129,13 +126,10 @@ def cmd_import(args, store) -> int:
 def cmd_pull(args, store) -> int:
     from chspawner.images.registry import default_name, pull
     from chspawner.images.store import check_name
-    bars = _progress(args)
-    try:
+    with _progress(args) as bars:
         path = pull(args.ref, check_name(args.name or default_name(args.ref)), store,
                     arch=args.arch, insecure=args.insecure, jobs=max(args.jobs, 1),
                     progress=bars)
-    finally:
-        bars.close()
     print(path)
     return 0
 

@@ -5,7 +5,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
-scripts/setup-system.sh
-scripts/setup-venv.sh >/dev/null
-scripts/build-image.sh bookworm >/dev/null
+scripts/setup.sh bookworm
 exec "$CHSPAWNER_VENV/bin/python" scripts/demo.py

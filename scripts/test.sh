@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
-scripts/setup-system.sh
-scripts/setup-venv.sh >/dev/null
-scripts/build-image.sh busybox
-scripts/build-image.sh bookworm
+scripts/setup.sh busybox bookworm
 # The venv's pytest, not "python -m pytest": tests must import the installed
 # package, not this checkout.
 "$CHSPAWNER_VENV/bin/pytest" "$@"
