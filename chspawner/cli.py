@@ -69,6 +69,23 @@ def _parser():
     p.add_argument("-j", "--jobs", type=int, default=4,
                    help="layers downloaded at once (default 4)")
 
+    p = commands.add_parser("kernel", parents=[common],
+                            help="Jupyter kernels inside images")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    sub.add_parser("list", parents=[common], help="kernels offered: native and in images")
+    a = sub.add_parser("install", parents=[common],
+                       help="write a kernelspec that runs an image's kernel")
+    a.add_argument("image", metavar="IMAGE")
+    a.add_argument("--name", help="kernelspec name (default: from the image)")
+    a.add_argument("--display-name", help="name in the kernel picker")
+    a.add_argument("--bind", "-b", action="append", default=[], metavar="SRC[:DST]",
+                   help="bind a host directory into the kernel's container")
+    a.add_argument("--home", action="store_true",
+                   help="bind your $HOME at /home/$USER in the container")
+    a.add_argument("--backend", choices=("builtin", "ch-run"), default="builtin")
+    a.add_argument("--prefix", help="install under PREFIX/share/jupyter "
+                                    "(default: your Jupyter data directory)")
+
     p = commands.add_parser("images", parents=[common], help="list and manage images")
     sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     sub.add_parser("list", parents=[common], help="list images (the default)")
@@ -161,7 +178,33 @@ def _size(n: int) -> str:
     return str(n)
 
 
-COMMANDS = {"import": cmd_import, "pull": cmd_pull, "images": cmd_images}
+def cmd_kernel(args, store) -> int:
+    from chspawner.images.store import check_name
+    from chspawner.kernelspecs import (ContainerKernelSpecManager, default_kernel,
+                                       install_kernelspec, spec_name)
+    manager = ContainerKernelSpecManager(storage=str(store.root))
+    if (getattr(args, "action", None) or "list") == "list":
+        specs = manager.get_all_specs()
+        width = max([len(n) for n in specs] + [4])
+        print(f"{'NAME':<{width}}  DISPLAY NAME")
+        for name, entry in sorted(specs.items()):
+            print(f"{name:<{width}}  {entry['spec']['display_name']}")
+        return 0
+    image = check_name(args.image)
+    store.require(image)
+    found = [(kernel_dir.name, kernel) for (i, kernel_dir, kernel)
+             in manager.image_kernels().values() if i == image]
+    kernel_name, kernel = found[0] if found else ("python3", default_kernel())
+    config = {"binds": args.bind, "home": args.home, "backend": args.backend,
+              "storage": str(store.root)}
+    name = args.name or spec_name(image, kernel_name)
+    display = args.display_name or f"{kernel.get('display_name', kernel_name)} — image {image}"
+    print(install_kernelspec(image, kernel, name, display, config, args.prefix))
+    return 0
+
+
+COMMANDS = {"import": cmd_import, "pull": cmd_pull, "images": cmd_images,
+            "kernel": cmd_kernel}
 
 
 if __name__ == "__main__":

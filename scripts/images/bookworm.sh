@@ -1,5 +1,6 @@
 #!/bin/bash
-# Image recipe "bookworm": Debian 12 minbase + python3, for tests and demos.
+# Image recipe "bookworm": Debian 12 minbase + python3 and ipykernel (a
+# Jupyter kernel to run in an image), for tests and demos.
 # Usage: bookworm.sh TARGET_DIR   (TARGET_DIR exists and is empty; run as root)
 # Any change to this file changes the cache key in scripts/build-image.sh.
 set -euo pipefail
@@ -27,7 +28,7 @@ if mount -t proc proc "$t/proc" 2>/dev/null; then
     trap 'exit 130' INT TERM HUP   # run the EXIT trap when interrupted too
 fi
 in_chroot apt-get update
-in_chroot apt-get install -y --no-install-recommends python3
+in_chroot apt-get install -y --no-install-recommends python3 python3-ipykernel
 in_chroot apt-get clean
 if mountpoint -q "$t/proc"; then umount "$t/proc"; trap - EXIT INT TERM HUP; fi
 
@@ -40,6 +41,8 @@ chmod 1777 "$t/tmp"
 touch "$t"/etc/{passwd,group,hosts}
 # debootstrap copied the build host's resolver config; ch-run binds the real one.
 : > "$t/etc/resolv.conf"
+# A file only this image has: tests read it to prove code runs in the image.
+echo "chspawner test image: Debian bookworm" > "$t/etc/chspawner-test-image"
 printf '%s\n' 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
               'LANG=C.UTF-8' > "$t/ch/environment"
 

@@ -1,0 +1,136 @@
+"""Kernels found inside stored images, offered in the kernel picker.
+
+:class:`ContainerKernelSpecManager` lists the native kernelspecs as usual
+plus, for every image in the store, the kernelspecs installed inside it
+(``share/jupyter/kernels/*/kernel.json`` under ``/usr``, ``/usr/local``,
+``/opt/conda``...), each wrapped with the chspawner provisioner and named
+after its image. The store is read on every listing, so a newly pulled
+image shows up without restarting the server. Enable it with::
+
+    c.ServerApp.kernel_spec_manager_class = "chspawner.kernelspecs.ContainerKernelSpecManager"
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from traitlets import Bool, Dict, List, Unicode
+
+from chspawner.images.store import Store
+
+PREFIX = "chspawner-"
+
+
+def spec_name(image: str, kernel: str) -> str:
+    """A kernelspec name (letters, digits, '.', '_', '-') for a kernel in an image."""
+    return PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", f"{image}--{kernel}")
+
+
+def provisioned_spec(image: str, kernel: dict, display_name: str, config: dict) -> dict:
+    """``kernel`` (a kernel.json's content) wrapped to run in ``image``."""
+    metadata = dict(kernel.get("metadata") or {})
+    metadata["kernel_provisioner"] = {
+        "provisioner_name": "chspawner", "config": {"image": image, **config}}
+    return {**kernel, "display_name": display_name, "metadata": metadata}
+
+
+class ContainerKernelSpecManager(KernelSpecManager):
+    """Native kernels, plus the kernels inside every image in the store."""
+
+    image_kernel_dirs = List(
+        Unicode(), ["usr/share/jupyter/kernels", "usr/local/share/jupyter/kernels",
+                    "opt/conda/share/jupyter/kernels"],
+        help="Where in an image to look for kernelspecs (relative to its root).",
+    ).tag(config=True)
+    storage = Unicode(
+        None, allow_none=True,
+        help="The image store (default: $CH_IMAGE_STORAGE or /var/tmp/$USER.ch).",
+    ).tag(config=True)
+    include_native = Bool(True, help="Also list the kernels installed natively.").tag(
+        config=True)
+    provisioner_config = Dict(
+        help="Provisioner settings for every image kernel (binds, env, home, backend).",
+    ).tag(config=True)
+    display_name_template = Unicode(
+        "{display_name} — image {image}",
+        help="Display name of an image kernel; fields: display_name, image, kernel.",
+    ).tag(config=True)
+
+    def image_kernels(self) -> dict[str, tuple[str, Path, dict]]:
+        """{spec name: (image, kernel dir, kernel.json content)}."""
+        found = {}
+        for info in Store(self.storage).images():
+            for rel in self.image_kernel_dirs:
+                base = info.path / rel
+                if base.is_symlink() or not base.is_dir():
+                    continue  # never follow the image's links onto the host
+                for kernel_dir in sorted(base.iterdir()):
+                    kernel_json = kernel_dir / "kernel.json"
+                    if kernel_dir.is_symlink() or kernel_json.is_symlink() \
+                            or not kernel_json.is_file():
+                        continue
+                    try:
+                        kernel = json.loads(kernel_json.read_text())
+                    except (OSError, ValueError):
+                        self.log.warning("chspawner: unreadable %s", kernel_json)
+                        continue
+                    name = spec_name(info.name, kernel_dir.name)
+                    found.setdefault(name, (info.name, kernel_dir, kernel))
+        return found
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        specs = super().find_kernel_specs() if self.include_native else {}
+        for name, (_image, kernel_dir, _kernel) in self.image_kernels().items():
+            specs[name] = str(kernel_dir)
+        return specs
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        if not kernel_name.startswith(PREFIX):
+            if not self.include_native:
+                raise NoSuchKernel(kernel_name)
+            return super().get_kernel_spec(kernel_name)
+        entry = self.image_kernels().get(kernel_name)
+        if entry is None:
+            raise NoSuchKernel(kernel_name)
+        image, kernel_dir, kernel = entry
+        display = self.display_name_template.format(
+            display_name=kernel.get("display_name", kernel_dir.name), image=image,
+            kernel=kernel_dir.name)
+        spec = provisioned_spec(image, kernel, display, self.provisioner_config)
+        return self.kernel_spec_class(resource_dir=str(kernel_dir), **spec)
+
+    def get_all_specs(self) -> dict[str, dict]:
+        result = {}
+        for name, resource_dir in self.find_kernel_specs().items():
+            try:
+                spec = self.get_kernel_spec(name)
+            except Exception as e:  # one broken spec must not hide the others
+                self.log.warning("chspawner: kernelspec %s: %s", name, e)
+                continue
+            result[name] = {"resource_dir": resource_dir, "spec": spec.to_dict()}
+        return result
+
+
+def install_kernelspec(image: str, kernel: dict, name: str, display_name: str,
+                       config: dict, prefix: str | None = None) -> Path:
+    """Write a normal kernelspec that runs ``kernel`` in ``image``, for
+    tools that don't use the discovery."""
+    from jupyter_core.paths import jupyter_data_dir
+    base = Path(prefix) / "share" / "jupyter" if prefix else Path(jupyter_data_dir())
+    target = base / "kernels" / name
+    target.mkdir(parents=True, exist_ok=True)
+    spec = provisioned_spec(image, kernel, display_name, config)
+    (target / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
+    return target
+
+
+def default_kernel() -> dict:
+    """An ipykernel kernelspec, for images that don't carry one."""
+    return {"argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3", "language": "python", "metadata": {}}
+
+
+__all__ = ["ContainerKernelSpecManager", "install_kernelspec", "spec_name",
+           "default_kernel"]

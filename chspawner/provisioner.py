@@ -1,0 +1,200 @@
+"""Kernels in container images: a jupyter_client kernel provisioner.
+
+A kernelspec selects it with::
+
+    "metadata": {"kernel_provisioner": {"provisioner_name": "chspawner",
+        "config": {"image": "pytorch:24", "binds": ["/scratch"],
+                   "env": {"OMP_NUM_THREADS": "4"}, "backend": "builtin",
+                   "home": true}}}
+
+and its ``argv`` then runs inside the image, started through the one
+RunSpec. The container runtime execs, so the process jupyter_client holds
+*is* the kernel: interrupts, restarts and shutdowns reach it directly, and
+LocalProvisioner's process handling serves unchanged.
+
+Ports: rather than choosing free ports and hoping they stay free until the
+kernel binds them (jupyter_client #487), the kernel gets a connection file
+whose ports are 0, binds ports of its own choosing and writes them back
+(ipykernel does), and we read them from there. A restart reuses the ports
+the clients already know. The connection file lives in the host's temporary
+directory, which the container sees at /tmp: no bind is needed for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+
+from chspawner.images.store import Store, StoreError, check_name
+from chspawner.runtime.spec import RunSpec, to_argv
+
+PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+
+
+class KernelStartError(RuntimeError):
+    """The kernel could not start; the message says why, in one line."""
+
+
+class ContainerProvisioner(LocalProvisioner):
+    """Starts a kernelspec's argv inside a container image."""
+
+    launch_timeout = 60.0  # seconds for the kernel to bind its ports
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._staging: Path | None = None
+        self._program = ""
+
+    # ----------------------------------------------------------- config --
+
+    def _option(self, name: str, default: Any = None) -> Any:
+        # Provisioner config comes from the kernelspec's metadata.
+        return (self.kernel_spec.metadata.get("kernel_provisioner", {})
+                .get("config", {}).get(name, default))
+
+    def image_path(self) -> str:
+        """The image as the runtime takes it: a store name or a directory,
+        checked now so a missing image fails at once, by name."""
+        image = self._option("image")
+        if not image:
+            raise KernelStartError("kernelspec names no image (provisioner config 'image')")
+        if os.path.isabs(image):
+            if not os.path.isdir(image):
+                raise KernelStartError(f"image directory {image} does not exist")
+            return image
+        store = Store(self._option("storage"))
+        try:
+            return str(store.require(check_name(image)))
+        except StoreError as e:
+            raise KernelStartError(str(e)) from None
+
+    # ---------------------------------------------------------- launch ---
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        restart = self._staging is not None and self._known_ports()
+        if km is not None:
+            km.cache_ports = False  # the kernel picks its ports (see above)
+        kwargs = await super().pre_launch(**kwargs)
+        image = self.image_path()
+        connection_file = Path(km.connection_file)
+        staged = self._stage(connection_file, keep_ports=restart)
+        cmd = [arg.replace(str(connection_file), str(staged["container"]))
+               for arg in kwargs["cmd"]]
+        if cmd and cmd[0] == sys.executable != self.kernel_spec.argv[0]:
+            # jupyter_client swaps a bare "python3" for the server's own
+            # interpreter; inside the image it must stay the image's.
+            cmd[0] = self.kernel_spec.argv[0]
+        self._check_command(image, cmd)
+        self._program = cmd[0]
+        spec = RunSpec(
+            image=image, command=cmd, binds=list(self._option("binds", [])),
+            env=dict(self._option("env", {})), image_env=_has_environment(image),
+            home=bool(self._option("home", False)),
+            cwd=self._container_cwd(kwargs.get("cwd")))
+        kwargs["cmd"] = to_argv(spec, self._option("backend", "builtin"))
+        self.log.info("chspawner: kernel in image %s: %s", image, " ".join(kwargs["cmd"]))
+        return kwargs
+
+    def _known_ports(self) -> bool:
+        return all(self.connection_info.get(p) for p in PORTS)
+
+    def _stage(self, connection_file: Path, keep_ports: bool) -> dict[str, Path]:
+        """Copy the connection file where the container sees it, ports 0
+        (or, on a restart, the ports clients already use)."""
+        host_tmp = os.environ.get("TMPDIR") or "/tmp"
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix="chspawner-kernel-", dir=host_tmp))
+        info = json.loads(connection_file.read_text())
+        for port in PORTS:
+            info[port] = self.connection_info.get(port, 0) if keep_ports else 0
+        staged = self._staging / "kernel.json"
+        staged.write_text(json.dumps(info, indent=1))
+        staged.chmod(0o600)
+        container = Path("/tmp") / self._staging.relative_to(host_tmp) / "kernel.json"
+        return {"host": staged, "container": container}
+
+    def _check_command(self, image: str, cmd: list[str]) -> None:
+        """A kernel whose program isn't in the image fails now, clearly."""
+        program = cmd[0]
+        if program.startswith("/") and not os.path.lexists(os.path.join(image, program[1:])):
+            raise KernelStartError(f"image {self._option('image')} has no {program} "
+                                   "(the kernelspec's argv[0])")
+
+    def _container_cwd(self, cwd: str | None) -> str | None:
+        """With ``home``, the host's $HOME is /home/$USER inside: a working
+        directory under it maps there; otherwise the container starts in /."""
+        home = os.path.expanduser("~")
+        if cwd and self._option("home", False):
+            rel = os.path.relpath(cwd, home)
+            if not rel.startswith(".."):
+                user = os.environ.get("USER") or os.path.basename(home)
+                return os.path.normpath(f"/home/{user}/{rel}")
+        return None
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any):
+        await super().launch_kernel(cmd, **kwargs)
+        info = await self._read_back_ports()
+        self.connection_info.update({p: info[p] for p in PORTS})
+        return self.connection_info
+
+    async def _read_back_ports(self) -> dict:
+        """Wait for the kernel to write the ports it bound; fail fast if it
+        dies first."""
+        staged = self._staging / "kernel.json"
+        deadline = time.monotonic() + self.launch_timeout
+        while True:
+            try:
+                info = json.loads(staged.read_text())
+                if all(info.get(p) for p in PORTS):
+                    return info
+            except (OSError, ValueError):
+                pass  # being rewritten: read again
+            status = self.process.poll() if self.process else None
+            if status is not None:
+                raise KernelStartError(self._exit_reason(status))
+            if time.monotonic() > deadline:
+                raise KernelStartError(f"kernel in image {self._option('image')} did not "
+                                       f"bind its ports within {self.launch_timeout:.0f} s")
+            await asyncio.sleep(0.02)
+
+    def _exit_reason(self, status: int) -> str:
+        image = self._option("image")
+        if status == 31:
+            return f"can't set up a container for image {image} (see the server log)"
+        if status == 49:
+            return (f"image {image} can't execute the kernel's program "
+                    f"{self._program!r} (not found in the image?)")
+        return (f"kernel in image {image} exited with status {status} before it was "
+                "ready; is ipykernel installed in the image?")
+
+    # --------------------------------------------------------- cleanup ---
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart)
+        if not restart and self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+    async def get_provisioner_info(self) -> dict:
+        info = await super().get_provisioner_info()
+        info["staging"] = str(self._staging) if self._staging else None
+        info["image"] = self._option("image")
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        staging = provisioner_info.get("staging")
+        self._staging = Path(staging) if staging else None
+
+
+def _has_environment(image: str) -> bool:
+    return os.path.isfile(os.path.join(image, "ch", "environment"))

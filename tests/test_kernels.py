@@ -1,0 +1,166 @@
+"""Kernels in images through the chspawner provisioner: real ipykernel in
+the Debian test image, driven by jupyter_client as the unprivileged user."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from chspawner.images.trees import remove_tree
+from conftest import CHSPAWNER, VENV_BIN, as_user
+
+# Runs as the test user: start a kernel by name through a KernelManager that
+# uses the discovery, then do what a notebook user does, and report.
+DRIVER = textwrap.dedent('''
+    import json, os, sys, time
+    from jupyter_client.manager import KernelManager
+    from chspawner.kernelspecs import ContainerKernelSpecManager
+
+    name, storage = sys.argv[1], sys.argv[2]
+    ksm = ContainerKernelSpecManager(storage=storage)
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm)
+    report = {}
+    def run(code, timeout=30):
+        out = []
+        msg = kc.execute_interactive(code, timeout=timeout,
+            output_hook=lambda m: out.append(m["content"].get("text", "")))
+        return msg["content"]["status"], "".join(out)
+    try:
+        km.start_kernel()
+    except Exception as e:
+        print(json.dumps({"start_error": str(e)})); sys.exit(0)
+    kc = km.client(); kc.start_channels(); kc.wait_for_ready(timeout=60)
+    report["pid"] = km.provisioner.pid
+    report["ports"] = [km.shell_port, km.iopub_port, km.stdin_port, km.hb_port,
+                       km.control_port]
+    report["marker"] = run("print(open('/etc/chspawner-test-image').read().strip())")
+    report["kernel_pid"] = run("import os; print(os.getpid())")[1].strip()
+    run("x = 42")
+    # Interrupt a long sleep: SIGINT must reach the kernel itself.
+    kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+    while "sleeping" not in kc.get_iopub_msg(timeout=20)["content"].get("text", ""):
+        pass
+    start = time.monotonic()
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=20)
+    report["interrupt"] = [reply["content"]["status"], reply["content"].get("ename"),
+                           round(time.monotonic() - start, 2)]
+    km.restart_kernel(now=True)
+    kc.wait_for_ready(timeout=60)
+    report["after_restart"] = run("print('x' in globals())")
+    report["restart_ports"] = [km.shell_port, km.iopub_port, km.stdin_port,
+                               km.hb_port, km.control_port]
+    report["restart_pid"] = km.provisioner.pid
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)
+    report["alive_after_shutdown"] = [p for p in (report["pid"], report["restart_pid"])
+                                      if os.path.exists(f"/proc/{p}")]
+    print(json.dumps(report))
+''')
+
+
+@pytest.fixture(scope="session")
+def kernel_store(user, bookworm, busybox):
+    """The test user's store with the Debian image (ipykernel inside) as
+    ``deb`` and busybox (no Python) as ``nopython``."""
+    work = Path(tempfile.mkdtemp(prefix="chspawner-kernels-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    store = work / "store"
+    store.mkdir()
+    os.chown(store, user.pw_uid, user.pw_gid)
+    # A tarball made as root: the image has files only root may read.
+    tarball = work / "deb.tar"
+    subprocess.run(["tar", "-C", str(bookworm), "-cf", str(tarball), "."], check=True)
+    os.chmod(tarball, 0o644)
+    for src, name in ((tarball, "deb"), (busybox, "nopython")):
+        as_user(user.pw_name, str(CHSPAWNER), "import", "-q", "-s", str(store), str(src),
+                name)
+    tarball.unlink()
+    yield str(store)
+    remove_tree(work)
+
+
+@pytest.fixture
+def drive(user, user_dir, kernel_store):
+    """Run the driver as the test user for a kernelspec name."""
+    script = user_dir / "driver.py"
+    script.write_text(DRIVER)
+    os.chmod(script, 0o644)
+
+    def run(kernel_name: str) -> dict:
+        result = as_user(user.pw_name, "env", f"TMPDIR={user_dir}",
+                         str(VENV_BIN / "python"), str(script), kernel_name,
+                         kernel_store, check=False, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    return run
+
+
+def test_discovery_lists_image_kernels_beside_native(user, kernel_store):
+    out = as_user(user.pw_name, str(CHSPAWNER), "kernel", "list", "-s", kernel_store).stdout
+    assert "chspawner-deb--python3" in out
+    assert "Python 3 (ipykernel) — image deb" in out
+    assert "\npython3 " in out  # the native kernel stays listed
+    assert "nopython" not in out  # busybox carries no kernelspec
+
+
+def test_kernel_in_image_lifecycle(drive):
+    report = drive("chspawner-deb--python3")
+    assert report["marker"] == ["ok", "chspawner test image: Debian bookworm\n"]
+    assert all(report["ports"]) and len(set(report["ports"])) == 5
+    # The process jupyter_client holds is the kernel itself (the runtime execs).
+    assert report["kernel_pid"] == str(report["pid"])
+    assert report["interrupt"][:2] == ["error", "KeyboardInterrupt"]
+    assert report["interrupt"][2] < 10
+    assert report["after_restart"] == ["ok", "False\n"]  # state cleared
+    assert report["restart_ports"] == report["ports"]  # clients keep their ports
+    assert report["restart_pid"] != report["pid"]
+    assert report["alive_after_shutdown"] == []
+
+
+def test_kernel_that_cannot_start_fails_fast(user, user_dir, kernel_store):
+    """No Python in the image: a clear message at once, not a timeout."""
+    prefix = user_dir / "prefix"
+    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+            "--prefix", str(prefix), "--name", "nopy", "nopython")
+    script = user_dir / "start.py"
+    script.write_text(textwrap.dedent('''
+        import sys, time
+        from jupyter_client.manager import KernelManager
+        km = KernelManager(kernel_name="nopy")
+        start = time.monotonic()
+        try:
+            km.start_kernel()
+        except Exception as e:
+            print(f"{time.monotonic() - start:.1f} {e}")
+    '''))
+    os.chmod(script, 0o644)
+    result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
+                     str(VENV_BIN / "python"), str(script), timeout=120)
+    seconds, message = result.stdout.strip().split(" ", 1)
+    assert float(seconds) < 10
+    assert "nopython" in message and "python3" in message
+
+
+def test_kernel_install_writes_a_provisioned_kernelspec(user, user_dir, kernel_store):
+    prefix = user_dir / "prefix"
+    out = as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+                  "--prefix", str(prefix), "--bind", "/scratch", "--display-name",
+                  "Debian", "deb").stdout.strip()
+    spec = json.loads((prefix / "share/jupyter/kernels/chspawner-deb--python3"
+                       / "kernel.json").read_text())
+    assert out.endswith("chspawner-deb--python3")
+    assert spec["display_name"] == "Debian"
+    assert spec["argv"][-2:] == ["-f", "{connection_file}"]
+    provisioner = spec["metadata"]["kernel_provisioner"]
+    assert provisioner["provisioner_name"] == "chspawner"
+    assert provisioner["config"]["image"] == "deb"
+    assert provisioner["config"]["binds"] == ["/scratch"]
+    result = as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s",
+                     kernel_store, "missing-image", check=False)
+    assert result.returncode == 1 and "no image missing-image" in result.stderr
