@@ -159,3 +159,24 @@ def parse_env(text: str) -> dict[str, str]:
 
 def lines(text: str) -> Sequence[str]:
     return text.strip().splitlines()
+
+
+@pytest.fixture(scope="session")
+def kernel_store(user, bookworm, busybox):
+    """The test user's store with the Debian image (ipykernel inside) as
+    ``deb`` and busybox (no Python) as ``nopython``."""
+    work = Path(tempfile.mkdtemp(prefix="chspawner-kernels-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    store = work / "store"
+    store.mkdir()
+    os.chown(store, user.pw_uid, user.pw_gid)
+    # A tarball made as root: the image has files only root may read.
+    tarball = work / "deb.tar"
+    subprocess.run(["tar", "-C", str(bookworm), "-cf", str(tarball), "."], check=True)
+    os.chmod(tarball, 0o644)
+    for src, name in ((tarball, "deb"), (busybox, "nopython")):
+        as_user(user.pw_name, str(CHSPAWNER), "import", "-q", "-s", str(store), str(src),
+                name)
+    tarball.unlink()
+    yield str(store)
+    remove_tree(work)

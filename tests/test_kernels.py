@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import tempfile
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from chspawner.images.trees import remove_tree
 from conftest import CHSPAWNER, VENV_BIN, as_user
 
 # Runs as the test user: start a kernel by name through a KernelManager that
@@ -62,27 +58,6 @@ DRIVER = textwrap.dedent('''
                                       if os.path.exists(f"/proc/{p}")]
     print(json.dumps(report))
 ''')
-
-
-@pytest.fixture(scope="session")
-def kernel_store(user, bookworm, busybox):
-    """The test user's store with the Debian image (ipykernel inside) as
-    ``deb`` and busybox (no Python) as ``nopython``."""
-    work = Path(tempfile.mkdtemp(prefix="chspawner-kernels-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    store = work / "store"
-    store.mkdir()
-    os.chown(store, user.pw_uid, user.pw_gid)
-    # A tarball made as root: the image has files only root may read.
-    tarball = work / "deb.tar"
-    subprocess.run(["tar", "-C", str(bookworm), "-cf", str(tarball), "."], check=True)
-    os.chmod(tarball, 0o644)
-    for src, name in ((tarball, "deb"), (busybox, "nopython")):
-        as_user(user.pw_name, str(CHSPAWNER), "import", "-q", "-s", str(store), str(src),
-                name)
-    tarball.unlink()
-    yield str(store)
-    remove_tree(work)
 
 
 @pytest.fixture
