@@ -83,6 +83,11 @@ def _parser():
     a.add_argument("--home", action="store_true",
                    help="bind your $HOME at /home/$USER in the container")
     a.add_argument("--backend", choices=("builtin", "ch-run"), default="builtin")
+    a.add_argument("--launcher", choices=("local", "srun"), default="local",
+                   help="where the kernel runs: here, or on a compute node via srun")
+    a.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
+                   help="an srun option for the kernel's job, e.g. --partition=gpu")
+    a.add_argument("--jobid", help="run in this existing allocation (srun --jobid)")
     a.add_argument("--prefix", help="install under PREFIX/share/jupyter "
                                     "(default: your Jupyter data directory)")
 
@@ -196,7 +201,9 @@ def cmd_kernel(args, store) -> int:
              in manager.image_kernels().values() if i == image]
     kernel_name, kernel = found[0] if found else ("python3", default_kernel())
     config = {"binds": args.bind, "home": args.home, "backend": args.backend,
-              "storage": str(store.root)}
+              "storage": str(store.root), "launcher": args.launcher}
+    if args.launcher == "srun":
+        config.update(srun_args=args.srun_arg, jobid=args.jobid)
     name = args.name or spec_name(image, kernel_name)
     display = args.display_name or f"{kernel.get('display_name', kernel_name)} — image {image}"
     print(install_kernelspec(image, kernel, name, display, config, args.prefix))

@@ -18,6 +18,14 @@ whose ports are 0, binds ports of its own choosing and writes them back
 (ipykernel does), and we read them from there. A restart reuses the ports
 the clients already know. The connection file lives in the host's temporary
 directory, which the container sees at /tmp: no bind is needed for it.
+
+Launcher ``srun`` runs the kernel on a compute node, inside the image, as a
+Slurm job step (in a new allocation, or ``jobid``'s). Then the connection
+file is staged under $HOME (which compute nodes share with the login node,
+and which the container gets at /home/$USER), the kernel binds all
+interfaces and records the node's name beside its ports, interrupts go as
+messages (srun takes SIGINT for itself), and stopping the kernel also
+cancels its job.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -52,6 +61,11 @@ class ContainerProvisioner(LocalProvisioner):
         super().__init__(**kwargs)
         self._staging: Path | None = None
         self._program = ""
+        self._job_name: str | None = None
+
+    @property
+    def srun(self) -> bool:
+        return self._option("launcher", "local") == "srun"
 
     # ----------------------------------------------------------- config --
 
@@ -83,6 +97,8 @@ class ContainerProvisioner(LocalProvisioner):
         restart = self._staging is not None and self._known_ports()
         if km is not None:
             km.cache_ports = False  # the kernel picks its ports (see above)
+        if self.srun:
+            self.kernel_spec.interrupt_mode = "message"
         kwargs = await super().pre_launch(**kwargs)
         image = self.image_path()
         connection_file = Path(km.connection_file)
@@ -95,32 +111,59 @@ class ContainerProvisioner(LocalProvisioner):
             cmd[0] = self.kernel_spec.argv[0]
         self._check_command(image, cmd)
         self._program = cmd[0]
+        if self.srun:  # say where the kernel runs, beside its ports
+            host_file = staged["container"].with_name("host")
+            cmd = ["/bin/sh", "-c", f'hostname > {host_file} && exec "$@"', "sh", *cmd]
         spec = RunSpec(
             image=image, command=cmd, binds=list(self._option("binds", [])),
             env=dict(self._option("env", {})), image_env=_has_environment(image),
-            home=bool(self._option("home", False)),
-            cwd=self._container_cwd(kwargs.get("cwd")))
+            home=self._home(), cwd=self._container_cwd(kwargs.get("cwd")))
         kwargs["cmd"] = to_argv(spec, self._option("backend", "builtin"))
+        if self.srun:
+            kwargs["cmd"] = self._srun_command(kwargs["cmd"])
         self.log.info("chspawner: kernel in image %s: %s", image, " ".join(kwargs["cmd"]))
         return kwargs
 
     def _known_ports(self) -> bool:
         return all(self.connection_info.get(p) for p in PORTS)
 
+    def _home(self) -> bool:
+        return self.srun or bool(self._option("home", False))
+
     def _stage(self, connection_file: Path, keep_ports: bool) -> dict[str, Path]:
         """Copy the connection file where the container sees it, ports 0
-        (or, on a restart, the ports clients already use)."""
-        host_tmp = os.environ.get("TMPDIR") or "/tmp"
+        (or, on a restart, the ports clients already use): under the host's
+        TMPDIR (the container's /tmp), or for srun under $HOME (shared with
+        the compute nodes; the container's /home/$USER)."""
+        if self.srun:
+            base, inside = Path.home(), Path("/home") / _username()
+            base = base / ".local" / "share" / "jupyter" / "runtime"
+            inside = inside / ".local" / "share" / "jupyter" / "runtime"
+            base.mkdir(parents=True, exist_ok=True)
+        else:
+            base, inside = Path(os.environ.get("TMPDIR") or "/tmp"), Path("/tmp")
         if self._staging is None:
-            self._staging = Path(tempfile.mkdtemp(prefix="chspawner-kernel-", dir=host_tmp))
+            self._staging = Path(tempfile.mkdtemp(prefix="chspawner-kernel-", dir=base))
         info = json.loads(connection_file.read_text())
         for port in PORTS:
             info[port] = self.connection_info.get(port, 0) if keep_ports else 0
+        if self.srun:
+            info["ip"] = "0.0.0.0"  # reachable from the server's host
+            (self._staging / "host").unlink(missing_ok=True)
         staged = self._staging / "kernel.json"
         staged.write_text(json.dumps(info, indent=1))
         staged.chmod(0o600)
-        container = Path("/tmp") / self._staging.relative_to(host_tmp) / "kernel.json"
+        container = inside / self._staging.relative_to(base) / "kernel.json"
         return {"host": staged, "container": container}
+
+    def _srun_command(self, argv: list[str]) -> list[str]:
+        """srun, one task on one node, in a job named after this kernel (so
+        it can be cancelled by name), or as a step of an existing job."""
+        self._job_name = f"chspawner-kernel-{self._staging.name}"
+        jobid = self._option("jobid")
+        where = [f"--jobid={jobid}"] if jobid else [f"--job-name={self._job_name}"]
+        return ["srun", *where, "--nodes=1", "--ntasks=1", "--kill-on-bad-exit=1",
+                *[str(a) for a in self._option("srun_args", [])], *argv]
 
     def _check_command(self, image: str, cmd: list[str]) -> None:
         """A kernel whose program isn't in the image fails now, clearly."""
@@ -133,17 +176,20 @@ class ContainerProvisioner(LocalProvisioner):
         """With ``home``, the host's $HOME is /home/$USER inside: a working
         directory under it maps there; otherwise the container starts in /."""
         home = os.path.expanduser("~")
-        if cwd and self._option("home", False):
+        if cwd and self._home():
             rel = os.path.relpath(cwd, home)
             if not rel.startswith(".."):
-                user = os.environ.get("USER") or os.path.basename(home)
-                return os.path.normpath(f"/home/{user}/{rel}")
+                return os.path.normpath(f"/home/{_username()}/{rel}")
         return None
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
         await super().launch_kernel(cmd, **kwargs)
         info = await self._read_back_ports()
         self.connection_info.update({p: info[p] for p in PORTS})
+        if self.srun:
+            node = (self._staging / "host").read_text().strip()
+            self.connection_info["ip"] = socket.gethostbyname(node)
+            self.ip = self.connection_info["ip"]
         return self.connection_info
 
     async def _read_back_ports(self) -> dict:
@@ -154,7 +200,8 @@ class ContainerProvisioner(LocalProvisioner):
         while True:
             try:
                 info = json.loads(staged.read_text())
-                if all(info.get(p) for p in PORTS):
+                if all(info.get(p) for p in PORTS) and (
+                        not self.srun or (self._staging / "host").exists()):
                     return info
             except (OSError, ValueError):
                 pass  # being rewritten: read again
@@ -178,6 +225,22 @@ class ContainerProvisioner(LocalProvisioner):
 
     # --------------------------------------------------------- cleanup ---
 
+    async def kill(self, restart: bool = False) -> None:
+        await super().kill(restart)
+        await self._cancel_job()
+
+    async def terminate(self, restart: bool = False) -> None:
+        await super().terminate(restart)
+        await self._cancel_job()
+
+    async def _cancel_job(self) -> None:
+        """Killing srun alone may leave its job step running on the node."""
+        if self._job_name and not self._option("jobid"):
+            process = await asyncio.create_subprocess_exec(
+                "scancel", f"--name={self._job_name}", f"--user={_username()}",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            await process.wait()
+
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)
         if not restart and self._staging is not None:
@@ -188,12 +251,19 @@ class ContainerProvisioner(LocalProvisioner):
         info = await super().get_provisioner_info()
         info["staging"] = str(self._staging) if self._staging else None
         info["image"] = self._option("image")
+        info["job_name"] = self._job_name
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
         await super().load_provisioner_info(provisioner_info)
         staging = provisioner_info.get("staging")
         self._staging = Path(staging) if staging else None
+        self._job_name = provisioner_info.get("job_name")
+
+
+def _username() -> str:
+    import pwd
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def _has_environment(image: str) -> bool:

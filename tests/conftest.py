@@ -32,6 +32,8 @@ BACKENDS = ("builtin", "ch-run")
 # The real-registry harness's session fixtures (registry, basic_registry,
 # token_registry, test_images).
 from registry import basic_registry, registry, test_images, token_registry  # noqa: E402,F401
+# The one-node Slurm cluster's session fixture.
+from slurm import slurm  # noqa: E402,F401
 
 
 def ch_run_version() -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import textwrap
 
 import pytest
@@ -139,3 +140,66 @@ def test_kernel_install_writes_a_provisioned_kernelspec(user, user_dir, kernel_s
     result = as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s",
                      kernel_store, "missing-image", check=False)
     assert result.returncode == 1 and "no image missing-image" in result.stderr
+
+
+# -------------------------------------------------- compute-node kernels ----
+
+SRUN_DRIVER = textwrap.dedent('''
+    import json, os, subprocess, sys, time
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name=sys.argv[1])
+    km.start_kernel()
+    kc = km.client(); kc.start_channels(); kc.wait_for_ready(timeout=120)
+    report = {"ip": km.ip}
+    def run(code):
+        out = []
+        msg = kc.execute_interactive(code, timeout=60,
+            output_hook=lambda m: out.append(m["content"].get("text", "")))
+        return msg["content"]["status"], "".join(out)
+    report["marker"] = run("print(open('/etc/chspawner-test-image').read().strip())")
+    report["job"] = run("import os; print(os.environ.get('SLURM_JOB_ID'))")[1].strip()
+    kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+    while "sleeping" not in kc.get_iopub_msg(timeout=30)["content"].get("text", ""):
+        pass
+    km.interrupt_kernel()
+    report["interrupt"] = kc.get_shell_msg(timeout=30)["content"].get("ename")
+    run("x = 1")
+    km.restart_kernel(now=True)
+    kc.wait_for_ready(timeout=120)
+    report["after_restart"] = run("print('x' in globals())")
+    # A job that dies under the kernel: the manager notices promptly.
+    job = run("import os; print(os.environ['SLURM_JOB_ID'])")[1].strip()
+    subprocess.run(["scancel", job], check=True)
+    start = time.monotonic()
+    while km.is_alive() and time.monotonic() - start < 60:
+        time.sleep(0.1)
+    report["dead_after"] = round(time.monotonic() - start, 1)
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+    print(json.dumps(report))
+''')
+
+
+def test_srun_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm):
+    prefix = user_dir / "prefix"
+    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+            "--prefix", str(prefix), "--launcher", "srun",
+            f"--srun-arg=--partition={slurm.partition}", "--name", "onnode", "deb")
+    script = user_dir / "srun_driver.py"
+    script.write_text(SRUN_DRIVER)
+    os.chmod(script, 0o644)
+    result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
+                     *[f"{k}={v}" for k, v in slurm.env.items()],
+                     str(VENV_BIN / "python"), str(script), "onnode",
+                     check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["marker"] == ["ok", "chspawner test image: Debian bookworm\n"]
+    assert report["job"].isdigit()                 # it ran as a Slurm job
+    # Reached at the node's address (on this one-node cluster, this host's).
+    assert report["ip"] == socket.gethostbyname(slurm.node)
+    assert report["interrupt"] == "KeyboardInterrupt"
+    assert report["after_restart"] == ["ok", "False\n"]
+    assert report["dead_after"] < 15
+    left = slurm.run("squeue", "-h", "-u", user.pw_name, "-o", "%i %j").stdout
+    assert "chspawner-kernel" not in left
