@@ -10,3 +10,5 @@ echo "== container start: chspawner run vs Charliecloud ch-run ($(nproc) cores, 
 "$CHSPAWNER_VENV/bin/python" bench/runtime_start.py --check "$@"
 echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"
 "$CHSPAWNER_VENV/bin/python" bench/images.py --check
+echo "== kernels: in an image vs native; many at once"
+"$CHSPAWNER_VENV/bin/python" bench/kernels.py --check

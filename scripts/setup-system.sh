@@ -10,6 +10,7 @@ packages=(
     charliecloud-runtime        # ch-run: the second backend and the benchmark anchor
     debootstrap busybox-static  # test and demo images
     hyperfine                   # benchmarks
+    python3-ipykernel           # the native kernel image kernels are compared with
     docker-registry skopeo umoci apache2-utils  # a real registry for pull tests
     zstd xz-utils               # compressed test tarballs
     util-linux                  # setpriv, to drop to the test user

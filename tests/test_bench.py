@@ -13,3 +13,13 @@ def test_runtime_start_benchmark_prints_ratios(user, busybox, bookworm):
     ratios = re.findall(r"^(/bin/true|python3 -S -c pass) .* ([\d.]+)x +[\d.]+x", out, re.M)
     assert [label for label, _ in ratios] == ["/bin/true", "python3 -S -c pass"]
     assert all(float(ratio) > 0 for _, ratio in ratios)
+
+
+def test_kernel_benchmark_runs(user, bookworm):
+    out = subprocess.run([sys.executable, str(REPO / "bench/kernels.py"), "--rounds", "1",
+                          "--concurrent", "3"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^start to kernel_info .* [\d.]+x", out.stdout, re.M)
+    assert "3/3 kernels started at once" in out.stdout
+    assert "port clash: none" in out.stdout

@@ -50,7 +50,7 @@ def server(user, user_dir, kernel_store):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "jupyter_server did not start"
             time.sleep(0.05)
-    yield base, token
+    yield base, token, kernel_store
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -69,46 +69,88 @@ def execute_request(code: str) -> dict:
                         "stop_on_error": True}}
 
 
+async def execute(ws, code: str, on_start=None) -> tuple[str, str, str | None]:
+    """Run ``code`` over the kernel's websocket: (status, stdout, ename).
+    ``on_start`` is awaited once the code has printed something."""
+    request = execute_request(code)
+    await ws.send_str(json.dumps(request))
+    output, started = [], False
+    async with asyncio.timeout(90):
+        async for frame in ws:
+            msg = json.loads(frame.data)
+            if msg["parent_header"].get("msg_id") != request["header"]["msg_id"]:
+                continue
+            if msg["msg_type"] == "stream":
+                output.append(msg["content"]["text"])
+                if on_start and not started:
+                    started = True
+                    await on_start()
+            if msg["msg_type"] == "execute_reply":
+                content = msg["content"]
+                return content["status"], "".join(output), content.get("ename")
+    raise AssertionError("no execute_reply")
+
+
 async def picker_flow(base: str, token: str) -> dict:
     headers = {"Authorization": f"token {token}"}
+    report = {}
     async with aiohttp.ClientSession(headers=headers) as http:
         async with http.get(f"{base}/api/kernelspecs") as r:
-            specs = (await r.json())["kernelspecs"]
+            report["specs"] = (await r.json())["kernelspecs"]
         async with http.post(f"{base}/api/kernels", json={"name": KERNEL}) as r:
             assert r.status == 201, await r.text()
-            kernel = await r.json()
-        ws_url = base.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
-        output, status = [], None
-        async with http.ws_connect(ws_url) as ws:
-            request = execute_request(
-                "print(open('/etc/chspawner-test-image').read().strip())")
-            await ws.send_str(json.dumps(request))
-            async with asyncio.timeout(60):
-                async for frame in ws:
-                    msg = json.loads(frame.data)
-                    if msg["parent_header"].get("msg_id") != request["header"]["msg_id"]:
-                        continue
-                    if msg["msg_type"] == "stream":
-                        output.append(msg["content"]["text"])
-                    if msg["msg_type"] == "execute_reply":
-                        status = msg["content"]["status"]
-                        break
-        async with http.delete(f"{base}/api/kernels/{kernel['id']}") as r:
-            deleted = r.status
+            kernel = (await r.json())["id"]
+        api = f"{base}/api/kernels/{kernel}"
+        async with http.ws_connect(api.replace("http", "ws") + "/channels") as ws:
+            report["marker"] = await execute(
+                ws, "print(open('/etc/chspawner-test-image').read().strip())")
+
+            async def interrupt():
+                async with http.post(f"{api}/interrupt") as r:
+                    assert r.status == 204
+
+            await execute(ws, "x = 42")
+            report["interrupted"] = await execute(
+                ws, "import time; print('sleeping', flush=True); time.sleep(60)",
+                on_start=interrupt)
+        async with http.post(f"{api}/restart") as r:
+            assert r.status == 200
+        async with http.ws_connect(api.replace("http", "ws") + "/channels") as ws:
+            report["after_restart"] = await execute(ws, "print('x' in globals())")
+        async with http.delete(api) as r:
+            report["deleted"] = r.status
         async with http.get(f"{base}/api/kernels") as r:
-            remaining = await r.json()
-    return {"specs": specs, "output": "".join(output), "status": status,
-            "deleted": deleted, "remaining": remaining}
+            report["remaining"] = await r.json()
+    return report
+
+
+async def list_specs(base: str, token: str) -> dict:
+    async with aiohttp.ClientSession(headers={"Authorization": f"token {token}"}) as http:
+        async with http.get(f"{base}/api/kernelspecs") as r:
+            return (await r.json())["kernelspecs"]
 
 
 def test_picker_flow_through_jupyter_server(server):
-    result = asyncio.run(picker_flow(*server))
+    result = asyncio.run(picker_flow(*server[:2]))
     spec = result["specs"][KERNEL]["spec"]
     assert spec["display_name"] == "Python 3 (ipykernel) — image deb"
     assert "python3" in result["specs"]  # native kernels stay
-    assert result["output"] == "chspawner test image: Debian bookworm\n"
-    assert result["status"] == "ok"
+    assert result["marker"] == ("ok", "chspawner test image: Debian bookworm\n", None)
+    assert result["interrupted"] == ("error", "sleeping\n", "KeyboardInterrupt")
+    assert result["after_restart"] == ("ok", "False\n", None)  # state cleared
     assert result["deleted"] == 204 and result["remaining"] == []
+
+
+def test_new_images_appear_without_restarting(server, user):
+    base, token, store = server
+    before = asyncio.run(list_specs(base, token))
+    as_user(user.pw_name, str(CHSPAWNER), "import", "-q", "-s", store,
+            f"{store}/img/deb", "deb-copy")
+    after = asyncio.run(list_specs(base, token))
+    as_user(user.pw_name, str(CHSPAWNER), "images", "rm", "-s", store, "deb-copy")
+    assert "chspawner-deb-copy--python3" not in before
+    assert after["chspawner-deb-copy--python3"]["spec"]["display_name"] \
+        == "Python 3 (ipykernel) — image deb-copy"
 
 
 CONFORMANCE = textwrap.dedent("""
@@ -139,15 +181,22 @@ CONFORMANCE = textwrap.dedent("""
 """).replace("KERNEL", KERNEL)
 
 
-def test_conformance_suite(user, user_dir, kernel_store):
+@pytest.mark.parametrize("launcher", ["local", "srun"])
+def test_conformance_suite(request, user, user_dir, kernel_store, launcher):
+    env = []
+    install = ["--launcher", launcher]
+    if launcher == "srun":
+        slurm = request.getfixturevalue("slurm")
+        env = [f"{k}={v}" for k, v in slurm.env.items()]
+        install.append(f"--srun-arg=--partition={slurm.partition}")
     prefix = user_dir / "prefix"
     as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
-            "--prefix", str(prefix), "deb")
+            "--prefix", str(prefix), *install, "deb")
     script = user_dir / "conformance.py"
     script.write_text(CONFORMANCE)
     os.chmod(script, 0o644)
     result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
-                     f"TMPDIR={user_dir}", str(VENV_BIN / "python"), str(script), "-v",
-                     check=False, timeout=600)
+                     f"TMPDIR={user_dir}", *env, str(VENV_BIN / "python"), str(script),
+                     "-v", check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "OK" in result.stderr.splitlines()[-1]
