@@ -247,18 +247,67 @@ class ContainerProvisioner(LocalProvisioner):
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
 
+    # ------------------------------------------------------- re-attach ---
+    # A provisioner restored with load_provisioner_info() (by a new server
+    # process) has the kernel's PID but no Popen object: it follows the
+    # process by PID instead.
+
+    @property
+    def has_process(self) -> bool:
+        return self.process is not None or self._adopted()
+
+    def _adopted(self) -> bool:
+        return self.process is None and self.pid is not None
+
+    async def poll(self) -> int | None:
+        if self._adopted():
+            return None if _running(self.pid) else 0
+        return await super().poll()
+
+    async def wait(self) -> int | None:
+        if self._adopted():
+            while await self.poll() is None:
+                await asyncio.sleep(0.1)
+            self.pid = None
+            return 0
+        return await super().wait()
+
+    async def send_signal(self, signum: int) -> None:
+        if self._adopted():
+            os.killpg(self.pgid or self.pid, signum)
+            return
+        await super().send_signal(signum)
+
     async def get_provisioner_info(self) -> dict:
         info = await super().get_provisioner_info()
         info["staging"] = str(self._staging) if self._staging else None
         info["image"] = self._option("image")
         info["job_name"] = self._job_name
+        # JSON, so a session manager can store it: the key is bytes here.
+        info["connection_info"] = {k: v.decode() if isinstance(v, bytes) else v
+                                   for k, v in info.get("connection_info", {}).items()}
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        connection = dict(provisioner_info.get("connection_info") or {})
+        if isinstance(connection.get("key"), str):
+            connection["key"] = connection["key"].encode()
+        provisioner_info = {**provisioner_info, "connection_info": connection}
         await super().load_provisioner_info(provisioner_info)
         staging = provisioner_info.get("staging")
         self._staging = Path(staging) if staging else None
         self._job_name = provisioner_info.get("job_name")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, not yet reaped by a parent that
+    isn't us) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _username() -> str:

@@ -203,3 +203,43 @@ def test_srun_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm):
     assert report["dead_after"] < 15
     left = slurm.run("squeue", "-h", "-u", user.pw_name, "-o", "%i %j").stdout
     assert "chspawner-kernel" not in left
+
+
+REATTACH = textwrap.dedent('''
+    import asyncio, json, signal, sys
+    from jupyter_client.manager import KernelManager
+    from chspawner.kernelspecs import ContainerKernelSpecManager
+    from chspawner.provisioner import ContainerProvisioner
+
+    km = KernelManager(kernel_name=sys.argv[1],
+                       kernel_spec_manager=ContainerKernelSpecManager(storage=sys.argv[2]))
+    km.start_kernel()
+    info = asyncio.run(km.provisioner.get_provisioner_info())
+    json.dumps(info)  # it must persist as JSON
+    # What a new server process would do: a fresh provisioner from the record.
+    adopted = ContainerProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec,
+                                   parent=km)
+    asyncio.run(adopted.load_provisioner_info(info))
+    report = {"has_process": adopted.has_process,
+              "alive": asyncio.run(adopted.poll()) is None}
+    asyncio.run(adopted.send_signal(signal.SIGKILL))
+    asyncio.run(asyncio.wait_for(adopted.wait(), 30))
+    report["alive_after_kill"] = asyncio.run(adopted.poll()) is None
+    report["real_exit"] = km.provisioner.process.wait(timeout=30)
+    asyncio.run(km.provisioner.cleanup())
+    print(json.dumps(report))
+''')
+
+
+def test_provisioner_info_lets_a_new_process_take_the_kernel_over(user, user_dir,
+                                                                   kernel_store):
+    script = user_dir / "reattach.py"
+    script.write_text(REATTACH)
+    os.chmod(script, 0o644)
+    result = as_user(user.pw_name, "env", f"TMPDIR={user_dir}", str(VENV_BIN / "python"),
+                     str(script), "chspawner-deb--python3", kernel_store, check=False,
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"has_process": True, "alive": True, "alive_after_kill": False,
+                      "real_exit": -9}
