@@ -99,28 +99,48 @@ def test_kernel_in_image_lifecycle(drive):
     assert report["alive_after_shutdown"] == []
 
 
-def test_kernel_that_cannot_start_fails_fast(user, user_dir, kernel_store):
-    """No Python in the image: a clear message at once, not a timeout."""
+START = textwrap.dedent('''
+    import sys, time
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name=sys.argv[1])
+    start = time.monotonic()
+    try:
+        km.start_kernel()
+        print("0 started")
+    except Exception as e:
+        print(f"{time.monotonic() - start:.1f} {e}")
+''')
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no-image", ["no image gone"]),
+    ("no-python", ["nopython", "python3", "not found"]),
+    ("no-ipykernel", ["exited with status 1", "is ipykernel installed"]),
+])
+def test_kernel_that_cannot_start_fails_fast(user, user_dir, kernel_store, case, words):
+    """A clear message at once, not a timeout."""
     prefix = user_dir / "prefix"
+    image = {"no-image": "deb", "no-python": "nopython", "no-ipykernel": "deb"}[case]
     as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
-            "--prefix", str(prefix), "--name", "nopy", "nopython")
+            "--prefix", str(prefix), "--name", "k", image)
+    spec_path = prefix / "share/jupyter/kernels/k/kernel.json"
+    spec = json.loads(spec_path.read_text())
+    if case == "no-image":
+        spec["metadata"]["kernel_provisioner"]["config"]["image"] = "gone"
+    if case == "no-ipykernel":  # a Python that lacks the kernel's module
+        spec["argv"] = ["/usr/bin/python3", "-m", "no_such_kernel", "-f",
+                        "{connection_file}"]
+    spec_path.write_text(json.dumps(spec))
     script = user_dir / "start.py"
-    script.write_text(textwrap.dedent('''
-        import sys, time
-        from jupyter_client.manager import KernelManager
-        km = KernelManager(kernel_name="nopy")
-        start = time.monotonic()
-        try:
-            km.start_kernel()
-        except Exception as e:
-            print(f"{time.monotonic() - start:.1f} {e}")
-    '''))
+    script.write_text(START)
     os.chmod(script, 0o644)
     result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
-                     str(VENV_BIN / "python"), str(script), timeout=120)
-    seconds, message = result.stdout.strip().split(" ", 1)
-    assert float(seconds) < 10
-    assert "nopython" in message and "python3" in message
+                     f"TMPDIR={user_dir}", str(VENV_BIN / "python"), str(script), "k",
+                     timeout=120)
+    seconds, message = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert float(seconds) < 10, message
+    for word in words:
+        assert word in message, message
 
 
 def test_kernel_install_writes_a_provisioned_kernelspec(user, user_dir, kernel_store):
@@ -243,3 +263,39 @@ def test_provisioner_info_lets_a_new_process_take_the_kernel_over(user, user_dir
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"has_process": True, "alive": True, "alive_after_kill": False,
                       "real_exit": -9}
+
+
+def test_srun_kernel_in_an_existing_allocation(user, user_dir, kernel_store, slurm):
+    """jobid: the kernel is a step of the user's own job, which it leaves
+    running when it stops."""
+    job = slurm.submit("--wrap=sleep 600", f"--partition={slurm.partition}",
+                       user=user.pw_name)
+    try:
+        slurm.wait_job(job, "RUNNING")
+        prefix = user_dir / "prefix"
+        as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+                "--prefix", str(prefix), "--launcher", "srun", f"--jobid={job}",
+                "--name", "instep", "deb")
+        script = user_dir / "step.py"
+        script.write_text(textwrap.dedent('''
+            import sys
+            from jupyter_client.manager import KernelManager
+            km = KernelManager(kernel_name="instep")
+            km.start_kernel()
+            kc = km.client(); kc.start_channels(); kc.wait_for_ready(timeout=120)
+            out = []
+            kc.execute_interactive("import os; print(os.environ['SLURM_JOB_ID'])",
+                output_hook=lambda m: out.append(m["content"].get("text", "")))
+            kc.stop_channels()
+            km.shutdown_kernel()
+            print("".join(out).strip())
+        '''))
+        os.chmod(script, 0o644)
+        result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
+                         *[f"{k}={v}" for k, v in slurm.env.items()],
+                         str(VENV_BIN / "python"), str(script), check=False, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip().splitlines()[-1] == str(job)
+        assert slurm.job_state(job) == "RUNNING"
+    finally:
+        slurm.run("scancel", str(job))
