@@ -99,21 +99,21 @@ class ContainerProvisioner(LocalProvisioner):
             km.cache_ports = False  # the kernel picks its ports (see above)
         if self.srun:
             self.kernel_spec.interrupt_mode = "message"
+        image = self.image_path()  # first: a missing image fails at once
         kwargs = await super().pre_launch(**kwargs)
-        image = self.image_path()
         connection_file = Path(km.connection_file)
         staged = self._stage(connection_file, keep_ports=restart)
-        cmd = [arg.replace(str(connection_file), str(staged["container"]))
-               for arg in kwargs["cmd"]]
+        cmd = [arg.replace(str(connection_file), str(staged)) for arg in kwargs["cmd"]]
         if cmd and cmd[0] == sys.executable != self.kernel_spec.argv[0]:
             # jupyter_client swaps a bare "python3" for the server's own
             # interpreter; inside the image it must stay the image's.
             cmd[0] = self.kernel_spec.argv[0]
         self._check_command(image, cmd)
         self._program = cmd[0]
-        if self.srun:  # say where the kernel runs, beside its ports
-            host_file = staged["container"].with_name("host")
-            cmd = ["/bin/sh", "-c", f'hostname > {host_file} && exec "$@"', "sh", *cmd]
+        if self.srun:  # say where the kernel runs, beside its ports (sh builtins only)
+            host_file = staged.with_name("host")
+            cmd = ["/bin/sh", "-c", "read -r node < /proc/sys/kernel/hostname && "
+                   f'echo "$node" > {host_file} && exec "$@"', "sh", *cmd]
         spec = RunSpec(
             image=image, command=cmd, binds=list(self._option("binds", [])),
             env=dict(self._option("env", {})), image_env=_has_environment(image),
@@ -130,11 +130,12 @@ class ContainerProvisioner(LocalProvisioner):
     def _home(self) -> bool:
         return self.srun or bool(self._option("home", False))
 
-    def _stage(self, connection_file: Path, keep_ports: bool) -> dict[str, Path]:
+    def _stage(self, connection_file: Path, keep_ports: bool) -> Path:
         """Copy the connection file where the container sees it, ports 0
         (or, on a restart, the ports clients already use): under the host's
         TMPDIR (the container's /tmp), or for srun under $HOME (shared with
-        the compute nodes; the container's /home/$USER)."""
+        the compute nodes; the container's /home/$USER). Returns its path
+        inside the container."""
         if self.srun:
             base, inside = Path.home(), Path("/home") / _username()
             base = base / ".local" / "share" / "jupyter" / "runtime"
@@ -153,8 +154,7 @@ class ContainerProvisioner(LocalProvisioner):
         staged = self._staging / "kernel.json"
         staged.write_text(json.dumps(info, indent=1))
         staged.chmod(0o600)
-        container = inside / self._staging.relative_to(base) / "kernel.json"
-        return {"host": staged, "container": container}
+        return inside / self._staging.relative_to(base) / "kernel.json"
 
     def _srun_command(self, argv: list[str]) -> list[str]:
         """srun, one task on one node, in a job named after this kernel (so
