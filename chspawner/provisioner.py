@@ -55,8 +55,6 @@ class KernelStartError(RuntimeError):
 class ContainerProvisioner(LocalProvisioner):
     """Starts a kernelspec's argv inside a container image."""
 
-    launch_timeout = 60.0  # seconds for the kernel to bind its ports
-
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._staging: Path | None = None
@@ -196,7 +194,9 @@ class ContainerProvisioner(LocalProvisioner):
         """Wait for the kernel to write the ports it bound; fail fast if it
         dies first."""
         staged = self._staging / "kernel.json"
-        deadline = time.monotonic() + self.launch_timeout
+        # An srun kernel may first wait in the queue.
+        timeout = float(self._option("launch_timeout", 600 if self.srun else 60))
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 info = json.loads(staged.read_text())
@@ -210,7 +210,8 @@ class ContainerProvisioner(LocalProvisioner):
                 raise KernelStartError(self._exit_reason(status))
             if time.monotonic() > deadline:
                 raise KernelStartError(f"kernel in image {self._option('image')} did not "
-                                       f"bind its ports within {self.launch_timeout:.0f} s")
+                                       f"bind its ports within {timeout:.0f} s "
+                                       "(provisioner config 'launch_timeout')")
             await asyncio.sleep(0.02)
 
     def _exit_reason(self, status: int) -> str:
