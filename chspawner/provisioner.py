@@ -186,7 +186,11 @@ class ContainerProvisioner(LocalProvisioner):
         self.connection_info.update({p: info[p] for p in PORTS})
         if self.srun:
             node = (self._staging / "host").read_text().strip()
-            self.connection_info["ip"] = socket.gethostbyname(node)
+            try:
+                self.connection_info["ip"] = socket.gethostbyname(node)
+            except OSError as e:
+                raise KernelStartError(f"kernel runs on node {node!r}, whose address "
+                                       f"can't be resolved here: {e}") from None
             self.ip = self.connection_info["ip"]
         return self.connection_info
 

@@ -39,6 +39,8 @@ def demo_layout() -> Path:
     cached = CACHE / f"{rootfs.name}-oci-demo{DEMO_VERSION}"
     if cached.is_dir():
         return cached
+    for stale in CACHE.glob("bookworm-*-oci-demo*"):  # built from older images
+        shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(dir=CACHE, prefix=".demo-oci."))
     try:
         layout = _Layout(work, rootfs)

@@ -400,3 +400,26 @@ def test_corrupted_layer_in_a_layout_is_refused(images, user, user_dir, test_ima
     data[-100] ^= 0xFF  # inside the gzip stream's tail: still decodes or not,
     layer.write_bytes(bytes(data))  # the digest no longer matches either way
     assert_refused(images, images.import_(src), outside)
+
+
+def test_sparse_files_keep_their_holes(images, user_dir):
+    """GNU tar's sparse members, through the kernel-side copy path."""
+    rootfs = user_dir / "sparse-root"
+    rootfs.mkdir()
+    sparse = rootfs / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(40 << 20)
+        f.write(b"data in the middle")
+    tar = user_dir / "sparse.tar"
+    subprocess.run(["tar", "-S", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+    tar.chmod(0o644)
+    images.import_(tar, check=True)
+    copy = images.image() / "sparse.img"
+    assert copy.stat().st_size == 64 << 20
+    with open(copy, "rb") as f:
+        f.seek(40 << 20)
+        assert f.read(18) == b"data in the middle"
+        f.seek(0)
+        assert f.read(4096) == bytes(4096)
+    assert copy.stat().st_blocks * 512 < 1 << 20  # still sparse
