@@ -50,6 +50,9 @@ class ContainerKernelSpecManager(KernelSpecManager):
     ).tag(config=True)
     include_native = Bool(True, help="Also list the kernels installed natively.").tag(
         config=True)
+    only_images = List(
+        Unicode(), help="Offer only these images' kernels (default: every image).",
+    ).tag(config=True)
     provisioner_config = Dict(
         help="Provisioner settings for every image kernel (binds, env, home, backend).",
     ).tag(config=True)
@@ -62,6 +65,8 @@ class ContainerKernelSpecManager(KernelSpecManager):
         """{spec name: (image, kernel dir, kernel.json content)}."""
         found = {}
         for info in Store(self.storage).images():
+            if self.only_images and info.name not in self.only_images:
+                continue
             for rel in self.image_kernel_dirs:
                 base = info.path / rel
                 if base.is_symlink() or not base.is_dir():

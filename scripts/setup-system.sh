@@ -35,5 +35,12 @@ if [[ -e $clone && $(cat $clone) == 0 ]]; then echo 1 > $clone; fi
 [[ $(cat /proc/sys/user/max_user_namespaces) -gt 0 ]] \
     || die "user namespaces are disabled (user.max_user_namespaces = 0)"
 
+# JupyterHub's proxy. Debian's node-configurable-http-proxy 4.5.3 is broken
+# beside this machine's Node.js; the npm registry's 5.3.0 works.
+if ! command -v configurable-http-proxy >/dev/null; then
+    command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >&2
+    npm install -g --silent configurable-http-proxy@5.3.0 >&2
+fi
+
 user=${CHSPAWNER_USER:-chtest}
 id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"

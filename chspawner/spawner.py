@@ -1,0 +1,204 @@
+"""JupyterHub spawners that put users' servers and kernels in images.
+
+``ChSpawner`` is JupyterHub's LocalProcessSpawner (the hub, as root, starts
+the server as the user's own account) with a choice of image and mode:
+
+* ``kernels``: the single-user server runs natively and offers the image's
+  kernels in its kernel picker (they run in the image through the
+  chspawner kernel provisioner);
+* ``server``: the single-user server itself runs inside the image, started
+  through the one RunSpec (the image must provide jupyterhub-singleuser).
+
+The admin lists the images users may pick (``images``, in the site store
+``site_storage``) and may allow users' own stored images. User options come
+from the form or the REST API and are validated before anything changes:
+a bad one is a 400 with a message that says what is wrong.
+"""
+from __future__ import annotations
+
+import asyncio
+import html
+import socket
+
+from jupyterhub.spawner import LocalProcessSpawner
+from jupyterhub.utils import random_port
+from tornado import web
+from traitlets import Bool, Dict, List, Unicode, default
+
+from chspawner.images import ImageError
+from chspawner.images.store import Store, check_name
+from chspawner.runtime.spec import RunSpec, to_argv
+
+MODES = ("kernels", "server")
+SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
+                    "opt/conda/bin/jupyterhub-singleuser")
+
+
+class ChSpawner(LocalProcessSpawner):
+    """A user's server, or its kernels, in a container image of their choice."""
+
+    images = List(
+        Dict(), help="""Images users may pick, in the site store:
+        [{"name": "pytorch:24", "description": "PyTorch 2.4, CUDA 12"}, ...]""",
+    ).tag(config=True)
+    site_storage = Unicode(
+        None, allow_none=True,
+        help="The store holding the admin's images (readable by all users).",
+    ).tag(config=True)
+    allow_user_images = Bool(
+        False, help="Also offer the images in each user's own store.",
+    ).tag(config=True)
+    modes = List(Unicode(), list(MODES),
+                 help="Modes offered: 'kernels', 'server' (the first is the default).",
+                 ).tag(config=True)
+    backend = Unicode("builtin", help="Container runtime: builtin or ch-run.").tag(
+        config=True)
+    binds = List(Unicode(), help="Host paths bound into every container (SRC[:DST]).",
+                 ).tag(config=True)
+    user_storage = Unicode(
+        "/var/tmp/{username}.ch",
+        help="Each user's own store ({username} is filled in), for allow_user_images.",
+    ).tag(config=True)
+
+    image = Unicode("", help="The image of the running or starting server (state).")
+    mode = Unicode("", help="kernels or server (state).")
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self):
+        return lambda spawner, options: spawner.validate_user_options(options)
+
+    # ---------------------------------------------------- user options ---
+
+    def offered_images(self) -> dict[str, str]:
+        """{name: description} a user may choose from."""
+        offered = {i["name"]: i.get("description", "") for i in self.images if "name" in i}
+        if self.allow_user_images:
+            for info in self.user_store().images():
+                offered.setdefault(info.name, f"your image, from {info.source}")
+        return offered
+
+    def user_store(self) -> Store:
+        return Store(self.user_storage.format(username=self.user.name))
+
+    def store_for(self, image: str) -> Store:
+        if any(i.get("name") == image for i in self.images):
+            return Store(self.site_storage)
+        return self.user_store()
+
+    def validate_user_options(self, options: dict) -> None:
+        """Check the options, then set ``image`` and ``mode``: nothing
+        changes unless all of them are good."""
+        offered = self.offered_images()
+        unknown = set(options) - {"image", "mode"}
+        if unknown:
+            raise web.HTTPError(400, f"unknown options: {', '.join(sorted(unknown))}")
+        image = options.get("image") or (next(iter(offered), "") if offered else "")
+        mode = options.get("mode") or (self.modes[0] if self.modes else "")
+        if not isinstance(image, str) or not isinstance(mode, str):
+            raise web.HTTPError(400, "image and mode must be strings")
+        try:
+            check_name(image)
+        except ImageError as e:
+            raise web.HTTPError(400, str(e)) from None
+        if image not in offered:
+            raise web.HTTPError(400, f"image {image!r} is not offered here")
+        if mode not in self.modes:
+            raise web.HTTPError(400, f"mode {mode!r} is not offered "
+                                     f"(offered: {', '.join(self.modes)})")
+        try:
+            path = self.store_for(image).require(image)
+        except ImageError as e:
+            raise web.HTTPError(400, str(e)) from None
+        if mode == "server" and not any((path / p).exists() for p in SINGLEUSER_PATHS):
+            raise web.HTTPError(400, f"image {image} has no jupyterhub-singleuser, so "
+                                     "it can't run the server itself; choose kernels mode")
+        self.image, self.mode = image, mode
+
+    @default("options_form")
+    def _default_options_form(self):
+        return self.render_options_form
+
+    def render_options_form(self, spawner=None) -> str:
+        choices = "".join(
+            f'<option value="{html.escape(name)}">{html.escape(name)}'
+            f'{" — " + html.escape(text) if text else ""}</option>'
+            for name, text in self.offered_images().items())
+        modes = "".join(
+            f'<label><input type="radio" name="mode" value="{m}"'
+            f'{" checked" if i == 0 else ""}> {m}</label> '
+            for i, m in enumerate(self.modes))
+        return (f'<label for="image">Image</label>'
+                f'<select class="form-control" name="image" id="image">{choices}</select>'
+                f'<p>Run: {modes}</p>')
+
+    def options_from_form(self, formdata: dict) -> dict:
+        return {key: formdata[key][0] for key in ("image", "mode") if formdata.get(key)}
+
+    # ------------------------------------------------------------ launch --
+
+    def get_args(self) -> list[str]:
+        if getattr(self, "_args_in_cmd", False):
+            return []
+        args = super().get_args()
+        if self.mode == "kernels":
+            store = self.store_for(self.image)
+            args += ["--ServerApp.kernel_spec_manager_class="
+                     "chspawner.kernelspecs.ContainerKernelSpecManager",
+                     f"--ContainerKernelSpecManager.storage={store.root}",
+                     # One item per flag: the server doesn't know this class
+                     # up front, so a list literal would stay one string.
+                     f"--ContainerKernelSpecManager.only_images={self.image}"]
+        return args
+
+    async def start(self):
+        self._events = asyncio.Queue()
+        self._emit(20, f"starting the {self.mode} mode with image {self.image}")
+        if self.port == 0:
+            self.port = random_port()
+        if self.mode != "server":
+            result = await super().start()
+            self._emit(60, f"server started on {socket.gethostname()}; "
+                           f"kernels run in image {self.image}")
+            return result
+        spec = RunSpec(image=str(self.store_for(self.image).require(self.image)),
+                       command=[*self.cmd, *self.get_args()], binds=list(self.binds),
+                       home=True, image_env=True, cwd=f"/home/{self.user.name}")
+        saved, self.cmd, self._args_in_cmd = self.cmd, to_argv(spec, self.backend), True
+        try:
+            result = await super().start()
+        finally:
+            self.cmd, self._args_in_cmd = saved, False
+        self._emit(60, f"container started on {socket.gethostname()}, "
+                       f"image {self.image}")
+        return result
+
+    def _emit(self, progress: int, message: str) -> None:
+        self._events.put_nowait({"progress": progress, "message": message})
+
+    async def progress(self):
+        """What start() reports, as it happens; the hub adds 'ready'."""
+        events = getattr(self, "_events", None)
+        if events is None:
+            return
+        while True:
+            event = await events.get()
+            yield event
+            if event["progress"] >= 60:
+                return
+
+    # ------------------------------------------------------------- state --
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.image:
+            state.update(image=self.image, mode=self.mode)
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.image = state.get("image", "")
+        self.mode = state.get("mode", "")
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.image = self.mode = ""
