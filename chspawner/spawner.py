@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import html
+import shlex
 import socket
 
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
 from tornado import web
-from traitlets import Bool, Dict, List, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from chspawner.images import ImageError
 from chspawner.images.store import Store, check_name
@@ -202,3 +203,190 @@ class ChSpawner(LocalProcessSpawner):
     def clear_state(self) -> None:
         super().clear_state()
         self.image = self.mode = ""
+
+
+class SlurmChSpawner(ChSpawner):
+    """The user's server as a Slurm job on a compute node, in an image or
+    with its kernels in one (the same modes as ChSpawner).
+
+    The hub chooses the server's port itself and passes it on the command
+    line, so nothing reports back from the node: there is no report handler
+    for a user's token to abuse. The job id is saved in the hub's database
+    the moment sbatch answers, so a hub restart during a long queue wait
+    re-attaches to the job instead of orphaning it. User options for Slurm
+    (partition, time, CPUs, memory) are checked against the admin's bounds
+    and reach sbatch as separate arguments, never through a shell or the
+    batch script's text.
+    """
+
+    partitions = List(Unicode(), help="Partitions users may choose (the first is the "
+                      "default; empty: Slurm's default).").tag(config=True)
+    max_cpus = Integer(8, help="Most CPUs a user may ask for.").tag(config=True)
+    max_mem_gb = Integer(32, help="Most memory (GB) a user may ask for.").tag(config=True)
+    max_hours = Integer(12, help="Longest time limit (hours) a user may ask for.").tag(
+        config=True)
+    slurm_env = Dict(Unicode(), help="Extra environment for Slurm commands "
+                     "(e.g. SLURM_CONF).").tag(config=True)
+    poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
+                          "is queued.").tag(config=True)
+
+    job_id = Unicode("", help="The server's Slurm job (state).")
+    node = Unicode("", help="Where it runs (state).")
+    request = Dict(help="The validated Slurm request of this spawn.")
+
+    OPTIONS = ("image", "mode", "partition", "cpus", "mem_gb", "hours")
+
+    @default("ip")
+    def _default_ip(self):
+        return "0.0.0.0"  # the hub connects to the node
+
+    def validate_user_options(self, options: dict) -> None:
+        slurm = {k: options[k] for k in ("partition", "cpus", "mem_gb", "hours")
+                 if k in options}
+        request = {"partition": self.partitions[0] if self.partitions else "",
+                   "cpus": 1, "mem_gb": 2, "hours": 1}
+        for key, value in slurm.items():
+            if key == "partition":
+                if value not in self.partitions:
+                    raise web.HTTPError(400, f"partition {value!r} is not offered "
+                                             f"(offered: {', '.join(self.partitions)})")
+            else:
+                bound = {"cpus": self.max_cpus, "mem_gb": self.max_mem_gb,
+                         "hours": self.max_hours}[key]
+                if not isinstance(value, int) or isinstance(value, bool) \
+                        or not 1 <= value <= bound:
+                    raise web.HTTPError(400, f"{key} must be a whole number from 1 to "
+                                             f"{bound}")
+            request[key] = value
+        super().validate_user_options({k: v for k, v in options.items()
+                                       if k not in slurm})
+        self.request = request
+
+    def options_from_form(self, formdata: dict) -> dict:
+        options = super().options_from_form(formdata)
+        for key in ("partition", "cpus", "mem_gb", "hours"):
+            value = (formdata.get(key) or [""])[0]
+            if value:
+                options[key] = int(value) if value.isdigit() else value
+        return options
+
+    # ------------------------------------------------------------ Slurm --
+
+    async def slurm(self, *argv: str, env: dict | None = None) -> str:
+        """Run a Slurm command as the user; its stdout, or SlurmError."""
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**(env or {"PATH": "/usr/local/bin:/usr/bin:/bin"}), **self.slurm_env},
+            preexec_fn=self.make_preexec_fn(self.user.name))
+        out, err = await process.communicate()
+        if process.returncode != 0:
+            raise SlurmError(f"{argv[0]}: {err.decode(errors='replace').strip()[-300:]}")
+        return out.decode()
+
+    async def job_status(self) -> tuple[str, str, str]:
+        """(state, node, reason) of the job; state '' once it is gone."""
+        out = await self.slurm("squeue", "-h", "-j", self.job_id, "-o", "%T|%N|%r")
+        state, _, rest = out.strip().partition("|")
+        node, _, reason = rest.partition("|")
+        return state, node, reason
+
+    async def start(self):
+        self._events = asyncio.Queue()
+        if self.port == 0:
+            self.port = random_port()
+        command = [*self.cmd, *self.get_args()]
+        if self.mode == "server":
+            spec = RunSpec(image=str(self.store_for(self.image).require(self.image)),
+                           command=command, binds=list(self.binds), home=True,
+                           image_env=True, cwd=f"/home/{self.user.name}")
+            command = to_argv(spec, self.backend)
+        r = self.request or {"partition": "", "cpus": 1, "mem_gb": 2, "hours": 1}
+        sbatch = ["sbatch", "--parsable", f"--job-name=jupyterhub-{self.user.name}",
+                  f"--cpus-per-task={r['cpus']}", f"--mem={r['mem_gb']}G",
+                  f"--time={r['hours']}:00:00", "--export=ALL",
+                  f"--chdir={self._home_dir()}", "--output=/dev/null"]
+        if r["partition"]:
+            sbatch.append(f"--partition={r['partition']}")
+        # The command travels as the wrap's arguments, quoted once, here.
+        sbatch.append("--wrap=exec " + " ".join(shlex.quote(a) for a in command))
+        try:
+            self.job_id = (await self.slurm(*sbatch, env=self.get_env())).strip().split(";")[0]
+        except SlurmError as e:
+            raise web.HTTPError(500, f"can't submit the server's job: {e}") from None
+        self._save_state()
+        self._emit(10, f"submitted Slurm job {self.job_id}")
+        return await self._wait_running()
+
+    async def _wait_running(self):
+        last = None
+        while True:
+            state, node, reason = await self.job_status()
+            if state == "RUNNING" and node:
+                self.node = node
+                self._save_state()
+                self._emit(60, f"job {self.job_id} running on {node}, mode {self.mode}, "
+                               f"image {self.image}")
+                return node, self.port
+            if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
+                raise web.HTTPError(500, f"Slurm job {self.job_id} ended before the "
+                                         f"server started ({state or 'gone'} {reason})")
+            if (state, reason) != last:
+                self._emit(30, f"job {self.job_id} {state.lower()}"
+                               + (f" ({reason})" if reason and reason != "None" else ""))
+                last = state, reason
+            await asyncio.sleep(self.poll_interval)
+
+    def _home_dir(self) -> str:
+        import pwd
+        return pwd.getpwnam(self.user.name).pw_dir
+
+    def _save_state(self) -> None:
+        """Write the job id to the hub's database now, not only when the
+        spawn ends: a hub restart in between must find the job."""
+        db = getattr(self.user, "db", None)
+        if self.orm_spawner is not None and db is not None:
+            self.orm_spawner.state = self.get_state()
+            db.commit()
+
+    async def poll(self):
+        if not self.job_id:
+            return 0
+        try:
+            state, _, _ = await self.job_status()
+        except SlurmError as e:
+            # The controller being down says nothing about the server.
+            self.log.warning("chspawner: can't ask Slurm about job %s: %s", self.job_id, e)
+            return None
+        if state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"):
+            return None
+        self.clear_state()
+        return 1
+
+    async def stop(self, now=False):
+        if self.job_id:
+            try:
+                await self.slurm("scancel", self.job_id)
+            except SlurmError as e:
+                self.log.warning("chspawner: scancel %s: %s", self.job_id, e)
+        self.clear_state()
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.job_id:
+            state.update(job_id=self.job_id, node=self.node, image=self.image,
+                         mode=self.mode)
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.job_id = state.get("job_id", "")
+        self.node = state.get("node", "")
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.job_id = self.node = ""
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed."""

@@ -24,7 +24,7 @@ KERNEL = "chspawner-deb--python3"
 class Hub:
     """jupyterhub with ChSpawner, on 127.0.0.1, driven by a service token."""
 
-    def __init__(self, store: str, user: str):
+    def __init__(self, store: str, user: str, extra_config: str = ""):
         self.dir = Path(tempfile.mkdtemp(prefix="chspawner-hub-"))
         self.port, self.token, self.user = free_port(), secrets.token_hex(16), user
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,7 +52,7 @@ class Hub:
             c.JupyterHub.services = [{{"name": "tester", "api_token": "{self.token}"}}]
             c.JupyterHub.load_roles = [{{"name": "tester", "services": ["tester"],
                 "scopes": ["admin:users", "admin:servers", "access:servers", "read:users"]}}]
-        """))
+        """) + extra_config)
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "jupyterhub"), "-f", "jupyterhub_config.py"], cwd=self.dir,
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "hub.log", "wb"),
@@ -183,3 +183,51 @@ def test_options_form_lists_the_admins_images():
     assert 'value="kernels" checked' in text and 'value="server"' in text
     assert spawner.options_from_form({"image": ["deb"], "mode": ["server"]}) == \
         {"image": "deb", "mode": "server"}
+
+
+# ------------------------------------------------------------ on Slurm ----
+
+@pytest.fixture(scope="module")
+def slurm_hub(user, kernel_store, slurm):
+    extra = textwrap.dedent(f"""
+        c.JupyterHub.spawner_class = "slurmchspawner"
+        c.SlurmChSpawner.slurm_env = {slurm.env!r}
+        c.SlurmChSpawner.partitions = ["{slurm.partition}"]
+        c.SlurmChSpawner.max_cpus = 2
+    """)
+    hub = Hub(kernel_store, user.pw_name, extra_config=extra)
+    yield hub
+    hub.stop()
+
+
+def test_slurm_kernels_mode_spawn(slurm_hub, slurm, user):
+    result = asyncio.run(spawn(slurm_hub, {"image": "deb", "mode": "kernels",
+                                           "cpus": 1, "hours": 1}))
+    try:
+        assert result["status"] in (201, 202), result["reply"]
+        assert result.get("ready"), (result["events"], slurm_hub.log()[-3000:])
+        assert any(e.startswith("submitted Slurm job") for e in result["events"])
+        assert any(f"running on {slurm.node}" in e for e in result["events"])
+        assert asyncio.run(kernel_in_server(slurm_hub)) == \
+            ("ok", "chspawner test image: Debian bookworm\n", None)
+    finally:
+        asyncio.run(stop_server(slurm_hub))
+    # Stopping the server cancelled its job: it leaves the queue.
+    deadline = time.monotonic() + 60
+    while slurm.run("squeue", "-h", "-u", user.pw_name, "-n",
+                    f"jupyterhub-{user.pw_name}").stdout.strip():
+        assert time.monotonic() < deadline, "the server's job is still queued"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"image": "deb", "partition": "gpu"}, ["partition 'gpu' is not offered"]),
+    ({"image": "deb", "cpus": 64}, ["cpus must be a whole number from 1 to 2"]),
+    ({"image": "deb", "hours": "1; touch /tmp/pwned"}, ["hours must be"]),
+])
+def test_slurm_options_within_bounds(slurm_hub, options, words):
+    result = asyncio.run(spawn(slurm_hub, options))
+    assert result["status"] == 400, result
+    for word in words:
+        assert word in result["reply"]
+    assert not Path("/tmp/pwned").exists()
