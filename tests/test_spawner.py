@@ -49,13 +49,18 @@ class Hub:
             c.Spawner.cmd = ["{VENV_BIN}/jupyterhub-singleuser"]
             c.Spawner.start_timeout = 120
             c.Spawner.http_timeout = 120
+            c.Spawner.poll_interval = 1            # notice a lost server quickly
+            c.JupyterHub.cleanup_servers = False   # a hub restart keeps them
             c.JupyterHub.services = [{{"name": "tester", "api_token": "{self.token}"}}]
             c.JupyterHub.load_roles = [{{"name": "tester", "services": ["tester"],
                 "scopes": ["admin:users", "admin:servers", "access:servers", "read:users"]}}]
         """) + extra_config)
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "jupyterhub"), "-f", "jupyterhub_config.py"], cwd=self.dir,
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "hub.log", "wb"),
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "hub.log", "ab"),
             env={"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"})
         deadline = time.monotonic() + 90
         while asyncio.run(self._status("/hub/api/")) != 200:
@@ -77,13 +82,22 @@ class Hub:
     def session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(headers={"Authorization": f"token {self.token}"})
 
-    def stop(self) -> None:
+    def restart(self) -> None:
+        """Stop the hub process alone (servers keep running), start again."""
+        self._terminate()
+        self.start()
+
+    def _terminate(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def stop(self) -> None:
+        asyncio.run(stop_server(self))  # cleanup_servers is off: do it here
+        self._terminate()
         # Kept for a look after a failure; the next run replaces it.
         Path("/tmp/chspawner-last-hub.log").write_text(self.log())
         remove_tree(self.dir)
@@ -231,3 +245,44 @@ def test_slurm_options_within_bounds(slurm_hub, options, words):
     for word in words:
         assert word in result["reply"]
     assert not Path("/tmp/pwned").exists()
+
+
+# ------------------------------------------------- restarts and losses ----
+
+async def user_server(hub: Hub) -> dict:
+    async with hub.session() as http:
+        async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
+            return (await r.json())["servers"].get("", {})
+
+
+def wait_until(condition, what: str, deadline_s: float = 60):
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("which", ["local", "slurm"])
+def test_hub_restart_reattaches_and_lost_servers_are_noticed(request, which, slurm):
+    hub = request.getfixturevalue("hub" if which == "local" else "slurm_hub")
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+    try:
+        assert result.get("ready"), (result, hub.log()[-3000:])
+        before = asyncio.run(user_server(hub))
+        hub.restart()
+        after = asyncio.run(user_server(hub))
+        assert after.get("ready") and after["url"] == before["url"]
+        # Still the same server, and its kernels still run in the image.
+        assert asyncio.run(kernel_in_server(hub))[1] == \
+            "chspawner test image: Debian bookworm\n"
+        # Now lose it behind the hub's back: the hub notices by itself.
+        if which == "slurm":
+            jobs = slurm.run("squeue", "-h", "-o", "%i", "-n",
+                             f"jupyterhub-{hub.user}").stdout.split()
+            slurm.run("scancel", *jobs)
+        else:
+            subprocess.run(["pkill", "-KILL", "-u", hub.user, "-f",
+                            "jupyterhub-singleuser"], check=False)
+        wait_until(lambda: not asyncio.run(user_server(hub)), "the hub to notice")
+    finally:
+        asyncio.run(stop_server(hub))
