@@ -318,20 +318,26 @@ class SlurmChSpawner(ChSpawner):
         return await self._wait_running()
 
     async def _wait_running(self):
+        """Follow the job until its server answers on the node, reporting
+        queue states; a job that ends first ends the spawn at once, with
+        its state (not after the hub's http_timeout)."""
         last = None
         while True:
             state, node, reason = await self.job_status()
-            if state == "RUNNING" and node:
-                self.node = node
-                self._save_state()
-                self._emit(60, f"job {self.job_id} running on {node}, mode {self.mode}, "
-                               f"image {self.image}")
-                return node, self.port
-            if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+            if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED",
                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
                 raise web.HTTPError(500, f"Slurm job {self.job_id} ended before the "
-                                         f"server started ({state or 'gone'} {reason})")
-            if (state, reason) != last:
+                                         f"server answered ({state or 'gone'}"
+                                         f"{', ' + reason if reason not in ('', 'None') else ''})")
+            if state == "RUNNING" and node and not self.node:
+                self.node = node
+                self._save_state()
+                self._emit(40, f"job {self.job_id} running on {node}, mode {self.mode}, "
+                               f"image {self.image}")
+            if self.node and await _answers(self.node, self.port):
+                self._emit(60, f"server responding on {self.node}")
+                return self.node, self.port
+            if (state, reason) != last and state != "RUNNING":
                 self._emit(30, f"job {self.job_id} {state.lower()}"
                                + (f" ({reason})" if reason and reason != "None" else ""))
                 last = state, reason
@@ -390,3 +396,13 @@ class SlurmChSpawner(ChSpawner):
 
 class SlurmError(RuntimeError):
     """A Slurm command failed."""
+
+
+async def _answers(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True

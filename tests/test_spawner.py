@@ -222,6 +222,7 @@ def test_slurm_kernels_mode_spawn(slurm_hub, slurm, user):
         assert result.get("ready"), (result["events"], slurm_hub.log()[-3000:])
         assert any(e.startswith("submitted Slurm job") for e in result["events"])
         assert any(f"running on {slurm.node}" in e for e in result["events"])
+        assert any(f"server responding on {slurm.node}" in e for e in result["events"])
         assert asyncio.run(kernel_in_server(slurm_hub)) == \
             ("ok", "chspawner test image: Debian bookworm\n", None)
     finally:
@@ -286,3 +287,25 @@ def test_hub_restart_reattaches_and_lost_servers_are_noticed(request, which, slu
         wait_until(lambda: not asyncio.run(user_server(hub)), "the hub to notice")
     finally:
         asyncio.run(stop_server(hub))
+
+
+@pytest.fixture(scope="module")
+def broken_slurm_hub(user, kernel_store, slurm):
+    """A hub whose server command fails at once on the node."""
+    extra = textwrap.dedent(f"""
+        c.JupyterHub.spawner_class = "slurmchspawner"
+        c.SlurmChSpawner.slurm_env = {slurm.env!r}
+        c.Spawner.cmd = ["/bin/sh", "-c", "echo broken >&2; exit 3"]
+    """)
+    hub = Hub(kernel_store, user.pw_name, extra_config=extra)
+    yield hub
+    hub.stop()
+
+
+def test_slurm_job_failing_before_the_server_answers_ends_the_spawn(broken_slurm_hub):
+    start = time.monotonic()
+    result = asyncio.run(spawn(broken_slurm_hub, {"image": "deb", "mode": "kernels"}))
+    assert result.get("ready") is False, result
+    assert time.monotonic() - start < 30  # not the hub's 120 s http_timeout
+    assert any("ended before the server answered" in e for e in result["events"]), \
+        result["events"]
