@@ -212,8 +212,9 @@ class SlurmChSpawner(ChSpawner):
     The hub chooses the server's port itself and passes it on the command
     line, so nothing reports back from the node: there is no report handler
     for a user's token to abuse. The job id is saved in the hub's database
-    the moment sbatch answers, so a hub restart during a long queue wait
-    re-attaches to the job instead of orphaning it. User options for Slurm
+    the moment sbatch answers, so a hub restarted during the queue wait
+    knows the job: it is stopped (cancelled) rather than orphaned, or taken
+    over by the next spawn request while still queued. User options for Slurm
     (partition, time, CPUs, memory) are checked against the admin's bounds
     and reach sbatch as separate arguments, never through a shell or the
     batch script's text.
@@ -292,6 +293,12 @@ class SlurmChSpawner(ChSpawner):
 
     async def start(self):
         self._events = asyncio.Queue()
+        if self.job_id and await self._job_alive():
+            # A job from before a hub restart (queued or starting): take it
+            # over rather than submit a second one.
+            self._emit(10, f"re-attaching to Slurm job {self.job_id}")
+            return await self._wait_running()
+        self.job_id = self.node = ""
         if self.port == 0:
             self.port = random_port()
         command = [*self.cmd, *self.get_args()]
@@ -342,6 +349,13 @@ class SlurmChSpawner(ChSpawner):
                                + (f" ({reason})" if reason and reason != "None" else ""))
                 last = state, reason
             await asyncio.sleep(self.poll_interval)
+
+    async def _job_alive(self) -> bool:
+        try:
+            state, _, _ = await self.job_status()
+        except SlurmError:
+            return False
+        return state in ("PENDING", "CONFIGURING", "RUNNING")
 
     def _home_dir(self) -> str:
         import pwd

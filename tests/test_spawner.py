@@ -83,9 +83,19 @@ class Hub:
         return aiohttp.ClientSession(headers={"Authorization": f"token {self.token}"})
 
     def restart(self) -> None:
-        """Stop the hub process alone (servers keep running), start again."""
+        """Stop the hub process alone (servers keep running), start again,
+        and wait for it to finish checking the servers it finds."""
         self._terminate()
         self.start()
+
+        async def checking() -> bool:
+            async with self.session() as http:
+                async with http.get(f"{self.url}/hub/api/users/{self.user}") as r:
+                    return r.status != 200 or (await r.json()).get("pending") is not None
+        deadline = time.monotonic() + 60
+        while asyncio.run(checking()):
+            assert time.monotonic() < deadline, "the hub is still checking servers"
+            time.sleep(0.2)
 
     def _terminate(self) -> None:
         self.proc.terminate()
@@ -309,3 +319,41 @@ def test_slurm_job_failing_before_the_server_answers_ends_the_spawn(broken_slurm
     assert time.monotonic() - start < 30  # not the hub's 120 s http_timeout
     assert any("ended before the server answered" in e for e in result["events"]), \
         result["events"]
+
+
+@pytest.fixture
+def drained(slurm):
+    """The node takes no new jobs while this lasts: jobs queue."""
+    slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=drain",
+              "reason=chspawner-test")
+    yield
+    slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=resume")
+
+
+async def spawn_until(hub: Hub, options: dict, word: str) -> list[str]:
+    """Start a spawn and follow its progress until a message has ``word``."""
+    api = f"{hub.url}/hub/api/users/{hub.user}"
+    events = []
+    async with hub.session() as http:
+        async with http.post(f"{api}/server", json=options) as r:
+            assert r.status == 202, await r.text()
+        async with asyncio.timeout(60):
+            async with http.get(f"{api}/server/progress") as stream:
+                async for line in stream.content:
+                    if line.startswith(b"data:"):
+                        events.append(json.loads(line[5:]).get("message", ""))
+                        if word in events[-1]:
+                            return events
+    raise AssertionError(events)
+
+
+def queued_jobs(slurm, user) -> list[str]:
+    return slurm.run("squeue", "-h", "-o", "%i", "-n", f"jupyterhub-{user}").stdout.split()
+
+
+def test_slurm_stop_during_the_queue_wait_cancels_the_job(slurm_hub, slurm, drained):
+    events = asyncio.run(spawn_until(slurm_hub, {"image": "deb"}, "pending"))
+    assert any(e.startswith("submitted Slurm job") for e in events)
+    assert len(queued_jobs(slurm, slurm_hub.user)) == 1
+    asyncio.run(stop_server(slurm_hub))
+    wait_until(lambda: not queued_jobs(slurm, slurm_hub.user), "the job to go")
