@@ -56,6 +56,11 @@ class ChSpawner(LocalProcessSpawner):
         config=True)
     binds = List(Unicode(), help="Host paths bound into every container (SRC[:DST]).",
                  ).tag(config=True)
+    image_cmd = List(
+        Unicode(), ["jupyterhub-singleuser"],
+        help="The single-user server's command inside an image (server mode), "
+             "found on the image's PATH.",
+    ).tag(config=True)
     user_storage = Unicode(
         "/var/tmp/{username}.ch",
         help="Each user's own store ({username} is filled in), for allow_user_images.",
@@ -161,10 +166,7 @@ class ChSpawner(LocalProcessSpawner):
             self._emit(60, f"server started on {socket.gethostname()}; "
                            f"kernels run in image {self.image}")
             return result
-        spec = RunSpec(image=str(self.store_for(self.image).require(self.image)),
-                       command=[*self.cmd, *self.get_args()], binds=list(self.binds),
-                       home=True, image_env=True, cwd=f"/home/{self.user.name}")
-        saved, self.cmd, self._args_in_cmd = self.cmd, to_argv(spec, self.backend), True
+        saved, self.cmd, self._args_in_cmd = self.cmd, self.container_argv(), True
         try:
             result = await super().start()
         finally:
@@ -172,6 +174,14 @@ class ChSpawner(LocalProcessSpawner):
         self._emit(60, f"container started on {socket.gethostname()}, "
                        f"image {self.image}")
         return result
+
+    def container_argv(self) -> list[str]:
+        """Server mode: the single-user server in the image, with the user's
+        home bound at /home/$USER and the image's environment."""
+        spec = RunSpec(image=str(self.store_for(self.image).require(self.image)),
+                       command=[*self.image_cmd, *self.get_args()], binds=list(self.binds),
+                       home=True, image_env=True, cwd=f"/home/{self.user.name}")
+        return to_argv(spec, self.backend)
 
     def _emit(self, progress: int, message: str) -> None:
         self._events.put_nowait({"progress": progress, "message": message})
@@ -301,12 +311,8 @@ class SlurmChSpawner(ChSpawner):
         self.job_id = self.node = ""
         if self.port == 0:
             self.port = random_port()
-        command = [*self.cmd, *self.get_args()]
-        if self.mode == "server":
-            spec = RunSpec(image=str(self.store_for(self.image).require(self.image)),
-                           command=command, binds=list(self.binds), home=True,
-                           image_env=True, cwd=f"/home/{self.user.name}")
-            command = to_argv(spec, self.backend)
+        command = (self.container_argv() if self.mode == "server"
+                   else [*self.cmd, *self.get_args()])
         r = self.request or {"partition": "", "cpus": 1, "mem_gb": 2, "hours": 1}
         sbatch = ["sbatch", "--parsable", f"--job-name=jupyterhub-{self.user.name}",
                   f"--cpus-per-task={r['cpus']}", f"--mem={r['mem_gb']}G",

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
-scripts/setup.sh busybox bookworm
+scripts/setup.sh busybox bookworm jupyter
 # The venv's pytest, not "python -m pytest": tests must import the installed
 # package, not this checkout.
 "$CHSPAWNER_VENV/bin/pytest" "$@"

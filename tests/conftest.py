@@ -166,7 +166,8 @@ def lines(text: str) -> Sequence[str]:
 @pytest.fixture(scope="session")
 def kernel_store(user, bookworm, busybox):
     """The test user's store with the Debian image (ipykernel inside) as
-    ``deb`` and busybox (no Python) as ``nopython``."""
+    ``deb``, busybox (no Python) as ``nopython``, and the Debian image with
+    JupyterHub and JupyterLab as ``jupyter``."""
     work = Path(tempfile.mkdtemp(prefix="chspawner-kernels-", dir="/tmp"))
     os.chmod(work, 0o755)
     store = work / "store"
@@ -179,6 +180,12 @@ def kernel_store(user, bookworm, busybox):
     for src, name in ((tarball, "deb"), (busybox, "nopython")):
         as_user(user.pw_name, str(CHSPAWNER), "import", "-q", "-s", str(store), str(src),
                 name)
+    tarball.unlink()
+    subprocess.run(["tar", "-C", str(_image("jupyter")), "-cf", str(tarball), "."],
+                   check=True)
+    os.chmod(tarball, 0o644)
+    as_user(user.pw_name, str(CHSPAWNER), "import", "-q", "-s", str(store), str(tarball),
+            "jupyter")
     tarball.unlink()
     yield str(store)
     remove_tree(work)

@@ -44,7 +44,8 @@ class Hub:
             c.Authenticator.allowed_users = {{"{user}"}}
             c.JupyterHub.spawner_class = "chspawner"
             c.ChSpawner.images = [{{"name": "deb", "description": "Debian, ipykernel"}},
-                                  {{"name": "nopython", "description": "busybox"}}]
+                                  {{"name": "nopython", "description": "busybox"}},
+                                  {{"name": "jupyter", "description": "JupyterLab"}}]
             c.ChSpawner.site_storage = "{store}"
             c.Spawner.cmd = ["{VENV_BIN}/jupyterhub-singleuser"]
             c.Spawner.start_timeout = 120
@@ -155,10 +156,10 @@ async def stop_server(hub: Hub) -> None:
                 await asyncio.sleep(0.2)
 
 
-async def kernel_in_server(hub: Hub) -> tuple:
+async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
     base = f"{hub.url}/user/{hub.user}/api/kernels"
     async with hub.session() as http:
-        async with http.post(base, json={"name": KERNEL}) as r:
+        async with http.post(base, json={"name": kernel}) as r:
             assert r.status == 201, (await r.text()) + hub.log()[-4000:]
             kernel = (await r.json())["id"]
         async with http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws")) as ws:
@@ -172,6 +173,19 @@ def test_kernels_mode_spawn_through_the_rest_api(hub):
         assert result.get("ready"), result["events"]
         assert any("kernels mode with image deb" in e for e in result["events"])
         assert asyncio.run(kernel_in_server(hub)) == \
+            ("ok", "chspawner test image: Debian bookworm\n", None)
+    finally:
+        asyncio.run(stop_server(hub))
+
+
+@pytest.mark.parametrize("which", ["local", "slurm"])
+def test_server_mode_runs_the_whole_server_in_the_image(request, which):
+    """The single-user server itself in the image: its own kernel runs there."""
+    hub = request.getfixturevalue("hub" if which == "local" else "slurm_hub")
+    result = asyncio.run(spawn(hub, {"image": "jupyter", "mode": "server"}))
+    try:
+        assert result.get("ready"), (result, hub.log()[-3000:])
+        assert asyncio.run(kernel_in_server(hub, "python3")) == \
             ("ok", "chspawner test image: Debian bookworm\n", None)
     finally:
         asyncio.run(stop_server(hub))
