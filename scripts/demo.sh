@@ -1,9 +1,14 @@
 #!/bin/bash
-# Set up this machine (Debian 12, as root) and run the main job: the
-# unprivileged user pulls the demo image from a local registry with
-# "chspawner pull" and runs it by name with "chspawner run" (scripts/demo.py).
+# Set up this machine (Debian 12, as root) and run the main job:
+#  1. the unprivileged user pulls the demo image from a local registry with
+#     "chspawner pull" and runs it by name with "chspawner run" (demo.py);
+#  2. JupyterHub with ChSpawner on 127.0.0.1 serves JupyterLab inside the
+#     demo image (demo_hub.py) until Ctrl-C; with --check, it spawns the demo
+#     user's server through the REST API instead, runs code in a
+#     containerized kernel, prints the result and stops.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
-scripts/setup.sh bookworm
-exec "$CHSPAWNER_VENV/bin/python" scripts/demo.py
+scripts/setup.sh bookworm jupyter
+"$CHSPAWNER_VENV/bin/python" scripts/demo.py
+exec "$CHSPAWNER_VENV/bin/python" scripts/demo_hub.py "$@"
