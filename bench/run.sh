@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
-scripts/setup.sh busybox bookworm
+scripts/setup.sh busybox bookworm jupyter
 echo "== container start: chspawner run vs Charliecloud ch-run ($(nproc) cores, $(uname -r))"
 "$CHSPAWNER_VENV/bin/python" bench/runtime_start.py --check "$@"
 echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"
 "$CHSPAWNER_VENV/bin/python" bench/images.py --check
 echo "== kernels: in an image vs native; many at once"
 "$CHSPAWNER_VENV/bin/python" bench/kernels.py --check
+echo "== spawning through JupyterHub: ChSpawner in an image vs LocalProcessSpawner"
+"$CHSPAWNER_VENV/bin/python" bench/spawn.py --check

@@ -1,0 +1,66 @@
+"""Spawn to ready through a real JupyterHub: ChSpawner running the
+single-user server inside the ``jupyter`` image against JupyterHub's own
+LocalProcessSpawner running the same server natively (from the venv).
+
+Both hubs run side by side in one run; rounds alternate; medians. Target:
+ChSpawner <= 1.1x. Run as root: ``bench/run.sh`` or
+``python bench/spawn.py [--rounds N] [--check]``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
+from demo_hub import site_store  # noqa: E402  (the demo's store: jupyter, deb)
+from test_spawner import Hub, spawn, stop_server  # noqa: E402
+
+USER = os.environ.get("CHSPAWNER_USER", "chtest")
+TARGET = 1.1
+
+
+def timed_spawn(hub: Hub, options: dict) -> float:
+    start = time.perf_counter()
+    result = asyncio.run(spawn(hub, options))
+    elapsed = time.perf_counter() - start
+    if not result.get("ready"):
+        sys.exit(f"spawn failed: {result}")
+    asyncio.run(stop_server(hub))
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    store = site_store()
+    native = Hub(store, USER, images=("jupyter",),
+                 extra_config='c.JupyterHub.spawner_class = "localprocess"\n')
+    ours = Hub(store, USER, images=("jupyter",))
+    times: dict[str, list[float]] = {"native": [], "chspawner": []}
+    try:
+        for _ in range(args.rounds):
+            times["native"].append(timed_spawn(native, {}))
+            times["chspawner"].append(timed_spawn(ours, {"image": "jupyter",
+                                                         "mode": "server"}))
+    finally:
+        native.stop()
+        ours.stop()
+    a, o = statistics.median(times["native"]), statistics.median(times["chspawner"])
+    ratio = o / a
+    print(f"{'spawn to ready':<32} {'native':>8} {'in image':>9} {'ratio':>6} {'target':>7}")
+    print(f"{'LocalProcessSpawner / ChSpawner':<32} {a:>7.2f}s {o:>8.2f}s {ratio:>5.2f}x "
+          f"{TARGET:>6.1f}x{'  OVER TARGET' if ratio > TARGET else ''}")
+    return 1 if args.check and ratio > TARGET else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
