@@ -98,7 +98,7 @@ class ChSpawner(LocalProcessSpawner):
         unknown = set(options) - {"image", "mode"}
         if unknown:
             raise web.HTTPError(400, f"unknown options: {', '.join(sorted(unknown))}")
-        image = options.get("image") or (next(iter(offered), "") if offered else "")
+        image = options.get("image") or next(iter(offered), "")
         mode = options.get("mode") or (self.modes[0] if self.modes else "")
         if not isinstance(image, str) or not isinstance(mode, str):
             raise web.HTTPError(400, "image and mode must be strings")

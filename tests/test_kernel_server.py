@@ -69,6 +69,13 @@ def execute_request(code: str) -> dict:
                         "stop_on_error": True}}
 
 
+async def warm_up(ws) -> None:
+    """Run nothing once: a kernel's first output can go out before the new
+    websocket's iopub subscription is live (ZMQ's slow joiner); once a reply
+    has come back, it is."""
+    await execute(ws, "pass")
+
+
 async def execute(ws, code: str, on_start=None) -> tuple[str, str, str | None]:
     """Run ``code`` over the kernel's websocket: (status, stdout, ename).
     ``on_start`` is awaited once the code has printed something."""
@@ -102,6 +109,7 @@ async def picker_flow(base: str, token: str) -> dict:
             kernel = (await r.json())["id"]
         api = f"{base}/api/kernels/{kernel}"
         async with http.ws_connect(api.replace("http", "ws") + "/channels") as ws:
+            await warm_up(ws)
             report["marker"] = await execute(
                 ws, "print(open('/etc/chspawner-test-image').read().strip())")
 
@@ -116,6 +124,7 @@ async def picker_flow(base: str, token: str) -> dict:
         async with http.post(f"{api}/restart") as r:
             assert r.status == 200
         async with http.ws_connect(api.replace("http", "ws") + "/channels") as ws:
+            await warm_up(ws)
             report["after_restart"] = await execute(ws, "print('x' in globals())")
         async with http.delete(api) as r:
             report["deleted"] = r.status

@@ -16,7 +16,7 @@ import pytest
 
 from chspawner.images.trees import remove_tree
 from conftest import VENV_BIN
-from test_kernel_server import execute, free_port
+from test_kernel_server import execute, free_port, warm_up
 
 KERNEL = "chspawner-deb--python3"
 DESCRIPTIONS = {"deb": "Debian 12 with ipykernel (kernels mode)",
@@ -169,6 +169,7 @@ async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
             assert r.status == 201, (await r.text()) + hub.log()[-4000:]
             kernel = (await r.json())["id"]
         async with http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws")) as ws:
+            await warm_up(ws)
             return await execute(ws, "print(open('/etc/chspawner-test-image').read().strip())")
 
 
