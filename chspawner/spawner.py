@@ -399,9 +399,8 @@ class SlurmChSpawner(ChSpawner):
 
     def get_state(self) -> dict:
         state = super().get_state()
-        if self.job_id:
-            state.update(job_id=self.job_id, node=self.node, image=self.image,
-                         mode=self.mode)
+        if self.job_id:  # (image and mode come from ChSpawner)
+            state.update(job_id=self.job_id, node=self.node)
         return state
 
     def load_state(self, state: dict) -> None:
