@@ -31,7 +31,6 @@ import stat
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from chspawner.images import ImageError
@@ -98,18 +97,6 @@ def contained_link_target(link_path: str, target: str) -> str | None:
     return posixpath.relpath("/" + resolved, "/" + base) if base else resolved
 
 
-@dataclass
-class Stats:
-    """What an unpack did, for the user's summary."""
-
-    files: int = 0
-    bytes: int = 0
-    skipped_devices: list[str] = field(default_factory=list)
-    rewritten_links: int = 0
-    stripped_setid: int = 0
-    whiteouts: int = 0
-
-
 def _umask() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -132,7 +119,6 @@ class ImageWriter:
         self.root = root
         self.root_fd = os.open(root, DIR_FLAGS)
         self.umask = _umask()
-        self.stats = Stats()
         self._dirs: OrderedDict[str, int] = OrderedDict()
         self._layer_paths: set[str] | None = None  # paths added by this layer
 
@@ -259,8 +245,6 @@ class ImageWriter:
             os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)
-        self.stats.files += 1
-        self.stats.bytes += size
         self._added(path)
 
     def add_symlink(self, name: str, target: str) -> None:
@@ -272,7 +256,6 @@ class ImageWriter:
         rewritten = contained_link_target(path, target)
         if rewritten is not None:
             target = rewritten
-            self.stats.rewritten_links += 1
         try:
             os.symlink(target, base, dir_fd=pfd)
         except FileExistsError:
@@ -303,12 +286,10 @@ class ImageWriter:
         self._added(path)
 
     def skip_device(self, name: str) -> None:
-        self.stats.skipped_devices.append(member_path(name))
+        member_path(name)  # skipped, but a name that escapes is still refused
 
     def _file_mode(self, mode: int) -> int:
-        if mode & 0o6000:
-            self.stats.stripped_setid += 1
-        mode = (mode & 0o777) | 0o600
+        mode = (mode & 0o777) | 0o600  # setuid, setgid, sticky dropped
         return mode | 0o100 if mode & 0o111 else mode
 
     # ---------------------------------------------------------- whiteouts --
@@ -325,7 +306,6 @@ class ImageWriter:
         path = member_path(name)
         parent = posixpath.dirname(path)
         pfd = self._dir_fd(parent, name)
-        self.stats.whiteouts += 1
         if base == OPAQUE:
             # Hide everything the lower layers put here, but not what this
             # layer adds, wherever in the layer its entries come.
