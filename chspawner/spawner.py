@@ -184,7 +184,9 @@ class ChSpawner(LocalProcessSpawner):
         return to_argv(spec, self.backend)
 
     def _emit(self, progress: int, message: str) -> None:
-        self._events.put_nowait({"progress": progress, "message": message})
+        events = getattr(self, "_events", None)
+        if events is not None:  # (nobody follows a re-attach after a hub restart)
+            events.put_nowait({"progress": progress, "message": message})
 
     async def progress(self):
         """What start() reports, as it happens; the hub adds 'ready'."""
@@ -356,6 +358,20 @@ class SlurmChSpawner(ChSpawner):
                 last = state, reason
             await asyncio.sleep(self.poll_interval)
 
+    async def get_url(self) -> str:
+        """Where the server is, asked by a hub restarted while it was not
+        yet up: a job still queued or starting is waited for (and so
+        re-attached), not declared dead after http_timeout and cancelled."""
+        if self.job_id and not self.node:
+            try:
+                await self._wait_running()
+            except Exception as e:  # the hub's startup check must not fail
+                self.log.warning("chspawner: job %s: %s", self.job_id, e)
+                return self.server.url
+        if not self.node:
+            return self.server.url
+        return f"{self.server.proto}://{self.node}:{self.port}{self.server.base_url}"
+
     async def _job_alive(self) -> bool:
         try:
             state, _, _ = await self.job_status()
@@ -400,13 +416,16 @@ class SlurmChSpawner(ChSpawner):
     def get_state(self) -> dict:
         state = super().get_state()
         if self.job_id:  # (image and mode come from ChSpawner)
-            state.update(job_id=self.job_id, node=self.node)
+            # The port too: the hub records it only once start() returns.
+            state.update(job_id=self.job_id, node=self.node, port=self.port)
         return state
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.job_id = state.get("job_id", "")
         self.node = state.get("node", "")
+        if state.get("port"):
+            self.port = state["port"]
 
     def clear_state(self) -> None:
         super().clear_state()

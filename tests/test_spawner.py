@@ -86,11 +86,14 @@ class Hub:
     def session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(headers={"Authorization": f"token {self.token}"})
 
-    def restart(self) -> None:
+    def restart(self, wait_checked: bool = True) -> None:
         """Stop the hub process alone (servers keep running), start again,
-        and wait for it to finish checking the servers it finds."""
+        and (unless told not to) wait for it to finish checking the servers
+        it finds."""
         self._terminate()
         self.start()
+        if not wait_checked:
+            return
 
         async def checking() -> bool:
             async with self.session() as http:
@@ -344,11 +347,18 @@ def test_slurm_job_failing_before_the_server_answers_ends_the_spawn(broken_slurm
 
 @pytest.fixture
 def drained(slurm):
-    """The node takes no new jobs while this lasts: jobs queue."""
+    """The node takes no new jobs until the test calls the fixture's value
+    (or ends): jobs queue."""
     slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=drain",
               "reason=chspawner-test")
-    yield
-    slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=resume")
+    resumed = []
+
+    def resume() -> None:
+        if not resumed:
+            slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=resume")
+            resumed.append(True)
+    yield resume
+    resume()
 
 
 async def spawn_until(hub: Hub, options: dict, word: str) -> list[str]:
@@ -377,4 +387,23 @@ def test_slurm_stop_during_the_queue_wait_cancels_the_job(slurm_hub, slurm, drai
     assert any(e.startswith("submitted Slurm job") for e in events)
     assert len(queued_jobs(slurm, slurm_hub.user)) == 1
     asyncio.run(stop_server(slurm_hub))
+    wait_until(lambda: not queued_jobs(slurm, slurm_hub.user), "the job to go")
+
+
+def test_slurm_hub_restart_during_the_queue_wait_reattaches(slurm_hub, slurm, drained):
+    """The job id was saved at submission: the restarted hub follows the
+    same job until its server answers, and no second job is submitted."""
+    events = asyncio.run(spawn_until(slurm_hub, {"image": "deb"}, "pending"))
+    job = next(e.split()[3] for e in events if e.startswith("submitted Slurm job"))
+    try:
+        slurm_hub.restart(wait_checked=False)
+        assert queued_jobs(slurm, slurm_hub.user) == [job]
+        drained()  # resume: the job starts
+        wait_until(lambda: asyncio.run(user_server(slurm_hub)).get("ready"),
+                   "the re-attached server to be ready", 120)
+        assert queued_jobs(slurm, slurm_hub.user) == [job]
+        assert asyncio.run(kernel_in_server(slurm_hub))[1] == \
+            "chspawner test image: Debian bookworm\n"
+    finally:
+        asyncio.run(stop_server(slurm_hub))
     wait_until(lambda: not queued_jobs(slurm, slurm_hub.user), "the job to go")
