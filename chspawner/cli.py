@@ -43,6 +43,9 @@ def _parser():
     common.add_argument("-s", "--storage", metavar="DIR",
                         help="image store (default $CH_IMAGE_STORAGE or /var/tmp/$USER.ch)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    common.add_argument("--json-progress", action="store_true",
+                        help="progress as one JSON object per line on stdout "
+                             "(for programs following the work)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      parser_class=Parser)
     commands.add_parser("run", add_help=False,
@@ -131,7 +134,9 @@ def _interrupt(signum, _frame):
 
 
 def _progress(args):
-    from chspawner.images.progress import ProgressBars
+    from chspawner.images.progress import JsonProgress, ProgressBars
+    if getattr(args, "json_progress", False):
+        return JsonProgress()
     return ProgressBars(quiet=getattr(args, "quiet", False))
 
 

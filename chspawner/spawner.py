@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
+import os
+import pwd
 import shlex
 import socket
+import sys
 
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
@@ -40,7 +44,18 @@ class ChSpawner(LocalProcessSpawner):
 
     images = List(
         Dict(), help="""Images users may pick, in the site store:
-        [{"name": "pytorch:24", "description": "PyTorch 2.4, CUDA 12"}, ...]""",
+        [{"name": "pytorch:24", "description": "PyTorch 2.4, CUDA 12",
+          "pull": "registry.example.org/ml/pytorch:24"}, ...].
+        An image with "pull" that is not in the site store yet is pulled on
+        its first spawn, on the hub's host, as the site store's owner (never
+        as root), with its progress on the spawn page; later spawns, by any
+        user, use it from the store. "insecure": true allows a registry
+        without TLS.""",
+    ).tag(config=True)
+    chspawner_cmd = List(
+        Unicode(), [sys.executable, "-m", "chspawner.cli"],
+        help="The chspawner command that pulls images, run as the site store's "
+             "owner: that account must be able to run it.",
     ).tag(config=True)
     site_storage = Unicode(
         None, allow_none=True,
@@ -66,6 +81,10 @@ class ChSpawner(LocalProcessSpawner):
         help="Each user's own store ({username} is filled in), for allow_user_images.",
     ).tag(config=True)
 
+    # One pull of an image at a time in this hub: a second spawn of an image
+    # being pulled waits for it rather than pulling it again.
+    _pulls: dict[str, asyncio.Lock] = {}
+
     image = Unicode("", help="The image of the running or starting server (state).")
     mode = Unicode("", help="kernels or server (state).")
 
@@ -87,9 +106,12 @@ class ChSpawner(LocalProcessSpawner):
         return Store(self.user_storage.format(username=self.user.name))
 
     def store_for(self, image: str) -> Store:
-        if any(i.get("name") == image for i in self.images):
+        if self.site_entry(image) is not None:
             return Store(self.site_storage)
         return self.user_store()
+
+    def site_entry(self, image: str) -> dict | None:
+        return next((i for i in self.images if i.get("name") == image), None)
 
     def validate_user_options(self, options: dict) -> None:
         """Check the options, then set ``image`` and ``mode``: nothing
@@ -111,14 +133,25 @@ class ChSpawner(LocalProcessSpawner):
         if mode not in self.modes:
             raise web.HTTPError(400, f"mode {mode!r} is not offered "
                                      f"(offered: {', '.join(self.modes)})")
-        try:
-            path = self.store_for(image).require(image)
-        except ImageError as e:
-            raise web.HTTPError(400, str(e)) from None
-        if mode == "server" and not any((path / p).exists() for p in SINGLEUSER_PATHS):
-            raise web.HTTPError(400, f"image {image} has no jupyterhub-singleuser, so "
-                                     "it can't run the server itself; choose kernels mode")
+        store = self.store_for(image)
+        if not store.exists(image) and (self.site_entry(image) or {}).get("pull"):
+            pass  # pulled when the spawn starts
+        else:
+            try:
+                problem = self.server_mode_problem(image, mode, store.require(image))
+            except ImageError as e:
+                raise web.HTTPError(400, str(e)) from None
+            if problem:
+                raise web.HTTPError(400, problem)
         self.image, self.mode = image, mode
+
+    @staticmethod
+    def server_mode_problem(image: str, mode: str, path) -> str | None:
+        """Why ``image`` (at ``path``) can't run in ``mode``, if it can't."""
+        if mode == "server" and not any((path / p).exists() for p in SINGLEUSER_PATHS):
+            return (f"image {image} has no jupyterhub-singleuser, so it can't run the "
+                    "server itself; choose kernels mode")
+        return None
 
     @default("options_form")
     def _default_options_form(self):
@@ -158,6 +191,7 @@ class ChSpawner(LocalProcessSpawner):
 
     async def start(self):
         self._events = asyncio.Queue()
+        await self.ensure_image()
         self._emit(20, f"starting the {self.mode} mode with image {self.image}")
         if self.port == 0:
             self.port = random_port()
@@ -174,6 +208,68 @@ class ChSpawner(LocalProcessSpawner):
         self._emit(60, f"container started on {socket.gethostname()}, "
                        f"image {self.image}")
         return result
+
+    async def ensure_image(self) -> None:
+        """Pull the admin's image on its first use (see ``images``)."""
+        entry, store = self.site_entry(self.image), self.store_for(self.image)
+        if not entry or not entry.get("pull") or store.exists(self.image):
+            return
+        lock = self._pulls.setdefault(f"{store.root}:{self.image}", asyncio.Lock())
+        async with lock:
+            if not store.exists(self.image):  # (unless a spawn waited on was pulling it)
+                await self._pull(entry, store)
+        problem = self.server_mode_problem(self.image, self.mode, store.require(self.image))
+        if problem:
+            raise SpawnFailed(problem)
+
+    async def _pull(self, entry: dict, store: Store) -> None:
+        owner = pwd.getpwuid(os.stat(store.root).st_uid)
+        if owner.pw_uid == 0:
+            raise SpawnFailed(f"can't pull {self.image}: the site store {store.root} "
+                              "belongs to root, and images are never pulled as root; "
+                              "give it to a service account")
+        argv = [*self.chspawner_cmd, "pull", "--json-progress", "-s", str(store.root),
+                *(["--insecure"] if entry.get("insecure") else []),
+                entry["pull"], self.image]
+        self._pull_percent, self._pull_seen = 2, set()
+        self._emit(2, f"pulling image {self.image} from {entry['pull']}")
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": owner.pw_dir,
+                 "USER": owner.pw_name, "LANG": "C.UTF-8"},
+            preexec_fn=self.make_preexec_fn(owner.pw_name))
+        try:
+            async for line in process.stdout:
+                self._pull_event(line)
+            error = (await process.stderr.read()).decode(errors="replace").strip()
+            if await process.wait() != 0:
+                reason = error.splitlines()[-1] if error else "failed"
+                raise SpawnFailed(f"can't pull image {self.image}: "
+                                  + reason.removeprefix("chspawner pull: error: "))
+        finally:
+            if process.returncode is None:  # the spawn was cancelled: so is the pull
+                process.terminate()          # (it cleans up after itself on SIGTERM)
+                await process.wait()
+
+    def _pull_event(self, line: bytes) -> None:
+        """A pull's JSON progress line as a spawn-page event (2-19 %); one
+        per step and per tenth of it, not one per megabyte."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return  # the image's path, printed at the end
+        fraction = event.get("fraction")
+        seen = (event["step"], None if fraction is None else int(fraction * 10))
+        if seen in self._pull_seen:
+            return
+        self._pull_seen.add(seen)
+        weight = {"resolve": 0, "download": 1, "unpack": 2, "done": 3}.get(event["step"], 1)
+        # Layers unpack while others download: the bar only moves forward.
+        self._pull_percent = max(getattr(self, "_pull_percent", 0),
+                                 2 + 5 * weight + int(5 * (fraction or 0)))
+        self._emit(self._pull_percent, f"image {self.image}: {event['message']}"
+                   + (f" ({100 * fraction:.0f}%)" if fraction is not None else ""))
 
     def container_argv(self) -> list[str]:
         """Server mode: the single-user server in the image, with the user's
@@ -311,6 +407,9 @@ class SlurmChSpawner(ChSpawner):
             self._emit(10, f"re-attaching to Slurm job {self.job_id}")
             return await self._wait_running()
         self.job_id = self.node = ""
+        # On the hub's host, into the shared store: compute nodes never
+        # talk to a registry.
+        await self.ensure_image()
         if self.port == 0:
             self.port = random_port()
         command = (self.container_argv() if self.mode == "server"
@@ -327,7 +426,7 @@ class SlurmChSpawner(ChSpawner):
         try:
             self.job_id = (await self.slurm(*sbatch, env=self.get_env())).strip().split(";")[0]
         except SlurmError as e:
-            raise web.HTTPError(500, f"can't submit the server's job: {e}") from None
+            raise SpawnFailed(f"can't submit the server's job: {e}") from None
         self._save_state()
         self._emit(10, f"submitted Slurm job {self.job_id}")
         return await self._wait_running()
@@ -341,9 +440,9 @@ class SlurmChSpawner(ChSpawner):
             state, node, reason = await self.job_status()
             if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED",
                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
-                raise web.HTTPError(500, f"Slurm job {self.job_id} ended before the "
-                                         f"server answered ({state or 'gone'}"
-                                         f"{', ' + reason if reason not in ('', 'None') else ''})")
+                raise SpawnFailed(f"Slurm job {self.job_id} ended before the server "
+                                  f"answered ({state or 'gone'}"
+                                  f"{', ' + reason if reason not in ('', 'None') else ''})")
             if state == "RUNNING" and node and not self.node:
                 self.node = node
                 self._save_state()
@@ -434,6 +533,14 @@ class SlurmChSpawner(ChSpawner):
 
 class SlurmError(RuntimeError):
     """A Slurm command failed."""
+
+
+class SpawnFailed(RuntimeError):
+    """A spawn that can't go on; the hub shows its message as it is."""
+
+    @property
+    def jupyterhub_message(self) -> str:
+        return str(self)
 
 
 async def _answers(host: str, port: int) -> bool:

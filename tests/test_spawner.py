@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from chspawner.images.trees import remove_tree
-from conftest import VENV_BIN
+from conftest import REPO, VENV_BIN
 from test_kernel_server import execute, free_port, warm_up
 
 KERNEL = "chspawner-deb--python3"
@@ -407,3 +407,53 @@ def test_slurm_hub_restart_during_the_queue_wait_reattaches(slurm_hub, slurm, dr
     finally:
         asyncio.run(stop_server(slurm_hub))
     wait_until(lambda: not queued_jobs(slurm, slurm_hub.user), "the job to go")
+
+
+# ------------------------------------------------ pulled on first use ----
+
+@pytest.fixture
+def pulling_hub(user, user_dir, kernel_store, registry, test_images):
+    """A hub whose admin lists images by registry reference only: the site
+    store (the test user's) starts empty."""
+    store = user_dir / "site"
+    subprocess.run([str(REPO / "scripts/as-user.sh"), user.pw_name, "mkdir", str(store)],
+                   check=True)
+    images = [{"name": "hello", "description": "pulled on first use", "insecure": True,
+               "pull": test_images.one.at(registry)},
+              {"name": "missing", "insecure": True,
+               "pull": f"{registry.host}/no/such:image"}]
+    hub = Hub(kernel_store, user.pw_name, extra_config=textwrap.dedent(f"""
+        c.ChSpawner.images = {images!r}
+        c.ChSpawner.site_storage = "{store}"
+        c.ChSpawner.modes = ["kernels"]
+    """))
+    hub.site = store
+    yield hub
+    hub.stop()
+
+
+def test_an_admins_image_is_pulled_on_its_first_spawn(pulling_hub):
+    result = asyncio.run(spawn(pulling_hub, {"image": "hello"}))
+    try:
+        assert result.get("ready"), (result, pulling_hub.log()[-3000:])
+        pulled = [e for e in result["events"] if e.startswith("image hello: ")]
+        assert any("download" in e and "%" in e for e in pulled), result["events"]
+        assert (pulling_hub.site / "img/hello/hello.txt").is_file()
+        assert result["events"].index(pulled[-1]) < \
+            next(i for i, e in enumerate(result["events"]) if "starting" in e)
+    finally:
+        asyncio.run(stop_server(pulling_hub))
+    # The next spawn uses the stored image: no second pull.
+    result = asyncio.run(spawn(pulling_hub, {"image": "hello"}))
+    asyncio.run(stop_server(pulling_hub))
+    assert result.get("ready") and not any("pulling" in e for e in result["events"])
+
+
+def test_a_failed_pull_fails_the_spawn_with_its_reason(pulling_hub):
+    result = asyncio.run(spawn(pulling_hub, {"image": "missing"}))
+    assert result.get("ready") is False, result
+    assert result["events"][-1].startswith(
+        "Spawn failed: can't pull image missing: "), result["events"]
+    assert "no/such:image: HTTP 404" in result["events"][-1]
+    assert not (pulling_hub.site / "img/missing").exists()
+    assert not asyncio.run(user_server(pulling_hub))

@@ -62,6 +62,31 @@ class ByteCounter:
         self.progress(Progress(self.step, self.message, self.done, self.total))
 
 
+class JsonProgress:
+    """A progress callback that writes each event as one JSON line on
+    stdout, for a program following the work (the spawners, which show
+    it on the spawn page). Lines never interleave across threads."""
+
+    def __init__(self):
+        import sys
+        self._out = sys.stdout
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Progress) -> None:
+        import json
+        line = json.dumps({"step": event.step, "message": event.message,
+                           "done": event.done, "total": event.total,
+                           "fraction": event.fraction})
+        with self._lock:
+            print(line, file=self._out, flush=True)
+
+    def __enter__(self) -> JsonProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class ProgressBars:
     """A progress callback that draws one tqdm bar per step on stderr (on a
     terminal, as tqdm decides; elsewhere it prints each step's message once).
