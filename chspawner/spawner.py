@@ -334,6 +334,8 @@ class SlurmChSpawner(ChSpawner):
     max_mem_gb = Integer(32, help="Most memory (GB) a user may ask for.").tag(config=True)
     max_hours = Integer(12, help="Longest time limit (hours) a user may ask for.").tag(
         config=True)
+    max_gpus = Integer(0, help="Most GPUs a user may ask for (0: the form offers "
+                       "none; asked for with sbatch --gpus).").tag(config=True)
     slurm_env = Dict(Unicode(), help="Extra environment for Slurm commands "
                      "(e.g. SLURM_CONF).").tag(config=True)
     poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
@@ -343,37 +345,62 @@ class SlurmChSpawner(ChSpawner):
     node = Unicode("", help="Where it runs (state).")
     request = Dict(help="The validated Slurm request of this spawn.")
 
-    OPTIONS = ("image", "mode", "partition", "cpus", "mem_gb", "hours")
+    RESOURCES = ("partition", "cpus", "mem_gb", "hours", "gpus")
 
     @default("ip")
     def _default_ip(self):
         return "0.0.0.0"  # the hub connects to the node
 
     def validate_user_options(self, options: dict) -> None:
-        slurm = {k: options[k] for k in ("partition", "cpus", "mem_gb", "hours")
-                 if k in options}
-        request = {"partition": self.partitions[0] if self.partitions else "",
-                   "cpus": 1, "mem_gb": 2, "hours": 1}
+        slurm = {k: options[k] for k in self.RESOURCES if k in options}
+        request = self.default_request()
         for key, value in slurm.items():
             if key == "partition":
                 if value not in self.partitions:
                     raise web.HTTPError(400, f"partition {value!r} is not offered "
                                              f"(offered: {', '.join(self.partitions)})")
             else:
-                bound = {"cpus": self.max_cpus, "mem_gb": self.max_mem_gb,
-                         "hours": self.max_hours}[key]
+                low, high = self.bounds()[key]
                 if not isinstance(value, int) or isinstance(value, bool) \
-                        or not 1 <= value <= bound:
-                    raise web.HTTPError(400, f"{key} must be a whole number from 1 to "
-                                             f"{bound}")
+                        or not low <= value <= high:
+                    raise web.HTTPError(400, f"{key} must be a whole number from {low} "
+                                             f"to {high}")
             request[key] = value
         super().validate_user_options({k: v for k, v in options.items()
                                        if k not in slurm})
         self.request = request
 
+    def default_request(self) -> dict:
+        return {"partition": self.partitions[0] if self.partitions else "",
+                "cpus": 1, "mem_gb": min(2, self.max_mem_gb), "hours": 1, "gpus": 0}
+
+    def bounds(self) -> dict[str, tuple[int, int]]:
+        return {"cpus": (1, self.max_cpus), "mem_gb": (1, self.max_mem_gb),
+                "hours": (1, self.max_hours), "gpus": (0, self.max_gpus)}
+
+    def render_options_form(self, spawner=None) -> str:
+        """ChSpawner's image and mode, then the Slurm request within bounds."""
+        default = self.default_request()
+        fields = ""
+        if self.partitions:
+            choices = "".join(f'<option value="{html.escape(p)}">{html.escape(p)}</option>'
+                              for p in self.partitions)
+            fields += (f'<label for="partition">Partition</label><select '
+                       f'class="form-control" name="partition" id="partition">{choices}'
+                       f'</select>')
+        labels = {"cpus": "CPUs", "mem_gb": "Memory (GB)", "hours": "Hours",
+                  "gpus": "GPUs"}
+        for key, (low, high) in self.bounds().items():
+            if high < max(low, 1):
+                continue  # (no GPUs offered)
+            fields += (f'<label for="{key}">{labels[key]}</label><input '
+                       f'class="form-control" type="number" name="{key}" id="{key}" '
+                       f'min="{low}" max="{high}" value="{default[key]}">')
+        return super().render_options_form(spawner) + fields
+
     def options_from_form(self, formdata: dict) -> dict:
         options = super().options_from_form(formdata)
-        for key in ("partition", "cpus", "mem_gb", "hours"):
+        for key in self.RESOURCES:
             value = (formdata.get(key) or [""])[0]
             if value:
                 options[key] = int(value) if value.isdigit() else value
@@ -414,13 +441,15 @@ class SlurmChSpawner(ChSpawner):
             self.port = random_port()
         command = (self.container_argv() if self.mode == "server"
                    else [*self.cmd, *self.get_args()])
-        r = self.request or {"partition": "", "cpus": 1, "mem_gb": 2, "hours": 1}
+        r = self.request or self.default_request()
         sbatch = ["sbatch", "--parsable", f"--job-name=jupyterhub-{self.user.name}",
                   f"--cpus-per-task={r['cpus']}", f"--mem={r['mem_gb']}G",
                   f"--time={r['hours']}:00:00", "--export=ALL",
                   f"--chdir={self._home_dir()}", "--output=/dev/null"]
         if r["partition"]:
             sbatch.append(f"--partition={r['partition']}")
+        if r.get("gpus"):
+            sbatch.append(f"--gpus={r['gpus']}")
         # The command travels as the wrap's arguments, quoted once, here.
         sbatch.append("--wrap=exec " + " ".join(shlex.quote(a) for a in command))
         try:
@@ -453,9 +482,23 @@ class SlurmChSpawner(ChSpawner):
                 return self.node, self.port
             if (state, reason) != last and state != "RUNNING":
                 self._emit(30, f"job {self.job_id} {state.lower()}"
-                               + (f" ({reason})" if reason and reason != "None" else ""))
+                               + (f" ({reason})" if reason and reason != "None" else "")
+                               + (await self._queue_place() if state == "PENDING" else ""))
                 last = state, reason
             await asyncio.sleep(self.poll_interval)
+
+    async def _queue_place(self) -> str:
+        """', place 3 of 5 in the queue' (Slurm's priority order), if known."""
+        try:
+            out = await self.slurm("squeue", "-h", "-t", "PENDING", "--sort=-p,i",
+                                   "-o", "%i", *(["-p", self.request["partition"]]
+                                                 if self.request.get("partition") else []))
+        except SlurmError:
+            return ""
+        jobs = out.split()
+        if self.job_id not in jobs:
+            return ""
+        return f", place {jobs.index(self.job_id) + 1} of {len(jobs)} in the queue"
 
     async def get_url(self) -> str:
         """Where the server is, asked by a hub restarted while it was not
