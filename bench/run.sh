@@ -14,3 +14,5 @@ echo "== kernels: in an image vs native; many at once"
 "$CHSPAWNER_VENV/bin/python" bench/kernels.py --check
 echo "== spawning through JupyterHub: ChSpawner in an image vs LocalProcessSpawner"
 "$CHSPAWNER_VENV/bin/python" bench/spawn.py --check
+echo "== spawning on Slurm: SlurmChSpawner (kernels mode, server mode) vs batchspawner"
+"$CHSPAWNER_VENV/bin/python" bench/slurm_spawn.py

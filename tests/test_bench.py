@@ -23,3 +23,14 @@ def test_kernel_benchmark_runs(user, bookworm):
     assert re.search(r"^start to kernel_info .* [\d.]+x", out.stdout, re.M)
     assert "3/3 kernels started at once" in out.stdout
     assert "port clash: none" in out.stdout
+
+
+def test_slurm_spawn_benchmark_runs(user, bookworm):
+    """One round on the test Slurm cluster (the benchmark starts its own)."""
+    out = subprocess.run([sys.executable, str(REPO / "bench/slurm_spawn.py"),
+                          "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = re.findall(r"^SlurmChSpawner (kernels|server) mode .* ([\d.]+)x$", out.stdout,
+                        re.M)
+    assert [mode for mode, _ in ratios] == ["kernels", "server"], out.stdout
+    assert all(float(ratio) > 0 for _, ratio in ratios)
