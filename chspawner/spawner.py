@@ -196,18 +196,33 @@ class ChSpawner(LocalProcessSpawner):
         if self.port == 0:
             self.port = random_port()
         if self.mode != "server":
-            result = await super().start()
-            self._emit(60, f"server started on {socket.gethostname()}; "
+            ip, port = await super().start()
+            self._emit(40, f"server started on {socket.gethostname()}; "
                            f"kernels run in image {self.image}")
-            return result
-        saved, self.cmd, self._args_in_cmd = self.cmd, self.container_argv(), True
-        try:
-            result = await super().start()
-        finally:
-            self.cmd, self._args_in_cmd = saved, False
-        self._emit(60, f"container started on {socket.gethostname()}, "
-                       f"image {self.image}")
-        return result
+        else:
+            saved, self.cmd, self._args_in_cmd = self.cmd, self.container_argv(), True
+            try:
+                ip, port = await super().start()
+            finally:
+                self.cmd, self._args_in_cmd = saved, False
+            self._emit(40, f"container started on {socket.gethostname()}, "
+                           f"image {self.image}")
+        await self._wait_answering(ip or "127.0.0.1", port)
+        self._emit(60, "server responding")
+        return ip, port
+
+    async def _wait_answering(self, ip: str, port: int) -> None:
+        """Return once the server accepts connections, so the hub's own
+        check (which backs off up to seconds between tries) succeeds at
+        once; a server that exits first fails the spawn at once, with its
+        exit status."""
+        what = f"image {self.image}, {self.mode} mode"  # (poll() clears them)
+        while not await _answers("127.0.0.1" if ip in ("0.0.0.0", "") else ip, port):
+            status = await self.poll()
+            if status is not None:
+                raise SpawnFailed(f"the server exited with status {status} before it "
+                                  f"answered ({what})")
+            await asyncio.sleep(0.05)
 
     async def ensure_image(self) -> None:
         """Pull the admin's image on its first use (see ``images``)."""

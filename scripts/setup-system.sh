@@ -15,6 +15,7 @@ packages=(
     zstd xz-utils               # compressed test tarballs
     util-linux                  # setpriv, to drop to the test user
     slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/slurm.py)
+    chromium                    # the browser test (tests/test_browser.py); Playwright drives it
     ca-certificates
 )
 missing=()

@@ -222,6 +222,26 @@ def test_bad_options_are_refused_and_change_nothing(hub, options, words):
     assert not Path("/tmp/pwned").exists()
 
 
+@pytest.fixture(scope="module")
+def broken_hub(user, kernel_store):
+    """A hub whose server exits at once, in the image."""
+    hub = Hub(kernel_store, user.pw_name, extra_config=textwrap.dedent("""
+        c.ChSpawner.image_cmd = ["/bin/sh", "-c", "echo broken >&2; exit 3", "--"]
+    """))
+    yield hub
+    hub.stop()
+
+
+def test_a_server_exiting_at_once_ends_the_spawn_with_its_status(broken_hub):
+    start = time.monotonic()
+    result = asyncio.run(spawn(broken_hub, {"image": "jupyter", "mode": "server"}))
+    assert result.get("ready") is False, result
+    assert time.monotonic() - start < 30  # not the hub's 120 s http_timeout
+    assert result["events"][-1] == ("Spawn failed: the server exited with status 3 "
+                                    "before it answered (image jupyter, server mode)"), \
+        result["events"]
+
+
 def test_options_form_lists_the_admins_images():
     from chspawner.spawner import ChSpawner
     spawner = ChSpawner(images=[{"name": "deb", "description": "Debian <ipykernel>"}],

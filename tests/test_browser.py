@@ -1,0 +1,152 @@
+"""A user's whole journey in a real browser, end to end, nothing faked.
+
+Headless Chromium (Debian's, driven by Playwright) logs in to a real
+JupyterHub with ChSpawner behind its real configurable-http-proxy, picks the
+``jupyter`` image and the ``server`` mode in ChSpawner's options form, watches
+ChSpawner's progress messages on the hub's spawn-pending page, lands in
+JupyterLab, opens a notebook and runs a cell that reads a file only the image
+has. The answer proves that the page, the proxy, the hub, the spawner, the
+containerized server and its kernel all work together as a user sees them.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from test_spawner import Hub, stop_server
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright's own builds can't be downloaded
+FAILURE_SCREENSHOT = Path("/tmp/chspawner-browser-failure.png")
+PASSWORD = secrets.token_hex(8)
+# /etc/chspawner-test-image exists only inside the test images.
+CODE = "print(open('/etc/chspawner-test-image').read())"
+PROOF = "chspawner test image: Debian bookworm"
+
+# Generous, in milliseconds as Playwright counts: CI machines may have 2
+# cores, and JupyterLab's first load there can take tens of seconds.
+PAGE_MS, SPAWN_MS, LAB_MS, KERNEL_MS = 30_000, 180_000, 120_000, 120_000
+
+
+@pytest.fixture(scope="module")
+def hub(user, kernel_store) -> Iterator[Hub]:
+    hub = Hub(kernel_store, user.pw_name,
+              extra_config=f'c.DummyAuthenticator.password = "{PASSWORD}"\n')
+    yield hub
+    hub.stop()
+
+
+def log_in_and_spawn(page: Page, hub: Hub) -> None:
+    page.goto(f"{hub.url}/hub/login")
+    page.locator("#username_input").fill(hub.user)
+    page.locator("#password_input").fill(PASSWORD)
+    page.locator("#login_submit").click()
+    # With no server yet, the hub sends a new login straight to the form.
+    expect(page).to_have_url(re.compile(r"/hub/spawn(\?.*)?$"), timeout=PAGE_MS)
+    form = page.locator("#spawn_form")
+    form.locator('select[name="image"]').select_option("jupyter")
+    form.locator('input[name="mode"][value="server"]').check()
+    form.locator('button[type="submit"]').click()
+
+
+def watch_progress(page: Page) -> None:
+    """ChSpawner's own messages in the spawn-pending page's event log. The
+    page reloads itself into JupyterLab once the server answers, seconds
+    after the container starts, so this looks as soon as the page is there."""
+    expect(page).to_have_url(re.compile(r"/hub/spawn-pending/"), timeout=PAGE_MS)
+    expect(page.locator("#progress-log")).to_contain_text(
+        re.compile(r"starting the server mode with image jupyter.*"
+                   r"container started on .+, image jupyter", re.DOTALL),
+        timeout=SPAWN_MS)
+
+
+def open_notebook(page: Page, hub: Hub) -> Locator:
+    """Open a new Python 3 notebook from a Launcher; returns its panel."""
+    expect(page).to_have_url(re.compile(rf"/user/{hub.user}/lab"), timeout=SPAWN_MS)
+    # A Launcher of our own: JupyterLab restores the user's last layout,
+    # which may have none, or several.
+    page.get_by_role("menuitem", name="File", exact=True).click(timeout=LAB_MS)
+    page.get_by_role("menuitem", name="New Launcher").click()
+    page.locator('.jp-LauncherCard[data-category="Notebook"]:visible',
+                 has_text="Python 3").click()
+    return page.locator(".jp-NotebookPanel:visible")
+
+
+def run_first_cell(page: Page, notebook: Locator, code: str) -> Locator:
+    """Type ``code`` into the notebook's first cell and run it; returns the
+    cell's output area."""
+    # Run before the notebook's session has its kernel, a cell is silently
+    # not run: wait for the status bar's "Idle", which needs the kernel's
+    # websocket up (the toolbar's indicator says idle from the start).
+    expect(page.locator("#jp-main-statusbar")).to_contain_text(
+        "Python 3 (ipykernel) | Idle", timeout=KERNEL_MS)
+    cell = notebook.locator(".jp-Cell").first
+    editor = cell.locator(".cm-content")
+    editor.click()
+    page.keyboard.type(code)
+    expect(editor).to_have_text(code, timeout=PAGE_MS)
+    page.keyboard.press("Shift+Enter")
+    return cell.locator(".jp-OutputArea-output")
+
+
+def test_log_in_spawn_in_the_image_and_run_a_notebook(hub: Hub) -> None:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} missing: run scripts/setup-system.sh")
+    page: Page | None = None
+    try:
+        with sync_playwright() as pw:
+            # As root (CI), Playwright's default --no-sandbox lets Chromium start.
+            browser: Browser = pw.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(PAGE_MS)  # every click, fill and goto
+                log_in_and_spawn(page, hub)
+                watch_progress(page)
+                output = run_first_cell(page, open_notebook(page, hub), CODE)
+                expect(output).to_contain_text(PROOF, timeout=KERNEL_MS)
+            except Exception as failure:
+                raise AssertionError(explain(failure, page, hub)) from failure
+            finally:
+                browser.close()
+    finally:
+        # Outside Playwright's sync API: it keeps an event loop running, and
+        # these helpers use asyncio.run.
+        asyncio.run(delete_notebooks(hub))  # from the test user's real home
+        asyncio.run(stop_server(hub))
+
+
+async def delete_notebooks(hub: Hub) -> None:
+    """Delete the notebooks open on the user's server (this test's: the hub
+    is the test's own), through the server's REST API as the tester
+    service; the contents API takes the files' checkpoints along."""
+    api = f"{hub.url}/user/{hub.user}/api"
+    async with hub.session() as http:
+        async with http.get(f"{api}/sessions", allow_redirects=False) as r:
+            if r.status != 200:
+                return  # no server: nothing was opened
+            sessions = await r.json()
+        for session in sessions:
+            if session["type"] == "notebook":
+                path = urllib.parse.quote(session["path"])
+                async with http.delete(f"{api}/contents/{path}") as r:
+                    assert r.status in (204, 404), await r.text()
+
+
+def explain(failure: Exception, page: Page | None, hub: Hub) -> str:
+    """What went wrong, with what the browser and the hub last showed."""
+    where = "no page"
+    if page is not None:
+        try:
+            page.screenshot(path=str(FAILURE_SCREENSHOT), full_page=True)
+            text = page.locator("body").inner_text(timeout=5_000)
+            where = (f"page {page.url} (screenshot {FAILURE_SCREENSHOT}):\n"
+                     f"{text[-2000:]}")
+        except Exception as e:  # the browser itself may be what failed
+            where = f"page {page.url}: could not be read ({e})"
+    return f"{failure}\n--- {where}\n--- hub log:\n{hub.log()[-3000:]}"
