@@ -436,7 +436,12 @@ class SlurmChSpawner(ChSpawner):
 
     async def job_status(self) -> tuple[str, str, str]:
         """(state, node, reason) of the job; state '' once it is gone."""
-        out = await self.slurm("squeue", "-h", "-j", self.job_id, "-o", "%T|%N|%r")
+        try:
+            out = await self.slurm("squeue", "-h", "-j", self.job_id, "-o", "%T|%N|%r")
+        except SlurmError as e:
+            if "Invalid job id" in str(e):  # ended, and already forgotten
+                return "", "", ""
+            raise
         state, _, rest = out.strip().partition("|")
         node, _, reason = rest.partition("|")
         return state, node, reason
@@ -481,7 +486,16 @@ class SlurmChSpawner(ChSpawner):
         its state (not after the hub's http_timeout)."""
         last = None
         while True:
-            state, node, reason = await self.job_status()
+            try:
+                state, node, reason = await self.job_status()
+            except SlurmError as e:
+                # A controller restart or outage is no reason to give up on
+                # the job: keep asking (the hub's start_timeout bounds it).
+                if last != "unreachable":
+                    self._emit(30, f"can't reach Slurm ({e}); still trying")
+                    last = "unreachable"
+                await asyncio.sleep(self.poll_interval)
+                continue
             if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED",
                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
                 raise SpawnFailed(f"Slurm job {self.job_id} ended before the server "

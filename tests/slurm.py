@@ -32,6 +32,7 @@ order, and has no test assertions to rewrite.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -379,6 +380,20 @@ class Slurm:
             if _remaining(deadline) <= 0:
                 raise daemon.failure(f"{what} within {START_TIMEOUT:.0f} s")
             time.sleep(POLL)
+
+    @contextlib.contextmanager
+    def controller_down(self) -> Iterator[None]:
+        """slurmctld stopped for the with-block, as in an outage or an
+        upgrade, then started again from its saved state. Jobs keep running
+        on the node meanwhile; Slurm clients fail."""
+        ctld = self._daemons["slurmctld"]
+        ctld.stop()
+        try:
+            yield
+        finally:
+            ctld.start()
+            self._poll(ctld, self._controller_up, time.monotonic() + START_TIMEOUT,
+                       "did not answer ping after a restart")
 
     def _controller_up(self) -> bool:
         # A short timeout: should a stranger hold the port, the ping would

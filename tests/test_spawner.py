@@ -57,7 +57,8 @@ class Hub:
             c.JupyterHub.cleanup_servers = False   # a hub restart keeps them
             c.JupyterHub.services = [{{"name": "tester", "api_token": "{self.token}"}}]
             c.JupyterHub.load_roles = [{{"name": "tester", "services": ["tester"],
-                "scopes": ["admin:users", "admin:servers", "access:servers", "read:users"]}}]
+                "scopes": ["admin:users", "admin:servers", "access:servers", "read:users",
+                           "tokens"]}}]
         """) + extra_config)
         self.start()
 
@@ -303,6 +304,34 @@ def test_slurm_kernels_mode_spawn(slurm_hub, slurm, user):
         time.sleep(0.2)
 
 
+def test_slurm_no_report_path_for_a_users_token_to_abuse(slurm_hub):
+    """batchspawner's report handler sets any spawner attribute a user's
+    server posts, exec_prefix included. SlurmChSpawner needs none (the hub
+    picks the port), so a user's own token posting there reaches nothing,
+    and the running server is unchanged."""
+    result = asyncio.run(spawn(slurm_hub, {"image": "deb", "mode": "kernels"}))
+
+    async def inject() -> int:
+        api = f"{slurm_hub.url}/hub/api"
+        async with slurm_hub.session() as http:
+            async with http.post(f"{api}/users/{slurm_hub.user}/tokens", json={}) as r:
+                assert r.status == 201, await r.text()
+                token = (await r.json())["token"]
+        async with aiohttp.ClientSession(headers={"Authorization": f"token {token}"}) \
+                as http:
+            async with http.post(f"{api}/batchspawner", json={
+                    "port": 1, "exec_prefix": "touch /tmp/pwned;"}) as r:
+                return r.status
+    try:
+        assert result.get("ready"), result
+        before = asyncio.run(user_server(slurm_hub))
+        assert asyncio.run(inject()) == 404
+        assert asyncio.run(user_server(slurm_hub)) == before
+    finally:
+        asyncio.run(stop_server(slurm_hub))
+    assert not Path("/tmp/pwned").exists()
+
+
 @pytest.mark.parametrize("options, words", [
     ({"image": "deb", "partition": "gpu"}, ["partition 'gpu' is not offered"]),
     ({"image": "deb", "cpus": 64}, ["cpus must be a whole number from 1 to 2"]),
@@ -357,6 +386,22 @@ def test_hub_restart_reattaches_and_lost_servers_are_noticed(request, which, slu
         wait_until(lambda: not asyncio.run(user_server(hub)), "the hub to notice")
     finally:
         asyncio.run(stop_server(hub))
+
+
+def test_slurm_controller_outage_never_drops_a_running_server(slurm_hub, slurm):
+    result = asyncio.run(spawn(slurm_hub, {"image": "deb", "mode": "kernels"}))
+    try:
+        assert result.get("ready"), (result, slurm_hub.log()[-3000:])
+        with slurm.controller_down():
+            # The hub polls every second: let a few polls fail.
+            failed = lambda: slurm_hub.log().count("can't ask Slurm about job") >= 3  # noqa: E731
+            wait_until(failed, "polls to fail while slurmctld is down")
+            assert asyncio.run(user_server(slurm_hub)).get("ready")
+        assert asyncio.run(user_server(slurm_hub)).get("ready")
+        assert asyncio.run(kernel_in_server(slurm_hub))[1] == \
+            "chspawner test image: Debian bookworm\n"
+    finally:
+        asyncio.run(stop_server(slurm_hub))
 
 
 @pytest.fixture(scope="module")
