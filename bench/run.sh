@@ -16,3 +16,5 @@ echo "== spawning through JupyterHub: ChSpawner in an image vs LocalProcessSpawn
 "$CHSPAWNER_VENV/bin/python" bench/spawn.py --check
 echo "== spawning on Slurm: SlurmChSpawner (kernels mode, server mode) vs batchspawner"
 "$CHSPAWNER_VENV/bin/python" bench/slurm_spawn.py
+echo "== session proxy: chspawner-proxy vs configurable-http-proxy 5.3 (HTTP, websockets)"
+"$CHSPAWNER_VENV/bin/python" bench/proxy.py --check

@@ -34,3 +34,15 @@ def test_slurm_spawn_benchmark_runs(user, bookworm):
                         re.M)
     assert [mode for mode, _ in ratios] == ["kernels", "server"], out.stdout
     assert all(float(ratio) > 0 for _, ratio in ratios)
+
+
+def test_proxy_benchmark_runs():
+    """Short: both proxies, every metric, a ratio each (no targets checked)."""
+    out = subprocess.run([sys.executable, str(REPO / "bench/proxy.py"), "--seconds", "0.5",
+                          "--messages", "5000", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ratios = re.findall(r"^(HTTP requests/s|HTTP p50|websocket round trip|websocket messages/s)"
+                        r".* ([\d.]+)x", out.stdout, re.M)
+    assert [label for label, _ in ratios] == ["HTTP requests/s", "HTTP p50",
+                                              "websocket round trip", "websocket messages/s"]
+    assert all(float(ratio) > 0 for _, ratio in ratios)

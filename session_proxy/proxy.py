@@ -1,0 +1,466 @@
+"""chspawner-proxy: a reverse proxy for HTTP and websockets that JupyterHub
+drives with its stock ``ConfigurableHTTPProxy`` class, plus route holds so
+a session can move without its browser tabs noticing more than a pause.
+
+Requests are relayed with tornado's HTTP/1.1 connection objects directly
+(no HTTP client library), over kept-alive connections to the targets, and
+bodies are streamed chunk by chunk in both directions. Websockets are
+relayed as raw bytes once the backend has accepted the upgrade (see
+``wsrelay``). The route API lives on a separate port (``proxy_api``).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from html import escape
+from urllib.parse import quote
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, StreamClosedError
+
+from . import wsrelay
+from .proxy_api import api_app
+from .routes import BadPath, BadTarget, HoldExpired, Holds, Route, RouteTable, segments
+from .upstream import Upstreams
+
+log = logging.getLogger("session_proxy")
+
+CHUNK = 128 * 1024
+UNLIMITED = 1 << 62
+# Per-connection headers (RFC 9110 7.6.1), never forwarded as they are.
+# Expect goes too: tornado answers "100 Continue" to the client itself.
+HOP_BY_HOP = ("Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer",
+              "Transfer-Encoding", "Upgrade", "Expect")
+UNSUPPORTED_FLAGS = {
+    "--ssl-": "TLS is not supported: terminate TLS in front of the proxy",
+    "--api-ssl-": "TLS on the API is not supported: keep the API on localhost",
+    "--client-ssl-": "TLS to targets (JupyterHub internal_ssl) is not supported",
+    "--host-routing": "host-based routing (JupyterHub subdomain_host) is not supported",
+    "--socket": "unix sockets are not supported: use --ip/--port",
+    "--api-socket": "unix sockets are not supported: use --api-ip/--api-port",
+}
+
+
+class Proxy:
+    """What every request needs: routes, holds, connections, options."""
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+        self.routes = RouteTable()
+        self.holds = Holds()
+        timeout = options.timeout / 1000 if options.timeout else None
+        self.upstreams = Upstreams(connect_timeout=timeout or 30.0)
+        self.backend_params = HTTP1ConnectionParameters(
+            chunk_size=CHUNK, max_body_size=UNLIMITED, header_timeout=timeout)
+        self.tasks: set[asyncio.Future] = set()  # keeps background tasks alive
+
+
+class Server(httputil.HTTPServerConnectionDelegate):
+    """Hands each request on the public port to a ProxyRequest."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def start_request(self, server_conn: object,
+                      request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        return ProxyRequest(self.proxy, request_conn)
+
+
+class ProxyRequest(httputil.HTTPMessageDelegate):
+    """One request from a client: route it, then relay it to its target
+    and the answer back, or answer it here (errors, expired holds)."""
+
+    def __init__(self, proxy: Proxy, conn: httputil.HTTPConnection) -> None:
+        self.proxy = proxy
+        self.conn = conn
+        self.backend: HTTP1Connection | None = None  # while the request body flows
+        self.streams_body = False  # the body goes to self.backend as it comes
+        self.answered = False      # the response was made here; drop any body
+
+    # -- the client's side (tornado calls these) -----------------------
+
+    async def headers_received(self, start_line: httputil.RequestStartLine,
+                               headers: httputil.HTTPHeaders) -> None:
+        self.start_line = start_line
+        try:
+            parts = segments(start_line.path)
+            await self.proxy.holds.wait(parts)
+        except BadPath as error:
+            return await self.answer(400, str(error))
+        except HoldExpired as error:
+            return await self.answer(503, str(error))
+        found = self.proxy.routes.match(parts)
+        if found is None:
+            return await self.error_page(404)
+        prefix, route = found
+        route.touch()
+        self.route = route
+        websocket = headers.get("Upgrade", "").lower() == "websocket"
+        body = has_body(headers)
+        path = self.forward_path(start_line.path, len(prefix), route)
+        headers = self.forward_headers(headers, websocket, route)
+        request = httputil.RequestStartLine(start_line.method, path, "HTTP/1.1")
+        if websocket:
+            return await self.upgrade(request, headers)
+        if body:
+            await self.start_streaming(request, headers)
+        else:
+            self.keep(asyncio.ensure_future(self.exchange(request, headers)))
+
+    def data_received(self, chunk: bytes) -> "asyncio.Future[None] | None":
+        if self.streams_body and self.backend is not None and not self.answered:
+            return self.backend.write(chunk)
+        return None
+
+    def finish(self) -> None:
+        if self.streams_body and self.backend is not None and not self.answered:
+            self.backend.finish()
+
+    def on_connection_close(self) -> None:
+        """The client went: so does the request's backend connection."""
+        if self.backend is not None:
+            self.backend.close()
+
+    # -- what goes to the target ---------------------------------------
+
+    def forward_path(self, path: str, prefix_len: int, route: Route) -> str:
+        """The path the target sees: the target's own path in front (as
+        configurable-http-proxy's prependPath), the prefix kept unless
+        --no-include-prefix."""
+        if not self.proxy.options.include_prefix and prefix_len:
+            path = strip_segments(path, prefix_len)
+        return route.target.base + path
+
+    def forward_headers(self, headers: httputil.HTTPHeaders, websocket: bool,
+                        route: Route) -> httputil.HTTPHeaders:
+        """The client's headers, Host kept (as configurable-http-proxy's
+        default, no changeOrigin), less hop-by-hop ones, plus X-Forwarded-*."""
+        upgrade = headers.get("Upgrade", "")
+        named = [n.strip() for n in headers.get("Connection", "").split(",")]
+        for name in (*HOP_BY_HOP, *named):
+            if name:
+                headers.pop(name, None)
+        if websocket:
+            headers["Connection"], headers["Upgrade"] = "Upgrade", upgrade
+        host = headers.get("Host")
+        if host is None:
+            host = headers["Host"] = f"{route.target.host}:{route.target.port}"
+        if self.proxy.options.x_forward:
+            context = getattr(self.conn, "context", None)
+            port = host.rsplit(":", 1)[1] if ":" in host.rsplit("]", 1)[-1] else "80"
+            for name, value in (("For", getattr(context, "remote_ip", "")),
+                                ("Port", port), ("Proto", "http"), ("Host", host)):
+                before = headers.get(f"X-Forwarded-{name}")
+                headers[f"X-Forwarded-{name}"] = f"{before},{value}" if before else value
+        return headers
+
+    # -- plain requests --------------------------------------------------
+
+    async def exchange(self, request: httputil.RequestStartLine,
+                       headers: httputil.HTTPHeaders) -> None:
+        """A request without a body: send it, relay the answer. A kept-alive
+        connection the backend closed just before we used it is retried
+        once on a new one, which is safe as nothing reached the backend."""
+        for attempt in range(2):
+            try:
+                stream, reused = await self.proxy.upstreams.get(self.route.target)
+            except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
+                log.warning("%s: %s", self.route.data.get("target"), error)
+                return await self.error_page(503)
+            backend = self.backend = HTTP1Connection(stream, True, self.proxy.backend_params)
+            backend.write_headers(request, headers)
+            backend.finish()
+            relay = ResponseRelay(self)
+            if await self.relay_response(backend, relay, stream) or relay.started:
+                return
+            if not reused:
+                break
+        await self.error_page(503)
+
+    async def start_streaming(self, request: httputil.RequestStartLine,
+                              headers: httputil.HTTPHeaders) -> None:
+        """A request with a body: open the backend request now; the body
+        follows through data_received as it arrives, the answer is relayed
+        meanwhile."""
+        try:
+            stream, _ = await self.proxy.upstreams.get(self.route.target)
+        except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
+            log.warning("%s: %s", self.route.data.get("target"), error)
+            return await self.error_page(503)
+        self.backend = HTTP1Connection(stream, True, self.proxy.backend_params)
+        # tornado re-chunks a body of unknown length by itself only for
+        # POST, PUT and PATCH; other methods need telling.
+        rechunk = "Content-Length" not in headers and request.method not in (
+            "POST", "PUT", "PATCH")
+        if rechunk:
+            headers["Transfer-Encoding"] = "chunked"
+        self.backend.write_headers(request, headers)
+        if rechunk:
+            self.backend._chunking_output = True
+        self.streams_body = True
+        self.keep(asyncio.ensure_future(self.relay_or_fail(stream)))
+
+    async def relay_or_fail(self, stream: IOStream) -> None:
+        relay = ResponseRelay(self)
+        if not await self.relay_response(self.backend, relay, stream) and not relay.started:
+            await self.error_page(503)
+
+    async def relay_response(self, backend: HTTP1Connection, relay: "ResponseRelay",
+                             stream: IOStream) -> bool:
+        """Relay the backend's answer to the client. True when it all went
+        through; the connection then goes back to the pool if it may."""
+        try:
+            await backend.read_response(relay)
+        except (StreamClosedError, httputil.HTTPInputError, OSError):
+            pass
+        if relay.switched:
+            return True  # both connections belong to the websocket relay now
+        if not relay.finished:
+            stream.close()
+            if relay.started:  # half an answer went out: the client must see a cut
+                self.conn.close()
+            return False
+        if relay.keep_alive and backend.stream is not None and not stream.closed():
+            self.proxy.upstreams.put(self.route.target, backend.detach())
+        else:
+            stream.close()
+        self.backend = None
+        return True
+
+    # -- websockets ------------------------------------------------------
+
+    async def upgrade(self, request: httputil.RequestStartLine,
+                      headers: httputil.HTTPHeaders) -> None:
+        """Send the upgrade request on a new connection; on 101, both
+        connections leave HTTP and are piped as bytes; any other answer is
+        relayed as an ordinary response."""
+        try:
+            stream = await self.proxy.upstreams.connect(self.route.target)
+        except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
+            log.warning("%s: %s", self.route.data.get("target"), error)
+            return await self.error_page(503)
+        backend = self.backend = HTTP1Connection(stream, True, self.proxy.backend_params)
+        backend.write_headers(request, headers)
+        backend.finish()
+        relay = ResponseRelay(self, on_switch=self.switch_protocols)
+        if not await self.relay_response(backend, relay, stream) and not relay.started:
+            await self.error_page(503)
+
+    def switch_protocols(self, backend: HTTP1Connection,
+                         start_line: httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> None:
+        """The backend said 101: pass its answer on verbatim and relay bytes."""
+        backend_stream = backend.detach()
+        self.backend = None
+        client = self.conn.detach()
+        head = [f"HTTP/1.1 101 {start_line.reason}"]
+        head += [f"{name}: {value}" for name, value in headers.get_all()]
+        self.keep(asyncio.ensure_future(wsrelay.relay(
+            client, backend_stream, self.route.touch,
+            ("\r\n".join(head) + "\r\n\r\n").encode("latin1"))))
+
+    # -- answers made here -------------------------------------------------
+
+    async def error_page(self, code: int) -> None:
+        """configurable-http-proxy's way: the page comes from
+        ``<error-target>/<code>?url=<path>`` when there is an error target."""
+        target = self.proxy.options.error_target
+        if target:
+            url = f"{target.rstrip('/')}/{code}?url={quote(self.start_line.path, safe='')}"
+            try:
+                reply = await AsyncHTTPClient().fetch(url, request_timeout=10,
+                                                      raise_error=False)
+                if reply.body:
+                    return await self.answer(code, reply.body, reply.headers.get(
+                        "Content-Type", "text/html"))
+            except (OSError, HTTPClientError, StreamClosedError) as error:
+                log.warning("error target %s: %s", url, error)
+        await self.answer(code, f"{code} {httputil.responses.get(code, '')}")
+
+    async def answer(self, code: int, body: str | bytes,
+                     content_type: str | None = None) -> None:
+        """Respond with ``body``: a str is shown as a small HTML page."""
+        if isinstance(body, str):
+            body = (f"<!DOCTYPE html><title>{code}</title>"
+                    f"<p>{escape(body)}</p>\n").encode()
+            content_type = "text/html; charset=utf-8"
+        self.answered = True
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        head = httputil.HTTPHeaders({"Content-Type": content_type or "text/html",
+                                     "Content-Length": str(len(body))})
+        start = httputil.ResponseStartLine("HTTP/1.1", code, httputil.responses.get(code, ""))
+        try:
+            if self.start_line.method == "HEAD":
+                await self.conn.write_headers(start, head)
+            else:
+                await self.conn.write_headers(start, head, body)
+            self.conn.finish()
+        except StreamClosedError:
+            pass
+
+    def keep(self, task: asyncio.Future) -> None:
+        """Hold a reference to a background task until it is done."""
+        self.proxy.tasks.add(task)
+        task.add_done_callback(self.proxy.tasks.discard)
+
+
+class ResponseRelay(httputil.HTTPMessageDelegate):
+    """Reads the backend's response and writes it to the client as it comes."""
+
+    def __init__(self, request: ProxyRequest, on_switch=None) -> None:
+        self.request = request
+        self.on_switch = on_switch
+        self.started = self.finished = self.switched = False
+        self.keep_alive = False
+
+    def headers_received(self, start_line: httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> "asyncio.Future[None] | None":
+        if start_line.code == 101 and self.on_switch is not None:
+            self.started = self.finished = self.switched = True
+            self.on_switch(self.request.backend, start_line, headers)
+            return None
+        if 100 <= start_line.code < 200:
+            return None  # an interim answer: tornado reads on to the real one
+        self.started = True
+        self.keep_alive = reusable(start_line, headers, self.request.start_line.method)
+        named = [n.strip() for n in headers.get("Connection", "").split(",")]
+        for name in (*HOP_BY_HOP, *named):
+            if name:
+                headers.pop(name, None)
+        return self.request.conn.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", start_line.code, start_line.reason), headers)
+
+    def data_received(self, chunk: bytes) -> "asyncio.Future[None]":
+        return self.request.conn.write(chunk)
+
+    def finish(self) -> None:
+        self.finished = True
+        self.request.route.touch()
+        self.request.conn.finish()
+
+
+def has_body(headers: httputil.HTTPHeaders) -> bool:
+    """Does a body follow the request's headers? (Before hop-by-hop
+    headers are removed: Transfer-Encoding is one.)"""
+    return "Transfer-Encoding" in headers or headers.get("Content-Length", "0") != "0"
+
+
+def reusable(start_line: httputil.ResponseStartLine, headers: httputil.HTTPHeaders,
+             method: str) -> bool:
+    """May the backend connection carry another request after this answer?
+    Not if it said close, or its body runs until the connection closes."""
+    connection = headers.get("Connection", "").lower()
+    if start_line.version == "HTTP/1.1":
+        keep = "close" not in connection
+    else:
+        keep = "keep-alive" in connection
+    delimited = ("Content-Length" in headers or "Transfer-Encoding" in headers
+                 or method == "HEAD" or start_line.code in (204, 304))
+    return keep and delimited
+
+
+def strip_segments(path: str, count: int) -> str:
+    """``/user/alice/lab?x``, 2 -> ``/lab?x`` (for --no-include-prefix)."""
+    path, sep, query = path.partition("?")
+    parts = [p for p in path.split("/") if p]
+    rest = "/" + "/".join(parts[count:])
+    if path.endswith("/") and parts[count:]:
+        rest += "/"
+    return rest + sep + query
+
+
+# -- the command ----------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="chspawner-proxy",
+        description="Reverse proxy with configurable-http-proxy's REST API and "
+                    "route holds (token: $CONFIGPROXY_AUTH_TOKEN).")
+    parser.add_argument("--ip", default="", help="public address (default: all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-ip", default="localhost")
+    parser.add_argument("--api-port", type=int, help="default: --port + 1")
+    parser.add_argument("--default-target", help="target of the route / at start")
+    parser.add_argument("--error-target",
+                        help="error pages come from <error-target>/<code>?url=<path>")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warn", "warning", "error"])
+    parser.add_argument("--timeout", "--proxy-timeout", type=int, metavar="MS",
+                        help="connecting to a target and waiting for its answer's headers")
+    parser.add_argument("--no-x-forward", dest="x_forward", action="store_false",
+                        help="don't add X-Forwarded-* headers")
+    parser.add_argument("--no-include-prefix", dest="include_prefix", action="store_false",
+                        help="strip the route's prefix from the forwarded path")
+    parser.add_argument("--pid-file", help="write the process id here")
+    return parser.parse_args(argv)
+
+
+def refuse_unsupported(argv: list[str]) -> None:
+    """One clear line for configurable-http-proxy flags this proxy lacks."""
+    for arg in argv:
+        for flag, why in UNSUPPORTED_FLAGS.items():
+            if arg.startswith(flag):
+                sys.exit(f"chspawner-proxy: {arg.split('=')[0]}: {why}")
+
+
+async def serve(options: argparse.Namespace, token: str) -> None:
+    proxy = Proxy(options)
+    if options.default_target:
+        proxy.routes.add((), {"target": options.default_target})
+    if not token:
+        log.warning("CONFIGPROXY_AUTH_TOKEN is not set: the route API refuses everything")
+    public = HTTPServer(Server(proxy), max_body_size=UNLIMITED, chunk_size=CHUNK,
+                        idle_connection_timeout=3600)
+    public.listen(options.port, options.ip)
+    api = HTTPServer(api_app(proxy.routes, proxy.holds, token))
+    api.listen(options.api_port or options.port + 1, options.api_ip)
+    log.info("proxying on %s:%d, route API on %s:%d", options.ip or "*", options.port,
+             options.api_ip, options.api_port or options.port + 1)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    public.stop()
+    api.stop()
+
+
+def event_loop_factory():
+    """uvloop where it is installed: its event loop makes the per-read cost
+    of relaying (websockets above all) a fraction of asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    refuse_unsupported(argv)
+    options = parse_args(argv)
+    level = {"warn": "WARNING"}.get(options.log_level, options.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s chspawner-proxy %(levelname)s "
+                                            "%(message)s")
+    if options.pid_file:
+        with open(options.pid_file, "w") as f:
+            f.write(str(os.getpid()))
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(serve(options, os.environ.get("CONFIGPROXY_AUTH_TOKEN", "")))
+    except OSError as error:  # e.g. the port is taken
+        sys.exit(f"chspawner-proxy: {error}")
+    except (BadTarget, BadPath) as error:
+        sys.exit(f"chspawner-proxy: --default-target: {error}")
+
+
+if __name__ == "__main__":
+    main()

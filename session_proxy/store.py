@@ -1,0 +1,113 @@
+"""The session manager's records: one row per session, and its history.
+
+SQLAlchemy, so a center starts with one SQLite file and moves to
+PostgreSQL when several hubs or processes share the records (as JupyterHub
+itself does): only the URL changes.
+"""
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, create_engine, select
+from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, relationship,
+                            sessionmaker)
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SessionRecord(Base):
+    """One user's server (``user``/``server_name``) as the manager knows it."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user: Mapped[str] = mapped_column(String(255))
+    server_name: Mapped[str] = mapped_column(String(255), default="")
+    # running: answering · lost: gone, recovery started · stopped: by request
+    state: Mapped[str] = mapped_column(String(32), default="running")
+    image: Mapped[str] = mapped_column(String(255), default="")
+    mode: Mapped[str] = mapped_column(String(32), default="")
+    user_options: Mapped[dict] = mapped_column(JSON, default=dict)
+    url: Mapped[str] = mapped_column(String(1024), default="")      # its stable path
+    target: Mapped[str] = mapped_column(String(1024), default="")   # where it runs now
+    # The hub's start time of the server now serving it: a server started
+    # by someone else than the manager is a new session.
+    instance: Mapped[str] = mapped_column(String(64), default="")
+    kernels: Mapped[list] = mapped_column(JSON, default=list)
+    recoveries: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=now)
+    updated: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=now,
+                                                       onupdate=now)
+    events: Mapped[list[EventRecord]] = relationship(
+        back_populates="session", order_by="EventRecord.id", cascade="all, delete-orphan")
+
+    def to_dict(self) -> dict:
+        return {"user": self.user, "server_name": self.server_name, "state": self.state,
+                "image": self.image, "mode": self.mode, "user_options": self.user_options,
+                "url": self.url, "target": self.target, "kernels": self.kernels,
+                "recoveries": self.recoveries, "created": self.created.isoformat(),
+                "updated": self.updated.isoformat(),
+                "history": [e.to_dict() for e in self.events]}
+
+
+class EventRecord(Base):
+    """Something that happened to a session: started, moved, lost,
+    recovering, recovered, recovery-failed, stopped."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id"))
+    time: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=now)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(2048), default="")
+    session: Mapped[SessionRecord] = relationship(back_populates="events")
+
+    def to_dict(self) -> dict:
+        return {"time": self.time.isoformat(), "kind": self.kind, "detail": self.detail}
+
+
+class SessionStore:
+    """The records behind a database URL (``sqlite:///path`` by default)."""
+
+    def __init__(self, url: str):
+        self.engine = create_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as db:
+            yield db
+
+    @staticmethod
+    def find(db: Session, user: str, server_name: str) -> SessionRecord | None:
+        """The newest record of this server (earlier ones were stopped)."""
+        return db.scalars(select(SessionRecord)
+                          .where(SessionRecord.user == user,
+                                 SessionRecord.server_name == server_name)
+                          .order_by(SessionRecord.id.desc())).first()
+
+    @staticmethod
+    def live(db: Session) -> list[SessionRecord]:
+        return list(db.scalars(select(SessionRecord)
+                               .where(SessionRecord.state != "stopped")))
+
+    @staticmethod
+    def add_event(record: SessionRecord, kind: str, detail: str = "") -> None:
+        record.events.append(EventRecord(kind=kind, detail=detail[:2048]))
+
+    def all(self, user: str | None = None) -> list[dict]:
+        with self.transaction() as db:
+            query = select(SessionRecord).order_by(SessionRecord.id)
+            if user is not None:
+                query = query.where(SessionRecord.user == user)
+            return [r.to_dict() for r in db.scalars(query)]

@@ -1,0 +1,81 @@
+"""Connections from the proxy to route targets, kept alive and reused.
+
+Opening a TCP connection per request is what made tornado's simple HTTP
+client slow as a proxy; a small pool of idle keep-alive connections per
+target does away with it without any HTTP client library.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+from tornado.iostream import IOStream
+from tornado.tcpclient import TCPClient
+
+from .routes import Target
+
+Key = tuple[str, int]
+
+
+def _ip_family(host: str) -> int | None:
+    """AF_INET/AF_INET6 for an IP literal, None for a name to resolve."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
+class Upstreams:
+    """Idle connections by (host, port); at most ``max_idle`` per target."""
+
+    def __init__(self, connect_timeout: float, max_idle: int = 64) -> None:
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle: dict[Key, list[IOStream]] = {}
+        self._tcp = TCPClient()
+
+    async def get(self, target: Target) -> tuple[IOStream, bool]:
+        """A connection to ``target`` and whether it was reused (a reused
+        one may have been closed by the backend an instant ago)."""
+        idle = self.idle.get((target.host, target.port))
+        while idle:
+            stream = idle.pop()
+            stream.set_close_callback(None)
+            if not stream.closed():
+                return stream, True
+        return await self.connect(target), False
+
+    async def connect(self, target: Target) -> IOStream:
+        """A new connection; IP literals skip the resolver's thread pool."""
+        family = _ip_family(target.host)
+        if family is None:
+            stream = await self._tcp.connect(target.host, target.port,
+                                             timeout=self.connect_timeout)
+        else:
+            stream = IOStream(socket.socket(family, socket.SOCK_STREAM))
+            try:
+                await asyncio.wait_for(stream.connect((target.host, target.port)),
+                                       self.connect_timeout)
+            except BaseException:
+                stream.close()
+                raise
+        stream.set_nodelay(True)
+        return stream
+
+    def put(self, target: Target, stream: IOStream) -> None:
+        """Keep ``stream`` for the next request to ``target``; the close
+        callback makes tornado watch it, so one the backend closes while
+        idle is dropped instead of handed out."""
+        key = (target.host, target.port)
+        idle = self.idle.setdefault(key, [])
+        if stream.closed() or len(idle) >= self.max_idle:
+            stream.close()
+            return
+        idle.append(stream)
+        stream.set_close_callback(lambda: self._discard(key, stream))
+
+    def _discard(self, key: Key, stream: IOStream) -> None:
+        idle = self.idle.get(key, [])
+        if stream in idle:
+            idle.remove(stream)

@@ -1,0 +1,134 @@
+"""The session manager under a real JupyterHub, as a hub-managed service:
+a lost server comes back by itself at the same URL; a server stopped on
+purpose stays stopped; the history says what happened."""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chspawner.images.trees import remove_tree
+from conftest import VENV_BIN
+from test_kernel_server import free_port
+from test_spawner import Hub, spawn, stop_server, user_server, wait_until
+
+MANAGER = "session-manager"
+
+
+def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
+    return textwrap.dedent(f"""
+        c.ConfigurableHTTPProxy.auth_token = "{proxy_token}"
+        # JupyterHub's own poll stays at its default: the manager notices
+        # first, which is how it tells a loss from a stop by request.
+        c.Spawner.poll_interval = 30
+        c.JupyterHub.services.append({{
+            "name": "{MANAGER}", "url": "http://127.0.0.1:{manager_port}",
+            "command": ["{VENV_BIN}/chspawner-session-manager",
+                        "--db-url=sqlite:///{state_dir}/sessions.sqlite",
+                        "--proxy-api-url=" + c.ConfigurableHTTPProxy.api_url,
+                        "--interval=0.5"],
+            "environment": {{"CONFIGPROXY_AUTH_TOKEN": "{proxy_token}"}},
+        }})
+        c.JupyterHub.load_roles.append({{
+            "name": "{MANAGER}", "services": ["{MANAGER}"],
+            "scopes": ["list:users", "read:users", "read:servers", "servers",
+                       "access:servers"]}})
+        c.JupyterHub.load_roles[0]["scopes"].append("admin:server_state")
+    """)
+
+
+@pytest.fixture(scope="module")
+def managed_hub(user, kernel_store):
+    state = Path(tempfile.mkdtemp(prefix="chspawner-manager-"))
+    hub = Hub(kernel_store, user.pw_name, extra_config=manager_config(
+        state, secrets.token_hex(16), free_port()))
+    yield hub
+    hub.stop()
+    remove_tree(state)
+
+
+async def sessions(hub: Hub) -> list[dict]:
+    async with hub.session() as http:
+        async with http.get(f"{hub.url}/services/{MANAGER}/api/sessions") as r:
+            if r.status != 200:
+                return []
+            return (await r.json())["sessions"]
+
+
+def history(hub: Hub) -> list[str]:
+    found = asyncio.run(sessions(hub))
+    return [e["kind"] for e in found[-1]["history"]] if found else []
+
+
+async def server_pid(hub: Hub) -> int:
+    async with hub.session() as http:
+        async with http.get(f"{hub.url}/hub/api/users/{hub.user}",
+                            params={"include_stopped_servers": "0"}) as r:
+            return (await r.json())["servers"][""]["state"]["pid"]
+
+
+async def answers(hub: Hub) -> int | None:
+    """The server's status through the proxy, at the session's URL."""
+    try:
+        async with hub.session() as http:
+            async with http.get(f"{hub.url}/user/{hub.user}/api/status",
+                                allow_redirects=False) as r:
+                return r.status
+    except aiohttp.ClientError:
+        return None
+
+
+def test_a_lost_server_comes_back_at_the_same_url(managed_hub):
+    hub = managed_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+    try:
+        assert result.get("ready"), (result, hub.log()[-3000:])
+        wait_until(lambda: history(hub) == ["started"],
+                   f"the manager to record it: {hub.log()[-4000:]}", 30)
+        before = asyncio.run(user_server(hub))
+        pid = asyncio.run(server_pid(hub))
+        lost_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: "recovered" in history(hub),
+                   f"the session to come back: {history(hub)}", 60)
+        took = time.monotonic() - lost_at
+        assert history(hub) == ["started", "lost", "recovering", "recovered"]
+        after = asyncio.run(user_server(hub))
+        assert after["url"] == before["url"] and after["ready"]
+        assert asyncio.run(server_pid(hub)) != pid
+        assert asyncio.run(answers(hub)) == 200
+        assert took < 30, took
+        record = asyncio.run(sessions(hub))[-1]
+        assert record["state"] == "running" and record["recoveries"] == 1
+        assert record["user_options"] == {"image": "deb", "mode": "kernels"}
+    finally:
+        asyncio.run(stop_server(hub))
+
+
+def test_a_server_stopped_on_purpose_stays_stopped(managed_hub):
+    hub = managed_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+    assert result.get("ready"), result
+    wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+    asyncio.run(stop_server(hub))
+    wait_until(lambda: history(hub)[-1:] == ["stopped"], "the manager to see the stop", 30)
+    record = asyncio.run(sessions(hub))[-1]
+    assert record["state"] == "stopped"
+    assert not asyncio.run(user_server(hub))
+
+
+def test_the_sessions_api_wants_a_token(managed_hub):
+    async def anonymous() -> int:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{managed_hub.url}/services/{MANAGER}/api/sessions",
+                                allow_redirects=False) as r:
+                return r.status
+    assert asyncio.run(anonymous()) == 403

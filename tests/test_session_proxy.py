@@ -1,0 +1,462 @@
+"""chspawner-proxy, the installed console command, in front of real aiohttp
+backends: configurable-http-proxy's route API, routing, streaming,
+websockets, holds, the security rules, and a real JupyterHub driving it."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from conftest import VENV_BIN
+from test_kernel_server import free_port
+
+PROXY = VENV_BIN / "chspawner-proxy"
+BIG = 50 * 1024 * 1024
+NAME = web.AppKey("name", str)
+
+
+class Proxy:
+    """chspawner-proxy on 127.0.0.1 with a token; ``api`` calls its REST API."""
+
+    def __init__(self, *args: str) -> None:
+        self.port, self.api_port = free_port(), free_port()
+        self.token = secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_url = f"http://127.0.0.1:{self.api_port}/api"
+        self.proc = subprocess.Popen(
+            [str(PROXY), "--ip", "127.0.0.1", "--port", str(self.port),
+             "--api-ip", "127.0.0.1", "--api-port", str(self.api_port), *args],
+            env={**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token},
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        for port in (self.port, self.api_port):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert self.proc.poll() is None, self.proc.stderr.read()
+                    assert time.monotonic() < deadline, "the proxy did not start"
+                    time.sleep(0.02)
+
+    async def api(self, method: str, path: str, body: dict | None = None,
+                  token: str | None = None) -> tuple[int, object]:
+        headers = {"Authorization": f"token {self.token if token is None else token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.request(method, self.api_url + path, json=body,
+                                    headers=headers) as r:
+                text = await r.text()
+                is_json = r.content_type == "application/json"
+                return r.status, (__import__("json").loads(text) if is_json else text)
+
+    async def route(self, path: str, target: str, **data) -> None:
+        status, _ = await self.api("POST", f"/routes{path}", {"target": target, **data})
+        assert status == 201
+
+    def rss_peak_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    proxy = Proxy()
+    yield proxy
+    proxy.stop()
+
+
+# -- backends --------------------------------------------------------------
+
+async def echo(request: web.Request) -> web.Response:
+    """What the backend saw: method, path, the headers a proxy sets."""
+    body = await request.read()
+    return web.json_response({
+        "name": request.app[NAME], "method": request.method, "path": request.path_qs,
+        "host": request.headers.get("Host"), "length": len(body),
+        **{k: v for k, v in request.headers.items() if k.lower().startswith("x-forwarded")}})
+
+
+async def big_download(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Length": str(BIG)})
+    await response.prepare(request)
+    block = b"x" * (1024 * 1024)
+    for _ in range(BIG // len(block)):
+        await response.write(block)
+    return response
+
+
+async def count_upload(request: web.Request) -> web.Response:
+    total = 0
+    async for chunk in request.content.iter_chunked(1 << 20):
+        total += len(chunk)
+    return web.json_response({"received": total})
+
+
+async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        if message.data == "vanish":
+            # The server process dies: no close frame, the connection just goes.
+            request.transport.abort()
+            break
+        await ws.send_str(message.data)
+    return ws
+
+
+@contextlib.asynccontextmanager
+async def backend(name: str = "a"):
+    """An aiohttp server on a free port; yields its URL."""
+    app = web.Application(client_max_size=2 * BIG)
+    app[NAME] = name
+    app.router.add_get("/{p:.*}/big", big_download)
+    app.router.add_post("/{p:.*}/upload", count_upload)
+    app.router.add_get("/{p:.*}/ws", ws_echo)
+    app.router.add_route("*", "/{p:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def get(url: str, **kwargs) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, **kwargs) as r:
+            if r.content_type == "application/json":
+                return r.status, await r.json()
+            return r.status, await r.text()
+
+
+async def raw_request(port: int, data: bytes) -> bytes:
+    """Send bytes as they are (for request lines no HTTP client writes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    answer = await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    return answer
+
+
+# -- the route API -----------------------------------------------------------
+
+def test_route_api_add_get_delete(proxy):
+    async def scenario():
+        await proxy.route("/user/alice", "http://127.0.0.1:1", jupyterhub=True, user="alice")
+        status, routes = await proxy.api("GET", "/routes")
+        assert status == 200
+        assert routes["/user/alice"]["target"] == "http://127.0.0.1:1"
+        assert routes["/user/alice"]["user"] == "alice"
+        assert routes["/user/alice"]["jupyterhub"] is True
+        assert routes["/user/alice"]["last_activity"].endswith("Z")
+        status, one = await proxy.api("GET", "/routes/user/alice")
+        assert (status, one["user"]) == (200, "alice")
+        assert (await proxy.api("DELETE", "/routes/user/alice"))[0] == 204
+        assert (await proxy.api("DELETE", "/routes/user/alice"))[0] == 404
+        assert (await proxy.api("GET", "/routes/user/alice"))[0] == 404
+        assert "/user/alice" not in (await proxy.api("GET", "/routes"))[1]
+    asyncio.run(scenario())
+
+
+def test_route_api_refuses_a_wrong_or_missing_token(proxy):
+    async def scenario():
+        assert (await proxy.api("GET", "/routes", token="wrong"))[0] == 403
+        assert (await proxy.api("POST", "/routes/x", {"target": "http://127.0.0.1:1"},
+                                token=""))[0] == 403
+        assert (await proxy.api("POST", "/holds/x", {"timeout": 5}, token="nope"))[0] == 403
+        assert "/x" not in (await proxy.api("GET", "/routes"))[1]
+        assert (await proxy.api("GET", "/holds"))[1] == {}
+    asyncio.run(scenario())
+
+
+def test_route_api_refuses_bad_input(proxy):
+    async def scenario():
+        assert (await proxy.api("POST", "/routes/x", {"target": "file:///etc"}))[0] == 400
+        assert (await proxy.api("POST", "/routes/x", {"nothing": 1}))[0] == 400
+        # (written raw: HTTP clients resolve dot segments before sending)
+        body = b'{"target": "http://127.0.0.1:1"}'
+        answer = await raw_request(proxy.api_port, (
+            f"POST /api/routes/user/a/../b HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: token {proxy.token}\r\nContent-Length: {len(body)}\r\n"
+            f"\r\n").encode() + body)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert (await proxy.api("GET", "/routes?inactive_since=yesterday"))[0] == 400
+    asyncio.run(scenario())
+
+
+def test_inactive_since_lists_only_routes_idle_since_then(proxy):
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/idle", url)
+            await proxy.route("/busy", url)
+            status, routes = await proxy.api("GET", "/routes")
+            cutoff = max(routes["/idle"]["last_activity"], routes["/busy"]["last_activity"])
+            # Activity on /busy after the cutoff (times have millisecond steps).
+            deadline = time.monotonic() + 5
+            while (await proxy.api("GET", "/routes"))[1]["/busy"]["last_activity"] <= cutoff:
+                assert time.monotonic() < deadline
+                assert (await get(proxy.url + "/busy/x"))[0] == 200
+            status, idle = await proxy.api("GET", f"/routes?inactive_since={cutoff}")
+            assert status == 200
+            assert "/busy" not in idle
+            await proxy.api("DELETE", "/routes/idle")
+            await proxy.api("DELETE", "/routes/busy")
+    asyncio.run(scenario())
+
+
+# -- routing -------------------------------------------------------------------
+
+def test_longest_prefix_wins_on_whole_segments(proxy):
+    async def scenario():
+        async with backend("short") as short, backend("long") as long_:
+            await proxy.route("/user", short)
+            await proxy.route("/user/alice", long_)
+            assert (await get(proxy.url + "/user/alice/lab?x=1"))[1]["name"] == "long"
+            assert (await get(proxy.url + "/user/alice"))[1]["name"] == "long"
+            assert (await get(proxy.url + "/user/alicex/lab"))[1]["name"] == "short"
+            assert (await get(proxy.url + "/user/%61lice/lab"))[1]["name"] == "long"
+            status, seen = await get(proxy.url + "/user/alice/lab?x=1")
+            assert seen["path"] == "/user/alice/lab?x=1"  # the prefix is kept
+            await proxy.api("DELETE", "/routes/user")
+            await proxy.api("DELETE", "/routes/user/alice")
+    asyncio.run(scenario())
+
+
+def test_no_route_no_default_is_404(proxy):
+    assert asyncio.run(get(proxy.url + "/nowhere/at/all"))[0] == 404
+
+
+def test_x_forwarded_headers_and_host_kept(proxy):
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/fwd", url)
+            status, seen = await get(proxy.url + "/fwd/x",
+                                     headers={"X-Forwarded-For": "10.0.0.9"})
+            await proxy.api("DELETE", "/routes/fwd")
+        return seen
+    seen = asyncio.run(scenario())
+    assert seen["host"] == f"127.0.0.1:{proxy.port}"  # not the target's: no changeOrigin
+    assert seen["X-Forwarded-For"] == "10.0.0.9,127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Port"] == str(proxy.port)
+    assert seen["X-Forwarded-Host"] == f"127.0.0.1:{proxy.port}"
+
+
+def test_default_target_and_error_target():
+    async def scenario():
+        async with backend("default") as default, backend("errors") as errors:
+            proxy = Proxy("--default-target", default, "--error-target", errors + "/hub/error")
+            try:
+                status, seen = await get(proxy.url + "/anything/here")
+                assert (status, seen["name"]) == (200, "default")
+                assert "/" in (await proxy.api("GET", "/routes"))[1]
+                await proxy.api("DELETE", "/routes/")
+                # No route now: the page comes from the error target, with the code.
+                status, page = await get(proxy.url + "/lost/page")
+                assert status == 404
+                assert page["name"] == "errors"
+                assert page["path"] == "/hub/error/404?url=%2Flost%2Fpage"
+                # A target that refuses connections: 503, the same way.
+                await proxy.route("/dead", f"http://127.0.0.1:{free_port()}")
+                status, page = await get(proxy.url + "/dead/x")
+                assert (status, page["path"]) == (503, "/hub/error/503?url=%2Fdead%2Fx")
+            finally:
+                proxy.stop()
+    asyncio.run(scenario())
+
+
+# -- streaming -------------------------------------------------------------------
+
+def test_50_mb_up_and_down_stream_through_without_buffering():
+    proxy = Proxy()
+
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/s", url)
+            before = proxy.rss_peak_kib()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(proxy.url + "/s/big") as r:
+                    received = 0
+                    async for chunk in r.content.iter_chunked(1 << 20):
+                        received += len(chunk)
+                assert received == BIG
+
+                async def body():
+                    block = b"y" * (1024 * 1024)
+                    for _ in range(BIG // len(block)):
+                        yield block
+                async with http.post(proxy.url + "/s/upload", data=body()) as r:
+                    assert (await r.json())["received"] == BIG
+            return before, proxy.rss_peak_kib()
+    try:
+        before, after = asyncio.run(scenario())
+    finally:
+        proxy.stop()
+    # 50 MB went each way; the proxy's peak resident size grew by far less.
+    assert after - before < 15 * 1024, (before, after)
+
+
+# -- websockets ---------------------------------------------------------------------
+
+def test_websocket_echo(proxy):
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/ws-user", url)
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(proxy.url.replace("http", "ws") + "/ws-user/ws") as ws:
+                    for text in ("hello", "x" * 70000, "é" * 10):
+                        await ws.send_str(text)
+                        assert (await ws.receive_str(timeout=10)) == text
+            await proxy.api("DELETE", "/routes/ws-user")
+    asyncio.run(scenario())
+
+
+def test_backend_vanishing_closes_the_client_websocket_with_1012(proxy):
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/ws-gone", url)
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(proxy.url + "/ws-gone/ws") as ws:
+                    await ws.send_str("still there?")
+                    assert await ws.receive_str(timeout=10) == "still there?"
+                    await ws.send_str("vanish")
+                    message = await ws.receive(timeout=10)
+                    assert message.type == aiohttp.WSMsgType.CLOSE, message
+                    assert ws.close_code == 1012
+            await proxy.api("DELETE", "/routes/ws-gone")
+    asyncio.run(scenario())
+
+
+# -- holds ---------------------------------------------------------------------------
+
+def test_a_held_request_waits_then_reaches_the_new_route(proxy):
+    async def scenario():
+        async with backend("old") as old, backend("new") as new:
+            await proxy.route("/user/mover", old)
+            assert (await proxy.api("POST", "/holds/user/mover", {"timeout": 30}))[0] == 201
+            # JupyterHub notices the server died and drops its route: still held.
+            await proxy.api("DELETE", "/routes/user/mover")
+            waiting = asyncio.ensure_future(get(proxy.url + "/user/mover/api/status"))
+            async with aiohttp.ClientSession() as http:
+                ws_waiting = asyncio.ensure_future(http.ws_connect(proxy.url + "/user/mover/ws"))
+                deadline = time.monotonic() + 10
+                while (await proxy.api("GET", "/holds"))[1]["/user/mover"]["waiting"] < 2:
+                    assert time.monotonic() < deadline, "the requests did not wait"
+                    await asyncio.sleep(0.02)
+                assert not waiting.done() and not ws_waiting.done()
+                await proxy.route("/user/mover", new)   # the session is back, elsewhere
+                status, seen = await asyncio.wait_for(waiting, 10)
+                assert (status, seen["name"]) == (200, "new")
+                ws = await asyncio.wait_for(ws_waiting, 10)
+                await ws.send_str("moved")
+                assert await ws.receive_str(timeout=10) == "moved"
+                await ws.close()
+            assert (await proxy.api("GET", "/holds"))[1] == {}
+            await proxy.api("DELETE", "/routes/user/mover")
+    asyncio.run(scenario())
+
+
+def test_a_hold_that_times_out_answers_503_with_the_reason(proxy):
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/user/slow", url)
+            await proxy.api("POST", "/holds/user/slow", {"timeout": 0.5})
+            started = time.monotonic()
+            status, page = await get(proxy.url + "/user/slow/lab")
+            assert status == 503
+            assert "session /user/slow is moving and did not come back within 0.5 s" in page
+            assert time.monotonic() - started >= 0.4
+            # Expired: gone from the list, requests go to the route again.
+            assert (await proxy.api("GET", "/holds"))[1] == {}
+            assert (await get(proxy.url + "/user/slow/lab"))[0] == 200
+            await proxy.api("DELETE", "/routes/user/slow")
+    asyncio.run(scenario())
+
+
+def test_deleting_a_hold_releases_waiters_to_the_current_route(proxy):
+    async def scenario():
+        async with backend("here") as url:
+            await proxy.route("/user/stay", url)
+            await proxy.api("POST", "/holds/user/stay", {})
+            status, holds = await proxy.api("GET", "/holds")
+            assert holds["/user/stay"]["timeout"] == 30
+            waiting = asyncio.ensure_future(get(proxy.url + "/user/stay/x"))
+            deadline = time.monotonic() + 10
+            while (await proxy.api("GET", "/holds"))[1]["/user/stay"]["waiting"] < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            assert (await proxy.api("DELETE", "/holds/user/stay"))[0] == 204
+            status, seen = await asyncio.wait_for(waiting, 10)
+            assert (status, seen["name"]) == (200, "here")
+            assert (await proxy.api("DELETE", "/holds/user/stay"))[0] == 404
+            await proxy.api("DELETE", "/routes/user/stay")
+    asyncio.run(scenario())
+
+
+# -- security ---------------------------------------------------------------------------
+
+def test_a_request_cannot_pick_its_target(proxy):
+    async def scenario():
+        async with backend("alice") as alice, backend("bob") as bob:
+            await proxy.route("/user/alice", alice)
+            await proxy.route("/user/bob", bob)
+            bob_port = bob.rsplit(":", 1)[1]
+            # Absolute-form request line naming bob's server: refused.
+            answer = await raw_request(proxy.port, (
+                f"GET http://127.0.0.1:{bob_port}/user/bob/x HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{bob_port}\r\n\r\n").encode())
+            assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+            # A Host header naming bob's server does not route: the path does.
+            status, seen = await get(proxy.url + "/user/alice/x",
+                                     headers={"Host": f"127.0.0.1:{bob_port}"})
+            assert seen["name"] == "alice"
+            # Dot segments can't climb out of alice's prefix into bob's.
+            for path in ("/user/alice/../bob/x", "/user/alice/%2e%2e/bob/x",
+                         "/user/alice/./../bob/"):
+                answer = await raw_request(proxy.port, (
+                    f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").encode())
+                assert answer.startswith(b"HTTP/1.1 400"), (path, answer[:200])
+                assert b'"bob"' not in answer
+            await proxy.api("DELETE", "/routes/user/alice")
+            await proxy.api("DELETE", "/routes/user/bob")
+    asyncio.run(scenario())
+
+
+def test_tls_flags_are_refused_with_one_line():
+    result = subprocess.run([str(PROXY), "--ssl-key", "k.pem", "--port", "1"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "chspawner-proxy: --ssl-key: TLS is not supported: terminate TLS in front of the proxy"]
+
+
+# -- a real JupyterHub ----------------------------------------------------------------------
+
+def test_jupyterhub_drives_it_as_its_proxy(user, kernel_store):
+    from test_spawner import Hub, kernel_in_server, spawn, stop_server
+
+    hub = Hub(kernel_store, user.pw_name, images=("deb",),
+              extra_config=f'c.ConfigurableHTTPProxy.command = ["{PROXY}"]\n')
+    try:
+        assert "chspawner-proxy INFO proxying on" in hub.log()
+        result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+        assert result.get("ready"), (result, hub.log()[-3000:])
+        assert asyncio.run(kernel_in_server(hub)) == \
+            ("ok", "chspawner test image: Debian bookworm\n", None)
+        asyncio.run(stop_server(hub))
+    finally:
+        hub.stop()
