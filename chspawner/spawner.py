@@ -353,7 +353,8 @@ class SlurmChSpawner(ChSpawner):
                        "none; asked for with sbatch --gpus).").tag(config=True)
     slurm_env = Dict(Unicode(), help="Extra environment for Slurm commands "
                      "(e.g. SLURM_CONF).").tag(config=True)
-    poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
+    # (Not "poll_interval": that is JupyterHub's, for polling running servers.)
+    queue_poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
                           "is queued.").tag(config=True)
 
     job_id = Unicode("", help="The server's Slurm job (state).")
@@ -494,7 +495,7 @@ class SlurmChSpawner(ChSpawner):
                 if last != "unreachable":
                     self._emit(30, f"can't reach Slurm ({e}); still trying")
                     last = "unreachable"
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(self.queue_poll_interval)
                 continue
             if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED",
                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
@@ -514,7 +515,7 @@ class SlurmChSpawner(ChSpawner):
                                + (f" ({reason})" if reason and reason != "None" else "")
                                + (await self._queue_place() if state == "PENDING" else ""))
                 last = state, reason
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(self.queue_poll_interval)
 
     async def _queue_place(self) -> str:
         """', place 3 of 5 in the queue' (Slurm's priority order), if known."""

@@ -25,6 +25,7 @@ MANAGER = "session-manager"
 
 def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
     return textwrap.dedent(f"""
+        c.ConfigurableHTTPProxy.command = ["{VENV_BIN}/chspawner-proxy"]
         c.ConfigurableHTTPProxy.auth_token = "{proxy_token}"
         # JupyterHub's own poll stays at its default: the manager notices
         # first, which is how it tells a loss from a stop by request.
@@ -55,6 +56,19 @@ def managed_hub(user, kernel_store):
     remove_tree(state)
 
 
+@pytest.fixture(scope="module")
+def managed_slurm_hub(user, kernel_store, slurm):
+    state = Path(tempfile.mkdtemp(prefix="chspawner-manager-"))
+    hub = Hub(kernel_store, user.pw_name, extra_config=manager_config(
+        state, secrets.token_hex(16), free_port()) + textwrap.dedent(f"""
+            c.JupyterHub.spawner_class = "slurmchspawner"
+            c.SlurmChSpawner.slurm_env = {slurm.env!r}
+        """))
+    yield hub
+    hub.stop()
+    remove_tree(state)
+
+
 async def sessions(hub: Hub) -> list[dict]:
     async with hub.session() as http:
         async with http.get(f"{hub.url}/services/{MANAGER}/api/sessions") as r:
@@ -68,11 +82,11 @@ def history(hub: Hub) -> list[str]:
     return [e["kind"] for e in found[-1]["history"]] if found else []
 
 
-async def server_pid(hub: Hub) -> int:
+async def server_state(hub: Hub) -> dict:
+    """The spawner's state: the server's pid (local) or job id (Slurm)."""
     async with hub.session() as http:
-        async with http.get(f"{hub.url}/hub/api/users/{hub.user}",
-                            params={"include_stopped_servers": "0"}) as r:
-            return (await r.json())["servers"][""]["state"]["pid"]
+        async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
+            return (await r.json())["servers"][""]["state"]
 
 
 async def answers(hub: Hub) -> int | None:
@@ -86,26 +100,36 @@ async def answers(hub: Hub) -> int | None:
         return None
 
 
-def test_a_lost_server_comes_back_at_the_same_url(managed_hub):
-    hub = managed_hub
+@pytest.mark.parametrize("which", ["local", "slurm"])
+def test_a_lost_server_comes_back_at_the_same_url(request, which, slurm):
+    """Its process killed (local) or its job cancelled (Slurm)."""
+    hub = request.getfixturevalue("managed_hub" if which == "local"
+                                  else "managed_slurm_hub")
     result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
     try:
         assert result.get("ready"), (result, hub.log()[-3000:])
         wait_until(lambda: history(hub) == ["started"],
                    f"the manager to record it: {hub.log()[-4000:]}", 30)
         before = asyncio.run(user_server(hub))
-        pid = asyncio.run(server_pid(hub))
+        state = asyncio.run(server_state(hub))
         lost_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        if which == "local":
+            os.kill(state["pid"], signal.SIGKILL)
+        else:
+            slurm.run("scancel", state["job_id"])
+        wait_until(lambda: "lost" in history(hub), "the manager to notice", 30)
+        # From now on the proxy holds the session's requests: this one waits
+        # for the new server rather than failing.
+        assert asyncio.run(answers(hub)) == 200, history(hub)
         wait_until(lambda: "recovered" in history(hub),
                    f"the session to come back: {history(hub)}", 60)
         took = time.monotonic() - lost_at
         assert history(hub) == ["started", "lost", "recovering", "recovered"]
         after = asyncio.run(user_server(hub))
         assert after["url"] == before["url"] and after["ready"]
-        assert asyncio.run(server_pid(hub)) != pid
+        assert asyncio.run(server_state(hub)) != state  # a new process, a new job
         assert asyncio.run(answers(hub)) == 200
-        assert took < 30, took
+        assert took < 30, (took, asyncio.run(sessions(hub))[-1]["history"])
         record = asyncio.run(sessions(hub))[-1]
         assert record["state"] == "running" and record["recoveries"] == 1
         assert record["user_options"] == {"image": "deb", "mode": "kernels"}
