@@ -156,3 +156,23 @@ def test_the_sessions_api_wants_a_token(managed_hub):
                                 allow_redirects=False) as r:
                 return r.status
     assert asyncio.run(anonymous()) == 403
+
+
+def test_the_manager_carries_on_after_a_hub_restart(managed_hub):
+    """The hub restarts its managed services with it: the manager takes up
+    its records again (SQLite) and still brings a lost server back."""
+    hub = managed_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+    try:
+        assert result.get("ready"), result
+        wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+        records = len(asyncio.run(sessions(hub)))
+        hub.restart()
+        wait_until(lambda: asyncio.run(sessions(hub)), "the manager to be back", 30)
+        assert len(asyncio.run(sessions(hub))) == records  # the same session, not a new one
+        os.kill(asyncio.run(server_state(hub))["pid"], signal.SIGKILL)
+        wait_until(lambda: history(hub)[-1:] == ["recovered"],
+                   f"the session to come back: {history(hub)}", 60)
+        assert asyncio.run(answers(hub)) == 200
+    finally:
+        asyncio.run(stop_server(hub))
