@@ -103,7 +103,11 @@ class ContainerKernelSpecManager(KernelSpecManager):
         display = self.display_name_template.format(
             display_name=kernel.get("display_name", kernel_dir.name), image=image,
             kernel=kernel_dir.name)
-        spec = provisioned_spec(image, kernel, display, self.provisioner_config)
+        # The kernel runs from the store it was found in, whatever the
+        # default store of the user running it.
+        config = {**({"storage": self.storage} if self.storage else {}),
+                  **self.provisioner_config}
+        spec = provisioned_spec(image, kernel, display, config)
         return self.kernel_spec_class(resource_dir=str(kernel_dir), **spec)
 
     def get_all_specs(self) -> dict[str, dict]:

@@ -76,6 +76,12 @@ class ChSpawner(LocalProcessSpawner):
         help="The single-user server's command inside an image (server mode), "
              "found on the image's PATH.",
     ).tag(config=True)
+    persistent_kernels = Bool(
+        True, help="Kernels mode: kernels outlive their server (session_proxy's "
+                   "kernel manager): a server started again (by the session manager, "
+                   "after a loss) takes them over, and replays the output its "
+                   "clients missed.",
+    ).tag(config=True)
     user_storage = Unicode(
         "/var/tmp/{username}.ch",
         help="Each user's own store ({username} is filled in), for allow_user_images.",
@@ -187,6 +193,11 @@ class ChSpawner(LocalProcessSpawner):
                      # One item per flag: the server doesn't know this class
                      # up front, so a list literal would stay one string.
                      f"--ContainerKernelSpecManager.only_images={self.image}"]
+            if self.persistent_kernels:
+                args += ["--ServerApp.kernel_manager_class="
+                         "session_proxy.kernel_manager.PersistentKernelManager",
+                         "--ServerApp.kernel_websocket_connection_class="
+                         "session_proxy.kernel_connection.ReplayingKernelConnection"]
         return args
 
     async def start(self):

@@ -85,6 +85,16 @@ def test_discovery_lists_image_kernels_beside_native(user, kernel_store):
     assert "nopython" not in out  # busybox carries no kernelspec
 
 
+def test_discovered_kernels_run_from_the_store_they_were_found_in(kernel_store):
+    """Not from the default store of whoever runs them (a server started with
+    the admin's store must not look in the user's own)."""
+    from chspawner.kernelspecs import ContainerKernelSpecManager
+    spec = ContainerKernelSpecManager(storage=kernel_store).get_kernel_spec(
+        "chspawner-deb--python3")
+    config = spec.metadata["kernel_provisioner"]["config"]
+    assert config["image"] == "deb" and config["storage"] == kernel_store
+
+
 def test_kernel_in_image_lifecycle(drive):
     report = drive("chspawner-deb--python3")
     assert report["marker"] == ["ok", "chspawner test image: Debian bookworm\n"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pwd
 import secrets
 import subprocess
 import tempfile
@@ -187,6 +188,11 @@ def test_kernels_mode_spawn_through_the_rest_api(hub):
             ("ok", "chspawner test image: Debian bookworm\n", None)
     finally:
         asyncio.run(stop_server(hub))
+    # Kernels outlive a server that dies (session_proxy's kernel manager),
+    # but one stopped on purpose takes them along: no record left.
+    records = Path(pwd.getpwnam(hub.user).pw_dir, ".local/share/jupyter/runtime",
+                   "chspawner-kernels")
+    wait_until(lambda: not list(records.glob("*.json")), "the kernel to be shut down", 30)
 
 
 @pytest.mark.parametrize("which", ["local", "slurm"])

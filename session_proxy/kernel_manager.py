@@ -1,0 +1,375 @@
+"""Kernels that outlive their Jupyter server (persistence level L2).
+
+Configure a Jupyter server with::
+
+    c.ServerApp.kernel_manager_class = "session_proxy.kernel_manager.PersistentKernelManager"
+    c.ServerApp.kernel_websocket_connection_class = (
+        "session_proxy.kernel_connection.ReplayingKernelConnection")
+
+Then every kernel whose provisioner can re-attach by PID (the chspawner
+container provisioner) is
+
+- started in a session of its own with no parent-death watch, so it keeps
+  running when the server dies;
+- recorded in the state directory (kernel id, kernel name, connection info,
+  provisioner info), rewritten after each restart;
+- followed by a *keeper* (:mod:`session_proxy.kernel_keeper`), a process
+  outside the server that keeps the kernel's last IOPub messages, numbered,
+  for the websocket connection to replay.
+
+A server starting with the same state directory re-adopts every recorded
+kernel that still runs, under its kernel id (and drops the records of the
+dead ones) before it serves its first request. A kernel shut down on
+purpose loses its record, and its keeper exits. A server that dies leaves
+its kernels running; one stopped politely (SIGTERM, as the hub stops a
+server its user asked to stop) shuts them down, unless
+``keep_kernels_on_shutdown``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.provisioning import KernelProvisionerFactory
+from jupyter_core.paths import jupyter_runtime_dir
+from jupyter_server._tz import utcnow
+from jupyter_server.services.kernels.kernelmanager import (
+    AsyncMappingKernelManager,
+    ServerKernelManager,
+)
+from traitlets import Bool, Float, Integer, Unicode, default
+
+from session_proxy.kernel_records import KernelRecords
+
+
+def can_reattach(provisioner: Any) -> bool:
+    """Whether a new server could take this kernel over by its PID (the
+    chspawner provisioner can; jupyter_client's LocalProvisioner can't)."""
+    from chspawner.provisioner import ContainerProvisioner
+    return isinstance(provisioner, ContainerProvisioner)
+
+
+class PersistentServerKernelManager(ServerKernelManager):
+    """One kernel: launched detached when it can be re-attached to, and
+    reported to its :class:`PersistentKernelManager` on every (re)start."""
+
+    keeper_address = Unicode("", help="The kernel's keeper, when it has one.")
+
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+        if not can_reattach(self.provisioner) or not hasattr(self.parent, "records"):
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+        # No JPY_PARENT_PID: ipykernel would exit with the server. The
+        # kernel gets its own session either way (jupyter_client does that).
+        kw["independent"] = True
+        # Not the server's stdout/stderr: a pipe whose reader is gone would
+        # fail the kernel's writes once the server dies.
+        records: KernelRecords = self.parent.records
+        records.ensure()
+        with open(records.log_path(self.kernel_id, "kernel"), "ab") as log:
+            kw["stdout"] = kw["stderr"] = log
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    async def _async_post_start_kernel(self, **kw: Any) -> None:
+        await super()._async_post_start_kernel(**kw)
+        if hasattr(self.parent, "kernel_started"):
+            await self.parent.kernel_started(self)
+
+
+class PersistentKernelManager(AsyncMappingKernelManager):
+    """A jupyter_server kernel manager whose kernels survive the server."""
+
+    state_dir = Unicode(
+        help="Where kernel records and keeper sockets live (created mode 0700). "
+             "A server replacing another must use the same directory. "
+             "Default: chspawner-kernels in the Jupyter runtime directory.",
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        return os.path.join(jupyter_runtime_dir(), "chspawner-kernels")
+
+    # Kernels survive their server's death (a kill, a lost node) either way:
+    # this is about a server stopped politely (SIGTERM), which is how the hub
+    # stops a server its user asked to stop, and then the user's kernels
+    # should go too.
+    keep_kernels_on_shutdown = Bool(
+        False,
+        help="Leave recorded kernels running when the server stops politely "
+             "(SIGTERM), for the next server to re-adopt. False (default): shut "
+             "them down, as stock jupyter_server does.",
+    ).tag(config=True)
+
+    buffer_messages = Integer(
+        10000, help="IOPub messages each kernel's keeper holds for replay.",
+    ).tag(config=True)
+
+    buffer_bytes = Integer(
+        64 << 20, help="Bytes of IOPub messages each kernel's keeper holds at most.",
+    ).tag(config=True)
+
+    keeper_grace = Float(
+        30.0,
+        help="Seconds a keeper waits for its kernel's PID to come back (a "
+             "restart) before it exits.",
+    ).tag(config=True)
+
+    keeper_ready_timeout = Float(
+        30.0,
+        help="Seconds to wait for a new keeper to receive the kernel's IOPub.",
+    ).tag(config=True)
+
+    @default("kernel_manager_class")
+    def _default_kernel_manager_class(self) -> str:
+        return "session_proxy.kernel_manager.PersistentServerKernelManager"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.records = KernelRecords(self.state_dir)
+        self.records.ensure()
+        self._stop_politely_on_sigint()
+        self._run_on_server_loop(self.adopt_recorded_kernels())
+
+    def _stop_politely_on_sigint(self) -> None:
+        """JupyterHub asks a server to stop with SIGINT first. Without a
+        terminal, stock jupyter_server lets SIGINT raise KeyboardInterrupt,
+        which skips its cleanup; its kernels then end by themselves when
+        they notice their parent gone, but ours are detached on purpose and
+        would be left running. So SIGINT takes the orderly way SIGTERM
+        takes (kernels shut down, or kept with keep_kernels_on_shutdown)."""
+        stop = getattr(self.parent, "_signal_stop", None)
+        if stop is not None and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, stop)
+
+    def _run_on_server_loop(self, coro) -> Any:
+        """Run ``coro`` to completion now, before the server serves: on the
+        loop the server will run (so the ZMQ streams made for adopted
+        kernels belong to it)."""
+        io_loop = getattr(self.parent, "io_loop", None)
+        if io_loop is not None and not io_loop.asyncio_loop.is_running():
+            return io_loop.asyncio_loop.run_until_complete(coro)
+        from jupyter_core.utils import run_sync
+
+        async def wrapper():
+            return await coro
+        return run_sync(wrapper)()
+
+    # ------------------------------------------------------ recording ---
+
+    async def kernel_started(self, km: PersistentServerKernelManager) -> None:
+        """Called on every start and restart of a kernel: record it (new PID,
+        maybe new ports) and make sure its keeper runs and hears it."""
+        if not can_reattach(km.provisioner):
+            return
+        kernel_id = km.kernel_id
+        record = {
+            "kernel_id": kernel_id,
+            "kernel_name": km.kernel_name,
+            # The spec itself: adoption must not depend on finding it again
+            # (an image renamed or a store briefly unreachable).
+            "kernel_spec": {**km.kernel_spec.to_dict(),
+                            "resource_dir": km.kernel_spec.resource_dir},
+            "connection_info": km.get_connection_info(),
+            "provisioner_info": await km.provisioner.get_provisioner_info(),
+            "cwd": str(km._launch_args.get("cwd") or ""),
+            "keeper": self.records.keeper_address(kernel_id),
+            "recorded": time.time(),
+        }
+        self.records.write(kernel_id, record)
+        km.keeper_address = record["keeper"]
+        info = await keeper_info(km.keeper_address, timeout=0.5)
+        if info is None:
+            self._start_keeper(kernel_id)
+        await self._wait_keeper_hears(km, info["last_seq"] if info else 0)
+
+    def _start_keeper(self, kernel_id: str) -> None:
+        with open(self.records.log_path(kernel_id, "keeper"), "ab") as log:
+            # --detach: this child returns at once; the keeper itself belongs
+            # to no one and outlives the server.
+            subprocess.run(
+                [sys.executable, "-m", "session_proxy.kernel_keeper", "--detach",
+                 "--record", str(self.records.path(kernel_id)),
+                 "--address", self.records.keeper_address(kernel_id),
+                 "--max-messages", str(self.buffer_messages),
+                 "--max-bytes", str(self.buffer_bytes), "--grace", str(self.keeper_grace)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True,
+                close_fds=True)
+
+    async def _wait_keeper_hears(self, km: PersistentServerKernelManager,
+                                 seen: int) -> None:
+        """Until the keeper's IOPub subscription is live (ZMQ's slow joiner),
+        kernel output would be missed: ask the kernel for its info on the
+        control channel (it then publishes its status) until the keeper
+        reports a message newer than ``seen``."""
+        control = km.connect_control()
+        deadline = time.monotonic() + self.keeper_ready_timeout
+        try:
+            while time.monotonic() < deadline:
+                km.session.send(control, "kernel_info_request")
+                info = await keeper_info(km.keeper_address, timeout=0.5)
+                if info and info["last_seq"] > seen:
+                    return
+                await asyncio.sleep(0.1)  # a polling interval, not a wait for something
+            self.log.warning("chspawner: keeper of kernel %s heard nothing within %.0f s; "
+                             "output may not be kept", km.kernel_id, self.keeper_ready_timeout)
+        finally:
+            control.close(linger=0)
+
+    def remove_kernel(self, kernel_id: str):
+        # Called once a kernel is gone for good from this server: shut down
+        # on purpose, or dead beyond restarting. Its keeper exits once the
+        # record is gone.
+        km = super().remove_kernel(kernel_id)
+        self.records.remove(kernel_id)
+        return km
+
+    # ------------------------------------------------------- adopting ---
+
+    async def adopt_recorded_kernels(self) -> None:
+        """Take over every recorded kernel that still runs."""
+        for kernel_id, record in self.records.all().items():
+            if kernel_id in self:
+                continue
+            try:
+                adopted = await self._adopt(kernel_id, record)
+            except Exception:
+                # Keep the record: the kernel may be alive and a later server
+                # (or an admin) may still take it over.
+                self.log.exception("chspawner: can't re-adopt kernel %s; its record "
+                                   "stays in %s", kernel_id, self.records.directory)
+                continue
+            if adopted:
+                self.log.info("chspawner: re-adopted kernel %s (%s)", kernel_id,
+                              record.get("kernel_name"))
+            else:
+                self.log.info("chspawner: dropping the record of dead kernel %s", kernel_id)
+                self.records.remove(kernel_id)
+
+    async def _adopt(self, kernel_id: str, record: dict) -> bool:
+        km = self.kernel_manager_factory(
+            connection_file=os.path.join(self.connection_dir, f"kernel-{kernel_id}.json"),
+            parent=self, log=self.log, kernel_name=record["kernel_name"],
+            kernel_spec_manager=self.kernel_spec_manager)
+        km.kernel_id = kernel_id
+        if record.get("kernel_spec"):
+            km._kernel_spec = km.kernel_spec_manager.kernel_spec_class(
+                **record["kernel_spec"])
+        km.load_connection_info(record["connection_info"])
+        provisioner_info = dict(record["provisioner_info"])
+        km.provisioner = KernelProvisionerFactory.instance(parent=self).create_provisioner_instance(
+            kernel_id, km.kernel_spec, parent=km)
+        await km.provisioner.load_provisioner_info(provisioner_info)
+        if await km.provisioner.poll() is not None:
+            return False
+        # What a restart needs: same working directory, ports kept.
+        km._launch_args = {"cwd": record.get("cwd") or None}
+        km.write_connection_file()
+        ready = asyncio.get_running_loop().create_future()
+        ready.set_result(None)
+        km._ready = ready
+        # It was started (by an earlier server): later shutdowns and
+        # restarts then get fresh "ready" futures, as for any kernel.
+        km._attempted_start = True
+        km.start_restarter()
+        km._connect_control_socket()
+        km.keeper_address = record.get("keeper") or self.records.keeper_address(kernel_id)
+
+        info = await keeper_info(km.keeper_address, timeout=1.0)
+        if info is None:  # keeper gone: start one (what the gap held is lost)
+            self.log.warning("chspawner: kernel %s had no keeper; starting one", kernel_id)
+            self._start_keeper(kernel_id)
+            await self._wait_keeper_hears(km, 0)
+        self._kernels[kernel_id] = km
+        self._kernel_connections[kernel_id] = 0
+        km.execution_state = (info or {}).get("execution_state") or "idle"
+        if km.execution_state in ("unknown", "starting"):
+            km.execution_state = "idle"
+        km.reason = ""
+        km.last_activity = utcnow()
+        # A kernel busy with a long cell answers nothing on shell until it is
+        # done: the websocket's first kernel_info request would stall. Ask on
+        # control instead (ipykernel answers there at once).
+        km._kernel_info_future = asyncio.ensure_future(self._control_kernel_info(km))
+        await self._finish_kernel_start(kernel_id)
+        if not self._initialized_culler:
+            self.initialize_culler()
+        return True
+
+    async def _control_kernel_info(self, km: PersistentServerKernelManager) -> dict:
+        """The kernel's info over a transient control channel ({} when it
+        doesn't answer within 10 s: the protocol is then assumed current)."""
+        control = km.connect_control()
+        reply: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_reply(frames):
+            _idents, frames = km.session.feed_identities(frames)
+            msg = km.session.deserialize(frames)
+            if msg["msg_type"] == "kernel_info_reply" and not reply.done():
+                reply.set_result(msg["content"])
+
+        control.on_recv(on_reply)
+        km.session.send(control, "kernel_info_request")
+        try:
+            return await asyncio.wait_for(reply, 10)
+        except asyncio.TimeoutError:
+            return {}
+        finally:
+            control.close(linger=0)
+
+    # ------------------------------------------------------- shutdown ---
+
+    async def shutdown_all(self, now: bool = False) -> None:
+        """On server shutdown: with ``keep_kernels_on_shutdown``, let go of
+        the recorded kernels (they keep running, for the next server) and
+        shut down only the others."""
+        if not self.keep_kernels_on_shutdown:
+            return await super().shutdown_all(now=now)
+        kept = [kid for kid in self.list_kernel_ids() if self.records.path(kid).exists()]
+        for kernel_id in kept:
+            self._let_go(kernel_id)
+        if kept:
+            self.log.info("chspawner: leaving %d kernel(s) running for the next server",
+                          len(kept))
+        await super().shutdown_all(now=now)
+
+    def _let_go(self, kernel_id: str) -> None:
+        """Forget a kernel without stopping it."""
+        self.stop_buffering(kernel_id)
+        km = self._kernels[kernel_id]
+        stream = getattr(km, "_activity_stream", None)
+        if stream is not None and not stream.closed():
+            stream.close(linger=0)
+        km._activity_stream = None
+        km.stop_restarter()
+        km._close_control_socket()
+        del self._kernels[kernel_id]
+        self._kernel_connections.pop(kernel_id, None)
+        self._kernel_ports.pop(kernel_id, None)
+
+
+async def keeper_info(address: str, timeout: float = 1.0) -> dict | None:
+    """A keeper's state, or None if nothing answers at ``address`` in time."""
+    path = address.removeprefix("ipc://")
+    if address.startswith("ipc://") and not os.path.exists(path):
+        return None
+    ctx = zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(address)
+        await sock.send_multipart([b"info"])
+        if not await sock.poll(int(timeout * 1000)):
+            return None
+        frames = await sock.recv_multipart()
+        return json.loads(frames[1]) if frames[0] == b"info" else None
+    finally:
+        sock.close()

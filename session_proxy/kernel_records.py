@@ -1,0 +1,96 @@
+"""Kernel records: what a new Jupyter server needs to re-attach to a kernel
+its predecessor started.
+
+One JSON file per kernel, ``<state dir>/<kernel id>.json``, written
+atomically (a reader never sees half a record) and readable only by the
+user: it holds the kernel's HMAC key. The same directory holds each
+kernel's keeper socket and logs (see :mod:`session_proxy.kernel_keeper`).
+
+A record exists exactly as long as the kernel is meant to live: it is
+written when the kernel starts (and again after a restart, which changes
+the PID and maybe the ports) and removed when the kernel is shut down on
+purpose or found dead. Its keeper watches the record and exits when it
+goes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+#: jupyter_server kernel ids are UUIDs; anything else in the directory is
+#: not a record (and a crafted name can't reach outside it).
+_KERNEL_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with bytes (the session key) as text, for JSON."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class KernelRecords:
+    """The records in one state directory (created mode 0700)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def ensure(self) -> Path:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # An existing directory keeps its mode; the records hold kernel keys.
+        self.directory.chmod(0o700)
+        return self.directory
+
+    def path(self, kernel_id: str) -> Path:
+        if not _KERNEL_ID.match(kernel_id):
+            raise ValueError(f"not a kernel id: {kernel_id!r}")
+        return self.directory / f"{kernel_id}.json"
+
+    def keeper_address(self, kernel_id: str) -> str:
+        """Where the kernel's keeper listens: a Unix socket beside the record."""
+        return f"ipc://{self.directory / (kernel_id + '.keeper')}"
+
+    def log_path(self, kernel_id: str, what: str) -> Path:
+        return self.directory / f"{kernel_id}.{what}.log"
+
+    def write(self, kernel_id: str, record: dict) -> None:
+        self.ensure()
+        target = self.path(kernel_id)
+        tmp = target.with_name(f".{target.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(json_safe(record), f, indent=1)
+        os.replace(tmp, target)
+
+    def read(self, kernel_id: str) -> dict | None:
+        return read_record(self.path(kernel_id))
+
+    def remove(self, kernel_id: str) -> None:
+        self.path(kernel_id).unlink(missing_ok=True)
+        for what in ("kernel", "keeper"):
+            self.log_path(kernel_id, what).unlink(missing_ok=True)
+
+    def all(self) -> dict[str, dict]:
+        """{kernel id: record} for every readable record."""
+        found = {}
+        if not self.directory.is_dir():
+            return found
+        for path in sorted(self.directory.glob("*.json")):
+            record = read_record(path)
+            if record and record.get("kernel_id") == path.stem:
+                found[path.stem] = record
+        return found
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
