@@ -82,9 +82,11 @@ class ProxyClient:
         self.headers = {"Authorization": f"token {token}"}
 
     async def routes(self) -> dict[str, dict]:
+        """{path: route}, each path with one trailing slash, as the hub's
+        server URLs have it (the proxies keep it without)."""
         async with self.http.get(f"{self.api}/api/routes", headers=self.headers) as r:
             r.raise_for_status()
-            return await r.json()
+            return {path.rstrip("/") + "/": route for path, route in (await r.json()).items()}
 
     async def hold(self, path: str, timeout: float) -> bool:
         try:
@@ -179,6 +181,7 @@ class SessionManager(Application):
                     self.store.add_event(record, "stopped", "stopped by request")
                 else:  # the hub noticed the loss before we did
                     self._start_recovery(record, "the hub found the server gone")
+            targets: dict[tuple[str, str], str] = {}
             for key, model in servers.items():
                 if key in self.recovering or not model.get("ready"):
                     continue
@@ -196,11 +199,13 @@ class SessionManager(Application):
                     if record.target:
                         self.store.add_event(record, "moved", f"now at {target}")
                     record.target = target
+                # With no route (the proxy restarting with the hub, the hub
+                # not done re-adding routes), where it ran last.
+                targets[key] = record.target
         # Not one being stopped: its failing to answer is no loss.
-        await asyncio.gather(*(self._probe(key, m["url"], routes)
-                               for key, m in servers.items()
-                               if m.get("ready") and not m.get("pending")
-                               and key not in self.recovering))
+        await asyncio.gather(*(self._probe(key, model["url"], targets[key])
+                               for key, model in servers.items()
+                               if key in targets and not model.get("pending")))
 
     def _new_record(self, db, key: tuple[str, str], model: dict) -> SessionRecord:
         options = model.get("user_options") or {}
@@ -213,23 +218,20 @@ class SessionManager(Application):
         self.failures[key] = 0
         return record
 
-    async def _probe(self, key: tuple[str, str], path: str, routes: dict) -> None:
-        """Ask the server for its kernels, at the route's target."""
-        target = (routes.get(path) or {}).get("target")
+    async def _probe(self, key: tuple[str, str], path: str, target: str) -> None:
+        """Ask the server for its kernels, where it runs."""
+        if not target:
+            return  # not known yet: nothing to judge by
         kernels = None
-        if target:
-            try:
-                async with self.http.get(f"{target}{path}api/kernels",
-                                         timeout=aiohttp.ClientTimeout(
-                                             total=self.probe_timeout)) as r:
-                    if r.status == 200:
-                        kernels = [{"id": k["id"], "name": k["name"]}
-                                   for k in await r.json()]
-                    alive = True  # any answer at all: the server is there
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                alive = False
-        else:
-            alive = False  # no route: nothing for the browser to reach
+        try:
+            async with self.http.get(f"{target}{path}api/kernels",
+                                     timeout=aiohttp.ClientTimeout(
+                                         total=self.probe_timeout)) as r:
+                if r.status == 200:
+                    kernels = [{"id": k["id"], "name": k["name"]} for k in await r.json()]
+                alive = True  # any answer at all: the server is there
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            alive = False
         if alive:
             self.failures[key] = 0
             if kernels is not None:
@@ -243,7 +245,7 @@ class SessionManager(Application):
             with self.store.transaction() as db:
                 record = self.store.find(db, *key)
                 if record is not None and record.state == "running":
-                    self._start_recovery(record, f"no answer at {target or 'no route'} "
+                    self._start_recovery(record, f"no answer at {target} "
                                                  f"{self.failures[key]} times in a row")
 
     # ---------------------------------------------------------- recovery --

@@ -10,6 +10,7 @@ import signal
 import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +18,8 @@ import pytest
 
 from chspawner.images.trees import remove_tree
 from conftest import VENV_BIN
-from test_kernel_server import free_port
+from test_kernel_server import KERNEL, free_port, warm_up
+from test_persistent_kernels import N, Transcript, count_to, read, send
 from test_spawner import Hub, spawn, stop_server, user_server, wait_until
 
 MANAGER = "session-manager"
@@ -142,6 +144,18 @@ def test_a_server_stopped_on_purpose_stays_stopped(managed_hub):
     result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
     assert result.get("ready"), result
     wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+
+    async def start_kernel() -> str:
+        async with hub.session() as http:
+            async with http.post(f"{hub.url}/user/{hub.user}/api/kernels",
+                                 json={"name": KERNEL}) as r:
+                assert r.status == 201, await r.text()
+                return (await r.json())["id"]
+    kernel = asyncio.run(start_kernel())
+    # The manager's checks see the kernel (and find nothing wrong meanwhile).
+    wait_until(lambda: kernel in [k["id"] for k in asyncio.run(sessions(hub))[-1]["kernels"]],
+               "the manager to list the kernel", 30)
+    assert history(hub)[-1:] == ["started"]
     asyncio.run(stop_server(hub))
     wait_until(lambda: history(hub)[-1:] == ["stopped"], "the manager to see the stop", 30)
     record = asyncio.run(sessions(hub))[-1]
@@ -174,5 +188,57 @@ def test_the_manager_carries_on_after_a_hub_restart(managed_hub):
         wait_until(lambda: history(hub)[-1:] == ["recovered"],
                    f"the session to come back: {history(hub)}", 60)
         assert asyncio.run(answers(hub)) == 200
+    finally:
+        asyncio.run(stop_server(hub))
+
+
+async def reconnect(http: aiohttp.ClientSession, url: str, deadline_s: float = 60):
+    """Open the websocket again as a client does after losing it: retry
+    until the session answers at its URL again."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await http.ws_connect(url)
+        except aiohttp.ClientError:
+            assert time.monotonic() < end, "the session did not come back"
+            await asyncio.sleep(0.2)  # (a client's retry pace, not a wait for an event)
+
+
+def test_kernel_output_survives_losing_the_server(managed_hub):
+    """The whole of L1 + L2 through the hub: a cell prints 1..N over 20 s;
+    the server is killed mid-way; the manager brings the session back at
+    the same URL, the new server takes the kernel over, and the client,
+    reconnecting with its session id, gets every number exactly once."""
+    hub = managed_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+
+    async def scenario() -> Transcript:
+        base = f"{hub.url}/user/{hub.user}/api/kernels"
+        async with hub.session() as http:
+            async with http.post(base, json={"name": KERNEL}) as r:
+                assert r.status == 201, (r.status, r.history, r.url, hub.log()[-3000:])
+                kernel = (await r.json())["id"]
+            url = f"{base}/{kernel}/channels?session_id={uuid.uuid4().hex}".replace(
+                "http", "ws", 1)
+            ws = await http.ws_connect(url)
+            await warm_up(ws)
+            t = await send(ws, count_to(N, 0.5))
+            await read(ws, t, lambda t: len(t.numbers) >= 3)
+            os.kill((await server_state(hub))["pid"], signal.SIGKILL)
+            await read(ws, t, lambda t: False)  # what was on its way, till it closes
+            assert len(t.numbers) < N
+            ws = await reconnect(http, url)
+            await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
+            await ws.close()
+            async with http.delete(f"{base}/{kernel}") as r:
+                assert r.status == 204
+            return t
+    try:
+        assert result.get("ready"), result
+        wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+        t = asyncio.run(scenario())
+        assert t.numbers == list(range(1, N + 1)), t.numbers
+        assert t.reply and t.stderr == []
+        assert history(hub)[-3:] == ["lost", "recovering", "recovered"]
     finally:
         asyncio.run(stop_server(hub))

@@ -119,10 +119,11 @@ class Hub:
             asyncio.run(stop_server(self))  # cleanup_servers is off: do it here
         except aiohttp.ClientError:
             pass  # the hub is going already (a Ctrl-C reaches it too)
-        self._terminate()
-        # Kept for a look after a failure; the next run replaces it.
-        Path("/tmp/chspawner-last-hub.log").write_text(self.log())
-        remove_tree(self.dir)
+        finally:
+            self._terminate()
+            # Kept for a look after a failure; the next run replaces it.
+            Path("/tmp/chspawner-last-hub.log").write_text(self.log())
+            remove_tree(self.dir)
 
 
 @pytest.fixture(scope="module")
