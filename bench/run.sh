@@ -18,3 +18,5 @@ echo "== spawning on Slurm: SlurmChSpawner (kernels mode, server mode) vs batchs
 "$CHSPAWNER_VENV/bin/python" bench/slurm_spawn.py
 echo "== session proxy: chspawner-proxy vs configurable-http-proxy 5.3 (HTTP, websockets)"
 "$CHSPAWNER_VENV/bin/python" bench/proxy.py --check
+echo "== recovery: a killed server's session back (hub, session proxy, session manager), to the next cell"
+"$CHSPAWNER_VENV/bin/python" bench/recovery.py --check

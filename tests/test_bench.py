@@ -46,3 +46,10 @@ def test_proxy_benchmark_runs():
     assert [label for label, _ in ratios] == ["HTTP requests/s", "HTTP p50",
                                               "websocket round trip", "websocket messages/s"]
     assert all(float(ratio) > 0 for _, ratio in ratios)
+
+
+def test_recovery_benchmark_runs(user, bookworm):
+    out = subprocess.run([sys.executable, str(REPO / "bench/recovery.py"), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^server killed, same kernel .* [\d.]+s", out.stdout, re.M), out.stdout

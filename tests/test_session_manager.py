@@ -242,3 +242,27 @@ def test_kernel_output_survives_losing_the_server(managed_hub):
         assert history(hub)[-3:] == ["lost", "recovering", "recovered"]
     finally:
         asyncio.run(stop_server(hub))
+
+
+def test_a_user_cannot_reach_another_users_session(managed_hub):
+    hub = managed_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+
+    async def as_someone_else() -> int:
+        api = f"{hub.url}/hub/api/users/mallory"
+        async with hub.session() as http:
+            async with http.post(api) as r:
+                assert r.status in (201, 409), await r.text()
+            async with http.post(f"{api}/tokens", json={}) as r:
+                assert r.status == 201, await r.text()
+                token = (await r.json())["token"]
+        async with aiohttp.ClientSession(headers={"Authorization": f"token {token}"}) \
+                as http:
+            async with http.get(f"{hub.url}/user/{hub.user}/api/kernels",
+                                allow_redirects=False) as r:
+                return r.status
+    try:
+        assert result.get("ready"), result
+        assert asyncio.run(as_someone_else()) == 403
+    finally:
+        asyncio.run(stop_server(hub))
