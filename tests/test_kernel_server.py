@@ -78,10 +78,15 @@ async def warm_up(ws) -> None:
 
 async def execute(ws, code: str, on_start=None) -> tuple[str, str, str | None]:
     """Run ``code`` over the kernel's websocket: (status, stdout, ename).
-    ``on_start`` is awaited once the code has printed something."""
+    ``on_start`` is awaited once the code has printed something.
+
+    Done when both the execute_reply (shell) and the kernel's idle status for
+    the request (IOPub) have come, as the protocol says and JupyterLab does:
+    the two channels are not ordered with each other, and output relayed
+    through a kernel's keeper (session_proxy) may well come after the reply."""
     request = execute_request(code)
     await ws.send_str(json.dumps(request))
-    output, started = [], False
+    output, started, reply, idle = [], False, None, False
     async with asyncio.timeout(90):
         async for frame in ws:
             msg = json.loads(frame.data)
@@ -92,10 +97,14 @@ async def execute(ws, code: str, on_start=None) -> tuple[str, str, str | None]:
                 if on_start and not started:
                     started = True
                     await on_start()
-            if msg["msg_type"] == "execute_reply":
-                content = msg["content"]
-                return content["status"], "".join(output), content.get("ename")
-    raise AssertionError("no execute_reply")
+            elif msg["msg_type"] == "execute_reply":
+                reply = msg["content"]
+            elif msg["msg_type"] == "status" and \
+                    msg["content"]["execution_state"] == "idle":
+                idle = True
+            if reply is not None and idle:
+                return reply["status"], "".join(output), reply.get("ename")
+    raise AssertionError("no execute_reply" if reply is None else "no idle status")
 
 
 async def picker_flow(base: str, token: str) -> dict:
