@@ -7,6 +7,7 @@ import asyncio
 import os
 import secrets
 import signal
+import subprocess
 import tempfile
 import textwrap
 import time
@@ -264,5 +265,63 @@ def test_a_user_cannot_reach_another_users_session(managed_hub):
     try:
         assert result.get("ready"), result
         assert asyncio.run(as_someone_else()) == 403
+    finally:
+        asyncio.run(stop_server(hub))
+
+
+@pytest.fixture(scope="module")
+def independent_hub(user, kernel_store):
+    """The session proxy run as its own service (should_start = False), as
+    a site runs it so that restarting the hub drops no connection."""
+    state = Path(tempfile.mkdtemp(prefix="chspawner-manager-"))
+    token, port, api_port = secrets.token_hex(16), free_port(), free_port()
+    proxy = subprocess.Popen(
+        [str(VENV_BIN / "chspawner-proxy"), "--ip", "127.0.0.1", "--port", str(port),
+         "--api-ip", "127.0.0.1", "--api-port", str(api_port)],
+        env={"CONFIGPROXY_AUTH_TOKEN": token, "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL, stderr=open(state / "proxy.log", "wb"))
+    own_proxy = textwrap.dedent(f"""
+        c.ConfigurableHTTPProxy.should_start = False
+        c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{api_port}"
+    """)
+    try:
+        hub = Hub(kernel_store, user.pw_name, port=port,
+                  extra_config=own_proxy + manager_config(state, token, free_port()))
+        yield hub
+        hub.stop()
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+        remove_tree(state)
+
+
+def test_output_flows_on_through_a_hub_restart(independent_hub):
+    """The hub (and its session manager) restarted while a cell prints:
+    the browser's websocket, through the separately run session proxy,
+    never notices, and gets every number once."""
+    hub = independent_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+
+    async def scenario() -> Transcript:
+        base = f"{hub.url}/user/{hub.user}/api/kernels"
+        async with hub.session() as http:
+            async with http.post(base, json={"name": KERNEL}) as r:
+                assert r.status == 201, await r.text()
+                kernel = (await r.json())["id"]
+            ws = await http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws", 1))
+            await warm_up(ws)
+            t = await send(ws, count_to(N, 0.5))
+            await read(ws, t, lambda t: len(t.numbers) >= 3)
+            await asyncio.to_thread(hub.restart)
+            assert not t.reply  # the cell still runs after the restart
+            await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
+            assert not ws.closed
+            await ws.close()
+            return t
+    try:
+        assert result.get("ready"), result
+        t = asyncio.run(scenario())
+        assert t.numbers == list(range(1, N + 1)), t.numbers
+        wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to be back", 30)
     finally:
         asyncio.run(stop_server(hub))

@@ -29,9 +29,11 @@ class Hub:
     """jupyterhub with ChSpawner, on 127.0.0.1, driven by a service token."""
 
     def __init__(self, store: str, user: str, extra_config: str = "",
-                 images: tuple[str, ...] = ("deb", "nopython", "jupyter")):
+                 images: tuple[str, ...] = ("deb", "nopython", "jupyter"),
+                 port: int | None = None):
+        """``port``: the public one (a proxy started separately listens there)."""
         self.dir = Path(tempfile.mkdtemp(prefix="chspawner-hub-"))
-        self.port, self.token, self.user = free_port(), secrets.token_hex(16), user
+        self.port, self.token, self.user = port or free_port(), secrets.token_hex(16), user
         self.url = f"http://127.0.0.1:{self.port}"
         (self.dir / "jupyterhub_config.py").write_text(textwrap.dedent(f"""
             c.JupyterHub.ip = "127.0.0.1"
