@@ -169,11 +169,9 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         connection the backend closed just before we used it is retried
         once on a new one, which is safe as nothing reached the backend."""
         for attempt in range(2):
-            try:
-                stream, reused = await self.proxy.upstreams.get(self.route.target)
-            except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
-                log.warning("%s: %s", self.route.data.get("target"), error)
-                return await self.error_page(503)
+            if (opened := await self.open_backend()) is None:
+                return
+            stream, reused = opened
             backend = self.backend = HTTP1Connection(stream, True, self.proxy.backend_params)
             backend.write_headers(request, headers)
             backend.finish()
@@ -189,11 +187,9 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         """A request with a body: open the backend request now; the body
         follows through data_received as it arrives, the answer is relayed
         meanwhile."""
-        try:
-            stream, _ = await self.proxy.upstreams.get(self.route.target)
-        except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
-            log.warning("%s: %s", self.route.data.get("target"), error)
-            return await self.error_page(503)
+        if (opened := await self.open_backend()) is None:
+            return
+        stream, _ = opened
         self.backend = HTTP1Connection(stream, True, self.proxy.backend_params)
         # tornado re-chunks a body of unknown length by itself only for
         # POST, PUT and PATCH; other methods need telling.
@@ -205,10 +201,23 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         if rechunk:
             self.backend._chunking_output = True
         self.streams_body = True
-        self.keep(asyncio.ensure_future(self.relay_or_fail(stream)))
+        self.keep(asyncio.ensure_future(self.relay_or_fail(stream, ResponseRelay(self))))
 
-    async def relay_or_fail(self, stream: IOStream) -> None:
-        relay = ResponseRelay(self)
+    async def open_backend(self, fresh: bool = False) -> tuple[IOStream, bool] | None:
+        """A connection to the route's target (a new one if ``fresh``, else
+        maybe a kept-alive one) and whether it was reused; None, with a 503
+        page sent, when the target can't be reached."""
+        try:
+            if fresh:
+                return await self.proxy.upstreams.connect(self.route.target), False
+            return await self.proxy.upstreams.get(self.route.target)
+        except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
+            log.warning("%s: %s", self.route.data.get("target"), error)
+            await self.error_page(503)
+            return None
+
+    async def relay_or_fail(self, stream: IOStream, relay: "ResponseRelay") -> None:
+        """Relay the answer; a 503 page if none of it went out."""
         if not await self.relay_response(self.backend, relay, stream) and not relay.started:
             await self.error_page(503)
 
@@ -241,17 +250,13 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         """Send the upgrade request on a new connection; on 101, both
         connections leave HTTP and are piped as bytes; any other answer is
         relayed as an ordinary response."""
-        try:
-            stream = await self.proxy.upstreams.connect(self.route.target)
-        except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
-            log.warning("%s: %s", self.route.data.get("target"), error)
-            return await self.error_page(503)
+        if (opened := await self.open_backend(fresh=True)) is None:
+            return
+        stream, _ = opened
         backend = self.backend = HTTP1Connection(stream, True, self.proxy.backend_params)
         backend.write_headers(request, headers)
         backend.finish()
-        relay = ResponseRelay(self, on_switch=self.switch_protocols)
-        if not await self.relay_response(backend, relay, stream) and not relay.started:
-            await self.error_page(503)
+        await self.relay_or_fail(stream, ResponseRelay(self, on_switch=self.switch_protocols))
 
     def switch_protocols(self, backend: HTTP1Connection,
                          start_line: httputil.ResponseStartLine,
