@@ -19,9 +19,10 @@ import pytest
 
 from chspawner.images.trees import remove_tree
 from conftest import VENV_BIN
-from test_kernel_server import KERNEL, free_port, warm_up
+from test_kernel_server import free_port, warm_up
 from test_persistent_kernels import N, Transcript, count_to, read, send
-from test_spawner import Hub, spawn, stop_server, user_server, wait_until
+from test_spawner import (Hub, kernels_url, spawn, start_kernel, stop_server,
+                          user_server, wait_until)
 
 MANAGER = "session-manager"
 
@@ -146,13 +147,10 @@ def test_a_server_stopped_on_purpose_stays_stopped(managed_hub):
     assert result.get("ready"), result
     wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
 
-    async def start_kernel() -> str:
+    async def new_kernel() -> str:
         async with hub.session() as http:
-            async with http.post(f"{hub.url}/user/{hub.user}/api/kernels",
-                                 json={"name": KERNEL}) as r:
-                assert r.status == 201, await r.text()
-                return (await r.json())["id"]
-    kernel = asyncio.run(start_kernel())
+            return await start_kernel(http, hub)
+    kernel = asyncio.run(new_kernel())
     # The manager's checks see the kernel (and find nothing wrong meanwhile).
     wait_until(lambda: kernel in [k["id"] for k in asyncio.run(sessions(hub))[-1]["kernels"]],
                "the manager to list the kernel", 30)
@@ -214,11 +212,9 @@ def test_kernel_output_survives_losing_the_server(managed_hub):
     result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
 
     async def scenario() -> Transcript:
-        base = f"{hub.url}/user/{hub.user}/api/kernels"
+        base = kernels_url(hub)
         async with hub.session() as http:
-            async with http.post(base, json={"name": KERNEL}) as r:
-                assert r.status == 201, (r.status, r.history, r.url, hub.log()[-3000:])
-                kernel = (await r.json())["id"]
+            kernel = await start_kernel(http, hub)
             url = f"{base}/{kernel}/channels?session_id={uuid.uuid4().hex}".replace(
                 "http", "ws", 1)
             ws = await http.ws_connect(url)
@@ -303,11 +299,9 @@ def test_output_flows_on_through_a_hub_restart(independent_hub):
     result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
 
     async def scenario() -> Transcript:
-        base = f"{hub.url}/user/{hub.user}/api/kernels"
+        base = kernels_url(hub)
         async with hub.session() as http:
-            async with http.post(base, json={"name": KERNEL}) as r:
-                assert r.status == 201, await r.text()
-                kernel = (await r.json())["id"]
+            kernel = await start_kernel(http, hub)
             ws = await http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws", 1))
             await warm_up(ws)
             t = await send(ws, count_to(N, 0.5))

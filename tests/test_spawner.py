@@ -170,12 +170,22 @@ async def stop_server(hub: Hub) -> None:
                 await asyncio.sleep(0.2)
 
 
+def kernels_url(hub: Hub) -> str:
+    """The user's server's kernels API, through the proxy."""
+    return f"{hub.url}/user/{hub.user}/api/kernels"
+
+
+async def start_kernel(http: aiohttp.ClientSession, hub: Hub, name: str = KERNEL) -> str:
+    """A new kernel in the user's server, through the proxy: its id."""
+    async with http.post(kernels_url(hub), json={"name": name}) as r:
+        assert r.status == 201, (await r.text()) + hub.log()[-4000:]
+        return (await r.json())["id"]
+
+
 async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
-    base = f"{hub.url}/user/{hub.user}/api/kernels"
+    base = kernels_url(hub)
     async with hub.session() as http:
-        async with http.post(base, json={"name": kernel}) as r:
-            assert r.status == 201, (await r.text()) + hub.log()[-4000:]
-            kernel = (await r.json())["id"]
+        kernel = await start_kernel(http, hub, kernel)
         async with http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws")) as ws:
             await warm_up(ws)
             return await execute(ws, "print(open('/etc/chspawner-test-image').read().strip())")
