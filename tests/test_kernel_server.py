@@ -12,6 +12,7 @@ import subprocess
 import textwrap
 import time
 import uuid
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -25,6 +26,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, log: Callable[[], str]) -> None:
+    """Until jupyter_server ``proc`` accepts connections on ``port``;
+    ``log()`` says why, should it exit first."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert proc.poll() is None, log()
+            assert time.monotonic() < deadline, "jupyter_server did not start"
+            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -41,15 +56,7 @@ def server(user, user_dir, kernel_store):
          f"--ContainerKernelSpecManager.storage={kernel_store}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "jupyter_server did not start"
-            time.sleep(0.05)
+    wait_listening(port, proc, lambda: proc.stderr.read()[-2000:])
     yield base, token, kernel_store
     proc.terminate()
     try:

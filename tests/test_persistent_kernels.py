@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -26,7 +25,8 @@ import aiohttp
 import pytest
 
 from conftest import AS_USER, VENV_BIN
-from test_kernel_server import KERNEL, execute_request, free_port, warm_up
+from test_kernel_server import (KERNEL, execute_request, free_port, wait_listening,
+                                warm_up)
 
 from session_proxy.kernel_manager import keeper_info
 
@@ -75,15 +75,7 @@ class Servers:
              f"--PersistentKernelManager.state_dir={self.state_dir}", *self.extra],
             stdout=log, stderr=log, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert self.proc.poll() is None, self.log()[-3000:]
-                assert time.monotonic() < deadline, "jupyter_server did not start"
-                time.sleep(0.05)
+        wait_listening(port, self.proc, lambda: self.log()[-3000:])
         self.base = f"http://127.0.0.1:{port}"
         return self.base
 
