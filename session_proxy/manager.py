@@ -124,6 +124,10 @@ class SessionManager(Application):
     interval = Float(1.0, help="Seconds between checks of every session.").tag(config=True)
     probe_timeout = Float(2.0, help="Seconds a server gets to answer a check.").tag(
         config=True)
+    stall_timeout = Float(60.0, help="Seconds a server that accepts connections but "
+                          "answers nothing gets before it counts as lost: it is busy or "
+                          "stopped (SIGSTOP, a suspended job), not gone, and starting it "
+                          "again would end its kernels.").tag(config=True)
     lost_after = Integer(2, help="Failed checks in a row after which a server that "
                          "the hub still counts as running is lost.").tag(config=True)
     recover = Bool(True, help="Start lost sessions again (else only record them).").tag(
@@ -138,6 +142,7 @@ class SessionManager(Application):
 
     aliases = {"db-url": "SessionManager.db_url", "proxy-api-url":
                "SessionManager.proxy_api_url", "interval": "SessionManager.interval",
+               "max-recoveries": "SessionManager.max_recoveries",
                "log-level": "Application.log_level"}
 
     @default("hub_api_url")
@@ -162,6 +167,7 @@ class SessionManager(Application):
         super().initialize(argv)
         self.store = SessionStore(self.db_url)
         self.failures: dict[tuple[str, str], int] = {}
+        self.stalled_since: dict[tuple[str, str], float] = {}
         self.recovering: set[tuple[str, str]] = set()
         self.recent: dict[tuple[str, str], list[float]] = {}
 
@@ -223,15 +229,27 @@ class SessionManager(Application):
         if not target:
             return  # not known yet: nothing to judge by
         kernels = None
+        # Connecting and reading are timed apart: a refused or unanswered
+        # connection means the server is gone; an accepted one that gets no
+        # answer means it is there but stuck.
+        timeout = aiohttp.ClientTimeout(sock_connect=self.probe_timeout,
+                                        sock_read=self.probe_timeout)
         try:
-            async with self.http.get(f"{target}{path}api/kernels",
-                                     timeout=aiohttp.ClientTimeout(
-                                         total=self.probe_timeout)) as r:
+            async with self.http.get(f"{target}{path}api/kernels", timeout=timeout) as r:
                 if r.status == 200:
                     kernels = [{"id": k["id"], "name": k["name"]} for k in await r.json()]
                 alive = True  # any answer at all: the server is there
+        except aiohttp.SocketTimeoutError:
+            since = self.stalled_since.setdefault(key, time.monotonic())
+            stalled_for = time.monotonic() - since
+            if stalled_for < self.stall_timeout:
+                return  # busy: neither alive nor lost yet
+            self._count_failure(key, f"{target} has accepted connections but answered "
+                                     f"nothing for {stalled_for:.0f} s")
+            return
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             alive = False
+        self.stalled_since.pop(key, None)
         if alive:
             self.failures[key] = 0
             if kernels is not None:
@@ -240,13 +258,16 @@ class SessionManager(Application):
                     if record is not None and record.kernels != kernels:
                         record.kernels = kernels
             return
+        self._count_failure(key, f"no answer at {target}")
+
+    def _count_failure(self, key: tuple[str, str], why: str) -> None:
         self.failures[key] = self.failures.get(key, 0) + 1
         if self.failures[key] >= self.lost_after:
             with self.store.transaction() as db:
                 record = self.store.find(db, *key)
                 if record is not None and record.state == "running":
-                    self._start_recovery(record, f"no answer at {target} "
-                                                 f"{self.failures[key]} times in a row")
+                    self._start_recovery(record, f"{why} ({self.failures[key]} checks "
+                                                 "in a row)")
 
     # ---------------------------------------------------------- recovery --
 
@@ -289,6 +310,7 @@ class SessionManager(Application):
                 await self.proxy.release(path)
             return
         self.failures[key] = 0
+        self.stalled_since.pop(key, None)
         self.log.info("session %s/%s recovered", user, name)
         self._event(key, "recovered", f"in {time.monotonic() - started:.1f} s",
                     state="running", instance=model.get("started") or "")
