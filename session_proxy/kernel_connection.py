@@ -11,14 +11,18 @@ A websocket connection to a kernel that has a keeper takes its IOPub
 messages from the keeper's numbered stream instead of from the kernel, and
 tells the keeper, message by message, how far its client session (the
 ``session_id`` query argument, stable across a client's reconnects) has
-received. A client reconnecting with the same session id, to this server or
+received (see :mod:`session_proxy.kernel_records`). A client reconnecting with the same session id, to this server or
 to the next one, first gets every message it has not received yet; if more
 were produced than the keeper holds, it is first told how many were lost.
 Shell, control and stdin go straight to the kernel, as before.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
+import weakref
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -27,11 +31,15 @@ from jupyter_server.services.kernels.connection.channels import (
 )
 from zmq.eventloop.zmqstream import ZMQStream
 
+from session_proxy.kernel_records import open_ack, write_ack
+
 
 class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
     """Stock kernel websocket connection, IOPub from the keeper."""
 
     _lost: dict | None = None
+    #: (keeper stream, seq) of the keeper's message being written
+    _sending: tuple[ZMQStream, int] | None = None
 
     def _keeper_address(self) -> str:
         return getattr(self.kernel_manager, "keeper_address", "") or ""
@@ -56,9 +64,24 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         # disconnected session's streams (with what they buffered) to the
         # session's next connection.
         stream.keeper_session = self.session.session.encode()
-        stream.delivered = 0
+        stream.delivered = stream.acked = 0
+        stream.connection = self
+        stream.ack_fd = open_ack(Path(self.kernel_manager.acks_dir), self.session.session)
+        weakref.finalize(stream, os.close, stream.ack_fd)
         stream.send_multipart([b"follow", stream.keeper_session])
         return stream
+
+    def connect(self):
+        done = super().connect()
+        keeper = self.channels.get("iopub")
+        if getattr(keeper, "keeper_session", None) is not None and keeper.connection is not self:
+            # The session's streams, handed on from its last connection by
+            # jupyter_server's buffering. The keeper may have sent that one
+            # messages it could not write (its websocket was closing): follow
+            # again, from what was acknowledged; what comes twice is dropped.
+            keeper.connection = self
+            keeper.send_multipart([b"follow", keeper.keeper_session])
+        return done
 
     def nudge(self):
         """The stock nudge waits for an IOPub message on the client's IOPub
@@ -101,20 +124,60 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         if self._lost:
             self._tell_lost(self._lost, frames)
             self._lost = None
-        # Acknowledge, then write. The ack goes straight onto the socket
-        # (ZMQStream would hold it until the loop comes round again), so by
-        # the time the client can act on this message -- say, its server is
-        # killed -- the keeper knows where to resume. The other order leaves
-        # a window after every write in which a kill replays the message
-        # twice; this one leaves only the instant between two statements.
-        if not stream.closed():
-            try:
-                stream.socket.send_multipart([b"ack", session, str(seq).encode()],
-                                             zmq.NOBLOCK)
-            except zmq.ZMQError:
-                self.log.warning("chspawner: can't acknowledge message %d to the keeper", seq)
+        self._sending = (stream, seq)
+        try:
+            super().handle_outgoing_message(stream, frames)  # -> write_message
+        finally:
+            self._sending = None
+
+    @property
+    def write_message(self):
+        write = self.websocket_handler.write_message
+        if self._sending is None:
+            return write
+        return functools.partial(self._write_and_acknowledge, write)
+
+    def _write_and_acknowledge(self, write, message, binary: bool = False):
+        """Acknowledge the keeper's message, then write it to the websocket.
+
+        The acknowledgement is a file write, on record at once, made after
+        the message was decoded and encoded again for the websocket: only
+        the instant between that write and the socket's send separates the
+        two. (The other order would leave the instant after the send, when
+        the client is woken and may act -- say, kill the server -- before
+        this process runs again: a message sent twice.) A websocket that is
+        closing refuses the write; its message stays unacknowledged, for
+        the session's next connection."""
+        stream, seq = self._sending
+        self._sending = None
+        connection = self.websocket_handler.ws_connection
+        if connection is None or connection.is_closing():
+            return write(message, binary=binary)  # raises
+        socket = connection.stream
+        acknowledged = not socket.writing()  # else earlier ones wait to go out
+        if acknowledged:
+            self._acknowledge(stream, seq)
+        flushed = write(message, binary=binary)
         stream.delivered = seq
-        super().handle_outgoing_message(stream, frames)
+        if socket.writing():
+            # Not all of it went out (the client reads slowly): tornado holds
+            # the rest, which a kill would lose. Acknowledged once it is out.
+            if acknowledged:
+                self._acknowledge(stream, seq - 1, back=True)
+            flushed.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or self._acknowledge(stream, seq))
+        return flushed
+
+    def _acknowledge(self, stream: ZMQStream, seq: int, back: bool = False) -> None:
+        """Record ``seq`` as the last message the client was sent (moving
+        back only when told: a message acknowledged but not all out)."""
+        if seq <= stream.acked and not back:
+            return
+        stream.acked = seq
+        try:
+            write_ack(stream.ack_fd, seq)
+        except OSError as error:
+            self.log.warning("chspawner: can't record message %d as delivered: %s", seq, error)
 
     def _tell_lost(self, notice: dict, next_frames: list[Any]) -> None:
         """Say plainly what the gap cost, in the output area of the cell the

@@ -8,14 +8,17 @@ them over the keeper's ZMQ ROUTER socket, a Unix socket in the state
 directory. Frames, client to keeper:
 
 ``[b"follow", SESSION]``
-    Stream IOPub to me for client session SESSION: every message the
-    session has not acknowledged yet, then each new one as it comes. A
-    session the keeper has not seen starts from now.
-``[b"ack", SESSION, SEQ]``
-    SESSION's client has received every message up to SEQ.
+    Stream IOPub to me for client session SESSION: every message after the
+    last one the session acknowledged, then each new one as it comes. A
+    session with no acknowledgement yet starts from now.
 ``[b"info"]``
     Reply ``[b"info", JSON]``: last and oldest seq, the kernel's last
     execution state, sessions.
+
+A server acknowledges what it sent a session's client not over this
+socket but in the session's file beside the kernel's record
+(:func:`~session_proxy.kernel_records.write_ack`): a message in flight
+to the keeper would die with a killed server, a written file does not.
 
 Keeper to client: ``[b"msg", SEQ, *FRAMES]`` (FRAMES exactly as the kernel
 sent them, signature included) and, before them when the session's gap
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import zmq
 
-from session_proxy.kernel_records import read_record
+from session_proxy.kernel_records import KernelRecords, read_ack, read_record
 
 DELIM = b"<IDS|MSG>"
 #: How many client sessions' positions to remember (oldest forgotten first).
@@ -105,11 +108,12 @@ class Keeper:
     grace: float = 30.0
     buffer: RingBuffer = field(init=False)
     followers: dict[bytes, Follower] = field(default_factory=dict)
-    #: session -> last seq its client acknowledged
+    #: session -> last seq its client acknowledged, as of its last follow
     sessions: OrderedDict[str, int] = field(default_factory=OrderedDict)
     execution_state: str = "unknown"
 
     def __post_init__(self) -> None:
+        self.acks_dir = KernelRecords(self.record_path.parent).acks_dir(self.record_path.stem)
         self.buffer = RingBuffer(self.max_messages, self.max_bytes)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -168,26 +172,30 @@ class Keeper:
         ident, verb, args = frames[0], frames[1], frames[2:]
         if verb == b"follow" and args:
             self._follow(ident, args[0].decode())
-        elif verb == b"ack" and len(args) >= 2:
-            session, seq = args[0].decode(), int(args[1])
-            if seq > self.sessions.get(session, 0):
-                self.sessions[session] = seq
-                self.sessions.move_to_end(session)
         elif verb == b"info":
             self._send(ident, [b"info", json.dumps(self.info()).encode()])
+
+    def acked(self, session: str) -> int | None:
+        """The last seq the session acknowledged (None: it never did)."""
+        known = [seq for seq in (self.sessions.get(session),
+                                 read_ack(self.acks_dir, session)) if seq is not None]
+        return max(known) if known else None
 
     def info(self) -> dict:
         return {"last_seq": self.buffer.last_seq, "oldest_seq": self.buffer.oldest_seq,
                 "held": len(self.buffer), "capacity": self.buffer.max_messages,
                 "execution_state": self.execution_state,
-                "sessions": dict(self.sessions), "pid": os.getpid()}
+                "sessions": {s: self.acked(s) for s in self.sessions}, "pid": os.getpid()}
 
     def _follow(self, ident: bytes, session: str) -> None:
-        if session not in self.sessions:
-            self.sessions[session] = self.buffer.last_seq  # new: from now on
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.popitem(last=False)
-        cursor = self.sessions[session] + 1
+        acked = self.acked(session)
+        if acked is None:
+            acked = self.buffer.last_seq  # new: from now on
+        self.sessions[session] = acked
+        self.sessions.move_to_end(session)
+        while len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
+        cursor = acked + 1
         follower = Follower(session, cursor)
         if cursor < self.buffer.oldest_seq:
             follower.notice = {"lost": self.buffer.oldest_seq - cursor,

@@ -63,6 +63,7 @@ class PersistentServerKernelManager(ServerKernelManager):
     reported to its :class:`PersistentKernelManager` on every (re)start."""
 
     keeper_address = Unicode("", help="The kernel's keeper, when it has one.")
+    acks_dir = Unicode("", help="Where its connections record what they delivered.")
 
     async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
         if not can_reattach(self.provisioner) or not hasattr(self.parent, "records"):
@@ -186,6 +187,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         }
         self.records.write(kernel_id, record)
         km.keeper_address = record["keeper"]
+        km.acks_dir = str(self.records.acks_dir(kernel_id))
         info = await keeper_info(km.keeper_address, timeout=0.5)
         if info is None:
             self._start_keeper(kernel_id)
@@ -282,6 +284,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         km.start_restarter()
         km._connect_control_socket()
         km.keeper_address = record.get("keeper") or self.records.keeper_address(kernel_id)
+        km.acks_dir = str(self.records.acks_dir(kernel_id))
 
         info = await keeper_info(km.keeper_address, timeout=1.0)
         if info is None:  # keeper gone: start one (what the gap held is lost)

@@ -6,6 +6,11 @@ atomically (a reader never sees half a record) and readable only by the
 user: it holds the kernel's HMAC key. The same directory holds each
 kernel's keeper socket and logs (see :mod:`session_proxy.kernel_keeper`).
 
+Beside each record, ``<kernel id>.acks/`` holds, per client session, the
+sequence number of the last kernel message the session's client was sent
+(see :func:`write_ack`): a file, so that it is on record the instant it
+is written, whatever happens to the server the next instant.
+
 A record exists exactly as long as the kernel is meant to live: it is
 written when the kernel starts (and again after a restart, which changes
 the PID and maybe the ports) and removed when the kernel is shut down on
@@ -14,9 +19,11 @@ goes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,9 @@ class KernelRecords:
         """Where the kernel's keeper listens: a Unix socket beside the record."""
         return f"ipc://{self.directory / (kernel_id + '.keeper')}"
 
+    def acks_dir(self, kernel_id: str) -> Path:
+        return self.directory / f"{kernel_id}.acks"
+
     def log_path(self, kernel_id: str, what: str) -> Path:
         return self.directory / f"{kernel_id}.{what}.log"
 
@@ -76,6 +86,7 @@ class KernelRecords:
         self.path(kernel_id).unlink(missing_ok=True)
         for what in ("kernel", "keeper"):
             self.log_path(kernel_id, what).unlink(missing_ok=True)
+        shutil.rmtree(self.acks_dir(kernel_id), ignore_errors=True)
 
     def all(self) -> dict[str, dict]:
         """{kernel id: record} for every readable record."""
@@ -94,3 +105,33 @@ def read_record(path: Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+# -------------------------------------------------- acknowledgements ---
+
+def ack_path(acks_dir: Path, session: str) -> Path:
+    """The file of one client session: named by a hash of the session id,
+    which the client chooses, so that no id can name a path."""
+    return acks_dir / hashlib.sha256(session.encode()).hexdigest()[:32]
+
+
+def open_ack(acks_dir: Path, session: str) -> int:
+    """A descriptor to write the session's acknowledgements to."""
+    acks_dir.mkdir(mode=0o700, exist_ok=True)
+    return os.open(ack_path(acks_dir, session), os.O_WRONLY | os.O_CREAT, 0o600)
+
+
+def write_ack(fd: int, seq: int) -> None:
+    """One small positioned write: on record for any later reader once it
+    returns, even if this process is killed right after."""
+    os.pwrite(fd, seq.to_bytes(8, "big"), 0)
+
+
+def read_ack(acks_dir: Path, session: str) -> int | None:
+    """The session's last acknowledged seq; None if it never had one."""
+    try:
+        with open(ack_path(acks_dir, session), "rb") as f:
+            data = f.read(8)
+    except OSError:
+        return None
+    return int.from_bytes(data, "big") if len(data) == 8 else None

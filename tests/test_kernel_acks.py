@@ -1,0 +1,68 @@
+"""Where a kernel's keeper resumes a client session: after the last message
+the session's server recorded as sent, in the acknowledgement file that
+outlives that server; a session that never had one starts from now."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from session_proxy.kernel_keeper import Keeper
+from session_proxy.kernel_records import KernelRecords, ack_path, open_ack, read_ack, write_ack
+
+KERNEL = "7ab1eacd-f40a-494f-b066-717e217e1809"
+
+
+def keeper(state: Path, messages: int) -> Keeper:
+    k = Keeper(state / f"{KERNEL}.json", "ipc://unused")
+    for n in range(messages):
+        k.on_iopub([b"frame", str(n).encode()])
+    return k
+
+
+def test_a_new_session_starts_from_now_and_resumes_after_its_acknowledgement(tmp_path):
+    k = keeper(tmp_path, 5)
+    try:
+        k._follow(b"server-1", "session-a")
+        assert k.followers[b"server-1"].cursor == 6  # nothing old replayed
+        fd = open_ack(KernelRecords(tmp_path).acks_dir(KERNEL), "session-a")
+        for n in range(4):
+            k.on_iopub([b"frame", b"new"])
+        write_ack(fd, 7)  # the server sent 6 and 7, then was killed
+        os.close(fd)
+        k._follow(b"server-2", "session-a")
+        assert k.followers[b"server-2"].cursor == 8
+        assert k.info()["sessions"] == {"session-a": 7}
+        # Another client session knows nothing of this one's.
+        k._follow(b"server-2b", "session-b")
+        assert k.followers[b"server-2b"].cursor == 10
+    finally:
+        k.close()
+
+
+def test_an_acknowledgement_older_than_the_buffer_is_reported_as_a_gap(tmp_path):
+    k = Keeper(tmp_path / f"{KERNEL}.json", "ipc://unused", max_messages=3)
+    try:
+        k._follow(b"server-1", "s")  # from now: seq 0
+        for n in range(10):
+            k.on_iopub([b"frame", str(n).encode()])
+        k._follow(b"server-2", "s")
+        follower = k.followers[b"server-2"]
+        assert follower.notice["lost"] == 7 and follower.cursor == 8
+    finally:
+        k.close()
+
+
+def test_acknowledgement_files(tmp_path):
+    acks = KernelRecords(tmp_path).acks_dir(KERNEL)
+    assert read_ack(acks, "s") is None
+    fd = open_ack(acks, "../../etc/passwd")
+    write_ack(fd, 3)
+    write_ack(fd, 12)
+    os.close(fd)
+    assert read_ack(acks, "../../etc/passwd") == 12
+    # A client's session id names no path: the file is a hash inside the dir.
+    assert ack_path(acks, "../../etc/passwd").parent == acks
+    assert sorted(p.name for p in acks.iterdir()) == [ack_path(acks, "../../etc/passwd").name]
+    assert oct(acks.stat().st_mode & 0o777) == "0o700"
+    KernelRecords(tmp_path).remove(KERNEL)  # a kernel shut down takes its files along
+    assert not acks.exists()
