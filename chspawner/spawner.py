@@ -197,7 +197,9 @@ class ChSpawner(LocalProcessSpawner):
                 args += ["--ServerApp.kernel_manager_class="
                          "session_proxy.kernel_manager.PersistentKernelManager",
                          "--ServerApp.kernel_websocket_connection_class="
-                         "session_proxy.kernel_connection.ReplayingKernelConnection"]
+                         "session_proxy.kernel_connection.ReplayingKernelConnection",
+                         "--ServerApp.session_manager_class="
+                         "session_proxy.notebook_sessions.PersistentSessionManager"]
         return args
 
     async def start(self):

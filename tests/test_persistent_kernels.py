@@ -25,8 +25,8 @@ import aiohttp
 import pytest
 
 from conftest import AS_USER, VENV_BIN
-from test_kernel_server import (KERNEL, execute_request, free_port, wait_listening,
-                                warm_up)
+from test_kernel_server import (KERNEL, execute, execute_request, free_port,
+                                wait_listening, warm_up)
 
 from session_proxy.kernel_manager import keeper_info
 
@@ -72,6 +72,8 @@ class Servers:
              "session_proxy.kernel_manager.PersistentKernelManager",
              "--ServerApp.kernel_websocket_connection_class="
              "session_proxy.kernel_connection.ReplayingKernelConnection",
+             "--ServerApp.session_manager_class="
+             "session_proxy.notebook_sessions.PersistentSessionManager",
              f"--PersistentKernelManager.state_dir={self.state_dir}", *self.extra],
             stdout=log, stderr=log, start_new_session=True)
         log.close()
@@ -270,6 +272,39 @@ def test_nothing_lost_with_the_browser_away_for_the_whole_gap(servers):
     assert after["seen_by_first"] < N
 
 
+def test_a_reloaded_notebook_finds_its_kernel_on_the_next_server(servers):
+    """What a browser does after a reload or a new login, against the
+    server that replaced a killed one: it lists the sessions, finds its
+    notebook's, and talks to that kernel, whose state is still there."""
+    s = servers
+
+    async def scenario() -> tuple[dict, list, str]:
+        s.start()
+        async with aiohttp.ClientSession(headers=s.headers) as http:
+            async with http.post(f"{s.base}/api/sessions", json={
+                    "path": "analysis.ipynb", "name": "analysis.ipynb", "type": "notebook",
+                    "kernel": {"name": KERNEL}}) as r:
+                assert r.status == 201, await r.text()
+                before = await r.json()
+            ws = await connect(http, s, before["kernel"]["id"], uuid.uuid4().hex)
+            assert (await execute(ws, "answer = 6 * 7"))[0] == "ok"
+            await ws.close()
+            s.kill()
+            await asyncio.to_thread(s.start)
+            async with http.get(f"{s.base}/api/sessions") as r:
+                after = await r.json()
+            # A new page: a client session id of its own.
+            ws = await connect(http, s, after[0]["kernel"]["id"], uuid.uuid4().hex)
+            status, out, _ = await execute(ws, "print(answer)")
+            await ws.close()
+            return before, after, out
+    before, after, out = asyncio.run(scenario())
+    assert [(x["id"], x["path"], x["kernel"]["id"]) for x in after] == [
+        (before["id"], "analysis.ipynb", before["kernel"]["id"])]
+    assert out.strip() == "42"
+
+
+BURST = 200
 BURST = 200
 
 

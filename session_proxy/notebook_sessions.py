@@ -1,0 +1,34 @@
+"""Jupyter's sessions -- which notebook or console talks to which kernel --
+kept in a file beside the kernel records instead of in the server's memory.
+
+A server that replaces a lost one re-adopts the kernels
+(:mod:`session_proxy.kernel_manager`); with the sessions kept too, a
+browser that reloads a notebook, or logs in anew, finds the notebook's
+running kernel instead of starting another::
+
+    c.ServerApp.session_manager_class = (
+        "session_proxy.notebook_sessions.PersistentSessionManager")
+
+Sessions whose kernel is gone are dropped by jupyter_server itself the
+next time they are listed.
+"""
+from __future__ import annotations
+
+import os
+
+from jupyter_server.services.sessions.sessionmanager import SessionManager
+from traitlets import default
+
+from session_proxy.kernel_records import KernelRecords
+
+
+class PersistentSessionManager(SessionManager):
+    """Stock sessions, in ``sessions.sqlite`` in the kernel manager's
+    ``state_dir`` (in memory, as stock, beside any other kernel manager)."""
+
+    @default("database_filepath")
+    def _default_database_filepath(self) -> str:
+        state_dir = getattr(self.kernel_manager, "state_dir", "")
+        if not state_dir:
+            return ":memory:"
+        return str(KernelRecords(state_dir).ensure() / "sessions.sqlite")
