@@ -39,7 +39,9 @@ def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
             "command": ["{VENV_BIN}/chspawner-session-manager",
                         "--db-url=sqlite:///{state_dir}/sessions.sqlite",
                         "--proxy-api-url=" + c.ConfigurableHTTPProxy.api_url,
-                        "--interval=0.5"],
+                        "--interval=0.5",
+                        # the kills in a row below count against this
+                        "--max-recoveries=50"],
             "environment": {{"CONFIGPROXY_AUTH_TOKEN": "{proxy_token}"}},
         }})
         c.JupyterHub.load_roles.append({{
@@ -87,10 +89,12 @@ def history(hub: Hub) -> list[str]:
 
 
 async def server_state(hub: Hub) -> dict:
-    """The spawner's state: the server's pid (local) or job id (Slurm)."""
+    """The spawner's state: the server's pid (local) or job id (Slurm);
+    empty while the hub has no server for the user (a move)."""
     async with hub.session() as http:
         async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
-            return (await r.json())["servers"][""]["state"]
+            server = (await r.json())["servers"].get("")
+            return server["state"] if server and server["ready"] else {}
 
 
 async def answers(hub: Hub) -> int | None:
@@ -237,6 +241,89 @@ def test_kernel_output_survives_losing_the_server(managed_hub):
         assert t.numbers == list(range(1, N + 1)), t.numbers
         assert t.reply and t.stderr == []
         assert history(hub)[-3:] == ["lost", "recovering", "recovered"]
+    finally:
+        asyncio.run(stop_server(hub))
+
+
+KILLS = 20
+
+
+def test_twenty_kills_in_a_row_under_load(managed_hub):
+    """The server killed 20 times in a row, each time as soon as its
+    successor is streaming a cell's output, while clients keep polling the
+    session: every number arrives exactly once, and the session ends up
+    running."""
+    hub = managed_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+    count = 1500  # one every 0.1 s: more than the 20 recoveries take
+    cuts: list[int] = []  # the last number each lost connection got
+
+    async def poll(http: aiohttp.ClientSession, stop: asyncio.Event, answered: list) -> None:
+        """A client polling the session through the proxy; held while it moves."""
+        while not stop.is_set():
+            try:
+                async with http.get(f"{hub.url}/user/{hub.user}/api/status",
+                                    allow_redirects=False) as r:
+                    answered.append(r.status)
+            except aiohttp.ClientError:
+                answered.append(None)
+
+    async def scenario() -> tuple[Transcript, list, int]:
+        async with hub.session() as http:
+            kernel = await start_kernel(http, hub)
+            url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
+            url = url.replace("http", "ws", 1)
+            ws = await http.ws_connect(url)
+            await warm_up(ws)
+            t = await send(ws, count_to(count, 0.1))
+            connections = [ws]
+
+            async def follow() -> None:
+                """The client: reads, reconnects when its socket closes."""
+                while True:
+                    await read(connections[-1], t, lambda t: t.reply and t.idle, timeout=600)
+                    if t.reply and t.idle:
+                        return
+                    cuts.append(t.numbers[-1] if t.numbers else 0)
+                    connections.append(await reconnect(http, url))
+
+            reader = asyncio.create_task(follow())
+            stop, answered = asyncio.Event(), []
+            pollers = [asyncio.create_task(poll(http, stop, answered)) for _ in range(4)]
+            killed: list[int] = []
+            for _ in range(KILLS):
+                # The client is on the newest server and output flows through it.
+                since = (len(connections), len(t.numbers))
+                pid = None
+                end = time.monotonic() + 60
+                while pid is None or pid in killed or len(t.numbers) < since[1] + 3:
+                    assert time.monotonic() < end and not reader.done(), (killed, since)
+                    await asyncio.sleep(0.05)
+                    pid = (await server_state(hub)).get("pid")
+                assert not t.reply, "the cell ended before the kills did"
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            await reader
+            stop.set()
+            await asyncio.gather(*pollers)
+            await connections[-1].close()
+            async with http.delete(f"{kernels_url(hub)}/{kernel}") as r:
+                assert r.status == 204
+            return t, answered, len(connections) - 1
+    try:
+        assert result.get("ready"), result
+        wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+        t, answered, reconnects = asyncio.run(scenario())
+        missing = sorted(set(range(1, count + 1)) - set(t.numbers))
+        assert not missing and t.numbers == list(range(1, count + 1)), (
+            f"missing {missing}, {len(t.numbers)} received; connections cut after {cuts}")
+        assert t.reply and t.stderr == []
+        assert reconnects >= KILLS
+        assert history(hub)[-3 * KILLS:] == ["lost", "recovering", "recovered"] * KILLS
+        record = asyncio.run(sessions(hub))[-1]
+        assert record["state"] == "running"
+        # The pollers were answered throughout, the moves held, not failed.
+        assert answered.count(200) > 100 and None not in answered, answered[-50:]
     finally:
         asyncio.run(stop_server(hub))
 
