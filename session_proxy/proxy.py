@@ -326,6 +326,9 @@ class ResponseRelay(httputil.HTTPMessageDelegate):
         self.on_switch = on_switch
         self.started = self.finished = self.switched = False
         self.keep_alive = False
+        # A body of known length: its headers wait for its first chunk, so
+        # that a small answer leaves in one write (one read for the client).
+        self.head: tuple[httputil.ResponseStartLine, httputil.HTTPHeaders] | None = None
 
     def headers_received(self, start_line: httputil.ResponseStartLine,
                          headers: httputil.HTTPHeaders) -> "asyncio.Future[None] | None":
@@ -341,15 +344,24 @@ class ResponseRelay(httputil.HTTPMessageDelegate):
         for name in (*HOP_BY_HOP, *named):
             if name:
                 headers.pop(name, None)
-        return self.request.conn.write_headers(
-            httputil.ResponseStartLine("HTTP/1.1", start_line.code, start_line.reason), headers)
+        start = httputil.ResponseStartLine("HTTP/1.1", start_line.code, start_line.reason)
+        if "Content-Length" in headers:
+            self.head = start, headers
+            return None
+        return self.request.conn.write_headers(start, headers)  # a stream: at once
 
     def data_received(self, chunk: bytes) -> "asyncio.Future[None]":
+        if self.head is not None:
+            (start, headers), self.head = self.head, None
+            return self.request.conn.write_headers(start, headers, chunk)
         return self.request.conn.write(chunk)
 
     def finish(self) -> None:
         self.finished = True
         self.request.route.touch()
+        if self.head is not None:  # no body (HEAD, 204, 304, length 0)
+            (start, headers), self.head = self.head, None
+            self.request.conn.write_headers(start, headers)
         self.request.conn.finish()
 
 

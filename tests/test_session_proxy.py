@@ -21,6 +21,7 @@ from test_kernel_server import free_port
 PROXY = VENV_BIN / "chspawner-proxy"
 BIG = 50 * 1024 * 1024
 NAME = web.AppKey("name", str)
+HEADERS_SEEN = web.AppKey("headers_seen", asyncio.Event)
 
 
 class Proxy:
@@ -104,6 +105,26 @@ async def count_upload(request: web.Request) -> web.Response:
     return web.json_response({"received": total})
 
 
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """Headers now, the body only once the client has seen them (an event
+    stream): a proxy that waited for the body would never answer."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await request.app[HEADERS_SEEN].wait()
+    await response.write(b"data: hello\n\n")
+    await response.write_eof()
+    return response
+
+
+async def headers_seen(request: web.Request) -> web.Response:
+    request.app[HEADERS_SEEN].set()
+    return web.Response(text="ok")
+
+
+async def no_content(request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
 async def ws_echo(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse()
     await ws.prepare(request)
@@ -124,6 +145,10 @@ async def backend(name: str = "a"):
     app.router.add_get("/{p:.*}/big", big_download)
     app.router.add_post("/{p:.*}/upload", count_upload)
     app.router.add_get("/{p:.*}/ws", ws_echo)
+    app.router.add_get("/{p:.*}/events", event_stream)
+    app.router.add_get("/{p:.*}/headers-seen", headers_seen)
+    app.router.add_route("*", "/{p:.*}/nothing", no_content)
+    app[HEADERS_SEEN] = asyncio.Event()
     app.router.add_route("*", "/{p:.*}", echo)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -311,6 +336,33 @@ def test_50_mb_up_and_down_stream_through_without_buffering():
 
 
 # -- websockets ---------------------------------------------------------------------
+
+def test_answers_with_and_without_a_body_and_a_stream_with_its_headers_first(proxy):
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/user/sse", url)
+            base = f"{proxy.url}/user/sse"
+            async with aiohttp.ClientSession() as http:
+                async with http.head(f"{base}/x") as r:
+                    head = r.status, int(r.headers["Content-Length"]), await r.read()
+                async with http.get(f"{base}/nothing") as r:
+                    empty = r.status, await r.read()
+                async with http.get(f"{base}/x") as r:
+                    small = r.status, (await r.json())["path"]
+                async with asyncio.timeout(10):
+                    async with http.get(f"{base}/events") as r:
+                        streamed = [r.status, r.headers["Content-Type"]]
+                        # The headers came before any of the body: now the body.
+                        async with http.get(f"{base}/headers-seen") as seen:
+                            assert seen.status == 200
+                        streamed.append(await r.read())
+            return head, empty, small, streamed
+    head, empty, small, streamed = asyncio.run(scenario())
+    assert head[0] == 200 and head[1] > 0 and head[2] == b""
+    assert empty == (204, b"")
+    assert small == (200, "/user/sse/x")
+    assert streamed == [200, "text/event-stream", b"data: hello\n\n"]
+
 
 def test_websocket_echo(proxy):
     async def scenario():
