@@ -21,17 +21,22 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Any
 
 import zmq
+from jupyter_client.jsonutil import json_default
+from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
 from jupyter_server.services.kernels.connection.channels import (
     ZMQChannelsWebsocketConnection,
 )
+from tornado.websocket import WebSocketClosedError
 from zmq.eventloop.zmqstream import ZMQStream
 
 from session_proxy.kernel_records import open_ack, write_ack
+from session_proxy.missed_replies import REBUILT, timestamp
 
 
 class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
@@ -65,6 +70,9 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         # session's next connection.
         stream.keeper_session = self.session.session.encode()
         stream.delivered = stream.acked = 0
+        # Made with the shell socket: a reply the kernel sent before went elsewhere.
+        stream.shell_since = time.time()
+        stream.missed_replies = {}  # seq of an execution's end -> what the keeper rebuilt
         stream.connection = self
         stream.ack_fd = open_ack(Path(self.kernel_manager.acks_dir), self.session.session)
         weakref.finalize(stream, os.close, stream.ack_fd)
@@ -112,6 +120,9 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         if session is None:
             return super().handle_outgoing_message(stream, outgoing_msg)
         kind = bytes(outgoing_msg[0])
+        if kind == b"following":
+            stream.missed_replies = {m["seq"]: m for m in json.loads(bytes(outgoing_msg[1]))}
+            return
         if kind == b"lost":
             self._lost = json.loads(bytes(outgoing_msg[1]))
             return
@@ -129,6 +140,24 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
             super().handle_outgoing_message(stream, frames)  # -> write_message
         finally:
             self._sending = None
+        missed = stream.missed_replies.pop(seq, None)
+        if missed and timestamp(missed["ended"]) < stream.shell_since:
+            self._give_missed_reply(missed)
+
+    def _give_missed_reply(self, missed: dict) -> None:
+        """After the replayed end of an execution whose reply went to a
+        server that is gone, that reply, as the keeper rebuilt it."""
+        msg = self.session.msg("execute_reply", content=missed["reply"],
+                               parent=missed["parent"], metadata=REBUILT)
+        try:
+            if self.subprotocol == "v1.kernel.websocket.jupyter.org":
+                self.write_message(serialize_msg_to_ws_v1(msg, "shell", self.session.pack),
+                                   binary=True)
+            else:
+                msg["channel"] = "shell"
+                self.write_message(json.dumps(msg, default=json_default))
+        except WebSocketClosedError:
+            pass  # gone again: the next connection rebuilds it from the replay
 
     @property
     def write_message(self):

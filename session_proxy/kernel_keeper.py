@@ -20,7 +20,9 @@ socket but in the session's file beside the kernel's record
 (:func:`~session_proxy.kernel_records.write_ack`): a message in flight
 to the keeper would die with a killed server, a written file does not.
 
-Keeper to client: ``[b"msg", SEQ, *FRAMES]`` (FRAMES exactly as the kernel
+Keeper to client: first ``[b"following", JSON]``, the session's executions
+that ended since its last acknowledged message, with their replies rebuilt
+(see :mod:`session_proxy.missed_replies`), then ``[b"msg", SEQ, *FRAMES]`` (FRAMES exactly as the kernel
 sent them, signature included) and, before them when the session's gap
 was longer than the buffer, ``[b"lost", JSON]`` with how many were lost.
 
@@ -44,6 +46,7 @@ from pathlib import Path
 import zmq
 
 from session_proxy.kernel_records import KernelRecords, read_ack, read_record
+from session_proxy.missed_replies import KINDS, Executions
 
 DELIM = b"<IDS|MSG>"
 #: How many client sessions' positions to remember (oldest forgotten first).
@@ -111,6 +114,7 @@ class Keeper:
     #: session -> last seq its client acknowledged, as of its last follow
     sessions: OrderedDict[str, int] = field(default_factory=OrderedDict)
     execution_state: str = "unknown"
+    executions: Executions = field(default_factory=Executions)
 
     def __post_init__(self) -> None:
         self.acks_dir = KernelRecords(self.record_path.parent).acks_dir(self.record_path.stem)
@@ -152,18 +156,22 @@ class Keeper:
     # -- IOPub in --
 
     def on_iopub(self, frames: list[bytes]) -> None:
-        self.buffer.append(frames)
-        self._note_status(frames)
+        self._note(self.buffer.append(frames), frames)
 
-    def _note_status(self, frames: list[bytes]) -> None:
-        """Remember the kernel's execution state, for a server re-attaching
-        (signature unchecked: this is a hint, not a command)."""
+    def _note(self, seq: int, frames: list[bytes]) -> None:
+        """Remember the kernel's execution state, for a server re-attaching,
+        and what replies need (signature unchecked: these are hints for the
+        server, not commands)."""
         try:
             i = frames.index(DELIM)
             header = json.loads(frames[i + 2])
-            if header.get("msg_type") == "status":
-                self.execution_state = json.loads(frames[i + 5])["execution_state"]
-        except (ValueError, IndexError, KeyError, TypeError):
+            if header.get("msg_type") not in KINDS:
+                return
+            content = json.loads(frames[i + 5])
+            if header["msg_type"] == "status":
+                self.execution_state = content["execution_state"]
+            self.executions.note(seq, header, json.loads(frames[i + 3]), content)
+        except (ValueError, IndexError, KeyError, TypeError, AttributeError):
             pass
 
     # -- requests --
@@ -196,6 +204,8 @@ class Keeper:
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
         cursor = acked + 1
+        self._send(ident, [b"following",
+                           json.dumps(self.executions.missed_by(session, acked)).encode()])
         follower = Follower(session, cursor)
         if cursor < self.buffer.oldest_seq:
             follower.notice = {"lost": self.buffer.oldest_seq - cursor,

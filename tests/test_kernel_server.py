@@ -66,10 +66,13 @@ def server(user, user_dir, kernel_store):
         proc.wait()
 
 
-def execute_request(code: str) -> dict:
+def execute_request(code: str, session: str | None = None) -> dict:
+    """An execute_request; ``session`` as JupyterLab sends it, its client id
+    (the websocket's session_id) in every header."""
     msg_id = uuid.uuid4().hex
     return {"header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
-                       "session": uuid.uuid4().hex, "version": "5.3", "date": ""},
+                       "session": session or uuid.uuid4().hex, "version": "5.3",
+                       "date": ""},
             "parent_header": {}, "metadata": {}, "channel": "shell",
             "content": {"code": code, "silent": False, "store_history": True,
                         "user_expressions": {}, "allow_stdin": False,

@@ -187,6 +187,8 @@ class Transcript:
         self.stderr: list[str] = []
         self.order: list[str] = []  # "n" for a number, "e" for stderr
         self.reply = False
+        self.reply_content: dict | None = None
+        self.execution_count: int | None = None  # from execute_input
         self.idle = False
 
     def feed(self, msg: dict) -> None:
@@ -204,6 +206,9 @@ class Transcript:
             self.order.append("e")
         elif kind == "execute_reply":
             self.reply = content["status"] == "ok"
+            self.reply_content = content
+        elif kind == "execute_input":
+            self.execution_count = content["execution_count"]
         elif kind == "status" and content["execution_state"] == "idle":
             self.idle = True
 
@@ -219,8 +224,8 @@ async def read(ws, transcript: Transcript, until, timeout: float = 60) -> None:
             transcript.feed(json.loads(frame.data))
 
 
-async def send(ws, code: str) -> Transcript:
-    request = execute_request(code)
+async def send(ws, code: str, session: str | None = None) -> Transcript:
+    request = execute_request(code, session)
     await ws.send_str(json.dumps(request))
     return Transcript(request["header"]["msg_id"])
 
@@ -302,6 +307,44 @@ def test_a_reloaded_notebook_finds_its_kernel_on_the_next_server(servers):
     assert [(x["id"], x["path"], x["kernel"]["id"]) for x in after] == [
         (before["id"], "analysis.ipynb", before["kernel"]["id"])]
     assert out.strip() == "42"
+
+
+@pytest.mark.parametrize("ending", ["ok", "error"])
+def test_a_cell_that_ends_while_no_server_runs_still_gets_its_reply(servers, ending):
+    """The kernel's reply went to the killed server; the next one rebuilds it
+    from the replayed output (count, error), so the notebook marks the cell
+    done -- JupyterLab waits for both the reply and the idle status."""
+    s = servers
+    last = "print('end', flush=True)" if ending == "ok" else "1 / 0"
+    code = f"import time\nprint('start', flush=True)\ntime.sleep(3)\n{last}\n"
+
+    async def scenario() -> Transcript:
+        s.start()
+        async with aiohttp.ClientSession(headers=s.headers) as http:
+            kernel = await start_kernel(http, s)
+            session = uuid.uuid4().hex
+            ws = await connect(http, s, kernel, session)
+            await warm_up(ws)
+            address = s.records()[kernel]["keeper"]
+            t = await send(ws, code, session)
+            await read(ws, t, lambda t: "start" in "".join(t.stdout), timeout=30)
+            await ws.close()
+            s.kill()
+            # The cell ends while no server runs.
+            await asyncio.to_thread(wait_for, lambda: (asyncio.run(keeper_info(address))
+                                    ["execution_state"] == "idle"), 60, "the cell to end")
+            await asyncio.to_thread(s.start)
+            ws = await connect(http, s, kernel, session)
+            await read(ws, t, lambda t: t.reply_content is not None and t.idle, timeout=60)
+            await ws.close()
+            return t
+    t = asyncio.run(scenario())
+    assert t.reply_content["status"] == ending
+    assert t.reply_content["execution_count"] == t.execution_count is not None
+    if ending == "error":
+        assert t.reply_content["ename"] == "ZeroDivisionError"
+    else:
+        assert "".join(t.stdout).split() == ["start", "end"]
 
 
 BURST = 200
