@@ -207,12 +207,16 @@ async def reconnect(http: aiohttp.ClientSession, url: str, deadline_s: float = 6
             await asyncio.sleep(0.2)  # (a client's retry pace, not a wait for an event)
 
 
-def test_kernel_output_survives_losing_the_server(managed_hub):
+@pytest.mark.parametrize("browser", ["connected", "away for the whole gap"])
+def test_kernel_output_survives_losing_the_server(managed_hub, browser):
     """The whole of L1 + L2 through the hub: a cell prints 1..N over 20 s;
     the server is killed mid-way; the manager brings the session back at
     the same URL, the new server takes the kernel over, and the client,
-    reconnecting with its session id, gets every number exactly once."""
+    reconnecting with its session id, gets every number exactly once --
+    also when it left before the kill and comes back only once the session
+    is back (all that was printed meanwhile waits in the kernel's keeper)."""
     hub = managed_hub
+    away = browser != "connected"
     result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
 
     async def scenario() -> Transcript:
@@ -225,9 +229,14 @@ def test_kernel_output_survives_losing_the_server(managed_hub):
             await warm_up(ws)
             t = await send(ws, count_to(N, 0.5))
             await read(ws, t, lambda t: len(t.numbers) >= 3)
+            if away:
+                await ws.close()
             os.kill((await server_state(hub))["pid"], signal.SIGKILL)
             await read(ws, t, lambda t: False)  # what was on its way, till it closes
             assert len(t.numbers) < N
+            if away:
+                await asyncio.to_thread(wait_until, lambda: "recovered" in history(hub)[-1:],
+                                        "the session to come back", 60)
             ws = await reconnect(http, url)
             await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
             await ws.close()
@@ -241,6 +250,42 @@ def test_kernel_output_survives_losing_the_server(managed_hub):
         assert t.numbers == list(range(1, N + 1)), t.numbers
         assert t.reply and t.stderr == []
         assert history(hub)[-3:] == ["lost", "recovering", "recovered"]
+    finally:
+        asyncio.run(stop_server(hub))
+
+
+def test_output_survives_a_hub_restart_that_restarts_its_proxy(managed_hub):
+    """JupyterHub starting the proxy itself restarts it with the hub, which
+    drops open websockets: the client reconnects, and the replay fills the
+    gap, every number once."""
+    hub = managed_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+
+    async def scenario() -> tuple[Transcript, int]:
+        async with hub.session() as http:
+            kernel = await start_kernel(http, hub)
+            url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
+            url = url.replace("http", "ws", 1)
+            ws = await http.ws_connect(url)
+            await warm_up(ws)
+            t = await send(ws, count_to(N, 0.5))
+            await read(ws, t, lambda t: len(t.numbers) >= 3)
+            await asyncio.to_thread(hub.restart)
+            # The old proxy is gone: the socket closes (the cell still runs).
+            await read(ws, t, lambda t: t.reply and t.idle)
+            cut_at = len(t.numbers)
+            ws = await reconnect(http, url)
+            await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
+            await ws.close()
+            async with http.delete(f"{kernels_url(hub)}/{kernel}") as r:
+                assert r.status == 204
+            return t, cut_at
+    try:
+        assert result.get("ready"), result
+        t, cut_at = asyncio.run(scenario())
+        assert cut_at < N  # the websocket did drop mid-cell
+        assert t.numbers == list(range(1, N + 1)), t.numbers
+        assert t.reply and t.stderr == []
     finally:
         asyncio.run(stop_server(hub))
 
