@@ -7,7 +7,7 @@ measuring side costs as little as it can on a small machine. Measured, per
 proxy: HTTP requests/s and p50 latency with 20 concurrent clients,
 websocket round-trip p50, and server-to-client websocket messages/s.
 
-    python bench/proxy.py [--seconds 5] [--messages 200000] [--rounds 3] [--check]
+    python bench/proxy.py [--seconds 5] [--messages 200000] [--rounds 5] [--check]
 """
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="HTTP load per proxy")
     parser.add_argument("--messages", type=int, default=200_000,
                         help="websocket messages streamed per proxy")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
