@@ -17,6 +17,8 @@ from tornado.iostream import IOStream
 #: Close frame, unmasked (server to client), status 1012 "service restart".
 CLOSE_SERVICE_RESTART = b"\x88\x02\x03\xf4"
 OPCODE_CLOSE = 0x8
+#: How long a burst from the backend gathers before the next read.
+GATHER_S = 0.001
 
 
 def frame_size(buf: bytes, pos: int) -> int | None:
@@ -55,15 +57,16 @@ class FrameCounter:
     def at_boundary(self) -> bool:
         return self.skip == 0 and not self.partial
 
-    def feed(self, data: bytes) -> None:
-        pos, end = self.skip, len(data)
+    def feed(self, data: bytes) -> int:
+        """Follow ``data``; how many frames start in it."""
+        pos, end, starts = self.skip, len(data), 0
         if self.partial:
             # Only the cut header is joined, never the whole chunk.
             head = self.partial + data[:14]
             size = frame_size(head, 0)
             if size is None:
                 self.partial = head
-                return
+                return 0
             self._note_opcode(head, 0)
             pos = size - len(self.partial)
             self.partial = b""
@@ -72,10 +75,12 @@ class FrameCounter:
             if size is None:
                 self.partial = data[pos:]
                 self.skip = 0
-                return
+                return starts
             self._note_opcode(data, pos)
             pos += size
+            starts += 1
         self.skip = pos - end
+        return starts
 
     def _note_opcode(self, buf: bytes, pos: int) -> None:
         if buf[pos] & 0x0F == OPCODE_CLOSE:
@@ -91,6 +96,8 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: list[bytes] = []  # for this side, before it is connected
         self.lost = False
+        self.full = False     # its socket takes no more for now (backpressure)
+        self.resting = False  # not read for a moment, so that a burst gathers
         self.peer: _Side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -117,11 +124,13 @@ class _Side(asyncio.Protocol):
 
     # Backpressure: while a socket can't take more, stop reading its peer.
     def pause_writing(self) -> None:
+        self.full = True
         if self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.peer.transport is not None and not self.peer.lost:
+        self.full = False
+        if self.peer.transport is not None and not self.peer.lost and not self.peer.resting:
             self.peer.transport.resume_reading()
 
 
@@ -137,9 +146,24 @@ class _Relay:
 
     def forward(self, side: _Side, data: bytes) -> None:
         self.on_data()
-        if side is self.backend:
-            self.from_backend.feed(data)
         side.peer.send(data)
+        if side is self.backend and self.from_backend.feed(data) > 1 and not side.resting:
+            self._gather(side)
+
+    def _gather(self, side: _Side) -> None:
+        """Several frames in one read: the backend is sending a burst (a
+        kernel printing fast). Leave its socket unread for a moment, so the
+        next read takes what gathered in one go: fewer, larger reads and
+        writes, for this process and the client alike. A lone message (a
+        reply, a keystroke's echo) never waits."""
+        side.resting = True
+        side.transport.pause_reading()
+        asyncio.get_running_loop().call_later(GATHER_S, self._wake, side)
+
+    def _wake(self, side: _Side) -> None:
+        side.resting = False
+        if not side.lost and not side.peer.full:
+            side.transport.resume_reading()
 
     def gone(self, side: _Side) -> None:
         peer = side.peer

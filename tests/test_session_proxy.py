@@ -133,6 +133,10 @@ async def ws_echo(request: web.Request) -> web.WebSocketResponse:
             # The server process dies: no close frame, the connection just goes.
             request.transport.abort()
             break
+        if message.data.startswith("burst "):  # a kernel printing fast
+            for n in range(int(message.data.split()[1])):
+                await ws.send_str(str(n))
+            continue
         await ws.send_str(message.data)
     return ws
 
@@ -375,6 +379,25 @@ def test_websocket_echo(proxy):
                         assert (await ws.receive_str(timeout=10)) == text
             await proxy.api("DELETE", "/routes/ws-user")
     asyncio.run(scenario())
+
+
+def test_a_burst_of_small_messages_arrives_whole_and_in_order(proxy):
+    """The relay lets a burst gather between reads: nothing may be lost,
+    reordered or cut, and a lone message after it still comes back."""
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/ws-burst", url)
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(proxy.url + "/ws-burst/ws") as ws:
+                    await ws.send_str("burst 20000")
+                    received = [await ws.receive_str(timeout=10) for _ in range(20000)]
+                    await ws.send_str("after")
+                    after = await ws.receive_str(timeout=10)
+            await proxy.api("DELETE", "/routes/ws-burst")
+            return received, after
+    received, after = asyncio.run(scenario())
+    assert received == [str(n) for n in range(20000)]
+    assert after == "after"
 
 
 def test_backend_vanishing_closes_the_client_websocket_with_1012(proxy):
