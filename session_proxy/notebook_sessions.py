@@ -14,8 +14,6 @@ next time they are listed.
 """
 from __future__ import annotations
 
-import os
-
 from jupyter_server.services.sessions.sessionmanager import SessionManager
 from traitlets import default
 

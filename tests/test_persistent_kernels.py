@@ -230,6 +230,23 @@ async def send(ws, code: str, session: str | None = None) -> Transcript:
     return Transcript(request["header"]["msg_id"])
 
 
+async def leave_mid_cell(http, s: Servers, code: str, as_lab: bool = False):
+    """Run ``code`` (which prints 'start' first) in a new kernel; once it
+    has printed, close the websocket and kill the server. Returns the
+    kernel, the client session id, the keeper's address and the transcript.
+    ``as_lab``: the requests' headers carry the session id, as JupyterLab's do."""
+    kernel = await start_kernel(http, s)
+    session = uuid.uuid4().hex
+    ws = await connect(http, s, kernel, session)
+    await warm_up(ws)
+    address = s.records()[kernel]["keeper"]
+    t = await send(ws, code, session if as_lab else None)
+    await read(ws, t, lambda t: "start" in "".join(t.stdout), timeout=30)
+    await ws.close()
+    s.kill()
+    return kernel, session, address, t
+
+
 # ------------------------------------------------------------- tests ---
 
 async def kill_mid_cell(s: Servers, disconnect_first: bool) -> tuple[Transcript, dict, dict]:
@@ -321,15 +338,7 @@ def test_a_cell_that_ends_while_no_server_runs_still_gets_its_reply(servers, end
     async def scenario() -> Transcript:
         s.start()
         async with aiohttp.ClientSession(headers=s.headers) as http:
-            kernel = await start_kernel(http, s)
-            session = uuid.uuid4().hex
-            ws = await connect(http, s, kernel, session)
-            await warm_up(ws)
-            address = s.records()[kernel]["keeper"]
-            t = await send(ws, code, session)
-            await read(ws, t, lambda t: "start" in "".join(t.stdout), timeout=30)
-            await ws.close()
-            s.kill()
+            kernel, session, address, t = await leave_mid_cell(http, s, code, as_lab=True)
             # The cell ends while no server runs.
             await asyncio.to_thread(wait_for, lambda: (asyncio.run(keeper_info(address))
                                     ["execution_state"] == "idle"), 60, "the cell to end")
@@ -367,16 +376,7 @@ def test_a_gap_longer_than_the_buffer_is_reported(servers):
         s = servers
         s.start()
         async with aiohttp.ClientSession(headers=s.headers) as http:
-            kernel = await start_kernel(http, s)
-            session = uuid.uuid4().hex
-            ws = await connect(http, s, kernel, session)
-            await warm_up(ws)
-            address = s.records()[kernel]["keeper"]
-            t = await send(ws, code)
-            started = Transcript(t.msg_id)
-            await read(ws, started, lambda t: "start" in "".join(t.stdout), timeout=30)
-            await ws.close()
-            s.kill()
+            kernel, session, address, t = await leave_mid_cell(http, s, code)
             (s.user_dir / flag).write_text("")
             os.chmod(s.user_dir / flag, 0o644)
             # The kernel finishes during the gap.

@@ -195,6 +195,18 @@ def test_the_manager_carries_on_after_a_hub_restart(managed_hub):
         asyncio.run(stop_server(hub))
 
 
+async def start_cell(http: aiohttp.ClientSession, hub: Hub, code: str):
+    """A new kernel in the user's server, a websocket to it at the session's
+    URL with a client session id of its own, and ``code`` running in it:
+    (kernel, the websocket's URL, the websocket, the transcript)."""
+    kernel = await start_kernel(http, hub)
+    url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
+    url = url.replace("http", "ws", 1)
+    ws = await http.ws_connect(url)
+    await warm_up(ws)
+    return kernel, url, ws, await send(ws, code)
+
+
 async def reconnect(http: aiohttp.ClientSession, url: str, deadline_s: float = 60):
     """Open the websocket again as a client does after losing it: retry
     until the session answers at its URL again."""
@@ -220,14 +232,8 @@ def test_kernel_output_survives_losing_the_server(managed_hub, browser):
     result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
 
     async def scenario() -> Transcript:
-        base = kernels_url(hub)
         async with hub.session() as http:
-            kernel = await start_kernel(http, hub)
-            url = f"{base}/{kernel}/channels?session_id={uuid.uuid4().hex}".replace(
-                "http", "ws", 1)
-            ws = await http.ws_connect(url)
-            await warm_up(ws)
-            t = await send(ws, count_to(N, 0.5))
+            kernel, url, ws, t = await start_cell(http, hub, count_to(N, 0.5))
             await read(ws, t, lambda t: len(t.numbers) >= 3)
             if away:
                 await ws.close()
@@ -240,7 +246,7 @@ def test_kernel_output_survives_losing_the_server(managed_hub, browser):
             ws = await reconnect(http, url)
             await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
             await ws.close()
-            async with http.delete(f"{base}/{kernel}") as r:
+            async with http.delete(f"{kernels_url(hub)}/{kernel}") as r:
                 assert r.status == 204
             return t
     try:
@@ -263,12 +269,7 @@ def test_output_survives_a_hub_restart_that_restarts_its_proxy(managed_hub):
 
     async def scenario() -> tuple[Transcript, int]:
         async with hub.session() as http:
-            kernel = await start_kernel(http, hub)
-            url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
-            url = url.replace("http", "ws", 1)
-            ws = await http.ws_connect(url)
-            await warm_up(ws)
-            t = await send(ws, count_to(N, 0.5))
+            kernel, url, ws, t = await start_cell(http, hub, count_to(N, 0.5))
             await read(ws, t, lambda t: len(t.numbers) >= 3)
             await asyncio.to_thread(hub.restart)
             # The old proxy is gone: the socket closes (the cell still runs).
@@ -315,12 +316,7 @@ def test_twenty_kills_in_a_row_under_load(managed_hub):
 
     async def scenario() -> tuple[Transcript, list, int]:
         async with hub.session() as http:
-            kernel = await start_kernel(http, hub)
-            url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
-            url = url.replace("http", "ws", 1)
-            ws = await http.ws_connect(url)
-            await warm_up(ws)
-            t = await send(ws, count_to(count, 0.1))
+            kernel, url, ws, t = await start_cell(http, hub, count_to(count, 0.1))
             connections = [ws]
 
             async def follow() -> None:

@@ -368,16 +368,25 @@ def test_answers_with_and_without_a_body_and_a_stream_with_its_headers_first(pro
     assert streamed == [200, "text/event-stream", b"data: hello\n\n"]
 
 
+@contextlib.asynccontextmanager
+async def websocket_through(proxy: Proxy, prefix: str):
+    """A websocket to a backend's ws_echo, through a route at ``prefix``."""
+    async with backend() as url:
+        await proxy.route(prefix, url)
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"{proxy.url}{prefix}/ws") as ws:
+                    yield ws
+        finally:
+            await proxy.api("DELETE", f"/routes{prefix}")
+
+
 def test_websocket_echo(proxy):
     async def scenario():
-        async with backend() as url:
-            await proxy.route("/ws-user", url)
-            async with aiohttp.ClientSession() as http:
-                async with http.ws_connect(proxy.url.replace("http", "ws") + "/ws-user/ws") as ws:
-                    for text in ("hello", "x" * 70000, "é" * 10):
-                        await ws.send_str(text)
-                        assert (await ws.receive_str(timeout=10)) == text
-            await proxy.api("DELETE", "/routes/ws-user")
+        async with websocket_through(proxy, "/ws-user") as ws:
+            for text in ("hello", "x" * 70000, "é" * 10):
+                await ws.send_str(text)
+                assert (await ws.receive_str(timeout=10)) == text
     asyncio.run(scenario())
 
 
@@ -385,16 +394,11 @@ def test_a_burst_of_small_messages_arrives_whole_and_in_order(proxy):
     """The relay lets a burst gather between reads: nothing may be lost,
     reordered or cut, and a lone message after it still comes back."""
     async def scenario():
-        async with backend() as url:
-            await proxy.route("/ws-burst", url)
-            async with aiohttp.ClientSession() as http:
-                async with http.ws_connect(proxy.url + "/ws-burst/ws") as ws:
-                    await ws.send_str("burst 20000")
-                    received = [await ws.receive_str(timeout=10) for _ in range(20000)]
-                    await ws.send_str("after")
-                    after = await ws.receive_str(timeout=10)
-            await proxy.api("DELETE", "/routes/ws-burst")
-            return received, after
+        async with websocket_through(proxy, "/ws-burst") as ws:
+            await ws.send_str("burst 20000")
+            received = [await ws.receive_str(timeout=10) for _ in range(20000)]
+            await ws.send_str("after")
+            return received, await ws.receive_str(timeout=10)
     received, after = asyncio.run(scenario())
     assert received == [str(n) for n in range(20000)]
     assert after == "after"
@@ -402,17 +406,13 @@ def test_a_burst_of_small_messages_arrives_whole_and_in_order(proxy):
 
 def test_backend_vanishing_closes_the_client_websocket_with_1012(proxy):
     async def scenario():
-        async with backend() as url:
-            await proxy.route("/ws-gone", url)
-            async with aiohttp.ClientSession() as http:
-                async with http.ws_connect(proxy.url + "/ws-gone/ws") as ws:
-                    await ws.send_str("still there?")
-                    assert await ws.receive_str(timeout=10) == "still there?"
-                    await ws.send_str("vanish")
-                    message = await ws.receive(timeout=10)
-                    assert message.type == aiohttp.WSMsgType.CLOSE, message
-                    assert ws.close_code == 1012
-            await proxy.api("DELETE", "/routes/ws-gone")
+        async with websocket_through(proxy, "/ws-gone") as ws:
+            await ws.send_str("still there?")
+            assert await ws.receive_str(timeout=10) == "still there?"
+            await ws.send_str("vanish")
+            message = await ws.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.CLOSE, message
+            assert ws.close_code == 1012
     asyncio.run(scenario())
 
 
