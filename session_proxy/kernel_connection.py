@@ -73,6 +73,7 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         # Made with the shell socket: a reply the kernel sent before went elsewhere.
         stream.shell_since = time.time()
         stream.missed_replies = {}  # seq of an execution's end -> what the keeper rebuilt
+        stream.replay_until = 0  # messages up to this seq piled up before we followed
         stream.connection = self
         stream.ack_fd = open_ack(Path(self.kernel_manager.acks_dir), self.session.session)
         weakref.finalize(stream, os.close, stream.ack_fd)
@@ -121,7 +122,9 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
             return super().handle_outgoing_message(stream, outgoing_msg)
         kind = bytes(outgoing_msg[0])
         if kind == b"following":
-            stream.missed_replies = {m["seq"]: m for m in json.loads(bytes(outgoing_msg[1]))}
+            following = json.loads(bytes(outgoing_msg[1]))
+            stream.replay_until = following["last_seq"]
+            stream.missed_replies = {m["seq"]: m for m in following["missed_replies"]}
             return
         if kind == b"lost":
             self._lost = json.loads(bytes(outgoing_msg[1]))
@@ -158,6 +161,16 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
                 self.write_message(json.dumps(msg, default=json_default))
         except WebSocketClosedError:
             pass  # gone again: the next connection rebuilds it from the replay
+
+    def _limit_rate(self, channel, msg, msg_list) -> bool:
+        """Stock IOPub rate limits, but not for a replay: what piled up over
+        a gap comes at once by nature, and dropping it would lose it for
+        good (the keeper's buffer bounds it instead)."""
+        if self._sending is not None:
+            stream, seq = self._sending
+            if seq <= stream.replay_until:
+                return False
+        return super()._limit_rate(channel, msg, msg_list)
 
     @property
     def write_message(self):

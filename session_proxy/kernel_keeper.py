@@ -20,9 +20,11 @@ socket but in the session's file beside the kernel's record
 (:func:`~session_proxy.kernel_records.write_ack`): a message in flight
 to the keeper would die with a killed server, a written file does not.
 
-Keeper to client: first ``[b"following", JSON]``, the session's executions
-that ended since its last acknowledged message, with their replies rebuilt
-(see :mod:`session_proxy.missed_replies`), then ``[b"msg", SEQ, *FRAMES]`` (FRAMES exactly as the kernel
+Keeper to client: first ``[b"following", JSON]``: ``last_seq``, the newest
+message when the follow came (those up to it are a replay), and
+``missed_replies``, the session's executions that ended since its last
+acknowledged message, with their replies rebuilt (see
+:mod:`session_proxy.missed_replies`); then ``[b"msg", SEQ, *FRAMES]`` (FRAMES exactly as the kernel
 sent them, signature included) and, before them when the session's gap
 was longer than the buffer, ``[b"lost", JSON]`` with how many were lost.
 
@@ -204,8 +206,9 @@ class Keeper:
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
         cursor = acked + 1
-        self._send(ident, [b"following",
-                           json.dumps(self.executions.missed_by(session, acked)).encode()])
+        self._send(ident, [b"following", json.dumps({
+            "last_seq": self.buffer.last_seq,
+            "missed_replies": self.executions.missed_by(session, acked)}).encode()])
         follower = Follower(session, cursor)
         if cursor < self.buffer.oldest_seq:
             follower.notice = {"lost": self.buffer.oldest_seq - cursor,

@@ -357,23 +357,23 @@ def test_a_cell_that_ends_while_no_server_runs_still_gets_its_reply(servers, end
 
 
 BURST = 200
-BURST = 200
 
 
-@pytest.mark.server_args("--PersistentKernelManager.buffer_messages=30")
-def test_a_gap_longer_than_the_buffer_is_reported(servers):
+def burst_during_gap(s: Servers) -> tuple[Transcript, dict, dict, str]:
+    """A cell waits (on a file, with a deadline) until its client is away
+    and the server killed, then prints BURST numbers, one message each, and
+    ends; then a new server starts and the client comes back. Returns the
+    transcript, the keeper's info before and after the return, and the
+    client session id."""
     flag = f"burst-{uuid.uuid4().hex}"
-    # The cell waits (on a file, with a deadline) until the server is gone,
-    # then prints BURST numbers, one message each.
     code = (f"import os, time\nprint('start', flush=True)\n"
             f"deadline = time.monotonic() + 60\n"
             f"while not (os.path.exists('/tmp/{flag}') or "
-            f"os.path.exists('{servers.user_dir}/{flag}')) and time.monotonic() < deadline:\n"
+            f"os.path.exists('{s.user_dir}/{flag}')) and time.monotonic() < deadline:\n"
             f"    time.sleep(0.02)\n"
             f"for i in range(1, {BURST + 1}):\n    print(i, flush=True)\n")
 
     async def scenario():
-        s = servers
         s.start()
         async with aiohttp.ClientSession(headers=s.headers) as http:
             kernel, session, address, t = await leave_mid_cell(http, s, code)
@@ -388,8 +388,12 @@ def test_a_gap_longer_than_the_buffer_is_reported(servers):
             await read(ws, t, lambda t: t.idle, timeout=60)
             await ws.close()
             return t, held, await keeper_info(address), session
+    return asyncio.run(scenario())
 
-    t, held, after, session = asyncio.run(scenario())
+
+@pytest.mark.server_args("--PersistentKernelManager.buffer_messages=30")
+def test_a_gap_longer_than_the_buffer_is_reported(servers):
+    t, held, after, session = burst_during_gap(servers)
     assert held["held"] == 30
     assert len(t.stderr) == 1 and t.order[0] == "e", t.order
     lost = int(re.search(r"(\d+) kernel output message\(s\) were lost", t.stderr[0])[1])
@@ -400,6 +404,16 @@ def test_a_gap_longer_than_the_buffer_is_reported(servers):
     # came back (the server's own kernel_info requests add a few messages).
     acked = held["sessions"][session]
     assert held["oldest_seq"] - acked - 1 <= lost <= after["oldest_seq"] - acked - 1
+
+
+@pytest.mark.server_args("--ZMQChannelsWebsocketConnection.iopub_msg_rate_limit=20")
+def test_a_replay_is_not_held_to_the_iopub_rate_limit(servers):
+    """BURST messages replayed at once are far above 20 a second: stock
+    jupyter_server would drop most of them (and say so); a replay is what
+    piled up during a gap, and all of it arrives."""
+    t, *_ = burst_during_gap(servers)
+    assert t.numbers == list(range(1, BURST + 1)), t.numbers
+    assert t.stderr == []
 
 
 @pytest.mark.server_args("--PersistentKernelManager.keep_kernels_on_shutdown=True")
