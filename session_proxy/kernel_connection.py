@@ -9,11 +9,14 @@ configure::
 
 A websocket connection to a kernel that has a keeper takes its IOPub
 messages from the keeper's numbered stream instead of from the kernel, and
-tells the keeper, message by message, how far its client session (the
+records, message by message, how far its client session (the
 ``session_id`` query argument, stable across a client's reconnects) has
-received (see :mod:`session_proxy.kernel_records`). A client reconnecting with the same session id, to this server or
-to the next one, first gets every message it has not received yet; if more
-were produced than the keeper holds, it is first told how many were lost.
+been sent, in a file the keeper reads (see
+:mod:`session_proxy.kernel_records`). A client reconnecting with the same
+session id, to this server or to the next one, first gets every message it
+has not received yet; if more were produced than the keeper holds, it is
+first told how many were lost. A cell that ended meanwhile gets its
+``execute_reply`` rebuilt (:mod:`session_proxy.missed_replies`).
 Shell, control and stdin go straight to the kernel, as before.
 """
 from __future__ import annotations
