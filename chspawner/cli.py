@@ -163,13 +163,15 @@ def cmd_pull(args, store) -> int:
 
 def cmd_images(args, store) -> int:
     import json
+
+    from chspawner.images.progress import format_size
     action = getattr(args, "action", None) or "list"
     if action == "list":
         images = store.images()
         width = max([len(i.name) for i in images] + [4])
         print(f"{'NAME':<{width}}  {'SIZE':>9}  SOURCE")
         for i in images:
-            print(f"{i.name:<{width}}  {_size(i.size):>9}  {i.source}")
+            print(f"{i.name:<{width}}  {format_size(i.size):>9}  {i.source}")
     elif action == "inspect":
         print(json.dumps(store.inspect(args.names[0]), indent=2))
     elif action == "path":
@@ -178,14 +180,6 @@ def cmd_images(args, store) -> int:
         for name in args.names:
             store.remove(name)
     return 0
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def cmd_kernel(args, store) -> int:

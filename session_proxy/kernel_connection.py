@@ -38,6 +38,7 @@ from jupyter_server.services.kernels.connection.channels import (
 from tornado.websocket import WebSocketClosedError
 from zmq.eventloop.zmqstream import ZMQStream
 
+from chspawner.images.progress import format_size
 from session_proxy.kernel_records import open_ack, write_ack
 from session_proxy.missed_replies import REBUILT, timestamp
 
@@ -235,13 +236,6 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         self.write_stderr(
             f"[chspawner] {notice['lost']} kernel output message(s) were lost while no "
             f"server or browser was attached: the kernel's buffer keeps only the last "
-            f"{notice['capacity']} messages ({_size(notice['capacity_bytes'])} at most). "
+            f"{notice['capacity']} messages ({format_size(notice['capacity_bytes'], 0, 'bytes')} at most). "
             "The output below resumes after the gap.", parent)
 
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:g} {unit}" if unit == "bytes" else f"{n:.0f} {unit}"
-        n /= 1024
-    return str(n)

@@ -123,3 +123,13 @@ class ProgressBars:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def format_size(n: float, decimals: int = 1, byte_unit: str = "B") -> str:
+    """``n`` bytes in the largest of B, KiB, MiB, GiB that keeps it under
+    1024 (whole bytes as they are; larger units with ``decimals``)."""
+    for unit in (byte_unit, "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == byte_unit else f"{n:.{decimals}f} {unit}"
+        n /= 1024
+    return str(n)
