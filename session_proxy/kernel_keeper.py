@@ -24,9 +24,10 @@ Keeper to client: first ``[b"following", JSON]``: ``last_seq``, the newest
 message when the follow came (those up to it are a replay), and
 ``missed_replies``, the session's executions that ended since its last
 acknowledged message, with their replies rebuilt (see
-:mod:`session_proxy.missed_replies`); then ``[b"msg", SEQ, *FRAMES]`` (FRAMES exactly as the kernel
-sent them, signature included) and, before them when the session's gap
-was longer than the buffer, ``[b"lost", JSON]`` with how many were lost.
+:mod:`session_proxy.missed_replies`); then ``[b"msg", SEQ, *FRAMES]``
+(FRAMES exactly as the kernel sent them, signature included) and, before
+them when the session's gap was longer than the buffer, ``[b"lost", JSON]``
+with how many were lost.
 
 The keeper outlives the server (it runs in a session of its own) and
 exits when its kernel does: when the kernel's record disappears (shut
