@@ -11,11 +11,17 @@ dead server at its next poll (``Spawner.poll_interval``, 30 s by default),
 the user then starts a new server by hand, and the kernel and its state are
 gone. Target: <= 5 s, median. Run as root: ``bench/run.sh`` or
 ``python bench/recovery.py [--rounds N] [--check]``.
+
+``--slurm``: the same with SlurmChSpawner on a one-node Slurm cluster
+(tests/slurm.py): the server's job is cancelled, the kernel runs on in a
+job of its own, and the session comes back in a new job (no target: the
+time includes Slurm starting a job).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -33,6 +39,7 @@ from demo_hub import site_store  # noqa: E402  (the demo's store: jupyter, deb)
 from test_kernel_server import KERNEL, execute, free_port, warm_up  # noqa: E402
 from test_session_manager import (manager_config, reconnect,  # noqa: E402
                                   server_state)
+from slurm import Slurm  # noqa: E402
 from test_spawner import Hub, spawn, stop_server  # noqa: E402
 
 from chspawner.images.trees import remove_tree  # noqa: E402
@@ -41,8 +48,9 @@ USER = os.environ.get("CHSPAWNER_USER", "chtest")
 TARGET = 5.0
 
 
-async def one_round(hub: Hub) -> float:
-    """Kill the server under a live kernel; seconds until a cell runs again."""
+async def one_round(hub: Hub, lose) -> float:
+    """Lose the server under a live kernel (``lose(its state)``); seconds
+    until a cell runs again."""
     base = f"{hub.url}/user/{hub.user}/api/kernels"
     async with hub.session() as http:
         async with http.post(base, json={"name": KERNEL}) as r:
@@ -54,7 +62,7 @@ async def one_round(hub: Hub) -> float:
         await warm_up(ws)
         await execute(ws, "x = 41")
         killed = time.perf_counter()
-        os.kill((await server_state(hub))["pid"], signal.SIGKILL)
+        await asyncio.to_thread(lose, await server_state(hub))
         await ws.receive()  # closed
         while True:  # the first connection may reach the dead server still
             ws = await reconnect(http, url)
@@ -76,28 +84,51 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--slurm", action="store_true",
+                        help="SlurmChSpawner on a one-node cluster; cancel the job")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.slurm:
+            cluster = stack.enter_context(Slurm())
+            extra = (f"c.JupyterHub.spawner_class = 'slurmchspawner'\n"
+                     f"c.SlurmChSpawner.slurm_env = {cluster.env!r}\n")
+            what = "server's job cancelled"
+
+            def lose(state: dict) -> None:
+                cluster.run("scancel", state["job_id"])
+        else:
+            extra, what = "", "server killed, same kernel"
+
+            def lose(state: dict) -> None:
+                os.kill(state["pid"], signal.SIGKILL)
+        times = rounds(args.rounds, extra, lose)
+    median = statistics.median(times)
+    target = None if args.slurm else TARGET
+    print(f"{'recovery (loss to next cell)':<32} {'stock hub':>10} {'chspawner':>10} "
+          f"{'target':>7}")
+    print(f"{what:<32} {'manual':>10} {median:>9.2f}s "
+          + (f"{target:>6.1f}s{'  OVER TARGET' if median > target else ''}" if target
+             else f"{'-':>7}"))
+    print("  rounds: " + " ".join(f"{t:.2f}" for t in times) + " s")
+    return 1 if args.check and target and median > target else 0
+
+
+def rounds(count: int, extra_config: str, lose) -> list[float]:
     state = Path(tempfile.mkdtemp(prefix="chspawner-bench-manager-"))
-    hub = Hub(site_store(), USER, images=("deb",),
-              extra_config=manager_config(state, secrets.token_hex(16), free_port()))
+    hub = Hub(site_store(), USER, images=("deb",), extra_config=manager_config(
+        state, secrets.token_hex(16), free_port()) + extra_config)
     times = []
     try:
         result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
         if not result.get("ready"):
             sys.exit(f"spawn failed: {result}")
-        for _ in range(args.rounds):
-            times.append(asyncio.run(one_round(hub)))
+        for _ in range(count):
+            times.append(asyncio.run(one_round(hub, lose)))
         asyncio.run(stop_server(hub))
     finally:
         hub.stop()
         remove_tree(state)
-    median = statistics.median(times)
-    print(f"{'recovery (kill to next cell)':<32} {'stock hub':>10} {'chspawner':>10} "
-          f"{'target':>7}")
-    print(f"{'server killed, same kernel':<32} {'manual':>10} {median:>9.2f}s "
-          f"{TARGET:>6.1f}s{'  OVER TARGET' if median > TARGET else ''}")
-    print("  rounds: " + " ".join(f"{t:.2f}" for t in times) + " s")
-    return 1 if args.check and median > TARGET else 0
+    return times
 
 
 if __name__ == "__main__":

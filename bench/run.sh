@@ -20,3 +20,5 @@ echo "== session proxy: chspawner-proxy vs configurable-http-proxy 5.3 (HTTP, we
 "$CHSPAWNER_VENV/bin/python" bench/proxy.py --check
 echo "== recovery: a killed server's session back (hub, session proxy, session manager), to the next cell"
 "$CHSPAWNER_VENV/bin/python" bench/recovery.py --check
+echo "== recovery on Slurm: the server's job cancelled, its kernel in a job of its own"
+"$CHSPAWNER_VENV/bin/python" bench/recovery.py --slurm

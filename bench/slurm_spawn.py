@@ -100,7 +100,6 @@ def timed_spawn(hub: Hub, cluster: Slurm, options: dict, what: str) -> float:
         sys.exit(f"{what}: spawn failed: {result}\nhub log:\n{hub.log()[-3000:]}")
     asyncio.run(stop_server(hub))
     # Every spawn starts on an idle node: a server still shutting down
-    # (SlurmChSpawner doesn't wait for its job to end, batchspawner does)
     # would take CPU from the next one.
     cluster.wait_idle(timeout=60)
     return elapsed

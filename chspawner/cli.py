@@ -86,10 +86,13 @@ def _parser():
     a.add_argument("--home", action="store_true",
                    help="bind your $HOME at /home/$USER in the container")
     a.add_argument("--backend", choices=("builtin", "ch-run"), default="builtin")
-    a.add_argument("--launcher", choices=("local", "srun"), default="local",
-                   help="where the kernel runs: here, or on a compute node via srun")
+    a.add_argument("--launcher", choices=("local", "srun", "sbatch"), default="local",
+                   help="where the kernel runs: here, or on a compute node via srun, "
+                        "or as a batch job of its own (sbatch)")
     a.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
                    help="an srun option for the kernel's job, e.g. --partition=gpu")
+    a.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="an sbatch option for the kernel's job, e.g. --time=8:00:00")
     a.add_argument("--jobid", help="run in this existing allocation (srun --jobid)")
     a.add_argument("--prefix", help="install under PREFIX/share/jupyter "
                                     "(default: your Jupyter data directory)")
@@ -203,6 +206,8 @@ def cmd_kernel(args, store) -> int:
               "storage": str(store.root), "launcher": args.launcher}
     if args.launcher == "srun":
         config.update(srun_args=args.srun_arg, jobid=args.jobid)
+    elif args.launcher == "sbatch":
+        config.update(sbatch_args=args.sbatch_arg)
     name = args.name or spec_name(image, kernel_name)
     display = args.display_name or f"{kernel.get('display_name', kernel_name)} — image {image}"
     print(install_kernelspec(image, kernel, name, display, config, args.prefix))

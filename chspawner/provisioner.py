@@ -26,12 +26,21 @@ and which the container gets at /home/$USER), the kernel binds all
 interfaces and records the node's name beside its ports, interrupts go as
 messages (srun takes SIGINT for itself), and stopping the kernel also
 cancels its job.
+
+Launcher ``sbatch`` runs the kernel as a batch job of its own (options in
+``sbatch_args``), as srun does but with no client process here: the kernel
+outlives the process that started it, and the job is what is followed
+(``squeue``), adopted by a new server, and cancelled. A kernel manager may
+run the kernel under a program of its own inside the job (its
+``kernel_job_wrapper(staging)``: session_proxy's keeper does that). A
+restart is a new job, maybe on another node.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -44,8 +53,12 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
+from chspawner.slurm import (ACTIVE_STATES, SlurmError, job_environment, job_status,
+                             slurm_command)
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
+#: Seconds between squeue calls while following a kernel's job.
+JOB_POLL_INTERVAL = 1.0
 
 
 class KernelStartError(RuntimeError):
@@ -60,10 +73,21 @@ class ContainerProvisioner(LocalProvisioner):
         self._staging: Path | None = None
         self._program = ""
         self._job_name: str | None = None
+        self.job_id: str | None = None  # launcher sbatch: the kernel's job
+        self._job_checked = (0.0, None)  # (when, what poll() said)
 
     @property
     def srun(self) -> bool:
         return self._option("launcher", "local") == "srun"
+
+    @property
+    def sbatch(self) -> bool:
+        return self._option("launcher", "local") == "sbatch"
+
+    @property
+    def on_node(self) -> bool:
+        """Whether the kernel runs on a compute node (srun or sbatch)."""
+        return self.srun or self.sbatch
 
     # ----------------------------------------------------------- config --
 
@@ -95,7 +119,7 @@ class ContainerProvisioner(LocalProvisioner):
         restart = self._staging is not None and self._known_ports()
         if km is not None:
             km.cache_ports = False  # the kernel picks its ports (see above)
-        if self.srun:
+        if self.on_node:
             self.kernel_spec.interrupt_mode = "message"
         image = self.image_path()  # first: a missing image fails at once
         kwargs = await super().pre_launch(**kwargs)
@@ -108,7 +132,7 @@ class ContainerProvisioner(LocalProvisioner):
             cmd[0] = self.kernel_spec.argv[0]
         self._check_command(image, cmd)
         self._program = cmd[0]
-        if self.srun:  # say where the kernel runs, beside its ports (sh builtins only)
+        if self.on_node:  # say where the kernel runs, beside its ports (sh builtins only)
             host_file = staged.with_name("host")
             cmd = ["/bin/sh", "-c", "read -r node < /proc/sys/kernel/hostname && "
                    f'echo "$node" > {host_file} && exec "$@"', "sh", *cmd]
@@ -119,6 +143,9 @@ class ContainerProvisioner(LocalProvisioner):
         kwargs["cmd"] = to_argv(spec, self._option("backend", "builtin"))
         if self.srun:
             kwargs["cmd"] = self._srun_command(kwargs["cmd"])
+        wrapper = getattr(km, "kernel_job_wrapper", None)
+        if self.sbatch and wrapper is not None:
+            kwargs["cmd"] = [*wrapper(self._staging), *kwargs["cmd"]]
         self.log.info("chspawner: kernel in image %s: %s", image, " ".join(kwargs["cmd"]))
         return kwargs
 
@@ -126,7 +153,7 @@ class ContainerProvisioner(LocalProvisioner):
         return all(self.connection_info.get(p) for p in PORTS)
 
     def _home(self) -> bool:
-        return self.srun or bool(self._option("home", False))
+        return self.on_node or bool(self._option("home", False))
 
     def _stage(self, connection_file: Path, keep_ports: bool) -> Path:
         """Copy the connection file where the container sees it, ports 0
@@ -134,7 +161,7 @@ class ContainerProvisioner(LocalProvisioner):
         TMPDIR (the container's /tmp), or for srun under $HOME (shared with
         the compute nodes; the container's /home/$USER). Returns its path
         inside the container."""
-        if self.srun:
+        if self.on_node:
             base, inside = Path.home(), Path("/home") / _username()
             base = base / ".local" / "share" / "jupyter" / "runtime"
             inside = inside / ".local" / "share" / "jupyter" / "runtime"
@@ -146,7 +173,7 @@ class ContainerProvisioner(LocalProvisioner):
         info = json.loads(connection_file.read_text())
         for port in PORTS:
             info[port] = self.connection_info.get(port, 0) if keep_ports else 0
-        if self.srun:
+        if self.on_node:
             info["ip"] = "0.0.0.0"  # reachable from the server's host
             (self._staging / "host").unlink(missing_ok=True)
         staged = self._staging / "kernel.json"
@@ -180,11 +207,36 @@ class ContainerProvisioner(LocalProvisioner):
                 return os.path.normpath(f"/home/{_username()}/{rel}")
         return None
 
+    def _sbatch_command(self, cmd: list[str], cwd: str | None) -> list[str]:
+        """sbatch for a job running ``cmd``, named after this kernel, its
+        output beside the connection file."""
+        self._job_name = f"chspawner-kernel-{self._staging.name}"
+        return ["sbatch", "--parsable", f"--job-name={self._job_name}", "--nodes=1",
+                "--ntasks=1", "--export=ALL", f"--output={self._staging / 'job.log'}",
+                f"--chdir={cwd or Path.home()}",
+                *[str(a) for a in self._option("sbatch_args", [])],
+                # The command travels as the wrap's arguments, quoted once, here.
+                "--wrap=exec " + shlex.join(cmd)]
+
+    async def _submit(self, cmd: list[str], **kwargs: Any) -> None:
+        try:
+            out = await slurm_command(*self._sbatch_command(cmd, kwargs.get("cwd")),
+                                      env=job_environment(kwargs.get("env")))
+        except SlurmError as e:
+            raise KernelStartError(f"can't submit the kernel's job: {e}") from None
+        self.job_id = out.strip().split(";")[0]
+        self._job_checked = (0.0, None)
+        self.pid = self.pgid = None
+        self.log.info("chspawner: kernel %s is Slurm job %s", self.kernel_id, self.job_id)
+
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
-        await super().launch_kernel(cmd, **kwargs)
+        if self.sbatch:
+            await self._submit(cmd, **kwargs)
+        else:
+            await super().launch_kernel(cmd, **kwargs)
         info = await self._read_back_ports()
         self.connection_info.update({p: info[p] for p in PORTS})
-        if self.srun:
+        if self.on_node:
             node = (self._staging / "host").read_text().strip()
             try:
                 self.connection_info["ip"] = socket.gethostbyname(node)
@@ -198,25 +250,38 @@ class ContainerProvisioner(LocalProvisioner):
         """Wait for the kernel to write the ports it bound; fail fast if it
         dies first."""
         staged = self._staging / "kernel.json"
-        # An srun kernel may first wait in the queue.
-        timeout = float(self._option("launch_timeout", 600 if self.srun else 60))
+        # A kernel on a node may first wait in the queue.
+        timeout = float(self._option("launch_timeout", 600 if self.on_node else 60))
         deadline = time.monotonic() + timeout
         while True:
             try:
                 info = json.loads(staged.read_text())
                 if all(info.get(p) for p in PORTS) and (
-                        not self.srun or (self._staging / "host").exists()):
+                        not self.on_node or (self._staging / "host").exists()):
                     return info
             except (OSError, ValueError):
                 pass  # being rewritten: read again
-            status = self.process.poll() if self.process else None
-            if status is not None:
-                raise KernelStartError(self._exit_reason(status))
+            if self.job_id:
+                if await self.poll() is not None:
+                    raise KernelStartError(self._job_end_reason())
+            else:
+                status = self.process.poll() if self.process else None
+                if status is not None:
+                    raise KernelStartError(self._exit_reason(status))
             if time.monotonic() > deadline:
                 raise KernelStartError(f"kernel in image {self._option('image')} did not "
                                        f"bind its ports within {timeout:.0f} s "
                                        "(provisioner config 'launch_timeout')")
             await asyncio.sleep(0.02)
+
+    def _job_end_reason(self) -> str:
+        log = self._staging / "job.log"
+        try:
+            last = log.read_text(errors="replace").strip().splitlines()[-1:]
+        except OSError:
+            last = []
+        return (f"the kernel's Slurm job {self.job_id} ended before the kernel was "
+                f"ready{': ' + last[0] if last else ''} (its output: {log})")
 
     def _exit_reason(self, status: int) -> str:
         image = self._option("image")
@@ -239,8 +304,14 @@ class ContainerProvisioner(LocalProvisioner):
         await self._cancel_job()
 
     async def _cancel_job(self) -> None:
-        """Killing srun alone may leave its job step running on the node."""
-        if self._job_name and not self._option("jobid"):
+        """Killing srun alone may leave its job step running on the node;
+        a batch job has no process here at all."""
+        if self.job_id:
+            try:
+                await slurm_command("scancel", self.job_id, env=job_environment())
+            except SlurmError as e:
+                self.log.warning("chspawner: can't cancel kernel job %s: %s", self.job_id, e)
+        elif self._job_name and not self._option("jobid"):
             process = await asyncio.create_subprocess_exec(
                 "scancel", f"--name={self._job_name}", f"--user={_username()}",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
@@ -255,21 +326,52 @@ class ContainerProvisioner(LocalProvisioner):
     # ------------------------------------------------------- re-attach ---
     # A provisioner restored with load_provisioner_info() (by a new server
     # process) has the kernel's PID but no Popen object: it follows the
-    # process by PID instead.
+    # process by PID instead. A kernel in a job of its own (sbatch) is
+    # followed by its job's state, whichever process started it.
 
     @property
     def has_process(self) -> bool:
-        return self.process is not None or self._adopted()
+        return self.process is not None or self._adopted() or self.job_id is not None
 
     def _adopted(self) -> bool:
         return self.process is None and self.pid is not None
 
     async def poll(self) -> int | None:
+        if self.job_id:
+            return await self._poll_job()
         if self._adopted():
             return None if _running(self.pid) else 0
         return await super().poll()
 
+    async def job_state(self) -> str:
+        """The kernel job's state now ('' once Slurm forgot it); SlurmError
+        when Slurm can't say."""
+        return (await job_status(self.job_id, run=_slurm_as_us))[0]
+
+    async def _poll_job(self) -> int | None:
+        """None while the kernel's job runs (or can't be asked about: the
+        controller being down says nothing about the kernel), else 0. At
+        most one squeue per JOB_POLL_INTERVAL: jupyter_client polls often."""
+        checked_at, answer = self._job_checked
+        if time.monotonic() - checked_at < JOB_POLL_INTERVAL:
+            return answer
+        try:
+            state = await self.job_state()
+        except SlurmError as e:
+            self.log.warning("chspawner: can't ask Slurm about kernel job %s: %s",
+                             self.job_id, e)
+            return None
+        # COMPLETING: the kernel is gone, Slurm is tidying up after it.
+        answer = None if state in ACTIVE_STATES - {"COMPLETING"} else 0
+        self._job_checked = (time.monotonic(), answer)
+        return answer
+
     async def wait(self) -> int | None:
+        if self.job_id:
+            while await self.poll() is None:
+                await asyncio.sleep(JOB_POLL_INTERVAL)
+            self.job_id = None
+            return 0
         if self._adopted():
             while await self.poll() is None:
                 await asyncio.sleep(0.1)
@@ -278,6 +380,15 @@ class ContainerProvisioner(LocalProvisioner):
         return await super().wait()
 
     async def send_signal(self, signum: int) -> None:
+        if self.job_id:
+            if signum:  # (0 asks whether it runs: poll() answers that)
+                try:
+                    await slurm_command("scancel", f"--signal={signum}", self.job_id,
+                                        env=job_environment())
+                except SlurmError as e:
+                    self.log.warning("chspawner: can't signal kernel job %s: %s",
+                                     self.job_id, e)
+            return
         if self._adopted():
             os.killpg(self.pgid or self.pid, signum)
             return
@@ -288,6 +399,7 @@ class ContainerProvisioner(LocalProvisioner):
         info["staging"] = str(self._staging) if self._staging else None
         info["image"] = self._option("image")
         info["job_name"] = self._job_name
+        info["job_id"] = self.job_id
         # JSON, so a session manager can store it: the key is bytes here.
         info["connection_info"] = {k: v.decode() if isinstance(v, bytes) else v
                                    for k, v in info.get("connection_info", {}).items()}
@@ -302,6 +414,7 @@ class ContainerProvisioner(LocalProvisioner):
         staging = provisioner_info.get("staging")
         self._staging = Path(staging) if staging else None
         self._job_name = provisioner_info.get("job_name")
+        self.job_id = provisioner_info.get("job_id")
 
 
 def _running(pid: int) -> bool:
@@ -313,6 +426,10 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+async def _slurm_as_us(*argv: str) -> str:
+    return await slurm_command(*argv, env=job_environment())
 
 
 def _username() -> str:

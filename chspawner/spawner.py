@@ -33,6 +33,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 from chspawner.images import ImageError
 from chspawner.images.store import Store, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
+from chspawner.slurm import ACTIVE_STATES, SlurmError, job_status, slurm_command
 
 MODES = ("kernels", "server")
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
@@ -370,6 +371,22 @@ class SlurmChSpawner(ChSpawner):
     queue_poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
                           "is queued.").tag(config=True)
 
+    kernel_jobs = Bool(
+        True, help="Kernels mode with persistent_kernels: each kernel runs as a Slurm "
+                   "job of its own (with the user's request), so that it outlives the "
+                   "server's job: a server whose job is cancelled, times out or loses "
+                   "its node is started again and takes its kernels over. False: "
+                   "kernels run inside the server's job and end with it.",
+    ).tag(config=True)
+    kernel_sbatch_args = List(
+        Unicode(), help="More sbatch options for each kernel's job (kernel_jobs), "
+                        "e.g. --account=...; they come after the user's request.",
+    ).tag(config=True)
+    stop_timeout = Float(
+        10.0, help="Seconds a server asked to stop (SIGINT, as the hub asks a local "
+                   "one) gets to shut its kernels down before its job is cancelled.",
+    ).tag(config=True)
+
     job_id = Unicode("", help="The server's Slurm job (state).")
     node = Unicode("", help="Where it runs (state).")
     request = Dict(help="The validated Slurm request of this spawn.")
@@ -435,30 +452,41 @@ class SlurmChSpawner(ChSpawner):
                 options[key] = int(value) if value.isdigit() else value
         return options
 
+    def get_args(self) -> list[str]:
+        args = super().get_args()
+        if self.mode == "kernels" and self.persistent_kernels and self.kernel_jobs \
+                and not getattr(self, "_args_in_cmd", False):
+            config = {"launcher": "sbatch", "sbatch_args": [
+                *self._resource_args(self.request or self.default_request()),
+                *self.kernel_sbatch_args]}
+            args += [f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}",
+                     # A job's end (scancel, its time limit, a preemption)
+                     # sends SIGTERM: that is a loss, not the user's stop.
+                     "--PersistentKernelManager.keep_kernels_on_sigterm=True"]
+        return args
+
+    @staticmethod
+    def _resource_args(r: dict) -> list[str]:
+        """sbatch options for a request (the server's job and kernels' jobs)."""
+        args = [f"--cpus-per-task={r['cpus']}", f"--mem={r['mem_gb']}G",
+                f"--time={r['hours']}:00:00"]
+        if r["partition"]:
+            args.append(f"--partition={r['partition']}")
+        if r.get("gpus"):
+            args.append(f"--gpus={r['gpus']}")
+        return args
+
     # ------------------------------------------------------------ Slurm --
 
     async def slurm(self, *argv: str, env: dict | None = None) -> str:
         """Run a Slurm command as the user; its stdout, or SlurmError."""
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**(env or {"PATH": "/usr/local/bin:/usr/bin:/bin"}), **self.slurm_env},
+        return await slurm_command(
+            *argv, env={**(env or {"PATH": "/usr/local/bin:/usr/bin:/bin"}), **self.slurm_env},
             preexec_fn=self.make_preexec_fn(self.user.name))
-        out, err = await process.communicate()
-        if process.returncode != 0:
-            raise SlurmError(f"{argv[0]}: {err.decode(errors='replace').strip()[-300:]}")
-        return out.decode()
 
     async def job_status(self) -> tuple[str, str, str]:
         """(state, node, reason) of the job; state '' once it is gone."""
-        try:
-            out = await self.slurm("squeue", "-h", "-j", self.job_id, "-o", "%T|%N|%r")
-        except SlurmError as e:
-            if "Invalid job id" in str(e):  # ended, and already forgotten
-                return "", "", ""
-            raise
-        state, _, rest = out.strip().partition("|")
-        node, _, reason = rest.partition("|")
-        return state, node, reason
+        return await job_status(self.job_id, run=self.slurm)
 
     async def start(self):
         self._events = asyncio.Queue()
@@ -477,13 +505,8 @@ class SlurmChSpawner(ChSpawner):
                    else [*self.cmd, *self.get_args()])
         r = self.request or self.default_request()
         sbatch = ["sbatch", "--parsable", f"--job-name=jupyterhub-{self.user.name}",
-                  f"--cpus-per-task={r['cpus']}", f"--mem={r['mem_gb']}G",
-                  f"--time={r['hours']}:00:00", "--export=ALL",
+                  *self._resource_args(r), "--export=ALL",
                   f"--chdir={self._home_dir()}", "--output=/dev/null"]
-        if r["partition"]:
-            sbatch.append(f"--partition={r['partition']}")
-        if r.get("gpus"):
-            sbatch.append(f"--gpus={r['gpus']}")
         # The command travels as the wrap's arguments, quoted once, here.
         sbatch.append("--wrap=exec " + " ".join(shlex.quote(a) for a in command))
         try:
@@ -585,18 +608,40 @@ class SlurmChSpawner(ChSpawner):
             # The controller being down says nothing about the server.
             self.log.warning("chspawner: can't ask Slurm about job %s: %s", self.job_id, e)
             return None
-        if state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"):
+        if state in ACTIVE_STATES:
             return None
         self.clear_state()
         return 1
 
     async def stop(self, now=False):
+        """Ask the server to stop as the hub asks a local one (SIGINT: it
+        shuts its kernels down, jobs of their own included), then cancel
+        its job. A plain cancel would read as a loss (SIGTERM) to a server
+        that keeps its kernels for its successor."""
         if self.job_id:
+            if not now and await self._job_running():
+                await self._interrupt_and_wait()
             try:
                 await self.slurm("scancel", self.job_id)
             except SlurmError as e:
                 self.log.warning("chspawner: scancel %s: %s", self.job_id, e)
         self.clear_state()
+
+    async def _job_running(self) -> bool:
+        try:
+            return (await self.job_status())[0] == "RUNNING"
+        except SlurmError:
+            return False
+
+    async def _interrupt_and_wait(self) -> None:
+        try:  # --batch: the job's script, which is the server (exec)
+            await self.slurm("scancel", "--batch", "--signal=INT", self.job_id)
+        except SlurmError as e:
+            self.log.warning("chspawner: can't signal job %s: %s", self.job_id, e)
+            return
+        deadline = asyncio.get_running_loop().time() + self.stop_timeout
+        while asyncio.get_running_loop().time() < deadline and await self._job_alive():
+            await asyncio.sleep(self.queue_poll_interval)
 
     def get_state(self) -> dict:
         state = super().get_state()
@@ -615,10 +660,6 @@ class SlurmChSpawner(ChSpawner):
     def clear_state(self) -> None:
         super().clear_state()
         self.job_id = self.node = ""
-
-
-class SlurmError(RuntimeError):
-    """A Slurm command failed."""
 
 
 class SpawnFailed(RuntimeError):

@@ -43,6 +43,19 @@ from session_proxy.kernel_records import open_ack, write_ack
 from session_proxy.missed_replies import REBUILT, timestamp
 
 
+#: kernel id -> its open connections that follow its keeper
+_following: dict[str, weakref.WeakSet] = {}
+
+
+def close_connections(kernel_id: str, reason: str) -> None:
+    """Close the kernel's websockets that follow its keeper (1012: "service
+    restart"); their clients reconnect, and follow the kernel afresh."""
+    for connection in list(_following.pop(kernel_id, ())):
+        handler = connection.websocket_handler
+        if handler is not None and handler.ws_connection is not None:
+            handler.close(1012, reason)
+
+
 class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
     """Stock kernel websocket connection, IOPub from the keeper."""
 
@@ -62,6 +75,11 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
             self.channels[channel] = stream = meth(identity=identity)
             stream.channel = channel
         self.channels["iopub"] = self._follow_keeper()
+        _following.setdefault(self.kernel_id, weakref.WeakSet()).add(self)
+
+    def _follow(self, stream: ZMQStream) -> None:
+        request = [b"follow", stream.keeper_session]
+        stream.send_multipart([*request, self.kernel_manager.keeper_sign(request)])
 
     def _follow_keeper(self) -> ZMQStream:
         socket = self.kernel_manager.context.socket(zmq.DEALER)
@@ -81,7 +99,7 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         stream.connection = self
         stream.ack_fd = open_ack(Path(self.kernel_manager.acks_dir), self.session.session)
         weakref.finalize(stream, os.close, stream.ack_fd)
-        stream.send_multipart([b"follow", stream.keeper_session])
+        self._follow(stream)
         return stream
 
     def connect(self):
@@ -93,7 +111,8 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
             # messages it could not write (its websocket was closing): follow
             # again, from what was acknowledged; what comes twice is dropped.
             keeper.connection = self
-            keeper.send_multipart([b"follow", keeper.keeper_session])
+            _following.setdefault(self.kernel_id, weakref.WeakSet()).add(self)
+            self._follow(keeper)
         return done
 
     def nudge(self):

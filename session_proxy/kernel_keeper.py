@@ -29,17 +29,41 @@ acknowledged message, with their replies rebuilt (see
 them when the session's gap was longer than the buffer, ``[b"lost", JSON]``
 with how many were lost.
 
+A keeper listening on TCP (``--job``, below) takes requests only with a
+last frame ``SIG``, the hex HMAC-SHA256 of the other frames (joined by
+NUL) under the kernel's key: anyone on the network could reach it. (On a
+Unix socket in the user's own state directory the file system keeps
+others out; the frame is then optional.)
+
+Sequence numbers start at a keeper's start time in microseconds, so a
+later keeper of the same kernel numbers above an earlier one: a session
+acknowledged up to a number this keeper never issued saw none of its
+messages, and gets all it holds.
+
 The keeper outlives the server (it runs in a session of its own) and
 exits when its kernel does: when the kernel's record disappears (shut
 down on purpose) or when the kernel's PID has been gone for ``--grace``
 seconds (long enough for a restart to write the new PID).
+
+``--job`` (a kernel in a Slurm job of its own): the keeper runs inside
+the kernel's job, on its node, and starts the kernel itself (the command
+after ``--``), so that it lives exactly as long as the kernel: the job
+ends when the kernel exits. It learns the kernel's IOPub port from the
+connection file the kernel writes back, listens on TCP (a port of its
+choosing, written to ``--address-file``), and ends the kernel when its
+record, once written, disappears, or was never written within
+``--record-timeout`` seconds (the server that submitted the job died
+before it could record the kernel: nobody would ever adopt it).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import OrderedDict, deque
@@ -63,12 +87,13 @@ class RingBuffer:
     bounded by count and by total bytes (the newest message is always
     kept, however big)."""
 
-    def __init__(self, max_messages: int, max_bytes: int):
+    def __init__(self, max_messages: int, max_bytes: int, first_seq: int = 1):
         self.max_messages = max(1, max_messages)
         self.max_bytes = max(1, max_bytes)
         self._items: deque[tuple[int, list[bytes], int]] = deque()
         self._bytes = 0
-        self.last_seq = 0
+        self.first_seq = first_seq
+        self.last_seq = first_seq - 1
 
     @property
     def oldest_seq(self) -> int:
@@ -112,6 +137,9 @@ class Keeper:
     max_messages: int = 10000
     max_bytes: int = 64 << 20
     grace: float = 30.0
+    first_seq: int = 1
+    #: the kernel's HMAC key: requests are signed with it
+    key: bytes = b""
     buffer: RingBuffer = field(init=False)
     followers: dict[bytes, Follower] = field(default_factory=dict)
     #: session -> last seq its client acknowledged, as of its last follow
@@ -121,7 +149,8 @@ class Keeper:
 
     def __post_init__(self) -> None:
         self.acks_dir = KernelRecords(self.record_path.parent).acks_dir(self.record_path.stem)
-        self.buffer = RingBuffer(self.max_messages, self.max_bytes)
+        self.buffer = RingBuffer(self.max_messages, self.max_bytes, self.first_seq)
+        self.signed = self.address.startswith("tcp://")
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         # Sending to a server that went away fails instead of vanishing, so
@@ -138,6 +167,10 @@ class Keeper:
     # -- sockets --
 
     def bind(self) -> None:
+        if self.signed:  # tcp://HOST:* : a port of our choosing
+            self.router.bind(self.address)
+            self.address = self.router.last_endpoint.decode()
+            return
         path = self.address.removeprefix("ipc://")
         if os.path.exists(path):
             os.unlink(path)  # a previous keeper's, dead
@@ -181,16 +214,27 @@ class Keeper:
 
     def on_request(self, frames: list[bytes]) -> None:
         ident, verb, args = frames[0], frames[1], frames[2:]
+        if self.signed:
+            if not args or not hmac.compare_digest(args[-1], sign(self.key, [verb, *args[:-1]])):
+                return  # not from a holder of the kernel's key: no answer
+            args = args[:-1]
         if verb == b"follow" and args:
             self._follow(ident, args[0].decode())
         elif verb == b"info":
             self._send(ident, [b"info", json.dumps(self.info()).encode()])
 
     def acked(self, session: str) -> int | None:
-        """The last seq the session acknowledged (None: it never did)."""
+        """The last seq the session acknowledged (None: it never did);
+        first_seq - 1 for a number this keeper never issued (an earlier
+        keeper's: the session has seen nothing of ours)."""
         known = [seq for seq in (self.sessions.get(session),
                                  read_ack(self.acks_dir, session)) if seq is not None]
-        return max(known) if known else None
+        if not known:
+            return None
+        acked = max(known)
+        if not self.first_seq - 1 <= acked <= self.buffer.last_seq:
+            return self.first_seq - 1
+        return acked
 
     def info(self) -> dict:
         return {"last_seq": self.buffer.last_seq, "oldest_seq": self.buffer.oldest_seq,
@@ -259,31 +303,40 @@ class Keeper:
 
     # -- main loop --
 
+    def serve(self, poller: zmq.Poller, timeout_ms: int = 100) -> None:
+        """One round: take in kernel output and requests, stream out."""
+        events = dict(poller.poll(timeout_ms))
+        if self.sub in events:
+            for _ in range(1000):  # drain, but keep serving requests
+                try:
+                    self.on_iopub(self.sub.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        if self.router in events:
+            for _ in range(1000):
+                try:
+                    self.on_request(self.router.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        self.flush()
+
+    def poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(self.sub, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        return poller
+
     def run(self) -> int:
+        """Keep a kernel started by the server, on the server's host."""
         record = read_record(self.record_path)
         if record is None:
             return 0
         self.follow_kernel(record)
         self.bind()
-        poller = zmq.Poller()
-        poller.register(self.sub, zmq.POLLIN)
-        poller.register(self.router, zmq.POLLIN)
+        poller = self.poller()
         next_check, dead_since = 0.0, None
         while True:
-            events = dict(poller.poll(100))
-            if self.sub in events:
-                for _ in range(1000):  # drain, but keep serving requests
-                    try:
-                        self.on_iopub(self.sub.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-            if self.router in events:
-                for _ in range(1000):
-                    try:
-                        self.on_request(self.router.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-            self.flush()
+            self.serve(poller)
             now = time.monotonic()
             if now < next_check:
                 continue
@@ -292,23 +345,84 @@ class Keeper:
             if record is None:
                 return 0  # shut down on purpose (or dropped as dead)
             self.follow_kernel(record)
+            # No PID: a kernel in a job elsewhere, kept here because its own
+            # keeper was gone; its record alone says whether it is wanted.
             pid = (record.get("provisioner_info") or {}).get("pid")
-            if pid and _running(pid):
+            if not pid or _running(pid):
                 dead_since = None
             elif dead_since is None:
                 dead_since = now
             elif now - dead_since > self.grace:
                 return 0
 
+    def run_job(self, command: list[str], connection_file: Path, address_file: Path,
+                record_timeout: float) -> int:
+        """Start the kernel (``command``) and keep it, inside its job; the
+        kernel's exit status when it exits."""
+        kernel = subprocess.Popen(command)
+        # scancel signals every process of the job: the kernel gets its own
+        # and ends, then so do we.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        info = self._wait_connection_file(connection_file, kernel)
+        if info is None:
+            return kernel.wait()
+        self.key = info.get("key", "").encode()
+        self.sub.connect(f"tcp://127.0.0.1:{info['iopub_port']}")  # same node
+        self.bind()
+        port = self.address.rpartition(":")[2]
+        tmp = address_file.with_name(f".{address_file.name}.tmp")
+        tmp.write_text(json.dumps({"port": int(port)}))
+        os.replace(tmp, address_file)
+        poller = self.poller()
+        started, seen, ending = time.monotonic(), False, None
+        next_check = 0.0
+        while kernel.poll() is None:
+            self.serve(poller)
+            now = time.monotonic()
+            if now < next_check:
+                continue
+            next_check = now + 0.5
+            recorded = self.record_path.exists()
+            seen = seen or recorded
+            unwanted = (seen and not recorded) or (
+                not seen and now - started > record_timeout)
+            if unwanted and ending is None:
+                kernel.terminate()
+                ending = now
+            elif ending is not None and now - ending > self.grace:
+                kernel.kill()
+        self.serve(poller, 0)  # its last words, for a follower still there
+        return kernel.returncode
+
+    @staticmethod
+    def _wait_connection_file(path: Path, kernel: subprocess.Popen) -> dict | None:
+        """The kernel's connection info once it has written its ports back
+        (None: it exited first)."""
+        while kernel.poll() is None:
+            try:
+                info = json.loads(path.read_text())
+                if info.get("iopub_port"):
+                    return info
+            except (OSError, ValueError):
+                pass  # not yet, or being rewritten
+            time.sleep(0.02)  # a polling interval: nothing signals the write
+        return None
+
     def close(self) -> None:
         self.router.close()
         self.sub.close()
         self.ctx.term()
-        path = self.address.removeprefix("ipc://")
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address.removeprefix("ipc://"))
+            except OSError:
+                pass
+
+
+def sign(key: bytes, frames: list[bytes]) -> bytes:
+    """A request's signature under the kernel's key (see the module doc)."""
+    return hmac.new(key, b"\0".join(frames), hashlib.sha256).hexdigest().encode()
 
 
 def _running(pid: int) -> bool:
@@ -326,14 +440,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m session_proxy.kernel_keeper",
                                      description="Keep a kernel's IOPub messages.")
     parser.add_argument("--record", required=True, help="the kernel's record file")
-    parser.add_argument("--address", required=True, help="ipc://PATH to listen on")
+    parser.add_argument("--address", default="tcp://*:*",
+                        help="ipc://PATH (or, with --job, tcp://HOST:*) to listen on")
     parser.add_argument("--max-messages", type=int, default=10000)
     parser.add_argument("--max-bytes", type=int, default=64 << 20)
     parser.add_argument("--grace", type=float, default=30.0,
-                        help="seconds the kernel's PID may be gone (a restart)")
+                        help="seconds the kernel's PID may be gone (a restart); with "
+                             "--job, seconds an unwanted kernel gets to end")
     parser.add_argument("--detach", action="store_true",
                         help="fork into a session of its own and return at once")
+    job = parser.add_argument_group("a kernel in a job of its own")
+    job.add_argument("--job", action="store_true",
+                     help="start the kernel (the command after --) and keep it")
+    job.add_argument("--connection-file", type=Path,
+                     help="where the kernel writes back its ports")
+    job.add_argument("--address-file", type=Path, help="where to write our port")
+    job.add_argument("--record-timeout", type=float, default=300.0,
+                     help="seconds to wait for the kernel's record to be written")
+    job.add_argument("command", nargs="*", help="the kernel's command (after --)")
     args = parser.parse_args(argv)
+    if args.job and not (args.command and args.connection_file and args.address_file):
+        parser.error("--job needs --connection-file, --address-file and a command")
     if args.detach:
         # Double fork: the server's child exits now (the server reaps it),
         # the keeper is nobody's child and outlives the server.
@@ -342,10 +469,14 @@ def main(argv: list[str] | None = None) -> int:
         os.setsid()
         if os.fork() > 0:
             os._exit(0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C on the server's terminal
+    if not args.job:  # (a job's kernel, our child, must not inherit this)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C on the server's terminal
     keeper = Keeper(Path(args.record), args.address, args.max_messages, args.max_bytes,
-                    args.grace)
+                    args.grace, first_seq=time.time_ns() // 1000)
     try:
+        if args.job:
+            return keeper.run_job(args.command, args.connection_file, args.address_file,
+                                  args.record_timeout)
         return keeper.run()
     finally:
         keeper.close()

@@ -17,13 +17,22 @@ container provisioner) is
   outside the server that keeps the kernel's last IOPub messages, numbered,
   for the websocket connection to replay.
 
+A kernel the provisioner runs as a Slurm job of its own (launcher
+``sbatch``) has its keeper inside that job, on the kernel's node, listening
+on TCP (:mod:`session_proxy.kernel_keeper`, ``--job``): kernel and keeper
+then outlive the server's own job. The record, the acknowledgement files
+and the connection file live under $HOME, which the nodes share. A
+restart of such a kernel is a new job, maybe on another node: its
+websockets are closed, and clients reconnect to the new one.
+
 A server starting with the same state directory re-adopts every recorded
 kernel that still runs, under its kernel id (and drops the records of the
 dead ones) before it serves its first request. A kernel shut down on
 purpose loses its record, and its keeper exits. A server that dies leaves
-its kernels running; one stopped politely (SIGTERM, as the hub stops a
-server its user asked to stop) shuts them down, unless
-``keep_kernels_on_shutdown``.
+its kernels running; one stopped politely (SIGINT or SIGTERM, as the hub
+stops a server its user asked to stop) shuts them down, unless
+``keep_kernels_on_shutdown``, or ``keep_kernels_on_sigterm`` and the
+signal was SIGTERM (under Slurm, the end of the server's job).
 """
 from __future__ import annotations
 
@@ -35,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -48,14 +58,21 @@ from jupyter_server.services.kernels.kernelmanager import (
 )
 from traitlets import Bool, Float, Integer, Unicode, default
 
+from session_proxy.kernel_connection import close_connections
+from session_proxy.kernel_keeper import sign
 from session_proxy.kernel_records import KernelRecords
 
 
 def can_reattach(provisioner: Any) -> bool:
-    """Whether a new server could take this kernel over by its PID (the
-    chspawner provisioner can; jupyter_client's LocalProvisioner can't)."""
+    """Whether a new server could take this kernel over by its PID or job
+    (the chspawner provisioner can; jupyter_client's LocalProvisioner can't)."""
     from chspawner.provisioner import ContainerProvisioner
     return isinstance(provisioner, ContainerProvisioner)
+
+
+def in_job(provisioner: Any) -> bool:
+    """Whether the kernel runs in a Slurm job of its own (its keeper too)."""
+    return bool(getattr(provisioner, "sbatch", False))
 
 
 class PersistentServerKernelManager(ServerKernelManager):
@@ -64,6 +81,26 @@ class PersistentServerKernelManager(ServerKernelManager):
 
     keeper_address = Unicode("", help="The kernel's keeper, when it has one.")
     acks_dir = Unicode("", help="Where its connections record what they delivered.")
+    #: The kernel moved (a job kernel restarted): websockets must start afresh.
+    moved = False
+
+    def keeper_sign(self, frames: list[bytes]) -> bytes:
+        """A keeper request's signature (see session_proxy.kernel_keeper)."""
+        return sign(self.session.key, frames)
+
+    def kernel_job_wrapper(self, staging: Path) -> list[str]:
+        """For a kernel in a job of its own: the keeper, which starts it
+        inside the job (see session_proxy.kernel_keeper, --job)."""
+        parent = self.parent
+        if not hasattr(parent, "records"):
+            return []
+        return [sys.executable, "-m", "session_proxy.kernel_keeper", "--job",
+                "--record", str(parent.records.path(self.kernel_id)),
+                "--connection-file", str(staging / "kernel.json"),
+                "--address-file", str(staging / "keeper"),
+                "--max-messages", str(parent.buffer_messages),
+                "--max-bytes", str(parent.buffer_bytes),
+                "--record-timeout", str(parent.keeper_record_timeout), "--"]
 
     async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
         if not can_reattach(self.provisioner) or not hasattr(self.parent, "records"):
@@ -128,6 +165,22 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         help="Seconds to wait for a new keeper to receive the kernel's IOPub.",
     ).tag(config=True)
 
+    keeper_record_timeout = Float(
+        300.0,
+        help="Seconds the keeper of a kernel in a job of its own waits for the "
+             "kernel's record; a kernel never recorded (its server died while it "
+             "started) is ended, since no server would ever adopt it.",
+    ).tag(config=True)
+
+    keep_kernels_on_sigterm = Bool(
+        False,
+        help="Leave recorded kernels running when the server is stopped by "
+             "SIGTERM (under Slurm, the end of the server's job: a cancel, its "
+             "time limit, a preemption), for the next server. SIGINT (how the "
+             "hub stops a server on request) still shuts them down. "
+             "SlurmChSpawner sets it with kernel_jobs.",
+    ).tag(config=True)
+
     @default("kernel_manager_class")
     def _default_kernel_manager_class(self) -> str:
         return "session_proxy.kernel_manager.PersistentServerKernelManager"
@@ -136,6 +189,8 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         super().__init__(**kwargs)
         self.records = KernelRecords(self.state_dir)
         self.records.ensure()
+        self.stop_signal: int | None = None
+        self._note_stop_signal()
         self._stop_politely_on_sigint()
         self._run_on_server_loop(self.adopt_recorded_kernels())
 
@@ -150,6 +205,21 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         if stop is not None and threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, stop)
+
+    def _note_stop_signal(self) -> None:
+        """Remember which signal stops the server (see shutdown_all): the
+        server's own stop handler, which it installs for SIGTERM later,
+        is wrapped in place."""
+        parent = self.parent
+        stop = getattr(parent, "_signal_stop", None)
+        if stop is None:
+            return
+
+        def signal_stop(sig, frame):
+            if self.stop_signal is None:  # the first says why (a later one may be a stop)
+                self.stop_signal = sig
+            stop(sig, frame)
+        parent._signal_stop = signal_stop
 
     def _run_on_server_loop(self, coro) -> Any:
         """Run ``coro`` to completion now, before the server serves: on the
@@ -172,6 +242,11 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         if not can_reattach(km.provisioner):
             return
         kernel_id = km.kernel_id
+        provisioner_info = await km.provisioner.get_provisioner_info()
+        if in_job(km.provisioner):
+            keeper = await self._job_keeper_address(km, Path(provisioner_info["staging"]))
+        else:
+            keeper = self.records.keeper_address(kernel_id)
         record = {
             "kernel_id": kernel_id,
             "kernel_name": km.kernel_name,
@@ -180,18 +255,39 @@ class PersistentKernelManager(AsyncMappingKernelManager):
             "kernel_spec": {**km.kernel_spec.to_dict(),
                             "resource_dir": km.kernel_spec.resource_dir},
             "connection_info": km.get_connection_info(),
-            "provisioner_info": await km.provisioner.get_provisioner_info(),
+            "provisioner_info": provisioner_info,
             "cwd": str(km._launch_args.get("cwd") or ""),
-            "keeper": self.records.keeper_address(kernel_id),
+            "keeper": keeper,
             "recorded": time.time(),
         }
         self.records.write(kernel_id, record)
-        km.keeper_address = record["keeper"]
+        if km.keeper_address and km.keeper_address != keeper:
+            # A restart moved it (a new job): its open websockets follow a
+            # keeper that is gone and talk to the old node.
+            km.moved = True
+            close_connections(kernel_id, "the kernel restarted elsewhere")
+        km.keeper_address = keeper
         km.acks_dir = str(self.records.acks_dir(kernel_id))
-        info = await keeper_info(km.keeper_address, timeout=0.5)
-        if info is None:
+        info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key)
+        if info is None and not in_job(km.provisioner):
             self._start_keeper(kernel_id)
         await self._wait_keeper_hears(km, info["last_seq"] if info else 0)
+
+    async def _job_keeper_address(self, km: PersistentServerKernelManager,
+                                  staging: Path) -> str:
+        """Where the keeper in the kernel's job listens: it writes its port
+        beside the connection file once it follows the kernel."""
+        deadline = time.monotonic() + self.keeper_ready_timeout
+        while True:
+            try:
+                port = json.loads((staging / "keeper").read_text())["port"]
+                return f"tcp://{km.provisioner.ip}:{port}"
+            except (OSError, ValueError, KeyError):
+                pass  # not written yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the keeper in kernel {km.kernel_id}'s job did not "
+                                   f"start within {self.keeper_ready_timeout:.0f} s")
+            await asyncio.sleep(0.05)  # a polling interval: nothing signals the write
 
     def _start_keeper(self, kernel_id: str) -> None:
         with open(self.records.log_path(kernel_id, "keeper"), "ab") as log:
@@ -217,7 +313,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         try:
             while time.monotonic() < deadline:
                 km.session.send(control, "kernel_info_request")
-                info = await keeper_info(km.keeper_address, timeout=0.5)
+                info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key)
                 if info and info["last_seq"] > seen:
                     return
                 await asyncio.sleep(0.1)  # a polling interval, not a wait for something
@@ -225,6 +321,15 @@ class PersistentKernelManager(AsyncMappingKernelManager):
                              "output may not be kept", km.kernel_id, self.keeper_ready_timeout)
         finally:
             control.close(linger=0)
+
+    def _get_changed_ports(self, kernel_id: str):
+        """A kernel that moved counts as one whose ports changed: a session
+        reconnecting gets fresh streams, not the ones it had buffered."""
+        km = self.get_kernel(kernel_id)
+        if getattr(km, "moved", False):
+            km.moved = False
+            return list(km.ports)
+        return super()._get_changed_ports(kernel_id)
 
     def remove_kernel(self, kernel_id: str):
         # Called once a kernel is gone for good from this server: shut down
@@ -270,7 +375,12 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         km.provisioner = KernelProvisionerFactory.instance(parent=self).create_provisioner_instance(
             kernel_id, km.kernel_spec, parent=km)
         await km.provisioner.load_provisioner_info(provisioner_info)
-        if await km.provisioner.poll() is not None:
+        if in_job(km.provisioner):
+            # Asked plainly: a Slurm that can't answer (not reachable, or
+            # not this host's) leaves the record for a server that can ask.
+            if await km.provisioner.job_state() not in ("RUNNING", "SUSPENDED"):
+                return False
+        elif await km.provisioner.poll() is not None:
             return False
         # What a restart needs: same working directory, ports kept.
         km._launch_args = {"cwd": record.get("cwd") or None}
@@ -286,9 +396,12 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         km.keeper_address = record.get("keeper") or self.records.keeper_address(kernel_id)
         km.acks_dir = str(self.records.acks_dir(kernel_id))
 
-        info = await keeper_info(km.keeper_address, timeout=1.0)
+        info = await keeper_info(km.keeper_address, timeout=1.0, key=km.session.key)
         if info is None:  # keeper gone: start one (what the gap held is lost)
-            self.log.warning("chspawner: kernel %s had no keeper; starting one", kernel_id)
+            self.log.warning("chspawner: kernel %s had no keeper; starting one here",
+                             kernel_id)
+            km.keeper_address = record["keeper"] = self.records.keeper_address(kernel_id)
+            self.records.write(kernel_id, record)
             self._start_keeper(kernel_id)
             await self._wait_keeper_hears(km, 0)
         self._kernels[kernel_id] = km
@@ -331,10 +444,13 @@ class PersistentKernelManager(AsyncMappingKernelManager):
     # ------------------------------------------------------- shutdown ---
 
     async def shutdown_all(self, now: bool = False) -> None:
-        """On server shutdown: with ``keep_kernels_on_shutdown``, let go of
+        """On server shutdown: with ``keep_kernels_on_shutdown`` (or
+        ``keep_kernels_on_sigterm``, stopped by SIGTERM), let go of
         the recorded kernels (they keep running, for the next server) and
         shut down only the others."""
-        if not self.keep_kernels_on_shutdown:
+        keep = self.keep_kernels_on_shutdown or (
+            self.keep_kernels_on_sigterm and self.stop_signal == signal.SIGTERM)
+        if not keep:
             return await super().shutdown_all(now=now)
         kept = [kid for kid in self.list_kernel_ids() if self.records.path(kid).exists()]
         for kernel_id in kept:
@@ -359,8 +475,9 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         self._kernel_ports.pop(kernel_id, None)
 
 
-async def keeper_info(address: str, timeout: float = 1.0) -> dict | None:
-    """A keeper's state, or None if nothing answers at ``address`` in time."""
+async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"") -> dict | None:
+    """A keeper's state, or None if nothing answers at ``address`` in time
+    (the request signed with the kernel's ``key``)."""
     path = address.removeprefix("ipc://")
     if address.startswith("ipc://") and not os.path.exists(path):
         return None
@@ -369,7 +486,7 @@ async def keeper_info(address: str, timeout: float = 1.0) -> dict | None:
     sock.linger = 0
     try:
         sock.connect(address)
-        await sock.send_multipart([b"info"])
+        await sock.send_multipart([b"info", sign(key, [b"info"])])
         if not await sock.poll(int(timeout * 1000)):
             return None
         frames = await sock.recv_multipart()

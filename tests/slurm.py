@@ -505,6 +505,14 @@ class Slurm:
         out = self.run("sbatch", "--parsable", *sbatch_args, user=user).stdout
         return int(out.strip().split(";")[0])  # "ID" or "ID;cluster"
 
+    def jobs(self, user: str, name_prefix: str = "") -> dict[str, str]:
+        """{job id: state (squeue's long name)} of the user's jobs whose
+        names start with name_prefix."""
+        out = self.run("squeue", "-h", "-u", user, "-o", "%i %T %j").stdout
+        return {job: state for job, state, name in
+                (line.split(" ", 2) for line in out.splitlines())
+                if name.startswith(name_prefix)}
+
     def node_state(self) -> str:
         """sinfo's state of the node (idle, mixed, allocated, down*, ...)."""
         result = self.run("sinfo", "--noheader", f"--nodes={self.node}",

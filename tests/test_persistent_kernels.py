@@ -42,8 +42,10 @@ class Servers:
     """Successive jupyter_servers as the test user, sharing one state
     directory (as a server and its replacement do)."""
 
-    def __init__(self, user, user_dir: Path, store: str, extra: list[str]):
+    def __init__(self, user, user_dir: Path, store: str, extra: list[str],
+                 env: dict[str, str] | None = None):
         self.user, self.user_dir, self.store, self.extra = user, user_dir, store, extra
+        self.env = env or {}
         self.token = secrets.token_hex(16)
         self.mark = uuid.uuid4().hex  # finds every process these servers started
         self.state_dir = user_dir / "state"
@@ -61,7 +63,7 @@ class Servers:
         log = open(self.user_dir / f"server-{self.count}.log", "wb")
         self.proc = subprocess.Popen(
             [str(AS_USER), self.user.pw_name, "env", f"TMPDIR={self.user_dir}",
-             f"CHSPAWNER_TEST_MARK={self.mark}",
+             f"CHSPAWNER_TEST_MARK={self.mark}", *[f"{k}={v}" for k, v in self.env.items()],
              str(VENV_BIN / "jupyter-server"), "--no-browser", f"--port={port}",
              "--ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
              f"--ServerApp.root_dir={self.user_dir}",
@@ -96,6 +98,23 @@ class Servers:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def close(self) -> None:
+        """Shut every kernel down on purpose (a server that stops would
+        leave them running), stop the server, and fail if a process it
+        started is left."""
+        try:
+            if self.proc and self.proc.poll() is None:
+                asyncio.run(shutdown_all(self))
+        finally:
+            self.stop()
+            # Keepers notice their record is gone within a second.
+            deadline = time.monotonic() + 10
+            while (leftovers := self.marked()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for pid in leftovers:
+                os.kill(pid, signal.SIGKILL)
+            assert not leftovers, f"processes left running: {leftovers}"
 
     def records(self) -> dict[str, dict]:
         if not self.state_dir.is_dir():
@@ -139,19 +158,7 @@ def servers(request, user, user_dir, kernel_store):
     marker = request.node.get_closest_marker("server_args")
     s = Servers(user, user_dir, kernel_store, list(marker.args) if marker else [])
     yield s
-    # Shut every kernel down on purpose (the server would leave them running).
-    try:
-        if s.proc and s.proc.poll() is None:
-            asyncio.run(shutdown_all(s))
-    finally:
-        s.stop()
-        # Keepers notice their record is gone within a second.
-        deadline = time.monotonic() + 10
-        while (leftovers := s.marked()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        assert not leftovers, f"processes left running: {leftovers}"
+    s.close()
 
 
 async def shutdown_all(s: Servers) -> None:

@@ -219,15 +219,21 @@ async def reconnect(http: aiohttp.ClientSession, url: str, deadline_s: float = 6
             await asyncio.sleep(0.2)  # (a client's retry pace, not a wait for an event)
 
 
-@pytest.mark.parametrize("browser", ["connected", "away for the whole gap"])
-def test_kernel_output_survives_losing_the_server(managed_hub, browser):
+@pytest.mark.parametrize("which, browser", [("local", "connected"),
+                                             ("local", "away for the whole gap"),
+                                             ("slurm", "connected")])
+def test_kernel_output_survives_losing_the_server(request, which, browser, slurm):
     """The whole of L1 + L2 through the hub: a cell prints 1..N over 20 s;
-    the server is killed mid-way; the manager brings the session back at
-    the same URL, the new server takes the kernel over, and the client,
-    reconnecting with its session id, gets every number exactly once --
-    also when it left before the kill and comes back only once the session
-    is back (all that was printed meanwhile waits in the kernel's keeper)."""
-    hub = managed_hub
+    the server is killed (local) or its job cancelled (Slurm) mid-way; the
+    manager brings the session back at the same URL, the new server takes
+    the kernel over, and the client, reconnecting with its session id, gets
+    every number exactly once -- also when it left before the kill and
+    comes back only once the session is back (all that was printed
+    meanwhile waits in the kernel's keeper). On Slurm the kernel runs in a
+    job of its own, which the cancel leaves alone, and which stopping the
+    server on purpose ends."""
+    hub = request.getfixturevalue("managed_hub" if which == "local"
+                                  else "managed_slurm_hub")
     away = browser != "connected"
     result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
 
@@ -237,7 +243,12 @@ def test_kernel_output_survives_losing_the_server(managed_hub, browser):
             await read(ws, t, lambda t: len(t.numbers) >= 3)
             if away:
                 await ws.close()
-            os.kill((await server_state(hub))["pid"], signal.SIGKILL)
+            state = await server_state(hub)
+            if which == "local":
+                os.kill(state["pid"], signal.SIGKILL)
+            else:
+                kernel_jobs.update(await asyncio.to_thread(user_kernel_jobs, slurm, hub))
+                await asyncio.to_thread(slurm.run, "scancel", state["job_id"])
             await read(ws, t, lambda t: False)  # what was on its way, till it closes
             assert len(t.numbers) < N
             if away:
@@ -246,9 +257,12 @@ def test_kernel_output_survives_losing_the_server(managed_hub, browser):
             ws = await reconnect(http, url)
             await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
             await ws.close()
+            if which == "slurm":  # the same kernel job throughout
+                assert await asyncio.to_thread(user_kernel_jobs, slurm, hub) == kernel_jobs
             async with http.delete(f"{kernels_url(hub)}/{kernel}") as r:
                 assert r.status == 204
             return t
+    kernel_jobs: dict[str, str] = {}
     try:
         assert result.get("ready"), result
         wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
@@ -256,8 +270,23 @@ def test_kernel_output_survives_losing_the_server(managed_hub, browser):
         assert t.numbers == list(range(1, N + 1)), t.numbers
         assert t.reply and t.stderr == []
         assert history(hub)[-3:] == ["lost", "recovering", "recovered"]
+        if which == "slurm":
+            assert list(kernel_jobs.values()) == ["RUNNING"]
+            # Stopping the server on purpose ends the kernel jobs it holds.
+            async def kernel_left_running() -> None:
+                async with hub.session() as http:
+                    await start_kernel(http, hub)
+            asyncio.run(kernel_left_running())
+            assert len(user_kernel_jobs(slurm, hub)) == 1
+            asyncio.run(stop_server(hub))
+            wait_until(lambda: not user_kernel_jobs(slurm, hub), "the kernel job to end", 30)
     finally:
         asyncio.run(stop_server(hub))
+
+
+def user_kernel_jobs(slurm, hub: Hub) -> dict[str, str]:
+    """{job id: state} of the hub user's kernel jobs."""
+    return slurm.jobs(hub.user, "chspawner-kernel-")
 
 
 def test_output_survives_a_hub_restart_that_restarts_its_proxy(managed_hub):

@@ -405,6 +405,12 @@ def test_hub_restart_reattaches_and_lost_servers_are_noticed(request, which, slu
         wait_until(lambda: not asyncio.run(user_server(hub)), "the hub to notice")
     finally:
         asyncio.run(stop_server(hub))
+        if which == "slurm":
+            # The kernel's job outlived the lost server, for a successor to
+            # take over (test_session_manager has one); none comes here.
+            left = slurm.jobs(hub.user, "chspawner-kernel-")
+            if left:
+                slurm.run("scancel", *left)
 
 
 def test_slurm_controller_outage_never_drops_a_running_server(slurm_hub, slurm):
