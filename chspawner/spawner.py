@@ -452,10 +452,21 @@ class SlurmChSpawner(ChSpawner):
                 options[key] = int(value) if value.isdigit() else value
         return options
 
+    def kernels_in_jobs(self) -> bool:
+        return self.mode == "kernels" and self.persistent_kernels and self.kernel_jobs
+
+    def server_request(self) -> dict:
+        """What the server's own job asks for: the user's request; or, when
+        kernels run in jobs of their own (which get the user's request),
+        what a Jupyter server needs: 1 CPU, at most 2 GB, no GPU."""
+        r = self.request or self.default_request()
+        if self.kernels_in_jobs():
+            return {**r, "cpus": 1, "mem_gb": min(r["mem_gb"], 2), "gpus": 0}
+        return r
+
     def get_args(self) -> list[str]:
         args = super().get_args()
-        if self.mode == "kernels" and self.persistent_kernels and self.kernel_jobs \
-                and not getattr(self, "_args_in_cmd", False):
+        if self.kernels_in_jobs() and not getattr(self, "_args_in_cmd", False):
             config = {"launcher": "sbatch", "sbatch_args": [
                 *self._resource_args(self.request or self.default_request()),
                 *self.kernel_sbatch_args]}
@@ -503,9 +514,8 @@ class SlurmChSpawner(ChSpawner):
             self.port = random_port()
         command = (self.container_argv() if self.mode == "server"
                    else [*self.cmd, *self.get_args()])
-        r = self.request or self.default_request()
         sbatch = ["sbatch", "--parsable", f"--job-name=jupyterhub-{self.user.name}",
-                  *self._resource_args(r), "--export=ALL",
+                  *self._resource_args(self.server_request()), "--export=ALL",
                   f"--chdir={self._home_dir()}", "--output=/dev/null"]
         # The command travels as the wrap's arguments, quoted once, here.
         sbatch.append("--wrap=exec " + " ".join(shlex.quote(a) for a in command))

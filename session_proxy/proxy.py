@@ -36,8 +36,9 @@ CHUNK = 128 * 1024
 UNLIMITED = 1 << 62
 # Per-connection headers (RFC 9110 7.6.1), never forwarded as they are.
 # Expect goes too: tornado answers "100 Continue" to the client itself.
-HOP_BY_HOP = ("Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer",
-              "Transfer-Encoding", "Upgrade", "Expect")
+# Spelled as tornado's HTTPHeaders keys them ("TE" is "Te").
+HOP_BY_HOP = frozenset({"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer",
+                        "Transfer-Encoding", "Upgrade", "Expect"})
 UNSUPPORTED_FLAGS = {
     "--ssl-": "TLS is not supported: terminate TLS in front of the proxy",
     "--api-ssl-": "TLS on the API is not supported: keep the API on localhost",
@@ -91,7 +92,8 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         self.start_line = start_line
         try:
             parts = segments(start_line.path)
-            await self.proxy.holds.wait(parts)
+            if self.proxy.holds.holds:  # (no await at all in the common case)
+                await self.proxy.holds.wait(parts)
         except BadPath as error:
             return await self.answer(400, str(error))
         except HoldExpired as error:
@@ -112,6 +114,8 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         if body:
             await self.start_streaming(request, headers)
         else:
+            # Not awaited here: an answer finished before tornado has read
+            # the whole request makes it close the connection after it.
             self.keep(asyncio.ensure_future(self.exchange(request, headers)))
 
     def data_received(self, chunk: bytes) -> "asyncio.Future[None] | None":
@@ -143,10 +147,7 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         """The client's headers, Host kept (as configurable-http-proxy's
         default, no changeOrigin), less hop-by-hop ones, plus X-Forwarded-*."""
         upgrade = headers.get("Upgrade", "")
-        named = [n.strip() for n in headers.get("Connection", "").split(",")]
-        for name in (*HOP_BY_HOP, *named):
-            if name:
-                headers.pop(name, None)
+        strip_hop_by_hop(headers)
         if websocket:
             headers["Connection"], headers["Upgrade"] = "Upgrade", upgrade
         host = headers.get("Host")
@@ -340,10 +341,7 @@ class ResponseRelay(httputil.HTTPMessageDelegate):
             return None  # an interim answer: tornado reads on to the real one
         self.started = True
         self.keep_alive = reusable(start_line, headers, self.request.start_line.method)
-        named = [n.strip() for n in headers.get("Connection", "").split(",")]
-        for name in (*HOP_BY_HOP, *named):
-            if name:
-                headers.pop(name, None)
+        strip_hop_by_hop(headers)
         start = httputil.ResponseStartLine("HTTP/1.1", start_line.code, start_line.reason)
         if "Content-Length" in headers:
             self.head = start, headers
@@ -363,6 +361,21 @@ class ResponseRelay(httputil.HTTPMessageDelegate):
             (start, headers), self.head = self.head, None
             self.request.conn.write_headers(start, headers)
         self.request.conn.finish()
+
+
+def strip_hop_by_hop(headers: httputil.HTTPHeaders) -> None:
+    """Remove the per-connection headers, and those Connection names (a
+    scan of the few headers there are, not a failed lookup per name)."""
+    drop = HOP_BY_HOP
+    if "Connection" in headers:
+        drop = drop | {header_key(name) for name in headers["Connection"].split(",")}
+    for name in [name for name in headers if name in drop]:
+        del headers[name]
+
+
+def header_key(name: str) -> str:
+    """A header name as HTTPHeaders keys it: `` keep-ALIVE`` -> ``Keep-Alive``."""
+    return "-".join(word.capitalize() for word in name.strip().split("-"))
 
 
 def has_body(headers: httputil.HTTPHeaders) -> bool:

@@ -303,8 +303,10 @@ def slurm_hub(user, kernel_store, slurm):
 
 
 def test_slurm_kernels_mode_spawn(slurm_hub, slurm, user):
+    """The server's job is small; the user's request goes to each kernel,
+    a job of its own; stopping the server ends both."""
     result = asyncio.run(spawn(slurm_hub, {"image": "deb", "mode": "kernels",
-                                           "cpus": 1, "hours": 1}))
+                                           "cpus": 2, "hours": 1}))
     try:
         assert result["status"] in (201, 202), result["reply"]
         assert result.get("ready"), (result["events"], slurm_hub.log()[-3000:])
@@ -313,8 +315,14 @@ def test_slurm_kernels_mode_spawn(slurm_hub, slurm, user):
         assert any(f"server responding on {slurm.node}" in e for e in result["events"])
         assert asyncio.run(kernel_in_server(slurm_hub)) == \
             ("ok", "chspawner test image: Debian bookworm\n", None)
+        [server_job] = slurm.jobs(user.pw_name, "jupyterhub-")
+        [kernel_job] = slurm.jobs(user.pw_name, "chspawner-kernel-")
+        assert slurm.job_info(int(server_job))["NumCPUs"] == "1"
+        assert slurm.job_info(int(kernel_job))["NumCPUs"] == "2"
     finally:
         asyncio.run(stop_server(slurm_hub))
+    wait_until(lambda: not slurm.jobs(user.pw_name, "chspawner-kernel-"),
+               "the kernel's job to end with its server")
     # Stopping the server cancelled its job: it leaves the queue.
     deadline = time.monotonic() + 60
     while slurm.run("squeue", "-h", "-u", user.pw_name, "-n",
