@@ -170,7 +170,7 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         connection the backend closed just before we used it is retried
         once on a new one, which is safe as nothing reached the backend."""
         for attempt in range(2):
-            if (opened := await self.open_backend()) is None:
+            if (opened := await self.open_backend(fresh=attempt > 0)) is None:
                 return
             stream, reused = opened
             backend = self.backend = HTTP1Connection(stream, True, self.proxy.backend_params)

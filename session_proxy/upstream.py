@@ -41,9 +41,9 @@ class Upstreams:
         idle = self.idle.get((target.host, target.port))
         while idle:
             stream = idle.pop()
-            stream.set_close_callback(None)
-            if not stream.closed():
+            if _still_open(stream):
                 return stream, True
+            stream.close()
         return await self.connect(target), False
 
     async def connect(self, target: Target) -> IOStream:
@@ -64,18 +64,26 @@ class Upstreams:
         return stream
 
     def put(self, target: Target, stream: IOStream) -> None:
-        """Keep ``stream`` for the next request to ``target``; the close
-        callback makes tornado watch it, so one the backend closes while
-        idle is dropped instead of handed out."""
-        key = (target.host, target.port)
-        idle = self.idle.setdefault(key, [])
+        """Keep ``stream`` for the next request to ``target``. Idle ones
+        are not watched (that would cost two changes to the event loop's
+        interest list per request); get() checks one before handing it out."""
+        idle = self.idle.setdefault((target.host, target.port), [])
         if stream.closed() or len(idle) >= self.max_idle:
             stream.close()
             return
         idle.append(stream)
-        stream.set_close_callback(lambda: self._discard(key, stream))
 
-    def _discard(self, key: Key, stream: IOStream) -> None:
-        idle = self.idle.get(key, [])
-        if stream in idle:
-            idle.remove(stream)
+
+def _still_open(stream: IOStream) -> bool:
+    """Whether an idle connection is still open: a peek that finds nothing
+    to read. End of stream means the backend closed it while idle; bytes
+    from an idle backend mean it is not in a state to reuse either."""
+    if stream.closed():
+        return False
+    try:
+        stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False

@@ -285,6 +285,39 @@ def test_x_forwarded_headers_and_host_kept(proxy):
     assert seen["X-Forwarded-Host"] == f"127.0.0.1:{proxy.port}"
 
 
+def test_connections_the_backend_closed_while_idle_are_not_reused(proxy):
+    """A backend that ends every kept-alive connection once it is idle (as
+    any backend does after its keep-alive timeout): the proxy's next
+    requests, one with a body (which can't be retried), still go through."""
+    closed = []
+
+    async def answer_then_close(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # kept alive by its headers, closed all the same
+        closed.append(True)
+
+    async def scenario():
+        server = await asyncio.start_server(answer_then_close, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        await proxy.route("/idle", f"http://127.0.0.1:{port}")
+        async with aiohttp.ClientSession() as http:
+            async def fetch(method: str, **kwargs) -> int:
+                async with http.request(method, f"{proxy.url}/idle/x", **kwargs) as r:
+                    return r.status
+            first = await asyncio.gather(*(fetch("GET") for _ in range(8)))
+            async with asyncio.timeout(10):
+                while len(closed) < 8:  # all eight pooled connections are now dead
+                    await asyncio.sleep(0.01)
+            then = [await fetch("POST", data=b"body"), await fetch("GET")]
+        server.close()
+        return first, then
+
+    first, then = asyncio.run(scenario())
+    assert first == [200] * 8 and then == [200, 200], (first, then)
+
+
 def test_default_target_and_error_target():
     async def scenario():
         async with backend("default") as default, backend("errors") as errors:
