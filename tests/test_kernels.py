@@ -210,11 +210,13 @@ SRUN_DRIVER = textwrap.dedent('''
 ''')
 
 
-def test_srun_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm):
+@pytest.mark.parametrize("launcher", ["srun", "sbatch"])
+def test_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm, launcher):
+    """A job step of srun, or a batch job of its own: the same kernel."""
     prefix = user_dir / "prefix"
     as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
-            "--prefix", str(prefix), "--launcher", "srun",
-            f"--srun-arg=--partition={slurm.partition}", "--name", "onnode", "deb")
+            "--prefix", str(prefix), "--launcher", launcher,
+            f"--{launcher}-arg=--partition={slurm.partition}", "--name", "onnode", "deb")
     script = user_dir / "srun_driver.py"
     script.write_text(SRUN_DRIVER)
     os.chmod(script, 0o644)
