@@ -234,7 +234,12 @@ class ContainerProvisioner(LocalProvisioner):
             await self._submit(cmd, **kwargs)
         else:
             await super().launch_kernel(cmd, **kwargs)
-        info = await self._read_back_ports()
+        try:
+            info = await self._read_back_ports()
+        except BaseException:
+            if self.job_id:  # still queued, say: nobody would ever use it
+                await self._cancel_job()
+            raise
         self.connection_info.update({p: info[p] for p in PORTS})
         if self.on_node:
             node = (self._staging / "host").read_text().strip()

@@ -29,7 +29,10 @@ async def slurm_command(*argv: str, env: Mapping[str, str] | None = None,
         raise SlurmError(f"{argv[0]}: {e.strerror}") from None
     out, err = await process.communicate()
     if process.returncode != 0:
-        raise SlurmError(f"{argv[0]}: {err.decode(errors='replace').strip()[-300:]}")
+        # One line: Slurm's clients say "sbatch: error: ..." on several.
+        lines = [line.strip().removeprefix(f"{argv[0]}: ")
+                 for line in err.decode(errors="replace").splitlines() if line.strip()]
+        raise SlurmError(f"{argv[0]}: {'; '.join(lines)[-300:] or 'failed'}")
     return out.decode()
 
 

@@ -189,3 +189,19 @@ def kernel_store(user, bookworm, busybox):
     tarball.unlink()
     yield str(store)
     remove_tree(work)
+
+
+@pytest.fixture
+def drained(slurm):
+    """The node takes no new jobs until the test calls the fixture's value
+    (or ends): jobs queue."""
+    slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=drain",
+              "reason=chspawner-test")
+    resumed = []
+
+    def resume() -> None:
+        if not resumed:
+            slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=resume")
+            resumed.append(True)
+    yield resume
+    resume()

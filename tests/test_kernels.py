@@ -237,6 +237,51 @@ def test_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm, launcher)
     assert "chspawner-kernel" not in left
 
 
+START_ONLY = textwrap.dedent('''
+    import sys
+    from jupyter_client.manager import KernelManager
+    km = KernelManager(kernel_name=sys.argv[1])
+    try:
+        km.start_kernel()
+    except Exception as e:
+        print(f"failed: {e}")
+    else:
+        km.shutdown_kernel(now=True)
+        print("started")
+''')
+
+
+@pytest.mark.parametrize("case", ["no such partition", "queued past launch_timeout"])
+def test_a_kernel_job_that_cannot_start_fails_and_leaves_no_job(
+        request, user, user_dir, kernel_store, slurm, case):
+    partition = "nosuch" if case == "no such partition" else slurm.partition
+    if case != "no such partition":
+        request.getfixturevalue("drained")  # the job waits in the queue
+    prefix = user_dir / "prefix"
+    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+            "--prefix", str(prefix), "--launcher", "sbatch",
+            f"--sbatch-arg=--partition={partition}", "--name", "queued", "deb")
+    spec_file = prefix / "share/jupyter/kernels/queued/kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["launch_timeout"] = 3
+    spec_file.write_text(json.dumps(spec))
+    script = user_dir / "start_only.py"
+    script.write_text(START_ONLY)
+    os.chmod(script, 0o644)
+    result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
+                     *[f"{k}={v}" for k, v in slurm.env.items()],
+                     str(VENV_BIN / "python"), str(script), "queued",
+                     check=False, timeout=120)
+    last = result.stdout.strip().splitlines()[-1]
+    if case == "no such partition":
+        assert last.startswith("failed: can't submit the kernel's job: sbatch: error: "), last
+        assert "Invalid partition name" in last, last
+    else:
+        assert last == ("failed: kernel in image deb did not bind its ports within 3 s "
+                        "(provisioner config 'launch_timeout')"), last
+    assert not slurm.jobs(user.pw_name, "chspawner-kernel-")
+
+
 REATTACH = textwrap.dedent('''
     import asyncio, json, signal, sys
     from jupyter_client.manager import KernelManager

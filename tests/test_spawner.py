@@ -459,22 +459,6 @@ def test_slurm_job_failing_before_the_server_answers_ends_the_spawn(broken_slurm
         result["events"]
 
 
-@pytest.fixture
-def drained(slurm):
-    """The node takes no new jobs until the test calls the fixture's value
-    (or ends): jobs queue."""
-    slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=drain",
-              "reason=chspawner-test")
-    resumed = []
-
-    def resume() -> None:
-        if not resumed:
-            slurm.run("scontrol", "update", f"nodename={slurm.node}", "state=resume")
-            resumed.append(True)
-    yield resume
-    resume()
-
-
 async def spawn_until(hub: Hub, options: dict, word: str) -> list[str]:
     """Start a spawn and follow its progress until a message has ``word``."""
     api = f"{hub.url}/hub/api/users/{hub.user}"
