@@ -174,6 +174,29 @@ def test_kernel_install_writes_a_provisioned_kernelspec(user, user_dir, kernel_s
 
 # -------------------------------------------------- compute-node kernels ----
 
+def drive_node_kernel(user, user_dir, kernel_store, slurm, name: str, install: list[str],
+                      driver: str, timeout: float = 600, spec_config: dict | None = None):
+    """Install kernelspec ``name`` with ``install`` options (plus
+    ``spec_config`` in its provisioner config), then run the Python
+    ``driver`` (its argv[1]: the kernelspec's name) as the test user
+    against the test cluster; its completed process."""
+    prefix = user_dir / "prefix"
+    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+            "--prefix", str(prefix), *install, "--name", name, "deb")
+    if spec_config:
+        spec_file = prefix / "share/jupyter/kernels" / name / "kernel.json"
+        spec = json.loads(spec_file.read_text())
+        spec["metadata"]["kernel_provisioner"]["config"].update(spec_config)
+        spec_file.write_text(json.dumps(spec))
+    script = user_dir / f"{name}_driver.py"
+    script.write_text(driver)
+    os.chmod(script, 0o644)
+    return as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
+                   *[f"{k}={v}" for k, v in slurm.env.items()],
+                   str(VENV_BIN / "python"), str(script), name, check=False,
+                   timeout=timeout)
+
+
 SRUN_DRIVER = textwrap.dedent('''
     import json, os, subprocess, sys, time
     from jupyter_client.manager import KernelManager
@@ -213,17 +236,10 @@ SRUN_DRIVER = textwrap.dedent('''
 @pytest.mark.parametrize("launcher", ["srun", "sbatch"])
 def test_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm, launcher):
     """A job step of srun, or a batch job of its own: the same kernel."""
-    prefix = user_dir / "prefix"
-    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
-            "--prefix", str(prefix), "--launcher", launcher,
-            f"--{launcher}-arg=--partition={slurm.partition}", "--name", "onnode", "deb")
-    script = user_dir / "srun_driver.py"
-    script.write_text(SRUN_DRIVER)
-    os.chmod(script, 0o644)
-    result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
-                     *[f"{k}={v}" for k, v in slurm.env.items()],
-                     str(VENV_BIN / "python"), str(script), "onnode",
-                     check=False, timeout=600)
+    result = drive_node_kernel(
+        user, user_dir, kernel_store, slurm, "onnode",
+        ["--launcher", launcher, f"--{launcher}-arg=--partition={slurm.partition}"],
+        SRUN_DRIVER)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["marker"] == ["ok", "chspawner test image: Debian bookworm\n"]
@@ -257,21 +273,10 @@ def test_a_kernel_job_that_cannot_start_fails_and_leaves_no_job(
     partition = "nosuch" if case == "no such partition" else slurm.partition
     if case != "no such partition":
         request.getfixturevalue("drained")  # the job waits in the queue
-    prefix = user_dir / "prefix"
-    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
-            "--prefix", str(prefix), "--launcher", "sbatch",
-            f"--sbatch-arg=--partition={partition}", "--name", "queued", "deb")
-    spec_file = prefix / "share/jupyter/kernels/queued/kernel.json"
-    spec = json.loads(spec_file.read_text())
-    spec["metadata"]["kernel_provisioner"]["config"]["launch_timeout"] = 3
-    spec_file.write_text(json.dumps(spec))
-    script = user_dir / "start_only.py"
-    script.write_text(START_ONLY)
-    os.chmod(script, 0o644)
-    result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
-                     *[f"{k}={v}" for k, v in slurm.env.items()],
-                     str(VENV_BIN / "python"), str(script), "queued",
-                     check=False, timeout=120)
+    result = drive_node_kernel(
+        user, user_dir, kernel_store, slurm, "queued",
+        ["--launcher", "sbatch", f"--sbatch-arg=--partition={partition}"], START_ONLY,
+        timeout=120, spec_config={"launch_timeout": 3})
     last = result.stdout.strip().splitlines()[-1]
     if case == "no such partition":
         assert last.startswith("failed: can't submit the kernel's job: sbatch: error: "), last
@@ -329,15 +334,12 @@ def test_srun_kernel_in_an_existing_allocation(user, user_dir, kernel_store, slu
                        user=user.pw_name)
     try:
         slurm.wait_job(job, "RUNNING")
-        prefix = user_dir / "prefix"
-        as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
-                "--prefix", str(prefix), "--launcher", "srun", f"--jobid={job}",
-                "--name", "instep", "deb")
-        script = user_dir / "step.py"
-        script.write_text(textwrap.dedent('''
+        result = drive_node_kernel(
+            user, user_dir, kernel_store, slurm, "instep",
+            ["--launcher", "srun", f"--jobid={job}"], textwrap.dedent('''
             import sys
             from jupyter_client.manager import KernelManager
-            km = KernelManager(kernel_name="instep")
+            km = KernelManager(kernel_name=sys.argv[1])
             km.start_kernel()
             kc = km.client(); kc.start_channels(); kc.wait_for_ready(timeout=120)
             out = []
@@ -346,11 +348,7 @@ def test_srun_kernel_in_an_existing_allocation(user, user_dir, kernel_store, slu
             kc.stop_channels()
             km.shutdown_kernel()
             print("".join(out).strip())
-        '''))
-        os.chmod(script, 0o644)
-        result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
-                         *[f"{k}={v}" for k, v in slurm.env.items()],
-                         str(VENV_BIN / "python"), str(script), check=False, timeout=300)
+        '''), timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip().splitlines()[-1] == str(job)
         assert slurm.job_state(job) == "RUNNING"
