@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import weakref
 from pathlib import Path
@@ -39,7 +38,7 @@ from tornado.websocket import WebSocketClosedError
 from zmq.eventloop.zmqstream import ZMQStream
 
 from chspawner.images.progress import format_size
-from session_proxy.kernel_records import open_ack, write_ack
+from session_proxy.kernel_records import AckFile
 from session_proxy.missed_replies import REBUILT, timestamp
 
 
@@ -50,10 +49,15 @@ _following: dict[str, weakref.WeakSet] = {}
 def close_connections(kernel_id: str, reason: str) -> None:
     """Close the kernel's websockets that follow its keeper (1012: "service
     restart"); their clients reconnect, and follow the kernel afresh."""
-    for connection in list(_following.pop(kernel_id, ())):
+    for connection in list(forget_connections(kernel_id)):
         handler = connection.websocket_handler
         if handler is not None and handler.ws_connection is not None:
             handler.close(1012, reason)
+
+
+def forget_connections(kernel_id: str) -> weakref.WeakSet:
+    """Stop tracking the kernel's connections (a kernel gone for good)."""
+    return _following.pop(kernel_id, weakref.WeakSet())
 
 
 class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
@@ -97,8 +101,8 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         stream.missed_replies = {}  # seq of an execution's end -> what the keeper rebuilt
         stream.replay_until = 0  # messages up to this seq piled up before we followed
         stream.connection = self
-        stream.ack_fd = open_ack(Path(self.kernel_manager.acks_dir), self.session.session)
-        weakref.finalize(stream, os.close, stream.ack_fd)
+        stream.ack = AckFile(Path(self.kernel_manager.acks_dir), self.session.session)
+        weakref.finalize(stream, stream.ack.close)
         self._follow(stream)
         return stream
 
@@ -205,10 +209,10 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
     def _write_and_acknowledge(self, write, message, binary: bool = False):
         """Acknowledge the keeper's message, then write it to the websocket.
 
-        The acknowledgement is a file write, on record at once, made after
-        the message was decoded and encoded again for the websocket: only
-        the instant between that write and the socket's send separates the
-        two. (The other order would leave the instant after the send, when
+        The acknowledgement is a store to a mapped file (see AckFile), on
+        record at once, made after the message was decoded and encoded
+        again for the websocket: only the instant between that store and
+        the socket's send separates the two. (The other order would leave the instant after the send, when
         the client is woken and may act -- say, kill the server -- before
         this process runs again: a message sent twice.) A websocket that is
         closing refuses the write; its message stays unacknowledged, for
@@ -240,7 +244,7 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
             return
         stream.acked = seq
         try:
-            write_ack(stream.ack_fd, seq)
+            stream.ack.write(seq)
         except OSError as error:
             self.log.warning("chspawner: can't record message %d as delivered: %s", seq, error)
 

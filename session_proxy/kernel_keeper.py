@@ -17,7 +17,7 @@ directory. Frames, client to keeper:
 
 A server acknowledges what it sent a session's client not over this
 socket but in the session's file beside the kernel's record
-(:func:`~session_proxy.kernel_records.write_ack`): a message in flight
+(:class:`~session_proxy.kernel_records.AckFile`): a message in flight
 to the keeper would die with a killed server, a written file does not.
 
 Keeper to client: first ``[b"following", JSON]``: ``last_seq``, the newest

@@ -58,7 +58,7 @@ from jupyter_server.services.kernels.kernelmanager import (
 )
 from traitlets import Bool, Float, Integer, Unicode, default
 
-from session_proxy.kernel_connection import close_connections
+from session_proxy.kernel_connection import close_connections, forget_connections
 from session_proxy.kernel_keeper import sign
 from session_proxy.kernel_records import KernelRecords
 
@@ -337,6 +337,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         # record is gone.
         km = super().remove_kernel(kernel_id)
         self.records.remove(kernel_id)
+        forget_connections(kernel_id)
         return km
 
     # ------------------------------------------------------- adopting ---

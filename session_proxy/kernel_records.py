@@ -8,7 +8,7 @@ kernel's keeper socket and logs (see :mod:`session_proxy.kernel_keeper`).
 
 Beside each record, ``<kernel id>.acks/`` holds, per client session, the
 sequence number of the last kernel message the session's client was sent
-(see :func:`write_ack`): a file, so that it is on record the instant it
+(see :class:`AckFile`): a file, so that it is on record the instant it
 is written, whatever happens to the server the next instant.
 
 A record exists exactly as long as the kernel is meant to live: it is
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -115,23 +116,41 @@ def ack_path(acks_dir: Path, session: str) -> Path:
     return acks_dir / hashlib.sha256(session.encode()).hexdigest()[:32]
 
 
-def open_ack(acks_dir: Path, session: str) -> int:
-    """A descriptor to write the session's acknowledgements to."""
-    acks_dir.mkdir(mode=0o700, exist_ok=True)
-    return os.open(ack_path(acks_dir, session), os.O_WRONLY | os.O_CREAT, 0o600)
+class AckFile:
+    """Where one client session's acknowledgements are written: the file,
+    mapped into memory. Recording a message is a store to shared memory,
+    no system call: it is in the page cache, for any later reader, the
+    instant it is made, even if this process is killed right after; and
+    it leaves no system-call return (where the scheduler likes to switch
+    to a process just woken, such as whoever kills the server) between
+    recording a message and sending it."""
 
+    SIZE = 8
 
-def write_ack(fd: int, seq: int) -> None:
-    """One small positioned write: on record for any later reader once it
-    returns, even if this process is killed right after."""
-    os.pwrite(fd, seq.to_bytes(8, "big"), 0)
+    def __init__(self, acks_dir: Path, session: str):
+        acks_dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(ack_path(acks_dir, session), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < self.SIZE:
+                os.ftruncate(fd, self.SIZE)  # (a new file reads as seq 0)
+            self._map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    def write(self, seq: int) -> None:
+        self._map[:self.SIZE] = seq.to_bytes(self.SIZE, "big")
+
+    def close(self) -> None:
+        self._map.close()
 
 
 def read_ack(acks_dir: Path, session: str) -> int | None:
-    """The session's last acknowledged seq; None if it never had one."""
+    """The session's last acknowledged seq; None if it never had one (no
+    file, or a new one: seqs start at 1)."""
     try:
         with open(ack_path(acks_dir, session), "rb") as f:
-            data = f.read(8)
+            data = f.read(AckFile.SIZE)
     except OSError:
         return None
-    return int.from_bytes(data, "big") if len(data) == 8 else None
+    seq = int.from_bytes(data, "big") if len(data) == AckFile.SIZE else 0
+    return seq or None

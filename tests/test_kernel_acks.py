@@ -3,11 +3,12 @@ the session's server recorded as sent, in the acknowledgement file that
 outlives that server; a session that never had one starts from now."""
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 from session_proxy.kernel_keeper import Keeper
-from session_proxy.kernel_records import KernelRecords, ack_path, open_ack, read_ack, write_ack
+from session_proxy.kernel_records import AckFile, KernelRecords, ack_path, read_ack
 
 KERNEL = "7ab1eacd-f40a-494f-b066-717e217e1809"
 
@@ -24,11 +25,11 @@ def test_a_new_session_starts_from_now_and_resumes_after_its_acknowledgement(tmp
     try:
         k._follow(b"server-1", "session-a")
         assert k.followers[b"server-1"].cursor == 6  # nothing old replayed
-        fd = open_ack(KernelRecords(tmp_path).acks_dir(KERNEL), "session-a")
+        ack = AckFile(KernelRecords(tmp_path).acks_dir(KERNEL), "session-a")
         for n in range(4):
             k.on_iopub([b"frame", b"new"])
-        write_ack(fd, 7)  # the server sent 6 and 7, then was killed
-        os.close(fd)
+        ack.write(7)  # the server sent 6 and 7, then was killed
+        ack.close()
         k._follow(b"server-2", "session-a")
         assert k.followers[b"server-2"].cursor == 8
         assert k.info()["sessions"] == {"session-a": 7}
@@ -55,10 +56,13 @@ def test_an_acknowledgement_older_than_the_buffer_is_reported_as_a_gap(tmp_path)
 def test_acknowledgement_files(tmp_path):
     acks = KernelRecords(tmp_path).acks_dir(KERNEL)
     assert read_ack(acks, "s") is None
-    fd = open_ack(acks, "../../etc/passwd")
-    write_ack(fd, 3)
-    write_ack(fd, 12)
-    os.close(fd)
+    ack = AckFile(acks, "../../etc/passwd")
+    assert read_ack(acks, "../../etc/passwd") is None  # opened, nothing sent yet
+    ack.write(3)
+    ack.write(12)
+    # On record at once, for another reader, without closing or syncing.
+    assert read_ack(acks, "../../etc/passwd") == 12
+    ack.close()
     assert read_ack(acks, "../../etc/passwd") == 12
     # A client's session id names no path: the file is a hash inside the dir.
     assert ack_path(acks, "../../etc/passwd").parent == acks
@@ -66,3 +70,16 @@ def test_acknowledgement_files(tmp_path):
     assert oct(acks.stat().st_mode & 0o777) == "0o700"
     KernelRecords(tmp_path).remove(KERNEL)  # a kernel shut down takes its files along
     assert not acks.exists()
+
+
+def test_an_acknowledgement_survives_its_writer_killed_at_once(tmp_path):
+    """A store to the mapped file, then SIGKILL: no close, no sync, and
+    the next reader still finds it."""
+    acks = KernelRecords(tmp_path).acks_dir(KERNEL)
+    code = ("import os, signal, sys; from pathlib import Path\n"
+            "from session_proxy.kernel_records import AckFile\n"
+            "AckFile(Path(sys.argv[1]), 's').write(41)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    died = subprocess.run([sys.executable, "-c", code, str(acks)])
+    assert died.returncode == -9
+    assert read_ack(acks, "s") == 41
