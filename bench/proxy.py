@@ -26,6 +26,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 VENV_BIN = Path(sys.executable).parent
 MESSAGE = b"m" * 100
+ECHO = "/user/b/api/kernels/echo/channels"
+STREAM = "/user/b/api/kernels/stream/channels"
 # metric -> (higher is better, target ratio chspawner/CHP)
 TARGETS = {"HTTP requests/s (20 concurrent)": (True, 0.8),
            "HTTP p50 latency (ms)": (False, 1.3),
@@ -77,8 +79,10 @@ def run_backend(port: int) -> None:
 
     app = web.Application()
     app.router.add_get("/user/b/hello", hello)
-    app.router.add_get("/user/b/echo", echo)
-    app.router.add_get("/user/b/stream", stream)
+    # Websockets at kernel websocket paths, as Jupyter's traffic mostly is:
+    # the proxy watches those (see session_proxy.delivered).
+    app.router.add_get(ECHO, echo)
+    app.router.add_get(STREAM, stream)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
@@ -137,10 +141,9 @@ def run_client(args: argparse.Namespace) -> None:
     if args.what == "http":
         result = asyncio.run(http_load(base + "/user/b/hello", args.seconds, 20))
     elif args.what == "rtt":
-        result = asyncio.run(ws_round_trips(base.replace("http", "ws") + "/user/b/echo", 2000))
+        result = asyncio.run(ws_round_trips(base.replace("http", "ws") + ECHO, 2000))
     else:
-        result = asyncio.run(ws_stream(base.replace("http", "ws") + "/user/b/stream",
-                                       args.messages))
+        result = asyncio.run(ws_stream(base.replace("http", "ws") + STREAM, args.messages))
     print(json.dumps(result))
 
 

@@ -207,40 +207,38 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         return functools.partial(self._write_and_acknowledge, write)
 
     def _write_and_acknowledge(self, write, message, binary: bool = False):
-        """Acknowledge the keeper's message, then write it to the websocket.
+        """Write the keeper's message to the websocket, then acknowledge it.
 
         The acknowledgement is a store to a mapped file (see AckFile), on
-        record at once, made after the message was decoded and encoded
-        again for the websocket: only the instant between that store and
-        the socket's send separates the two. (The other order would leave the instant after the send, when
-        the client is woken and may act -- say, kill the server -- before
-        this process runs again: a message sent twice.) A websocket that is
-        closing refuses the write; its message stays unacknowledged, for
-        the session's next connection."""
+        record at once, made as soon as the message is out: handed to the
+        socket, or, for a client reading slowly, once tornado has flushed
+        what it held. A server killed in the instant between has sent a
+        message it never recorded; the next connection is sent it again,
+        and chspawner's proxy, which knows what its client already got,
+        drops the copy (see ``session_proxy.delivered``; through another
+        proxy the client would see it twice). The other order would lose
+        it instead. A websocket that is closing refuses the write; its
+        message stays unacknowledged, for the session's next connection."""
         stream, seq = self._sending
         self._sending = None
         connection = self.websocket_handler.ws_connection
         if connection is None or connection.is_closing():
             return write(message, binary=binary)  # raises
-        socket = connection.stream
-        acknowledged = not socket.writing()  # else earlier ones wait to go out
-        if acknowledged:
-            self._acknowledge(stream, seq)
         flushed = write(message, binary=binary)
         stream.delivered = seq
-        if socket.writing():
-            # Not all of it went out (the client reads slowly): tornado holds
-            # the rest, which a kill would lose. Acknowledged once it is out.
-            if acknowledged:
-                self._acknowledge(stream, seq - 1, back=True)
+        socket = connection.stream
+        if socket.closed():
+            pass  # the client went while this was written: not out
+        elif socket.writing():
             flushed.add_done_callback(
                 lambda f: f.cancelled() or f.exception() or self._acknowledge(stream, seq))
+        else:
+            self._acknowledge(stream, seq)
         return flushed
 
-    def _acknowledge(self, stream: ZMQStream, seq: int, back: bool = False) -> None:
-        """Record ``seq`` as the last message the client was sent (moving
-        back only when told: a message acknowledged but not all out)."""
-        if seq <= stream.acked and not back:
+    def _acknowledge(self, stream: ZMQStream, seq: int) -> None:
+        """Record ``seq`` as the last message the client was sent."""
+        if seq <= stream.acked:
             return
         stream.acked = seq
         try:

@@ -123,7 +123,7 @@ class AckFile:
     instant it is made, even if this process is killed right after; and
     it leaves no system-call return (where the scheduler likes to switch
     to a process just woken, such as whoever kills the server) between
-    recording a message and sending it."""
+    sending a message and recording it."""
 
     SIZE = 8
 

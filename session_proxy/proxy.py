@@ -26,6 +26,7 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
 
 from . import wsrelay
+from .delivered import DeliveredFrames, watched
 from .proxy_api import api_app
 from .routes import BadPath, BadTarget, HoldExpired, Holds, Route, RouteTable, segments
 from .upstream import Upstreams
@@ -61,6 +62,8 @@ class Proxy:
         self.backend_params = HTTP1ConnectionParameters(
             chunk_size=CHUNK, max_body_size=UNLIMITED, header_timeout=timeout)
         self.tasks: set[asyncio.Future] = set()  # keeps background tasks alive
+        #: what each websocket URL's client got, for the next relay on it
+        self.delivered = DeliveredFrames()
 
 
 class Server(httputil.HTTPServerConnectionDelegate):
@@ -270,7 +273,9 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         head += [f"{name}: {value}" for name, value in headers.get_all()]
         self.keep(asyncio.ensure_future(wsrelay.relay(
             client, backend_stream, self.route.touch,
-            ("\r\n".join(head) + "\r\n\r\n").encode("latin1"))))
+            ("\r\n".join(head) + "\r\n\r\n").encode("latin1"),
+            url=self.start_line.path,
+            delivered=self.proxy.delivered if watched(self.start_line.path) else None)))
 
     # -- answers made here -------------------------------------------------
 

@@ -5,86 +5,25 @@ us from one socket goes to the other in one write. Only the backend's
 frame *headers* are read (``FrameCounter``), so that when the backend
 vanishes between two frames the client gets a proper close frame with
 code 1012 (service restart) and reconnects, instead of a bare TCP close.
+After a relay on the same URL lost its backend, the next one drops the
+copies of what the client already got (``delivered``).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 
 from tornado.iostream import IOStream
 
-#: Close frame, unmasked (server to client), status 1012 "service restart".
-CLOSE_SERVICE_RESTART = b"\x88\x02\x03\xf4"
-OPCODE_CLOSE = 0x8
+from .delivered import DeliveredFrames, LeadingCopies, Tail
+from .wsframes import CLOSE_SERVICE_RESTART, FrameCounter
+
+log = logging.getLogger("session_proxy")
+
 #: How long a burst from the backend gathers before the next read.
 GATHER_S = 0.001
-
-
-def frame_size(buf: bytes, pos: int) -> int | None:
-    """The whole size (header + payload) of the frame starting at
-    ``buf[pos]``, or None if its header is not all there yet."""
-    avail = len(buf) - pos
-    if avail < 2:
-        return None
-    second = buf[pos + 1]
-    length, header = second & 0x7F, 2
-    if length == 126:
-        if avail < 4:
-            return None
-        length, header = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-    elif length == 127:
-        if avail < 10:
-            return None
-        length, header = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-    if second & 0x80:  # masked: a 4-byte key follows
-        header += 4
-        if avail < header:
-            return None
-    return header + length
-
-
-class FrameCounter:
-    """Follows frame boundaries in one direction of a websocket by reading
-    frame headers and skipping payloads by length."""
-
-    def __init__(self) -> None:
-        self.skip = 0          # bytes of the current frame still to come
-        self.partial = b""     # a frame header cut by the end of a chunk
-        self.saw_close = False  # a close frame went by: the end is orderly
-
-    @property
-    def at_boundary(self) -> bool:
-        return self.skip == 0 and not self.partial
-
-    def feed(self, data: bytes) -> int:
-        """Follow ``data``; how many frames start in it."""
-        pos, end, starts = self.skip, len(data), 0
-        if self.partial:
-            # Only the cut header is joined, never the whole chunk.
-            head = self.partial + data[:14]
-            size = frame_size(head, 0)
-            if size is None:
-                self.partial = head
-                return 0
-            self._note_opcode(head, 0)
-            pos = size - len(self.partial)
-            self.partial = b""
-        while pos < end:
-            size = frame_size(data, pos)
-            if size is None:
-                self.partial = data[pos:]
-                self.skip = 0
-                return starts
-            self._note_opcode(data, pos)
-            pos += size
-            starts += 1
-        self.skip = pos - end
-        return starts
-
-    def _note_opcode(self, buf: bytes, pos: int) -> None:
-        if buf[pos] & 0x0F == OPCODE_CLOSE:
-            self.saw_close = True
 
 
 class _Side(asyncio.Protocol):
@@ -137,18 +76,42 @@ class _Side(asyncio.Protocol):
 class _Relay:
     """Both sides, and what happens when one goes."""
 
-    def __init__(self, on_data: Callable[[], None]) -> None:
+    def __init__(self, on_data: Callable[[], None], url: str,
+                 delivered: DeliveredFrames | None) -> None:
         self.on_data = on_data
         self.client, self.backend = _Side(self), _Side(self)
         self.client.peer, self.backend.peer = self.backend, self.client
         self.from_backend = FrameCounter()
+        self.url, self.delivered = url, delivered
+        seen = delivered.get(url) if delivered is not None else []
+        self.copies = LeadingCopies(seen) if seen else None
+        self.seen = list(seen)
+        self.tail = Tail() if delivered is not None else None
         self.done = asyncio.get_running_loop().create_future()
 
     def forward(self, side: _Side, data: bytes) -> None:
         self.on_data()
-        side.peer.send(data)
-        if side is self.backend and self.from_backend.feed(data) > 1 and not side.resting:
+        if side is self.client:
+            self.backend.send(data)
+            return
+        if self.copies is not None:
+            data = self.copies.filter(data)
+            if self.copies.done:
+                self._copies_done()
+            if not data:
+                return
+        self.client.send(data)
+        starts = self.from_backend.feed(data)
+        if self.tail is not None:
+            self.tail.add(data, self.from_backend.first_start)
+        if starts > 1 and not side.resting and side.transport is not None:
             self._gather(side)
+
+    def _copies_done(self) -> None:
+        if self.copies.dropped:
+            log.info("%s: dropped %d message(s) the client had before its backend went",
+                     self.url.split("?")[0], self.copies.dropped)
+        self.copies = None
 
     def _gather(self, side: _Side) -> None:
         """Several frames in one read: the backend is sending a burst (a
@@ -166,14 +129,25 @@ class _Relay:
             side.transport.resume_reading()
 
     def gone(self, side: _Side) -> None:
+        if self.copies is not None:
+            self._copies_done()
         peer = side.peer
         if not peer.lost and peer.transport is not None:
             counter = self.from_backend
-            if side is self.backend and not counter.saw_close and counter.at_boundary:
-                peer.transport.write(CLOSE_SERVICE_RESTART)
+            if side is self.backend and not counter.saw_close:  # it vanished
+                self._remember_delivered()
+                if counter.at_boundary:
+                    peer.transport.write(CLOSE_SERVICE_RESTART)
             peer.transport.close()  # after what is buffered has gone out
         if self.client.lost and self.backend.lost and not self.done.done():
             self.done.set_result(None)
+
+    def _remember_delivered(self) -> None:
+        """The backend vanished (killed: no close frame) while the client is
+        still here: what this relay (and the ones before it on the URL)
+        passed on is what the next relay's backend may send again."""
+        if self.delivered is not None and self.tail is not None:
+            self.delivered.remember(self.url, self.seen + self.tail.digests())
 
 
 def _take(stream: IOStream) -> tuple[socket.socket, bytes]:
@@ -189,22 +163,24 @@ def _take(stream: IOStream) -> tuple[socket.socket, bytes]:
 
 
 async def relay(client: IOStream, backend: IOStream, on_data: Callable[[], None],
-                head: bytes = b"") -> None:
+                head: bytes = b"", url: str = "",
+                delivered: DeliveredFrames | None = None) -> None:
     """Write ``head`` (the backend's 101 answer) to the client, then pipe
     bytes both ways until both sides are closed. If the backend went
     without a close frame while the client is still there, the client gets
-    a 1012 close frame when the stream is at a frame boundary, then a close."""
+    a 1012 close frame when the stream is at a frame boundary, then a close.
+    With ``delivered``, copies of frames a relay on ``url`` already passed
+    on, before it lost its backend, are dropped (see ``delivered``)."""
     if head:
         await client.write(head)
     loop = asyncio.get_running_loop()
-    state = _Relay(on_data)
+    state = _Relay(on_data, url, delivered)
     client_sock, from_client = _take(client)
     backend_sock, from_backend = _take(backend)
     if from_client:
-        state.backend.send(from_client)
+        state.forward(state.client, from_client)
     if from_backend:
-        state.from_backend.feed(from_backend)
-        state.client.send(from_backend)
+        state.forward(state.backend, from_backend)
     try:
         await loop.connect_accepted_socket(lambda: state.client, client_sock)
         await loop.connect_accepted_socket(lambda: state.backend, backend_sock)

@@ -1,6 +1,8 @@
 """Persistence level L2 for kernels: a kernel in an image outlives its
 Jupyter server, and its output produced while no server (or no browser)
-is attached reaches the client on reconnect, exactly once.
+is attached reaches the client on reconnect, all of it, in order (the
+client here talks to the server straight, without the session proxy that
+drops the copy of a message in flight at a kill: see without_the_copy).
 
 Real parts: jupyter_server as the unprivileged user with
 PersistentKernelManager, the replaying websocket connection, the container
@@ -220,6 +222,18 @@ class Transcript:
             self.idle = True
 
 
+def without_the_copy(numbers: list[int], seen_by_first: int) -> list[int]:
+    """``numbers`` less the one copy a client straight on the server (no
+    session proxy) may get after a kill: the message sent at the instant
+    of the kill, before it was recorded as sent, comes again first from
+    the next server. Anything else repeated, missing or out of order stays."""
+    numbers = list(numbers)
+    cut = seen_by_first
+    if 0 < cut < len(numbers) and numbers[cut] == numbers[cut - 1]:
+        del numbers[cut]
+    return numbers
+
+
 async def read(ws, transcript: Transcript, until, timeout: float = 60) -> None:
     """Feed ``transcript`` from ``ws`` until ``until(transcript)`` holds or
     the socket closes."""
@@ -285,8 +299,14 @@ async def kill_mid_cell(s: Servers, disconnect_first: bool) -> tuple[Transcript,
 
 
 def test_kernel_output_survives_a_server_kill(servers):
+    """Every number, in order. Straight to the server, as here, the message
+    the kill caught between being sent and being recorded as sent comes
+    again from the next server: the first one the client gets from it may
+    repeat the last one it got before. Through the session proxy, which
+    drops that copy, every number comes once (test_session_manager)."""
     t, before, after = asyncio.run(kill_mid_cell(servers, disconnect_first=False))
-    assert t.numbers == list(range(1, N + 1)), t.numbers
+    assert without_the_copy(t.numbers, after["seen_by_first"]) == list(range(1, N + 1)), \
+        t.numbers
     assert t.reply and t.stderr == []
     # The same kernel, re-adopted: same PID, same ports.
     assert after["provisioner_info"]["pid"] == before["provisioner_info"]["pid"]

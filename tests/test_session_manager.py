@@ -388,9 +388,10 @@ def test_twenty_kills_in_a_row_under_load(managed_hub):
         assert not missing and t.numbers == list(range(1, count + 1)), (
             f"missing {missing}, {len(t.numbers)} received; connections cut after {cuts}")
         assert t.reply and t.stderr == []
-        # Every kill hit a live server the manager then recovered. (Whether
-        # each also cut the client's own connection is not asserted: one
-        # full-suite run saw 18 cuts for 20 kills, every number still once.)
+        # Every kill hit a live server the manager then recovered. Not every
+        # kill cuts the client's connection: numbers still in flight from
+        # the server killed last count as new, so the next kill can come
+        # before the client is back (traced: 17-20 cuts for 20 kills).
         assert reconnects >= 1, cuts
         assert history(hub)[-3 * KILLS:] == ["lost", "recovering", "recovered"] * KILLS
         record = asyncio.run(sessions(hub))[-1]

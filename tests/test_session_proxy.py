@@ -137,6 +137,11 @@ async def ws_echo(request: web.Request) -> web.WebSocketResponse:
             for n in range(int(message.data.split()[1])):
                 await ws.send_str(str(n))
             continue
+        if message.data.startswith("send "):  # messages FIRST..LAST (a replay)
+            first, last = map(int, message.data.split()[1:])
+            for n in range(first, last + 1):
+                await ws.send_str(str(n))
+            continue
         await ws.send_str(message.data)
     return ws
 
@@ -149,6 +154,7 @@ async def backend(name: str = "a"):
     app.router.add_get("/{p:.*}/big", big_download)
     app.router.add_post("/{p:.*}/upload", count_upload)
     app.router.add_get("/{p:.*}/ws", ws_echo)
+    app.router.add_get("/{p:.*}/channels", ws_echo)  # as a kernel's websocket
     app.router.add_get("/{p:.*}/events", event_stream)
     app.router.add_get("/{p:.*}/headers-seen", headers_seen)
     app.router.add_route("*", "/{p:.*}/nothing", no_content)
@@ -447,6 +453,56 @@ def test_backend_vanishing_closes_the_client_websocket_with_1012(proxy):
             assert message.type == aiohttp.WSMsgType.CLOSE, message
             assert ws.close_code == 1012
     asyncio.run(scenario())
+
+
+def test_after_a_lost_backend_no_kernel_message_reaches_the_client_twice(proxy):
+    """A server killed between sending a kernel message and recording it as
+    sent has its successor send it again: the proxy, which knows what the
+    client got at that kernel websocket URL, drops the copies -- also after
+    a relay that died before sending anything. Another URL (another client
+    session) gets everything, and so does a websocket that is not a
+    kernel's (where two identical messages may well be two messages)."""
+    async def numbers(ws, last: int) -> list[int]:
+        got: list[int] = []
+        while not got or got[-1] != last:
+            got.append(int(await ws.receive_str(timeout=10)))
+        return got
+
+    async def vanish(ws) -> None:
+        await ws.send_str("vanish")
+        assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
+
+    async def resume(http, url: str) -> tuple[list[int], list[int]]:
+        """Numbers 1..5, the backend vanishes, the next one dies at once,
+        the one after resumes from 3."""
+        async with http.ws_connect(url) as ws:
+            await ws.send_str("send 1 5")
+            before = await numbers(ws, 5)
+            await vanish(ws)
+        async with http.ws_connect(url) as ws:
+            await vanish(ws)
+        async with http.ws_connect(url) as ws:
+            await ws.send_str("send 3 8")
+            return before, await numbers(ws, 8)
+
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/ws-again", url)
+            try:
+                async with aiohttp.ClientSession() as http:
+                    kernel = f"{proxy.url}/ws-again/api/kernels/k1/channels"
+                    session = await resume(http, f"{kernel}?session_id=one")
+                    async with http.ws_connect(f"{kernel}?session_id=two") as ws:
+                        await ws.send_str("send 3 5")
+                        other_session = await numbers(ws, 5)
+                    terminal = await resume(http, f"{proxy.url}/ws-again/ws?session_id=one")
+            finally:
+                await proxy.api("DELETE", "/routes/ws-again")
+            return session, other_session, terminal
+    session, other_session, terminal = asyncio.run(scenario())
+    assert session == ([1, 2, 3, 4, 5], [6, 7, 8])
+    assert other_session == [3, 4, 5]
+    assert terminal == ([1, 2, 3, 4, 5], [3, 4, 5, 6, 7, 8])
 
 
 # -- holds ---------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""What a websocket's client already got, so that a replay after a lost
+backend does not give it anything twice.
+
+A jupyter_server writes a kernel message to its websocket, then records it
+as sent (``kernel_connection``); a server killed in the instant between has
+sent a message it never recorded, and the next server replays it. Only the
+proxy knows what actually went to the client. So, for each websocket URL
+(the client's session id is in it, and a client reconnects to the same
+URL), the proxy remembers digests of the last data frames a relay
+delivered, when that relay's backend vanished (no close frame: killed);
+the next relay on the URL drops, among its first frames, any frame
+identical to one of them. Every Jupyter message carries a unique
+``msg_id``, so two identical data frames on a kernel's websocket are one
+message sent twice, never two messages.
+That holds for kernel websockets only (a terminal may well print the same
+line twice), so only they are watched (``watched``).
+
+The cost stays off the byte relay's hot path: a relay keeps references to
+its last chunks (no copy), hashes frames only when it ends, and a new relay
+hashes only its first few hundred frames.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+
+from .wsframes import frame_size, is_control
+
+#: Digests kept per URL: more than the messages a killed server can have
+#: sent without recording them (those flushed together under backpressure).
+TAIL_FRAMES = 512
+#: Bytes a relay keeps (references to the chunks it passed on, no copies)
+#: to take its last frames' digests from, up to twice that between trims;
+#: a frame bigger than that is let go (its copy would not be caught).
+TAIL_BYTES = 256 << 10
+#: How long a URL's digests are kept after its relay lost its backend
+#: (a session takes seconds to come back; a client gives up in minutes).
+KEEP_S = 600.0
+#: URLs remembered at once (the oldest go first).
+MAX_URLS = 1000
+
+
+#: A kernel's websocket, as jupyter_server serves it: /.../api/kernels/ID/channels
+KERNEL_CHANNELS = re.compile(r"/api/kernels/[^/?]+/channels(?:\?|$)")
+
+
+def watched(url: str) -> bool:
+    """Whether copies are dropped on this websocket URL (a kernel's)."""
+    return KERNEL_CHANNELS.search(url) is not None
+
+
+def digest(frame: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.blake2b(frame, digest_size=16).digest()
+
+
+class DeliveredFrames:
+    """URL -> digests of the last data frames its client was sent, newest
+    last, as of the last relay on it that lost its backend."""
+
+    def __init__(self, max_urls: int = MAX_URLS, keep_s: float = KEEP_S) -> None:
+        self.max_urls, self.keep_s = max_urls, keep_s
+        self._by_url: OrderedDict[str, tuple[float, list[bytes]]] = OrderedDict()
+
+    def get(self, url: str) -> list[bytes]:
+        entry = self._by_url.get(url)
+        if entry is None or time.monotonic() - entry[0] > self.keep_s:
+            return []
+        return entry[1]
+
+    def remember(self, url: str, digests: list[bytes]) -> None:
+        self._by_url.pop(url, None)
+        if digests:
+            self._by_url[url] = (time.monotonic(), digests[-TAIL_FRAMES:])
+        while len(self._by_url) > self.max_urls:
+            self._by_url.popitem(last=False)
+
+
+class Tail:
+    """The last bytes a relay passed on to its client, kept as the chunks
+    they came in, from a frame boundary on: what the digests of its last
+    frames are taken from when it ends."""
+
+    def __init__(self) -> None:
+        #: (chunk, offset of the first frame that starts in it, or None)
+        self.chunks: deque[tuple[bytes, int | None]] = deque()
+        self.size = 0
+
+    def add(self, data: bytes, first_frame_at: int | None) -> None:
+        if not self.chunks and first_frame_at is None:
+            return  # the rest of a frame whose start was let go
+        self.chunks.append((data, first_frame_at))
+        self.size += len(data)
+        if self.size > 2 * TAIL_BYTES:  # (trimmed now and then, not per chunk)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Keep the newest chunks from the latest frame start that leaves
+        TAIL_BYTES; failing that, from the latest frame start at all. A
+        frame in progress bigger than that is let go (its copy would not
+        be caught: a rare message shown twice, against holding it all)."""
+        kept, cut = 0, len(self.chunks)
+        for i in range(len(self.chunks) - 1, 0, -1):
+            chunk, start = self.chunks[i]
+            kept += len(chunk)
+            if start is not None:
+                cut = i
+                if kept >= TAIL_BYTES:
+                    break
+        for _ in range(cut):
+            self.size -= len(self.chunks.popleft()[0])
+
+    def digests(self) -> list[bytes]:
+        """Digests of the whole data frames held, oldest first."""
+        if not self.chunks:
+            return []
+        buf = b"".join(chunk for chunk, _ in self.chunks)
+        pos, found = self.chunks[0][1] or 0, []
+        while (size := frame_size(buf, pos)) is not None and pos + size <= len(buf):
+            if not is_control(buf, pos):
+                found.append(digest(memoryview(buf)[pos:pos + size]))
+            pos += size
+        return found[-TAIL_FRAMES:]
+
+class LeadingCopies:
+    """Drops, among the first frames a new relay gets from its backend, the
+    data frames whose digests are in ``seen``: copies of what the client
+    already got. Works on whole frames, gathered across reads, for as many
+    frames as could be copies (and some); then it lets everything through."""
+
+    #: Frames examined beyond the number of digests: other messages (a
+    #: notice, a reply) may come among the copies.
+    SLACK = 64
+
+    def __init__(self, seen: Iterable[bytes]) -> None:
+        self.seen = set(seen)
+        self.left = len(self.seen) + self.SLACK
+        self.buf = bytearray()
+        self.dropped = 0
+
+    @property
+    def done(self) -> bool:
+        return self.left <= 0
+
+    def filter(self, data: bytes) -> bytes:
+        """What of ``data`` goes on to the client. While not done, only
+        whole frames go (a partial one waits for its end)."""
+        self.buf += data
+        out, pos = bytearray(), 0
+        while self.left > 0:
+            size = frame_size(self.buf, pos)
+            if size is None or pos + size > len(self.buf):
+                break
+            frame = memoryview(self.buf)[pos:pos + size]
+            if not is_control(self.buf, pos) and digest(frame) in self.seen:
+                self.dropped += 1
+            else:
+                out += frame
+            frame.release()
+            pos += size
+            self.left -= 1
+        if self.done:
+            out += memoryview(self.buf)[pos:]
+            self.buf = bytearray()
+        else:
+            del self.buf[:pos]
+        return bytes(out)

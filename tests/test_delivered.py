@@ -1,0 +1,125 @@
+"""Units: websocket frame boundaries, and the proxy's memory of what a
+client got (session_proxy.wsframes, session_proxy.delivered), fed the
+way sockets feed them: frames cut anywhere, headers included."""
+from __future__ import annotations
+
+import pytest
+
+from session_proxy.delivered import (
+    TAIL_BYTES, DeliveredFrames, LeadingCopies, Tail, digest, watched)
+from session_proxy.wsframes import FrameCounter
+
+
+def frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A server-to-client frame (unmasked), with the 2-, 4- or 10-byte header."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, n])
+    elif n < 1 << 16:
+        head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
+    return head + payload
+
+
+MESSAGES = [f"message {n}".encode() * (1 + n * 37 % 300) for n in range(40)]
+FRAMES = [frame(m) for m in MESSAGES]
+STREAM = b"".join(FRAMES)
+
+
+def cut(data: bytes, every: int) -> list[bytes]:
+    return [data[i:i + every] for i in range(0, len(data), every)]
+
+
+@pytest.mark.parametrize("every", [1, 3, 200, 5000, len(STREAM)])
+def test_the_counter_finds_where_the_first_frame_of_each_chunk_starts(every):
+    boundaries, pos = [], 0
+    for f in FRAMES:
+        boundaries.append(pos)
+        pos += len(f)
+    counter, at = FrameCounter(), 0
+    for chunk in cut(STREAM, every):
+        counter.feed(chunk)
+        inside = [b - at for b in boundaries if at <= b < at + len(chunk)]
+        assert counter.first_start == (inside[0] if inside else None), at
+        at += len(chunk)
+    assert counter.at_boundary
+
+
+@pytest.mark.parametrize("every", [1, 7, 1000, len(STREAM)])
+def test_the_tail_gives_the_digests_of_the_last_whole_frames(every):
+    counter, tail = FrameCounter(), Tail()
+    data = STREAM + FRAMES[0][:5]  # and the start of a frame that never ends
+    for chunk in cut(data, every):
+        counter.feed(chunk)
+        tail.add(chunk, counter.first_start)
+    got = tail.digests()
+    assert got and got == [digest(f) for f in FRAMES][-len(got):]
+    assert digest(FRAMES[-1]) == got[-1]
+
+
+def test_the_tail_skips_control_frames_and_bounds_what_it_holds():
+    tail, counter = Tail(), FrameCounter()
+    big = [frame(bytes([n]) * 20000) for n in range(40)]  # 800 kB in all
+    for f in big + [frame(b"ping", 0x9)]:
+        counter.feed(f)
+        tail.add(f, counter.first_start)
+    got = tail.digests()
+    assert got[-1] == digest(big[-1])  # the ping is not there
+    assert TAIL_BYTES // 20000 <= len(got) < 40 and tail.size <= 2 * TAIL_BYTES
+
+
+def test_a_frame_too_big_to_keep_is_let_go_and_what_follows_is_kept():
+    giant = frame(b"g" * (3 * TAIL_BYTES))
+    small = [frame(f"after {n}".encode()) for n in range(5)]
+    counter, tail, peak = FrameCounter(), Tail(), 0
+    for chunk in cut(FRAMES[0] + giant + b"".join(small), 65536):
+        counter.feed(chunk)
+        tail.add(chunk, counter.first_start)
+        peak = max(peak, tail.size)
+    assert peak <= 2 * TAIL_BYTES + 65536
+    assert tail.digests() == [digest(f) for f in small]
+
+
+@pytest.mark.parametrize("every", [1, 5, 333, len(STREAM)])
+def test_leading_copies_are_dropped_and_nothing_else(every):
+    seen = [digest(f) for f in FRAMES[:10]]
+    replay = b"".join(FRAMES[6:])  # 6..9 the client has, 10.. it has not
+    copies, out = LeadingCopies(seen), b""
+    for chunk in cut(replay, every):
+        out += copies.filter(chunk)
+    assert out == b"".join(FRAMES[10:])
+    assert copies.dropped == 4
+
+
+def test_frames_between_the_copies_go_through_and_it_ends_after_a_while():
+    seen = [digest(f) for f in FRAMES[:5]]
+    notice = frame(b"[chspawner] 3 messages were lost")
+    later = [frame(f"later {n}".encode()) for n in range(LeadingCopies.SLACK + 10)]
+    copies = LeadingCopies(seen)
+    out = copies.filter(notice + FRAMES[3] + frame(b"x", 0x9) + FRAMES[4] + b"".join(later))
+    assert out == notice + frame(b"x", 0x9) + b"".join(later)
+    assert copies.done  # examined all it may: the rest goes through as is
+    assert copies.filter(FRAMES[3][:4]) == FRAMES[3][:4]
+
+
+def test_a_url_remembers_the_newest_frames_for_a_while():
+    delivered = DeliveredFrames(max_urls=2, keep_s=60)
+    delivered.remember("/a", [b"1", b"2"])
+    assert delivered.get("/a") == [b"1", b"2"] and delivered.get("/b") == []
+    delivered.remember("/a", [])  # a relay that had nothing: forget
+    assert delivered.get("/a") == []
+    for url in ("/a", "/b", "/c"):
+        delivered.remember(url, [url.encode()])
+    assert delivered.get("/a") == [] and delivered.get("/c") == [b"/c"]  # oldest went
+    stale = DeliveredFrames(keep_s=-1)
+    stale.remember("/a", [b"1"])
+    assert stale.get("/a") == []
+
+
+def test_only_kernel_websockets_are_watched():
+    assert watched("/user/a/api/kernels/0b1c/channels?session_id=x&token=y")
+    assert watched("/user/a/api/kernels/0b1c/channels")
+    assert not watched("/user/a/terminals/websocket/1")
+    assert not watched("/user/a/api/kernels/0b1c/channelsX")
+    assert not watched("/user/a/api/events/subscribe")
