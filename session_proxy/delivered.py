@@ -124,6 +124,7 @@ class Tail:
             pos += size
         return found[-TAIL_FRAMES:]
 
+
 class LeadingCopies:
     """Drops, among the first frames a new relay gets from its backend, the
     data frames whose digests are in ``seen``: copies of what the client
