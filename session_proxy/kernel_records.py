@@ -120,10 +120,12 @@ class AckFile:
     """Where one client session's acknowledgements are written: the file,
     mapped into memory. Recording a message is a store to shared memory,
     no system call: it is in the page cache, for any later reader, the
-    instant it is made, even if this process is killed right after; and
-    it leaves no system-call return (where the scheduler likes to switch
-    to a process just woken, such as whoever kills the server) between
-    sending a message and recording it."""
+    instant it is made, even if this process is killed right after. It
+    comes right after the socket's send returns, which is where the
+    scheduler likes to switch to a process just woken (such as a client
+    that kills the server on seeing the message): a kill there leaves the
+    message sent but not recorded, and the session proxy drops the copy
+    the next server sends (:mod:`session_proxy.delivered`)."""
 
     SIZE = 8
 

@@ -146,7 +146,7 @@ class _Relay:
         """The backend vanished (killed: no close frame) while the client is
         still here: what this relay (and the ones before it on the URL)
         passed on is what the next relay's backend may send again."""
-        if self.delivered is not None and self.tail is not None:
+        if self.tail is not None:  # (kept exactly when delivered is given)
             self.delivered.remember(self.url, self.seen + self.tail.digests())
 
 
