@@ -45,3 +45,9 @@ fi
 
 user=${CHSPAWNER_USER:-chtest}
 id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+# A second ordinary account: the other user of a shared machine, for the
+# tests where one user attacks another (tests/test_isolation.py and others).
+other=${CHSPAWNER_OTHER_USER:-chtest2}
+id "$other" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$other"
+# Homes are private to their owners (Debian's useradd makes them 0755).
+chmod 0750 "$(getent passwd "$user" | cut -d: -f6)" "$(getent passwd "$other" | cut -d: -f6)"

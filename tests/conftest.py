@@ -27,6 +27,8 @@ CHSPAWNER = VENV_BIN / "chspawner"
 IMAGE_CACHE = Path(os.environ.get("CHSPAWNER_IMAGE_CACHE",
                                   "/var/cache/chspawner/images"))
 TEST_USER = os.environ.get("CHSPAWNER_USER", "chtest")
+# The other ordinary account on the same machine: the attacker in isolation tests.
+OTHER_USER = os.environ.get("CHSPAWNER_OTHER_USER", "chtest2")
 BACKENDS = ("builtin", "ch-run")
 
 # The real-registry harness's session fixtures (registry, basic_registry,
@@ -89,6 +91,15 @@ def user() -> pwd.struct_passwd:
         return pwd.getpwnam(TEST_USER)
     except KeyError:
         pytest.fail(f"test user {TEST_USER} missing: run scripts/setup-system.sh")
+
+
+@pytest.fixture(scope="session")
+def other_user() -> pwd.struct_passwd:
+    """A second unprivileged account: another user of the same machine."""
+    try:
+        return pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        pytest.fail(f"test user {OTHER_USER} missing: run scripts/setup-system.sh")
 
 
 def _image(name: str) -> Path:
