@@ -59,6 +59,7 @@ def _parser():
     p.add_argument("name", metavar="NAME")
     p.add_argument("--arch", help="platform to take from a multi-arch OCI layout "
                                   "(default: this machine's)")
+    _max_size_option(p)
 
     p = commands.add_parser("pull", parents=[common],
                             help="pull an image from an OCI registry")
@@ -71,6 +72,7 @@ def _parser():
                    help="plain HTTP, for a registry without TLS")
     p.add_argument("-j", "--jobs", type=int, default=4,
                    help="layers downloaded at once (default 4)")
+    _max_size_option(p)
 
     p = commands.add_parser("kernel", parents=[common],
                             help="Jupyter kernels inside images")
@@ -108,6 +110,21 @@ def _parser():
     return parser
 
 
+def _max_size_option(parser) -> None:
+    import argparse
+
+    def size(text: str) -> str:
+        from chspawner.images.unpack import parse_size
+        try:
+            parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    parser.add_argument("--max-size", type=size, metavar="SIZE",
+                        help="refuse an image bigger than SIZE unpacked, e.g. 10G "
+                             "(default $CH_IMAGE_MAX_SIZE, or no limit)")
+
+
 def _main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -143,9 +160,18 @@ def _progress(args):
     return ProgressBars(quiet=getattr(args, "quiet", False))
 
 
+def _set_max_size(args) -> None:
+    """--max-size overrides $CH_IMAGE_MAX_SIZE, which every image writer
+    (import's and pull's alike) reads."""
+    import os
+    if args.max_size is not None:
+        os.environ["CH_IMAGE_MAX_SIZE"] = args.max_size
+
+
 def cmd_import(args, store) -> int:
     from chspawner.images.importer import import_image
     from chspawner.images.store import check_name
+    _set_max_size(args)
     with _progress(args) as bars:
         path = import_image(args.source, check_name(args.name), store, arch=args.arch,
                             progress=bars)
@@ -156,6 +182,7 @@ def cmd_import(args, store) -> int:
 def cmd_pull(args, store) -> int:
     from chspawner.images.registry import default_name, pull
     from chspawner.images.store import check_name
+    _set_max_size(args)
     with _progress(args) as bars:
         path = pull(args.ref, check_name(args.name or default_name(args.ref)), store,
                     arch=args.arch, insecure=args.insecure, jobs=max(args.jobs, 1),

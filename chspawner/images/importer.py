@@ -23,7 +23,7 @@ from chspawner.images import ImageError, layout
 from chspawner.images.progress import ByteCounter, Progress, ProgressCallback, no_progress
 from chspawner.images.store import Store, read_metadata, write_in_image, write_metadata
 from chspawner.images.streams import StreamError, TapReader, compression_of, decompressed
-from chspawner.images.unpack import ImageWriter, UnpackError
+from chspawner.images.unpack import ImageWriter, UnpackError, default_max_size
 
 # First member names that mark an image archive (docker save, OCI), not a
 # root file system.
@@ -41,8 +41,13 @@ class ImportFailed(ImageError):
 
 
 def import_image(src: str, name: str, store: Store, arch: str | None = None,
-                 progress: ProgressCallback = no_progress) -> Path:
-    """Import ``src`` as image ``name``; return the image's path."""
+                 progress: ProgressCallback = no_progress,
+                 max_size: int | None = ImageWriter.UNSET) -> Path:
+    """Import ``src`` as image ``name``; return the image's path.
+
+    ``max_size``: the most bytes the image may take unpacked (None: no
+    limit; by default ``$CH_IMAGE_MAX_SIZE``); past it, the import fails
+    and leaves nothing."""
     path = Path(src)
     if not path.exists():
         raise ImportFailed(f"{src}: no such file or directory")
@@ -50,16 +55,19 @@ def import_image(src: str, name: str, store: Store, arch: str | None = None,
     source = {"kind": kind, "path": str(path.resolve())}
     with store.new_image(name) as image:
         try:
+            if max_size == ImageWriter.UNSET:
+                max_size = default_max_size()
             if kind == "directory":
                 progress(Progress("unpack", f"copying {src}", 0, None, ""))
-                with ImageWriter(str(image)) as writer:
+                with ImageWriter(str(image), max_size) as writer:
                     writer.add_tree(str(path))
             elif kind == "tarball":
-                _unpack_rootfs_tar(path, image, progress)
+                _unpack_rootfs_tar(path, image, progress, max_size)
             else:
-                found, source["kind"] = _apply_layout(path, kind, image, arch, progress)
+                found, source["kind"] = _apply_layout(path, kind, image, arch, progress,
+                                                      max_size)
                 source["digest"] = found.digest
-            with ImageWriter(str(image)) as writer:
+            with ImageWriter(str(image), None) as writer:
                 writer.finish()
         except (UnpackError, layout.LayoutError) as e:
             raise ImportFailed(f"{src}: {e}") from None
@@ -93,10 +101,11 @@ def source_kind(path: Path) -> str:
     return "archive" if ARCHIVE_MARKERS.match(first.name) else "tarball"
 
 
-def _unpack_rootfs_tar(path: Path, image: Path, progress: ProgressCallback) -> None:
+def _unpack_rootfs_tar(path: Path, image: Path, progress: ProgressCallback,
+                       max_size: int | None) -> None:
     counter = ByteCounter(progress, "unpack", f"unpacking {path.name}",
                           path.stat().st_size)
-    with open(path, "rb") as f, ImageWriter(str(image)) as writer:
+    with open(path, "rb") as f, ImageWriter(str(image), max_size) as writer:
         if compression_of(f.read(8)) is None:
             f.seek(0)
             writer.add_tar_file(f, counter.add)
@@ -124,7 +133,8 @@ def _strip_single_top(image: Path) -> None:
 
 
 def _apply_layout(path: Path, kind: str, image: Path, arch: str | None,
-                  progress: ProgressCallback) -> tuple[layout.Found, str]:
+                  progress: ProgressCallback,
+                  max_size: int | None) -> tuple[layout.Found, str]:
     """Apply a docker save or OCI image's layers; return what was found and
     which kind it was. An archive is unpacked first (through the same safe
     writer) into the import's scratch space."""
@@ -134,14 +144,14 @@ def _apply_layout(path: Path, kind: str, image: Path, arch: str | None,
         root.mkdir(mode=0o700)
         progress(Progress("unpack", f"reading {path.name}", 0, None, ""))
         with open(path, "rb") as f, decompressed(f) as stream, \
-                ImageWriter(str(root)) as writer:
+                ImageWriter(str(root), max_size) as writer:
             writer.add_tar(stream)
         kind = "oci" if (root / "oci-layout").is_file() else "docker-archive"
     found = (layout.read_oci(root, arch) if kind == "oci"
              else layout.read_docker_save(root))
     counter = ByteCounter(progress, "unpack", f"applying {len(found.layers)} layers",
                           sum(layer.size for layer in found.layers))
-    with ImageWriter(str(image)) as writer:
+    with ImageWriter(str(image), max_size) as writer:
         for layer in found.layers:
             layer.apply(writer, counter.add)
     counter.finish()

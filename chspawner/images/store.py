@@ -10,6 +10,13 @@
         dlcache/sha256-<hex>      downloaded blobs, shared between pulls
         tmp/                      imports in progress (never an image)
 
+A store is used only if nobody but its owner could have made it or can
+change it (see :func:`chspawner.runtime.launcher.trusted_dir`): the default
+store sits in /var/tmp, where another user could make it first and fill it
+with programs its victim would run. A store this makes is private (0700);
+its ``img/``, ``dlcache/`` and ``tmp/`` get the root's mode (an admin's
+shared store made 0755 stays readable by all).
+
 An image appears in ``img/`` only complete: imports are written under
 ``tmp/`` and renamed into place at the end; a failed or interrupted import
 is removed, and one killed outright is swept up by the next store operation.
@@ -31,7 +38,8 @@ from pathlib import Path
 
 from chspawner.images import ImageError
 from chspawner.images.trees import disk_usage, remove_tree
-from chspawner.runtime.launcher import default_storage, image_name_to_dir
+from chspawner.runtime.launcher import (UntrustedPath, default_storage, image_name_to_dir,
+                                        trusted_dir, trusted_store_image, trusted_uids)
 from chspawner.runtime.spec import env_literal
 
 # A reference as users write it: [host[:port]/]path[:tag][@sha256:hex].
@@ -69,35 +77,97 @@ class ImageInfo:
 
 
 class Store:
-    """One user's (or one site's) image store."""
+    """One user's (or one site's) image store.
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    ``owner``: the uid whose store this is, when someone else reads it (the
+    hub, as root, reading a user's store): it is then trusted as that user's.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, owner: int | None = None):
         self.root = Path(root or os.environ.get("CH_IMAGE_STORAGE") or default_storage())
         self.img = self.root / "img"
-        self.dlcache = self.root / "dlcache"
         self.tmp = self.root / "tmp"
+        self._dlcache = self.root / "dlcache"
+        self._trusted = trusted_uids(owner)
+        self._checked = False   # the store exists and was found trustworthy
+        self._prepared = False  # ... and has its directories
+
+    @property
+    def dlcache(self) -> Path:
+        """The download cache, made (and checked) on first use."""
+        self.prepare()
+        return self._dlcache
+
+    def check(self) -> bool:
+        """Refuse (StoreError, one line) a store another user made or can
+        write; return False if it doesn't exist. Once found trustworthy it
+        stays so (nobody else can change that), so this runs once."""
+        if self._checked:
+            return True
+        try:
+            if trusted_dir(self.root, self._trusted) is None:
+                return False
+            for sub in (self.img, self.tmp, self._dlcache):
+                trusted_dir(sub, self._trusted)
+        except UntrustedPath as e:
+            raise StoreError(f"refusing image store {self.root}: {e}") from None
+        self._checked = True
+        return True
+
+    def prepare(self) -> None:
+        """Make the store, private, and its directories, if they are missing;
+        then check it. mkdir(2) is atomic and never follows a symlink, and
+        the check refuses a store another user made first."""
+        if self._prepared:
+            return
+        try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            _mkdir(self.root, 0o700)
+            self.check()
+            mode = os.stat(self.root).st_mode & 0o755
+            for sub in (self.img, self.tmp, self._dlcache):
+                _mkdir(sub, mode)
+        except OSError as e:
+            raise StoreError(f"can't create image store {self.root}: "
+                             f"{e.strerror or e}") from None
+        self._checked = False
+        self.check()
+        self._prepared = True
 
     def path(self, name: str) -> Path:
         return self.img / image_name_to_dir(check_name(name))
 
     def exists(self, name: str) -> bool:
-        return self.path(name).is_dir()
+        path = self.path(name)
+        return self.check() and path.is_dir()
 
     def require(self, name: str) -> Path:
+        """The directory of image ``name``, refusing an untrusted store or
+        an image in it that someone else made."""
         path = self.path(name)
-        if not path.is_dir():
+        if not self.check() or not path.is_dir():
             raise StoreError(f"no image {name} in store {self.root}")
+        try:
+            trusted_store_image(str(self.root), str(path), self._trusted)
+        except UntrustedPath as e:
+            raise StoreError(f"refusing image store {self.root}: {e}") from None
         return path
 
     # ------------------------------------------------------------ reading --
 
     def images(self) -> list[ImageInfo]:
+        if not self.check():
+            return []
         self.sweep()
         if not self.img.is_dir():
             return []
+        owners = self._image_owners()
         infos = []
         for entry in sorted(os.scandir(self.img), key=lambda e: e.name):
             if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                if owners is not None and entry.stat(follow_symlinks=False).st_uid \
+                        not in owners:
+                    continue  # made by someone else (while img/ was open): not listed
                 meta = read_metadata(Path(entry.path))
                 source = meta.get("source", {})
                 infos.append(ImageInfo(
@@ -107,6 +177,12 @@ class Store:
                     created=source.get("time", "")))
         return infos
 
+    def _image_owners(self) -> set[int] | None:
+        """Who may own an image here: trusted uids and the store's owner."""
+        if self._trusted is None:
+            return None
+        return self._trusted | {os.stat(self.root).st_uid}
+
     def inspect(self, name: str) -> dict:
         path = self.require(name)
         return {"name": name, "path": str(path), **read_metadata(path)}
@@ -115,7 +191,7 @@ class Store:
 
     def remove(self, name: str) -> None:
         path = self.require(name)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         # Rename first, so the name is gone at once even for a big image.
         doomed = Path(tempfile.mkdtemp(prefix=_scratch_prefix("rm"), dir=self.tmp))
         os.rename(path, doomed / "image")
@@ -127,8 +203,7 @@ class Store:
         becomes the image (replacing an older one of that name), on an
         error or interrupt it vanishes."""
         final = self.path(name)
-        for d in (self.img, self.tmp, self.dlcache):
-            d.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         self.sweep()
         work = Path(tempfile.mkdtemp(prefix=_scratch_prefix("import"), dir=self.tmp))
         try:
@@ -153,6 +228,13 @@ class Store:
                 continue
             if parts[2].rpartition("-")[0] == host and not _alive(int(parts[1])):
                 remove_tree(Path(entry.path))
+
+
+def _mkdir(path: Path, mode: int) -> None:
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass  # what is there is checked next
 
 
 def _scratch_prefix(kind: str) -> str:

@@ -15,6 +15,9 @@ through :class:`ImageWriter`, which guarantees:
   the user gets ``u+rwX`` on everything; all files are the caller's;
 * OCI whiteouts (``.wh.NAME``, opaque ``.wh..wh..opq``) are applied when
   unpacking layers;
+* an image grows no bigger than the size limit (``max_size``, default
+  ``$CH_IMAGE_MAX_SIZE``): each file's size is counted (plus 512 bytes an
+  entry) before it is written, so a small compressed "bomb" stops at once;
 * what the runtime needs exists at the end (``dev proc sys tmp home``,
   ``etc/passwd etc/group etc/hosts etc/resolv.conf``).
 
@@ -47,8 +50,47 @@ RUNTIME_FILES = ("etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf")
 COPY_CHUNK = 1 << 20
 
 
+MAX_SIZE_ENV = "CH_IMAGE_MAX_SIZE"
+ENTRY_COST = 512  # charged per entry, so a flood of empty files counts too
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
 class UnpackError(ImageError):
     """Unpacking failed; the message says which member and why."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``10G``, ``512M``, ``1.5TiB`` or ``1000``
+    (K, M, G, T, P are powers of 1024); ValueError if it isn't one."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in SIZE_UNITS else ""
+    number = value[:len(value) - len(unit)]
+    try:
+        size = int(float(number) * SIZE_UNITS[unit])
+    except (ValueError, OverflowError):
+        raise ValueError(f"invalid size {text!r}: use a number of bytes, or one "
+                         "with K, M, G or T (e.g. 10G)") from None
+    if size <= 0:
+        raise ValueError(f"invalid size {text!r}: must be more than 0")
+    return size
+
+
+def default_max_size() -> int | None:
+    """The limit in ``$CH_IMAGE_MAX_SIZE`` (None: unset or empty)."""
+    text = os.environ.get(MAX_SIZE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UnpackError(f"{MAX_SIZE_ENV}: {e}") from None
+
+
+def format_limit(size: int) -> str:
+    for unit in ("P", "T", "G", "M", "K"):
+        if size >= SIZE_UNITS[unit] and size % SIZE_UNITS[unit] == 0:
+            return f"{size // SIZE_UNITS[unit]}{unit}"
+    return f"{size} bytes"
 
 
 def _shown(name: str, limit: int = 120) -> str:
@@ -115,8 +157,14 @@ class ImageWriter:
 
     CACHE_SIZE = 128
 
-    def __init__(self, root: str):
+    UNSET = -1
+
+    def __init__(self, root: str, max_size: int | None = UNSET):
+        """``max_size``: the most bytes this writer may write (None: no
+        limit; by default ``$CH_IMAGE_MAX_SIZE``)."""
         self.root = root
+        self.max_size = default_max_size() if max_size == self.UNSET else max_size
+        self.written = 0
         self.root_fd = os.open(root, DIR_FLAGS)
         self.umask = _umask()
         self._dirs: OrderedDict[str, int] = OrderedDict()
@@ -199,7 +247,17 @@ class ImageWriter:
 
     # ------------------------------------------------------------ entries --
 
-    def _split(self, name: str) -> tuple[str, int, str]:
+    def _charge(self, name: str, size: int) -> None:
+        """Count ``size`` bytes (and the entry) against the limit, before
+        they are written: past it, stop at once."""
+        self.written += size + ENTRY_COST
+        if self.max_size is not None and self.written > self.max_size:
+            raise UnpackError(f"{_shown(name)}: image larger than the size limit "
+                              f"of {format_limit(self.max_size)} (--max-size or "
+                              f"{MAX_SIZE_ENV})")
+
+    def _split(self, name: str, size: int = 0) -> tuple[str, int, str]:
+        self._charge(name, size)
         path = member_path(name)
         if not path:
             return "", -1, ""
@@ -227,8 +285,9 @@ class ImageWriter:
 
     def add_file(self, name: str, mode: int, mtime: float, size: int,
                  write: Callable[[int], None]) -> None:
-        """A regular file of ``size`` bytes, which ``write(fd)`` writes."""
-        path, pfd, base = self._split(name)
+        """A regular file, which ``write(fd)`` writes: ``size`` bytes of
+        data (counted against the size limit before anything is written)."""
+        path, pfd, base = self._split(name, size)
         if not path:
             raise UnpackError(f"{_shown(name)}: a file can't be the image root")
         final = self._file_mode(mode)
@@ -358,13 +417,16 @@ class ImageWriter:
             if m.isdir():
                 self.add_dir(m.name, m.mode)
             elif m.isreg():
+                size = m.size
                 if data_fd is not None:
                     def write(fd):
                         _copy_member(fd, data_fd, m)
+                    if m.issparse():  # holes are kept, not written
+                        size = sum(length for _, length in m.sparse)
                 else:
                     def write(fd):
                         _copy(fd, tar.extractfile(m), m.size)
-                self.add_file(m.name, m.mode, m.mtime, m.size, write)
+                self.add_file(m.name, m.mode, m.mtime, size, write)
             elif m.issym():
                 self.add_symlink(m.name, m.linkname)
             elif m.islnk():

@@ -523,18 +523,139 @@ def default_storage():
 
 
 def find_image(ref, storage):
-    """Return the image directory for a path or a name in the store."""
+    """Return the image directory for a path or a name in the store.
+
+    An image found in the store is used only if the store is trusted (see
+    :func:`trusted_dir`); a directory path is the caller's own choice."""
     if storage is None:
         storage = os.environ.get("CH_IMAGE_STORAGE") or default_storage()
-    # A name in the store wins, as in ch-run; ".." can't be part of a name.
-    if "/.." not in f"/{ref}" and not ref.startswith("/") and ref:
-        candidate = os.path.join(storage, "img", image_name_to_dir(ref))
-        if os.path.isdir(candidate):
-            return os.path.realpath(candidate)
+    candidate = store_candidate(ref, storage)
+    if candidate is not None:
+        try:
+            return trusted_store_image(storage, candidate, trusted_uids())
+        except UntrustedPath as e:
+            raise Fail(f"refusing image store {storage}: {e}")
     if os.path.isdir(ref):
         return os.path.realpath(ref)
     raise Fail(f"image not found: {ref} (no such directory, and no such "
                f"image in store {storage})")
+
+
+def store_candidate(ref, storage):
+    """The store directory of image name ``ref``, if there is one: a name in
+    the store wins over a directory, as in ch-run; ".." can't be in a name."""
+    if "/.." not in f"/{ref}" and not ref.startswith("/") and ref:
+        candidate = os.path.join(storage, "img", image_name_to_dir(ref))
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+# ---------------------------------------------------- trusting a store ---
+#
+# The default store, /var/tmp/$USER.ch, is in a directory anyone can write:
+# another user could make it first (or a symlink of that name) and fill it
+# with programs its victim would run as themselves. So, as ssh does with
+# ~/.ssh, a store is trusted only if nobody else could have put it where it
+# is or can change it now. Metadata only: a few lstat(2)s, no tree walks.
+
+S_IFMT, S_IFDIR, S_IFLNK, S_ISVTX = 0o170000, 0o040000, 0o120000, 0o1000
+
+
+class UntrustedPath(Exception):
+    """A store directory someone else made or can write; one line."""
+
+
+def trusted_uids(owner=None):
+    """Who may own what sits in a directory others can write: the caller,
+    root, and ``owner`` (the user whose store root is reading). None (any
+    owner) for root with no owner named: root only lists and inspects;
+    whoever runs an image checks the store as themselves."""
+    uid = os.getuid()
+    if owner is None and uid == 0:
+        return None
+    return {uid, 0} | ({owner} if owner is not None else set())
+
+
+def _loose(st):
+    """Writable by group or others."""
+    return st.st_mode & 0o022
+
+
+def trusted_dir(path, trusted):
+    """Resolve directory ``path`` component by component with lstat(2),
+    refusing anything another user could have planted or can change; return
+    the real path, or None if it doesn't exist.
+
+    Trusted: an entry (directory or symlink) in a directory only its owner
+    may write, whoever owns it (that owner, or root, put it there); in a
+    sticky directory anyone may write (/tmp, /var/tmp), only one owned by a
+    uid in ``trusted`` (None: any). Refused: a path through a non-sticky
+    directory others may write, and a final directory group or others may
+    write."""
+    todo = [c for c in reversed(os.path.abspath(path).split("/")) if c]
+    here, here_st = "/", os.lstat("/")
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            here = os.path.dirname(here)
+            here_st = os.lstat(here)
+            continue
+        entry = os.path.join(here, name)
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise UntrustedPath(f"can't check {entry}: {e.strerror}")
+        is_link = (st.st_mode & S_IFMT) == S_IFLNK
+        if _loose(here_st):
+            if not here_st.st_mode & S_ISVTX:
+                raise UntrustedPath(f"{here} is writable by others and not sticky, "
+                                    f"so anyone can replace {entry}")
+            if trusted is not None and st.st_uid not in trusted:
+                what = "a symlink made" if is_link else "made"
+                raise UntrustedPath(
+                    f"{entry} is {what} by {_username(st.st_uid)}, not you, in {here}, "
+                    "which anyone can write; remove it or use another store "
+                    "(-s DIR or CH_IMAGE_STORAGE)")
+        if is_link:
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise UntrustedPath(f"can't resolve {path}: too many symlinks")
+            target = os.readlink(entry)
+            if target.startswith("/"):
+                here, here_st = "/", os.lstat("/")
+            todo.extend(c for c in reversed(target.split("/")) if c)
+            continue
+        if (st.st_mode & S_IFMT) != S_IFDIR:
+            raise UntrustedPath(f"{entry} is not a directory")
+        here, here_st = entry, st
+    if _loose(here_st):
+        raise UntrustedPath(f"{here} is writable by group or others "
+                            f"(chmod go-w {here}, if it is yours)")
+    return here
+
+
+def trusted_store_image(storage, image_dir, trusted):
+    """The real path of ``image_dir`` in store ``storage``, if the store, its
+    img/ and the image directory are trusted, or raise UntrustedPath. The
+    image must also belong to the store's owner (or a trusted uid): in a
+    trusted img/, nobody else could have made it, unless img/ was once open."""
+    root = trusted_dir(storage, trusted)
+    if root is None or trusted_dir(os.path.join(storage, "img"), trusted) is None:
+        raise UntrustedPath(f"{image_dir} vanished")
+    image = trusted_dir(image_dir, trusted)
+    if image is None:
+        raise UntrustedPath(f"{image_dir} vanished")
+    uid = os.lstat(image).st_uid
+    if trusted is not None and uid not in trusted and uid != os.lstat(root).st_uid:
+        raise UntrustedPath(f"image {image} belongs to {_username(uid)}, "
+                            "not to you or the store's owner")
+    return image
 
 
 def _username(uid):
@@ -863,23 +984,80 @@ def join_namespaces(libc, pid):
             os.close(fd)
 
 
+def _private_dir(path, create):
+    """An O_RDONLY fd for directory ``path`` if it is the caller's own and
+    closed to others (made 0700 first with ``create``), else None. Never
+    follows a symlink: in /dev/shm anyone can plant one."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        os.close(fd)
+        return None
+    return fd
+
+
+def join_dir():
+    """(fd, path) of the private directory the peers rendezvous in.
+
+    A name anyone could take first (in /dev/shm) would let another user deny
+    or hijack the join, so the lock lives in a directory only the caller can
+    write: $XDG_RUNTIME_DIR (made by the system for each user) if there is
+    one, else /dev/shm/chspawner-UID (or in $CHSPAWNER_JOIN_DIR), made 0700
+    and checked to be ours. If someone else took that name first, fail
+    clearly: peers must all pick the same place, so there is no other
+    guessable name to fall back on."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/") and "CHSPAWNER_JOIN_DIR" not in os.environ:
+        fd = _private_dir(runtime, create=False)
+        if fd is not None:
+            return fd, runtime
+    base = os.environ.get("CHSPAWNER_JOIN_DIR", DEFAULT_JOIN_DIR)
+    path = os.path.join(base, f"chspawner-{os.getuid()}")
+    fd = _private_dir(path, create=True)
+    if fd is None:
+        try:
+            st = os.lstat(path)
+            why = (f"it belongs to {_username(st.st_uid)}"
+                   if st.st_uid != os.getuid() else "it is not a private directory")
+        except OSError as e:
+            why = e.strerror
+        raise Fail(f"--join: can't use {path}: {why}; remove it, or set "
+                   "XDG_RUNTIME_DIR or CHSPAWNER_JOIN_DIR to a private directory")
+    return fd, path
+
+
 def join_or_create(o, create, libc, log):
     """--join: the first peer creates the container, the others join it.
 
-    Peers serialize on an flock(2)ed file in /dev/shm; the winner holds the
-    lock while it sets up, so the others wait for a ready container without
-    polling. The file records the winner's PID and the peers still to come;
-    the last peer removes it.
+    Peers serialize on an flock(2)ed file in the caller's private
+    rendezvous directory (:func:`join_dir`); the winner holds the lock while
+    it sets up, so the others wait for a ready container without polling.
+    The file records the winner's PID and the peers still to come; the last
+    peer removes it.
     """
     import fcntl
     count = join_peer_count(o)
-    path = os.path.join(os.environ.get("CHSPAWNER_JOIN_DIR", DEFAULT_JOIN_DIR),
-                        f"chspawner-join.{os.getuid()}.{join_tag(o)}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    dir_fd, where = join_dir()
+    name = f"chspawner-join.{join_tag(o)}"
     try:
-        if os.fstat(fd).st_uid != os.getuid():
-            raise Fail(f"--join: {path} belongs to another user")
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+    except OSError as e:
+        os.close(dir_fd)
+        raise Fail(f"--join: can't open {where}/{name}: {e.strerror}")
+    try:
+        if os.fstat(fd).st_uid != os.getuid():  # only root could have made it
+            raise Fail(f"--join: {where}/{name} belongs to another user")
         fcntl.flock(fd, fcntl.LOCK_EX)
         record = os.pread(fd, 64, 0).split()
         if not record:
@@ -891,12 +1069,13 @@ def join_or_create(o, create, libc, log):
             log(1, f"join: joining the container of process {winner}")
             join_namespaces(libc, winner)
         if left <= 0:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dir_fd)
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{winner} {left}\n".encode(), 0)
     finally:
         os.close(fd)  # also releases the lock
+        os.close(dir_fd)
 
 
 # ------------------------------------------------------------------ main ---
@@ -974,6 +1153,9 @@ def image_defaults(o, image_dir):
 def exec_ch_run(o, argv):
     """The ch-run backend: hand the same command line to Charliecloud."""
     args = [a for k, a in enumerate(argv) if k not in o.backend_argv]
+    storage = o.storage or os.environ.get("CH_IMAGE_STORAGE") or default_storage()
+    if store_candidate(o.image, storage) is not None:
+        find_image(o.image, o.storage)  # refuses an untrusted store (ch-run won't)
     if not o.command:  # what image_defaults() added, then the command
         added = image_defaults(o, find_image(o.image, o.storage))
         if args and args[-1] == "--":
