@@ -423,3 +423,101 @@ def test_sparse_files_keep_their_holes(images, user_dir):
         f.seek(0)
         assert f.read(4096) == bytes(4096)
     assert copy.stat().st_blocks * 512 < 1 << 20  # still sparse
+
+
+# ----------------------------------------------------------- size limit ----
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, read in chunks (never all in memory)."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def gzip_bomb(path, files=(), big=128 << 20):
+    """A small .tar.gz that unpacks to ``big`` bytes of zeros (plus
+    ``files``, a list of (name, size))."""
+    with tarfile.open(path, "w:gz", compresslevel=9) as tar:
+        for name, size in [*files, ("big", big)]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = size, 0o644
+            tar.addfile(info, io.BufferedReader(Zeros(size)))
+    os.chmod(path, 0o644)
+    return path
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_gzip_bomb_stops_at_the_size_limit(images, user_dir, outside, how):
+    """128 MiB of zeros in a ~130 KB tarball, 32 MiB allowed: refused as
+    soon as the big member's header is read, nothing left behind."""
+    bomb = gzip_bomb(user_dir / "bomb.tar.gz", files=[("small", 1000)])
+    assert bomb.stat().st_size < 1 << 20
+    args = ["import", "-q", "-s", str(images.store), str(bomb), "x"]
+    start = time.monotonic()
+    if how == "option":
+        result = images.cli(*args[:1], "--max-size=32M", *args[1:])
+    else:
+        result = as_user(images.user.pw_name, "env", "CH_IMAGE_MAX_SIZE=32M",
+                         str(CHSPAWNER), *args, check=False, timeout=300)
+    elapsed = time.monotonic() - start
+    assert_refused(images, result, outside, "big: image larger than the size limit of 32M")
+    assert elapsed < 30, elapsed
+
+
+def test_a_flood_of_empty_files_counts_too(images, user_dir, outside):
+    """Each entry counts 512 bytes: 10000 empty files pass no 1M limit."""
+    path = user_dir / "flood.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(10_000):
+            tar.addfile(tarfile.TarInfo(f"f{i}"))
+    os.chmod(path, 0o644)
+    assert_refused(images, images.cli("import", "-q", "--max-size=1M", "-s",
+                                      str(images.store), str(path), "x"),
+                   outside, "image larger than the size limit of 1M")
+
+
+def test_an_image_within_the_limit_imports(images, user_dir):
+    bomb = gzip_bomb(user_dir / "ok.tar.gz", big=4 << 20)
+    images.cli("import", "-q", "--max-size=5M", "-s", str(images.store), str(bomb), "x",
+               check=True)
+    assert (images.image() / "big").stat().st_size == 4 << 20
+
+
+def test_the_size_limit_covers_image_layers(images, user, user_dir, test_images,
+                                            outside):
+    from registry import export_oci_layout
+    src = user_dir / "layout"
+    export_oci_layout(test_images.one, src, owner=user)
+    assert_refused(images, images.cli("import", "-q", "--max-size=2K", "-s",
+                                      str(images.store), str(src), "x"),
+                   outside, "image larger than the size limit of 2K")
+
+
+def test_the_size_limit_covers_pulls(images, registry, test_images, outside):
+    result = images.cli("pull", "-q", "--insecure", "--max-size=2K", "-s",
+                        str(images.store), test_images.one.at(registry), "x")
+    assert_refused(images, result, outside, "image larger than the size limit of 2K")
+
+
+@pytest.mark.parametrize("option, env, code, words", [
+    (["--max-size=lots"], {}, 64, "argument --max-size: invalid size 'lots'"),
+    (["--max-size=0"], {}, 64, "must be more than 0"),
+    ([], {"CH_IMAGE_MAX_SIZE": "10X"}, 1, "CH_IMAGE_MAX_SIZE: invalid size '10X'"),
+])
+def test_bad_size_limits(images, user_dir, option, env, code, words):
+    tar = make_tar(user_dir / "rootfs.tar", BASE)
+    extra = [f"{k}={v}" for k, v in env.items()]
+    result = as_user(images.user.pw_name, "env", *extra, str(CHSPAWNER), "import", "-q",
+                     *option, "-s", str(images.store), str(tar), "x", check=False)
+    assert result.returncode == code, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr
+    assert not images.image().exists()

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from chspawner.images.trees import remove_tree
+from conftest import as_user
 from test_run import read_line
 
 # Each peer prints its namespaces, then waits until the test lets it go, so
@@ -92,3 +96,70 @@ def test_join_without_peer_count_is_an_error(builtin, busybox):
 def test_join_pid_of_a_dead_process(rt, busybox):
     result = rt.run("--join-pid=999999999", str(busybox), "--", "true")
     assert result.returncode == rt.exit_runtime
+
+
+# ------------------------------------------ another user's rendezvous ----
+
+@pytest.fixture
+def shm(user) -> Path:
+    """A directory like /dev/shm (anyone may create in it, sticky), used as
+    the rendezvous base, so the test's plants can't disturb real joins."""
+    path = Path(tempfile.mkdtemp(prefix="chspawner-join-", dir="/dev/shm"))
+    os.chmod(path, 0o1777)
+    yield path
+    remove_tree(path)
+
+
+def plant(other_user, path: Path, kind: str) -> None:
+    """The attacker takes ``path`` before the victim's first join."""
+    attacker = str(path.parent / "attackers")
+    as_user(other_user.pw_name, "mkdir", "-m", "777", attacker)
+    if kind == "symlink":  # to a directory the attacker reads and writes
+        as_user(other_user.pw_name, "ln", "-s", attacker, str(path))
+    elif kind == "file":
+        as_user(other_user.pw_name, "touch", str(path))
+    else:
+        as_user(other_user.pw_name, "mkdir", "-m", "777" if kind == "open" else "755",
+                str(path))
+
+
+@pytest.mark.parametrize("kind", ["dir", "open", "symlink", "file"])
+def test_a_rendezvous_taken_by_another_user_fails_clearly(builtin, busybox, user,
+                                                          other_user, user_dir, shm,
+                                                          kind):
+    """chtest2 took chtest's rendezvous name: the join fails at once with a
+    one-line reason (never hangs, never joins anything of the attacker's);
+    with a private $XDG_RUNTIME_DIR, it isn't even needed."""
+    taken = shm / f"chspawner-{user.pw_uid}"
+    plant(other_user, taken, kind)
+    env = {"CHSPAWNER_JOIN_DIR": str(shm)}
+    result = builtin.run("--join-ct=2", "--join-tag=t", str(busybox), "--", "true",
+                         env=env, timeout=30)
+    assert result.returncode == 31, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"--join: can't use {taken}: it belongs to {other_user.pw_name}" \
+        in result.stderr
+    assert os.listdir(shm / "attackers") == []  # nothing written there
+    runtime = user_dir / "xdg"
+    as_user(user.pw_name, "mkdir", "-m", "700", str(runtime))
+    peers = start_peers(builtin, busybox, user_dir, 2, "--join-ct=2", "--join-tag=t",
+                        env={**env, "XDG_RUNTIME_DIR": str(runtime)})
+    namespaces = {read_namespaces(p) for p in peers}
+    assert finish(peers, user_dir) == [0, 0]
+    assert len(namespaces) == 1
+    assert os.listdir(runtime) == []  # the last peer removed the lock
+
+
+def test_the_lock_files_name_in_the_shared_directory_is_not_used(
+        builtin, busybox, user, other_user, user_dir, shm):
+    """The lock file itself is in the user's private directory: planting the
+    name it once had (chspawner-join.UID.TAG, in /dev/shm) denies nothing."""
+    as_user(other_user.pw_name, "touch", str(shm / f"chspawner-join.{user.pw_uid}.t"))
+    peers = start_peers(builtin, busybox, user_dir, 2, "--join-ct=2", "--join-tag=t",
+                        env={"CHSPAWNER_JOIN_DIR": str(shm)})
+    namespaces = {read_namespaces(p) for p in peers}
+    assert finish(peers, user_dir) == [0, 0]
+    assert len(namespaces) == 1
+    private = shm / f"chspawner-{user.pw_uid}"
+    st = private.lstat()
+    assert st.st_uid == user.pw_uid and st.st_mode & 0o777 == 0o700

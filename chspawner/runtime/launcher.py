@@ -620,8 +620,8 @@ def trusted_dir(path, trusted):
                 what = "a symlink made" if is_link else "made"
                 raise UntrustedPath(
                     f"{entry} is {what} by {_username(st.st_uid)}, not you, in {here}, "
-                    "which anyone can write; remove it or use another store "
-                    "(-s DIR or CH_IMAGE_STORAGE)")
+                    "which anyone can write (have it removed, or use another store: "
+                    "-s DIR or CH_IMAGE_STORAGE)")
         if is_link:
             links += 1
             if links > MAX_SYMLINKS:
@@ -648,6 +648,8 @@ def trusted_store_image(storage, image_dir, trusted):
     root = trusted_dir(storage, trusted)
     if root is None or trusted_dir(os.path.join(storage, "img"), trusted) is None:
         raise UntrustedPath(f"{image_dir} vanished")
+    for sub in ("tmp", "dlcache"):  # open ones mean the store was tampered with
+        trusted_dir(os.path.join(storage, sub), trusted)
     image = trusted_dir(image_dir, trusted)
     if image is None:
         raise UntrustedPath(f"{image_dir} vanished")
@@ -1017,7 +1019,7 @@ def join_dir():
     clearly: peers must all pick the same place, so there is no other
     guessable name to fall back on."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if runtime.startswith("/") and "CHSPAWNER_JOIN_DIR" not in os.environ:
+    if runtime.startswith("/"):
         fd = _private_dir(runtime, create=False)
         if fd is not None:
             return fd, runtime
@@ -1031,8 +1033,8 @@ def join_dir():
                    if st.st_uid != os.getuid() else "it is not a private directory")
         except OSError as e:
             why = e.strerror
-        raise Fail(f"--join: can't use {path}: {why}; remove it, or set "
-                   "XDG_RUNTIME_DIR or CHSPAWNER_JOIN_DIR to a private directory")
+        raise Fail(f"--join: can't use {path}: {why} (have it removed, or set "
+                   "XDG_RUNTIME_DIR to a private directory of yours)")
     return fd, path
 
 
