@@ -593,8 +593,15 @@ def trusted_dir(path, trusted):
     uid in ``trusted`` (None: any). Refused: a path through a non-sticky
     directory others may write, and a final directory group or others may
     write."""
-    todo = [c for c in reversed(os.path.abspath(path).split("/")) if c]
-    here, here_st = "/", os.lstat("/")
+    return _trusted_walk(os.path.abspath(path), "/", os.lstat("/"), trusted)
+
+
+def _trusted_walk(path, here, here_st, trusted):
+    """trusted_dir's walk of ``path`` from directory ``here`` (already
+    trusted, with lstat ``here_st``); a relative ``path`` starts there."""
+    todo = [c for c in reversed(path.split("/")) if c]
+    if path.startswith("/"):
+        here, here_st = "/", os.lstat("/")
     links = 0
     while todo:
         name = todo.pop()
@@ -646,15 +653,18 @@ def trusted_store_image(storage, image_dir, trusted):
     image must also belong to the store's owner (or a trusted uid): in a
     trusted img/, nobody else could have made it, unless img/ was once open."""
     root = trusted_dir(storage, trusted)
-    if root is None or trusted_dir(os.path.join(storage, "img"), trusted) is None:
+    if root is None:
         raise UntrustedPath(f"{image_dir} vanished")
-    for sub in ("tmp", "dlcache"):  # open ones mean the store was tampered with
-        trusted_dir(os.path.join(storage, sub), trusted)
-    image = trusted_dir(image_dir, trusted)
+    root_st = os.lstat(root)
+    # From the checked root on, relative to it: a few more lstats, not walks.
+    # Open tmp/ or dlcache/ mean the store was tampered with.
+    for sub in ("img", "tmp", "dlcache"):
+        _trusted_walk(sub, root, root_st, trusted)
+    image = _trusted_walk(os.path.relpath(image_dir, storage), root, root_st, trusted)
     if image is None:
         raise UntrustedPath(f"{image_dir} vanished")
     uid = os.lstat(image).st_uid
-    if trusted is not None and uid not in trusted and uid != os.lstat(root).st_uid:
+    if trusted is not None and uid not in trusted and uid != root_st.st_uid:
         raise UntrustedPath(f"image {image} belongs to {_username(uid)}, "
                             "not to you or the store's owner")
     return image
