@@ -177,8 +177,18 @@ async def relay(client: IOStream, backend: IOStream, on_data: Callable[[], None]
         await client.write(head)
     loop = asyncio.get_running_loop()
     state = _Relay(on_data, url, delivered, scope)
-    client_sock, from_client = _take(client)
-    backend_sock, from_backend = _take(backend)
+    try:
+        client_sock, from_client = _take(client)
+    except OSError:  # no descriptor for the dup (EMFILE): give up on this one
+        client.close()
+        backend.close()
+        return
+    try:
+        backend_sock, from_backend = _take(backend)
+    except OSError:
+        client_sock.close()
+        backend.close()
+        return
     if from_client:
         state.forward(state.client, from_client)
     if from_backend:
