@@ -7,6 +7,12 @@ Requests are relayed with tornado's HTTP/1.1 connection objects directly
 bodies are streamed chunk by chunk in both directions. Websockets are
 relayed as raw bytes once the backend has accepted the upgrade (see
 ``wsrelay``). The route API lives on a separate port (``proxy_api``).
+
+What a client or a target can make it hold is bounded: request headers
+must arrive in time (``--headers-timeout``, ``--keep-alive-timeout``),
+client connections are capped (``--max-connections``), and running out of
+file descriptors pauses accepting instead of failing, and logging, on
+every turn of the event loop (``Acceptor``).
 """
 from __future__ import annotations
 
@@ -84,7 +90,8 @@ class Proxy:
         #: what each websocket URL's client got, for the next relay on it
         self.delivered = DeliveredFrames()
         self.websockets = 0  # relayed now: each holds a client connection
-        self.fd_warnings = Throttled(LOG_EVERY_S)
+        self.fd_warnings = Throttled(LOG_EVERY_S)       # accepting, out of descriptors
+        self.connect_warnings = Throttled(LOG_EVERY_S)  # connecting, out of descriptors
         self.public: BoundedHTTPServer | None = None
 
     def count_websocket(self, relay: asyncio.Future) -> None:
@@ -398,7 +405,7 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
             return await self.proxy.upstreams.get(self.route)
         except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
             if getattr(error, "errno", None) in OUT_OF_FDS:  # one line a minute, not one a request
-                self.proxy.fd_warnings.warn(f"connecting to targets: {error}")
+                self.proxy.connect_warnings.warn(f"connecting to targets: {error}")
             else:
                 log.warning("%s: %s", self.route.data.get("target"), error)
             await self.error_page(503)
