@@ -396,3 +396,44 @@ def test_partials_are_bounded(puller, hostile, image):
     assert left == [f"sha256-{i:064x}.partial" for i in range(4)]
     assert (dlcache / image.layer_digest.replace(":", "-")).stat().st_size \
         == len(image.layer)
+
+
+def test_concurrent_pulls_download_a_layer_once(puller, hostile, image):
+    """Two pulls of one slow layer into one store: one downloads, the other
+    waits for it; both succeed and no partial is left behind."""
+    chunks = [image.layer[i:i + 8192] for i in range(0, len(image.layer), 8192)]
+    hostile.blobs["shared"] = lambda r: hostile.stream(
+        r, chunks, length=len(image.layer), pause=0.1)
+    argv = [str(AS_USER), puller.user.pw_name, str(CHSPAWNER), "pull", "-q",
+            "--insecure", "-s", str(puller.store), hostile.ref("shared")]
+    first, second = (subprocess.Popen([*argv, name], stderr=subprocess.PIPE, text=True)
+                     for name in ("a", "b"))
+    for proc in (first, second):
+        assert proc.wait(timeout=PULL_TIMEOUT) == 0, proc.stderr.read()
+        proc.stderr.close()
+    assert hostile.sent["shared"] == len(image.layer)
+    assert not list((puller.store / "dlcache").glob("*.partial"))
+    for name in ("a", "b"):
+        assert (puller.image(name) / "data.bin").read_bytes() == image.data
+
+
+# ------------------------------------------------------------ the watch ----
+
+def test_stall_watch_counts_windows_not_totals():
+    """Steady progress passes however long it lasts; a window without
+    ``min_bytes`` cancels the work and raises Stalled."""
+    from chspawner.images.progress import Stalled, StallWatch
+
+    async def work(rate_bytes: int, steps: int) -> None:
+        async with StallWatch(0.2, 100) as watch:
+            for _ in range(steps):
+                await asyncio.sleep(0.05)  # the pace of the transfer itself
+                watch.add(rate_bytes)
+
+    start = time.monotonic()
+    asyncio.run(work(50, 20))  # 100 bytes per 0.1 s for 1 s: passes
+    assert time.monotonic() - start >= 1.0
+    start = time.monotonic()
+    with pytest.raises(Stalled):
+        asyncio.run(work(1, 1000))  # 20 bytes/s: stopped after one window
+    assert time.monotonic() - start < 0.2 + 0.5

@@ -285,8 +285,8 @@ class Client:
                 try:
                     data = await _read_capped(response, limit, watch.add)
                 except aiohttp.ClientError as e:
-                    raise self.error(f"{what}: {_client_error(f'registry {self.ref.registry}', e)}") \
-                        from None
+                    problem = _client_error(f"registry {self.ref.registry}", e)
+                    raise self.error(f"{what}: {problem}") from None
         if data is None:
             raise self.error(f"{what}: the registry sent more than the {limit} bytes "
                              "allowed; refused")
@@ -369,9 +369,9 @@ class Client:
                         have += await _copy_bounded(response, f, size - have, hasher,
                                                     (counter.add, watch.add))
                     except aiohttp.ClientError as e:
-                        raise self.error(f"{what}: download interrupted "
-                                         f"({_client_error(f'registry {host}', e)}); pull again "
-                                         "to resume") from None
+                        problem = _client_error(f"registry {host}", e)
+                        raise self.error(f"{what}: download interrupted ({problem}); "
+                                         "pull again to resume") from None
             f.flush()
         if have != size:
             raise BadBlob(f"registry {host} sent {have} of the {size} bytes the "
@@ -395,18 +395,21 @@ async def _open_locked(partial: Path, final: Path) -> BinaryIO | None:
         f = os.fdopen(fd, "r+b")
         try:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            if final.exists():
-                f.close()
-                return None
             held = os.fstat(fd)
             try:
                 current = os.stat(partial)
             except FileNotFoundError:
                 current = None
+            ours = current and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+            if final.exists():
+                if ours:  # one we created after it was renamed: not needed
+                    os.unlink(partial)
+                f.close()
+                return None
         except BaseException:
             f.close()
             raise
-        if current and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+        if ours:
             return f
         f.close()
 
