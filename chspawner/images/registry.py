@@ -366,8 +366,8 @@ class Client:
                         raise BadBlob(f"registry {host} announces {length} bytes where "
                                       f"the manifest declares {size - have} more")
                     try:
-                        have += await _copy_bounded(response, f, size - have, hasher,
-                                                    (counter.add, watch.add))
+                        have += await _copy_bounded(response, f, size - have, size,
+                                                    hasher, (counter.add, watch.add))
                     except aiohttp.ClientError as e:
                         problem = _client_error(f"registry {host}", e)
                         raise self.error(f"{what}: download interrupted ({problem}); "
@@ -424,20 +424,27 @@ def _resumes_at(response: aiohttp.ClientResponse, offset: int) -> bool:
 
 
 async def _copy_bounded(response: aiohttp.ClientResponse, f: BinaryIO, room: int,
-                        hasher: Sha256Tap, taps: tuple) -> int:
+                        declared: int, hasher: Sha256Tap, taps: tuple) -> int:
     """Copy the body into ``f``, at most ``room`` bytes: a chunk that would
     go past it is not written, and is a BadBlob. Returns the bytes copied."""
     copied = 0
     while chunk := await response.content.read(CHUNK):
         if copied + len(chunk) > room:
-            raise BadBlob("the registry sends more than the manifest declares "
-                          "(stopped at the declared size)")
+            raise BadBlob(f"{_server(response)} sends more than the {declared} bytes "
+                          "the manifest declares (stopped there)")
         f.write(chunk)
         hasher(chunk)
         copied += len(chunk)
         for tap in taps:
             tap(len(chunk))
     return copied
+
+
+def _server(response: aiohttp.ClientResponse) -> str:
+    """Who sent a response: the registry, or where it redirected to (a
+    storage service, for blobs)."""
+    return f"registry {response.url.host}:{response.url.port}" \
+        if not response.history else f"server {response.url.host}:{response.url.port}"
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int,
