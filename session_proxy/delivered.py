@@ -39,8 +39,21 @@ TAIL_BYTES = 256 << 10
 #: How long a URL's digests are kept after its relay lost its backend
 #: (a session takes seconds to come back; a client gives up in minutes).
 KEEP_S = 600.0
-#: URLs remembered at once (the oldest go first).
-MAX_URLS = 1000
+#: The largest frame a new relay holds back to compare: a bigger one was
+#: never remembered (``Tail`` lets it go), so it goes through unwatched.
+MAX_FRAME = 2 * TAIL_BYTES
+#: URLs remembered per route (per user's server: /user/NAME), oldest first
+#: to go, and the bytes they may take; one user's flood of kernel URLs
+#: evicts only that user's own.
+ROUTE_URLS = 100
+ROUTE_BYTES = 4 << 20
+#: Routes remembered at once, and the bytes all of them may take (the
+#: least recently updated route loses its oldest URL first).
+MAX_ROUTES = 10000
+MAX_BYTES = 64 << 20
+#: What one digest costs in memory: 16 bytes, the bytes object around them
+#: and its list slot (an estimate on the safe side).
+DIGEST_COST = 64
 
 
 #: A kernel's websocket, as jupyter_server serves it: /.../api/kernels/ID/channels
@@ -57,25 +70,74 @@ def digest(frame: bytes | bytearray | memoryview) -> bytes:
 
 
 class DeliveredFrames:
-    """URL -> digests of the last data frames its client was sent, newest
-    last, as of the last relay on it that lost its backend."""
+    """Route -> URL -> digests of the last data frames its client was sent,
+    newest last, as of the last relay on it that lost its backend.
 
-    def __init__(self, max_urls: int = MAX_URLS, keep_s: float = KEEP_S) -> None:
-        self.max_urls, self.keep_s = max_urls, keep_s
-        self._by_url: OrderedDict[str, tuple[float, list[bytes]]] = OrderedDict()
+    Kept per route (a user's server, ``/user/NAME``: the route a request
+    matched, which a request can't pick for someone else), with a count
+    and a byte bound per route, and a route count and byte bound for all."""
 
-    def get(self, url: str) -> list[bytes]:
-        entry = self._by_url.get(url)
+    def __init__(self, route_urls: int = ROUTE_URLS, route_bytes: int = ROUTE_BYTES,
+                 max_routes: int = MAX_ROUTES, max_bytes: int = MAX_BYTES,
+                 keep_s: float = KEEP_S) -> None:
+        self.route_urls, self.route_bytes = route_urls, route_bytes
+        self.max_routes, self.max_bytes, self.keep_s = max_routes, max_bytes, keep_s
+        #: route -> (its bytes, URL -> (when, digests)); oldest first at both levels
+        self._by_route: OrderedDict[str, _RouteMemory] = OrderedDict()
+        self.size = 0  # bytes, as ``_cost`` counts them
+
+    def get(self, route: str, url: str) -> list[bytes]:
+        memory = self._by_route.get(route)
+        entry = memory.urls.get(url) if memory is not None else None
         if entry is None or time.monotonic() - entry[0] > self.keep_s:
             return []
         return entry[1]
 
-    def remember(self, url: str, digests: list[bytes]) -> None:
-        self._by_url.pop(url, None)
+    def remember(self, route: str, url: str, digests: list[bytes]) -> None:
+        memory = self._by_route.pop(route, None) or _RouteMemory()
+        self._by_route[route] = memory  # the most recently updated route last
+        self._drop(memory, url)
         if digests:
-            self._by_url[url] = (time.monotonic(), digests[-TAIL_FRAMES:])
-        while len(self._by_url) > self.max_urls:
-            self._by_url.popitem(last=False)
+            digests = digests[-TAIL_FRAMES:]
+            memory.urls[url] = (time.monotonic(), digests)
+            memory.size += _cost(url, digests)
+            self.size += _cost(url, digests)
+        now = time.monotonic()
+        while memory.urls and (len(memory.urls) > self.route_urls
+                               or memory.size > self.route_bytes
+                               or now - next(iter(memory.urls.values()))[0] > self.keep_s):
+            self._drop(memory, next(iter(memory.urls)))
+        if not memory.urls:
+            del self._by_route[route]
+        while self._by_route and (len(self._by_route) > self.max_routes
+                                  or self.size > self.max_bytes):
+            oldest, memory = next(iter(self._by_route.items()))
+            self._drop(memory, next(iter(memory.urls)))
+            if not memory.urls:
+                del self._by_route[oldest]
+
+    def _drop(self, memory: "_RouteMemory", url: str) -> None:
+        entry = memory.urls.pop(url, None)
+        if entry is not None:
+            memory.size -= _cost(url, entry[1])
+            self.size -= _cost(url, entry[1])
+
+    def urls(self, route: str) -> int:
+        """How many URLs ``route`` has remembered."""
+        memory = self._by_route.get(route)
+        return len(memory.urls) if memory is not None else 0
+
+
+class _RouteMemory:
+    """One route's URLs, oldest first, and the bytes they take."""
+
+    def __init__(self) -> None:
+        self.urls: OrderedDict[str, tuple[float, list[bytes]]] = OrderedDict()
+        self.size = 0
+
+
+def _cost(url: str, digests: list[bytes]) -> int:
+    return len(url) + DIGEST_COST * len(digests)
 
 
 class Tail:
@@ -138,7 +200,8 @@ class LeadingCopies:
     def __init__(self, seen: Iterable[bytes]) -> None:
         self.seen = set(seen)
         self.left = len(self.seen) + self.SLACK
-        self.buf = bytearray()
+        self.buf = bytearray()  # at most a frame of MAX_FRAME and one read
+        self.passing = 0  # bytes still to come of a frame let through unwatched
         self.dropped = 0
 
     @property
@@ -147,12 +210,26 @@ class LeadingCopies:
 
     def filter(self, data: bytes) -> bytes:
         """What of ``data`` goes on to the client. While not done, only
-        whole frames go (a partial one waits for its end)."""
+        whole frames go (a partial one waits for its end), but never one
+        bigger than MAX_FRAME: that one goes as it comes, unwatched."""
+        out = bytearray()
+        if self.passing:
+            through = min(self.passing, len(data))
+            out += data[:through]
+            self.passing -= through
+            data = data[through:]
         self.buf += data
-        out, pos = bytearray(), 0
+        pos = 0
         while self.left > 0:
             size = frame_size(self.buf, pos)
-            if size is None or pos + size > len(self.buf):
+            if size is None:
+                break
+            if pos + size > len(self.buf):
+                if size > MAX_FRAME:  # never held back whole (nor compared)
+                    out += memoryview(self.buf)[pos:]
+                    self.passing = pos + size - len(self.buf)
+                    pos = len(self.buf)
+                    self.left -= 1
                 break
             frame = memoryview(self.buf)[pos:pos + size]
             if not is_control(self.buf, pos) and digest(frame) in self.seen:

@@ -7,23 +7,38 @@ Requests are relayed with tornado's HTTP/1.1 connection objects directly
 bodies are streamed chunk by chunk in both directions. Websockets are
 relayed as raw bytes once the backend has accepted the upgrade (see
 ``wsrelay``). The route API lives on a separate port (``proxy_api``).
+
+What a client or a target can make it hold is bounded: request headers
+must arrive in time (``--headers-timeout``, ``--keep-alive-timeout``),
+client connections are capped (``--max-connections``), and running out of
+file descriptors pauses accepting instead of failing, and logging, on
+every turn of the event loop (``Acceptor``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import errno
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
+import time
+from collections.abc import Callable
 from html import escape
 from urllib.parse import quote
 
 from tornado import httputil
-from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.http1connection import (
+    HTTP1Connection, HTTP1ConnectionParameters, HTTP1ServerConnection)
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-from tornado.httpserver import HTTPServer
+from tornado.httpserver import HTTPServer, _HTTPRequestContext
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.netutil import bind_sockets
 
 from . import wsrelay
 from .delivered import DeliveredFrames, watched
@@ -40,6 +55,16 @@ UNLIMITED = 1 << 62
 # Spelled as tornado's HTTPHeaders keys them ("TE" is "Te").
 HOP_BY_HOP = frozenset({"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer",
                         "Transfer-Encoding", "Upgrade", "Expect"})
+#: accept() and connect() errors that mean "no descriptor (or memory) for
+#: a new socket now": wait for some to be freed, don't retry at once.
+OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long accepting pauses after running out of descriptors.
+ACCEPT_BACKOFF_S = 0.25
+#: At most one log line per this many seconds about running out of them.
+LOG_EVERY_S = 60.0
+#: Descriptors kept aside from --max-connections' automatic value: the
+#: listening sockets, the route API's connections, the log, the resolver.
+RESERVED_FDS = 64
 UNSUPPORTED_FLAGS = {
     "--ssl-": "TLS is not supported: terminate TLS in front of the proxy",
     "--api-ssl-": "TLS on the API is not supported: keep the API on localhost",
@@ -64,6 +89,169 @@ class Proxy:
         self.tasks: set[asyncio.Future] = set()  # keeps background tasks alive
         #: what each websocket URL's client got, for the next relay on it
         self.delivered = DeliveredFrames()
+        self.websockets = 0  # relayed now: each holds a client connection
+        self.fd_warnings = Throttled(LOG_EVERY_S)       # accepting, out of descriptors
+        self.connect_warnings = Throttled(LOG_EVERY_S)  # connecting, out of descriptors
+        self.public: BoundedHTTPServer | None = None
+
+    def count_websocket(self, relay: asyncio.Future) -> None:
+        """A websocket's client connection left tornado's HTTP server (which
+        counts the others): count it against --max-connections until it ends."""
+        self.websockets += 1
+        relay.add_done_callback(self._websocket_done)
+
+    def _websocket_done(self, _: asyncio.Future) -> None:
+        self.websockets -= 1
+        if self.public is not None:
+            self.public.connection_gone()
+
+    def client_connections(self) -> int:
+        return self.websockets + (len(self.public._connections) if self.public else 0)
+
+
+class Throttled:
+    """A warning logged at most once per interval, with how many were
+    held back since: a flood of one failure must not flood the log."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = -interval
+        self.held = 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return
+        more = f" ({self.held} more like it since the last)" if self.held else ""
+        log.warning("%s%s", message, more)
+        self.last, self.held = now, 0
+
+
+class Acceptor:
+    """Accepts connections on one listening socket, as tornado does, but
+    out of descriptors (EMFILE, ENFILE) it pauses accepting for a moment
+    instead of failing (and logging) on every event loop turn, and while
+    ``room()`` says no it leaves new connections in the kernel's backlog
+    until ``resume()``."""
+
+    def __init__(self, sock: socket.socket, on_connection: Callable[[socket.socket, tuple], None],
+                 room: Callable[[], bool], warnings: Throttled, name: str) -> None:
+        self.sock, self.on_connection, self.room = sock, on_connection, room
+        self.warnings, self.name = warnings, name
+        self.loop = IOLoop.current()
+        self.listening = self.stopped = False
+        self.resume()
+
+    def resume(self) -> None:
+        if not self.listening and not self.stopped:
+            self.listening = True
+            self.loop.add_handler(self.sock, self._ready, IOLoop.READ)
+
+    def pause(self) -> None:
+        if self.listening:
+            self.listening = False
+            self.loop.remove_handler(self.sock)
+
+    def stop(self) -> None:
+        self.pause()
+        self.stopped = True
+
+    def _ready(self, fd: object, events: int) -> None:
+        for _ in range(128):  # then let other work run (as tornado does)
+            if not self.room():
+                return self.pause()  # resumed when a connection ends
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as error:
+                if error.errno not in OUT_OF_FDS:
+                    raise
+                self.warnings.warn(f"{self.name}: {error.strerror}: not accepting "
+                                   f"connections for {ACCEPT_BACKOFF_S:g} s at a time")
+                self.pause()
+                self.loop.call_later(ACCEPT_BACKOFF_S, self.resume)
+                return
+            self.on_connection(connection, address)
+
+
+class KeepAliveConnection(HTTP1ServerConnection):
+    """A client connection whose first request's headers must come within
+    the headers timeout, and each later one's within the keep-alive
+    timeout of the previous answer (tornado has one timeout for both)."""
+
+    def __init__(self, stream: IOStream, first: HTTP1ConnectionParameters,
+                 later: HTTP1ConnectionParameters, context: object) -> None:
+        super().__init__(stream, first, context)
+        self.later = later
+
+    # tornado's request loop reads ``params`` once per request, to make
+    # that request's HTTP1Connection: the first read gets ``first``.
+    @property
+    def params(self) -> HTTP1ConnectionParameters:
+        params, self._params = self._params, self.later
+        return params
+
+    @params.setter
+    def params(self, value: HTTP1ConnectionParameters) -> None:
+        self._params = value
+
+
+class BoundedHTTPServer(HTTPServer):
+    """tornado's HTTP server with ``Acceptor``s, at most
+    ``max_connections`` client connections (0: no limit; ``count`` says how
+    many there are), and a keep-alive timeout of its own."""
+
+    def initialize(self, *args, max_connections: int = 0,
+                   count: Callable[[], int] | None = None,
+                   keep_alive_timeout: float | None = None,
+                   warnings: Throttled | None = None, name: str = "", **kwargs) -> None:
+        super().initialize(*args, **kwargs)
+        self.max_connections, self.name = max_connections, name
+        self.count = count or (lambda: len(self._connections))
+        self.warnings = warnings or Throttled(LOG_EVERY_S)
+        self.later_params = copy.copy(self.conn_params)
+        self.later_params.header_timeout = keep_alive_timeout
+        self.acceptors: list[Acceptor] = []
+        self.full = False
+
+    def listen_on(self, port: int, address: str) -> None:
+        for sock in bind_sockets(port, address):
+            self._sockets[sock.fileno()] = sock
+            acceptor = Acceptor(sock, self._handle_connection, self.has_room,
+                                self.warnings, self.name)
+            self.acceptors.append(acceptor)
+            self._handlers[sock.fileno()] = acceptor.stop  # what stop() calls
+
+    def has_room(self) -> bool:
+        if not self.max_connections or self.count() < self.max_connections:
+            return True
+        if not self.full:
+            self.full = True
+            self.warnings.warn(f"{self.name}: {self.max_connections} connections open "
+                               f"(--max-connections): new ones wait")
+        return False
+
+    def connection_gone(self) -> None:
+        if self.full and self.count() < self.max_connections:
+            self.full = False
+            for acceptor in self.acceptors:
+                acceptor.resume()
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        # As tornado's own, with KeepAliveConnection for HTTP1ServerConnection.
+        context = _HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
+        conn = KeepAliveConnection(stream, self.conn_params, self.later_params, context)
+        self._connections.add(conn)
+        conn.start_serving(self)
+
+    def on_close(self, server_conn: object) -> None:
+        super().on_close(server_conn)
+        if self.full:
+            self.connection_gone()
 
 
 class Server(httputil.HTTPServerConnectionDelegate):
@@ -214,9 +402,12 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         try:
             if fresh:
                 return await self.proxy.upstreams.connect(self.route.target), False
-            return await self.proxy.upstreams.get(self.route.target)
+            return await self.proxy.upstreams.get(self.route)
         except (OSError, StreamClosedError, asyncio.TimeoutError) as error:
-            log.warning("%s: %s", self.route.data.get("target"), error)
+            if getattr(error, "errno", None) in OUT_OF_FDS:  # one line a minute, not one a request
+                self.proxy.connect_warnings.warn(f"connecting to targets: {error}")
+            else:
+                log.warning("%s: %s", self.route.data.get("target"), error)
             await self.error_page(503)
             return None
 
@@ -241,7 +432,7 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
                 self.conn.close()
             return False
         if relay.keep_alive and backend.stream is not None and not stream.closed():
-            self.proxy.upstreams.put(self.route.target, backend.detach())
+            self.proxy.upstreams.put(self.route, backend.detach())
         else:
             stream.close()
         self.backend = None
@@ -271,11 +462,14 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         client = self.conn.detach()
         head = [f"HTTP/1.1 101 {start_line.reason}"]
         head += [f"{name}: {value}" for name, value in headers.get_all()]
-        self.keep(asyncio.ensure_future(wsrelay.relay(
+        relay = asyncio.ensure_future(wsrelay.relay(
             client, backend_stream, self.route.touch,
             ("\r\n".join(head) + "\r\n\r\n").encode("latin1"),
             url=self.start_line.path,
-            delivered=self.proxy.delivered if watched(self.start_line.path) else None)))
+            delivered=self.proxy.delivered if watched(self.start_line.path) else None,
+            scope=self.route.path))
+        self.keep(relay)
+        self.proxy.count_websocket(relay)
 
     # -- answers made here -------------------------------------------------
 
@@ -431,12 +625,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         choices=["debug", "info", "warn", "warning", "error"])
     parser.add_argument("--timeout", "--proxy-timeout", type=int, metavar="MS",
                         help="connecting to a target and waiting for its answer's headers")
+    parser.add_argument("--headers-timeout", type=positive_ms, default=60000, metavar="MS",
+                        help="a client connection whose request headers are not all in "
+                             "this long after it opened is closed (default: 60000, as "
+                             "configurable-http-proxy's Node server)")
+    parser.add_argument("--keep-alive-timeout", type=positive_ms, default=5000, metavar="MS",
+                        help="a kept-alive client connection is closed when the next "
+                             "request's headers are not all in this long after the last "
+                             "answer (default: 5000, as configurable-http-proxy)")
+    parser.add_argument("--max-connections", type=int, default=0, metavar="N",
+                        help="client connections open at once (websockets included); "
+                             "more wait in the listen queue. Default: about half the "
+                             "file descriptors the proxy may open, as each client "
+                             "connection may need one to its target as well")
     parser.add_argument("--no-x-forward", dest="x_forward", action="store_false",
                         help="don't add X-Forwarded-* headers")
     parser.add_argument("--no-include-prefix", dest="include_prefix", action="store_false",
                         help="strip the route's prefix from the forwarded path")
     parser.add_argument("--pid-file", help="write the process id here")
     return parser.parse_args(argv)
+
+
+def positive_ms(text: str) -> int:
+    """A number of milliseconds above zero, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of milliseconds: {text!r}")
+    return value
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (the usual
+    practice for a server: the soft default, 1024, is a few hundred
+    clients); the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def default_max_connections(fd_limit: int) -> int:
+    """Half the descriptors left after RESERVED_FDS: one for the client,
+    one for its target."""
+    return max(16, (fd_limit - RESERVED_FDS) // 2)
 
 
 def refuse_unsupported(argv: list[str]) -> None:
@@ -453,13 +691,21 @@ async def serve(options: argparse.Namespace, token: str) -> None:
         proxy.routes.add((), {"target": options.default_target})
     if not token:
         log.warning("CONFIGPROXY_AUTH_TOKEN is not set: the route API refuses everything")
-    public = HTTPServer(Server(proxy), max_body_size=UNLIMITED, chunk_size=CHUNK,
-                        idle_connection_timeout=3600)
-    public.listen(options.port, options.ip)
-    api = HTTPServer(api_app(proxy.routes, proxy.holds, token))
-    api.listen(options.api_port or options.port + 1, options.api_ip)
-    log.info("proxying on %s:%d, route API on %s:%d", options.ip or "*", options.port,
-             options.api_ip, options.api_port or options.port + 1)
+    timeouts = {"idle_connection_timeout": options.headers_timeout / 1000,
+                "keep_alive_timeout": options.keep_alive_timeout / 1000}
+    public = proxy.public = BoundedHTTPServer(
+        Server(proxy), max_body_size=UNLIMITED, chunk_size=CHUNK,
+        max_connections=options.max_connections, count=proxy.client_connections,
+        warnings=proxy.fd_warnings, name="public port", **timeouts)
+    public.listen_on(options.port, options.ip)
+    # The route API has its own server and port, and no connection limit
+    # (only the hub uses it): it keeps answering while the public port is full.
+    api = BoundedHTTPServer(api_app(proxy.routes, proxy.holds, token),
+                            warnings=proxy.fd_warnings, name="route API", **timeouts)
+    api.listen_on(options.api_port or options.port + 1, options.api_ip)
+    log.info("proxying on %s:%d, route API on %s:%d, at most %d client connections",
+             options.ip or "*", options.port, options.api_ip,
+             options.api_port or options.port + 1, options.max_connections)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -482,6 +728,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     refuse_unsupported(argv)
     options = parse_args(argv)
+    if options.max_connections < 0:
+        sys.exit("chspawner-proxy: --max-connections: must be 0 (automatic) or more")
+    fd_limit = raise_fd_limit()
+    options.max_connections = options.max_connections or default_max_connections(fd_limit)
     level = {"warn": "WARNING"}.get(options.log_level, options.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s chspawner-proxy %(levelname)s "
                                             "%(message)s")

@@ -78,15 +78,33 @@ class Target:
         return cls(parts.hostname, port, parts.path.rstrip("/"))
 
 
-@dataclass
+@dataclass(eq=False)
 class Route:
-    """One route: its target and whatever data the API client stored."""
+    """One route: its target and whatever data the API client stored.
+
+    It also holds its idle kept-alive connections to its target
+    (``upstream``): a connection serves only the route, and the target, it
+    was opened for. A route replaced or deleted is *retired*: those
+    connections are closed at once, and the ones still serving a request
+    are closed when it ends, so none can outlive the route (after a port
+    changes hands, a pooled connection would reach its previous owner)."""
     target: Target
     data: dict
     last_activity: float = field(default_factory=time.time)
+    #: the route's path ("/user/alice"), for what is kept per route
+    path: str = "/"
+    #: idle connections to ``target`` (tornado IOStreams), newest last
+    idle: list = field(default_factory=list, repr=False)
+    retired: bool = False
 
     def touch(self) -> None:
         self.last_activity = time.time()
+
+    def retire(self) -> None:
+        """The route is gone or replaced: close its idle connections."""
+        self.retired = True
+        while self.idle:
+            self.idle.pop().close()
 
     def as_json(self) -> dict:
         return {**self.data, "last_activity": iso(self.last_activity)}
@@ -100,13 +118,21 @@ class RouteTable:
 
     def add(self, parts: Segments, data: dict) -> Route:
         """Add or replace the route at ``parts``; ``data["target"]`` is the
-        target URL (raises BadTarget)."""
-        route = Route(Target.parse(str(data.get("target", ""))), dict(data))
+        target URL (raises BadTarget). A route replaced is retired, even
+        for the same target: the port may have changed hands meanwhile."""
+        route = Route(Target.parse(str(data.get("target", ""))), dict(data),
+                      path=path_of(parts))
+        old = self.routes.get(parts)
         self.routes[parts] = route
+        if old is not None:
+            old.retire()
         return route
 
     def remove(self, parts: Segments) -> bool:
-        return self.routes.pop(parts, None) is not None
+        route = self.routes.pop(parts, None)
+        if route is not None:
+            route.retire()
+        return route is not None
 
     def get(self, parts: Segments) -> Route | None:
         return self.routes.get(parts)

@@ -2,7 +2,11 @@
 
 Opening a TCP connection per request is what made tornado's simple HTTP
 client slow as a proxy; a small pool of idle keep-alive connections per
-target does away with it without any HTTP client library.
+route does away with it without any HTTP client library. The pool is the
+route's own (``Route.idle``): a connection is reused only for the route
+and the target it was opened for, and is closed when the route is
+replaced or deleted (``Route.retire``), never handed to a later route on
+the same host and port, whose owner may have changed.
 """
 from __future__ import annotations
 
@@ -13,9 +17,7 @@ import socket
 from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
 
-from .routes import Target
-
-Key = tuple[str, int]
+from .routes import Route, Target
 
 
 def _ip_family(host: str) -> int | None:
@@ -27,24 +29,23 @@ def _ip_family(host: str) -> int | None:
 
 
 class Upstreams:
-    """Idle connections by (host, port); at most ``max_idle`` per target."""
+    """Connections to targets; at most ``max_idle`` idle ones per route."""
 
     def __init__(self, connect_timeout: float, max_idle: int = 64) -> None:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
-        self.idle: dict[Key, list[IOStream]] = {}
         self._tcp = TCPClient()
 
-    async def get(self, target: Target) -> tuple[IOStream, bool]:
-        """A connection to ``target`` and whether it was reused (a reused
-        one may have been closed by the backend an instant ago)."""
-        idle = self.idle.get((target.host, target.port))
+    async def get(self, route: Route) -> tuple[IOStream, bool]:
+        """A connection to ``route``'s target and whether it was reused (a
+        reused one may have been closed by the backend an instant ago)."""
+        idle = route.idle
         while idle:
             stream = idle.pop()
             if _still_open(stream):
                 return stream, True
             stream.close()
-        return await self.connect(target), False
+        return await self.connect(route.target), False
 
     async def connect(self, target: Target) -> IOStream:
         """A new connection; IP literals skip the resolver's thread pool."""
@@ -63,12 +64,13 @@ class Upstreams:
         stream.set_nodelay(True)
         return stream
 
-    def put(self, target: Target, stream: IOStream) -> None:
-        """Keep ``stream`` for the next request to ``target``. Idle ones
-        are not watched (that would cost two changes to the event loop's
-        interest list per request); get() checks one before handing it out."""
-        idle = self.idle.setdefault((target.host, target.port), [])
-        if stream.closed() or len(idle) >= self.max_idle:
+    def put(self, route: Route, stream: IOStream) -> None:
+        """Keep ``stream`` for the next request on ``route`` (closed if the
+        route was retired meanwhile). Idle ones are not watched (that would
+        cost two changes to the event loop's interest list per request);
+        get() checks one before handing it out."""
+        idle = route.idle
+        if route.retired or stream.closed() or len(idle) >= self.max_idle:
             stream.close()
             return
         idle.append(stream)

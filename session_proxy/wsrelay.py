@@ -77,13 +77,13 @@ class _Relay:
     """Both sides, and what happens when one goes."""
 
     def __init__(self, on_data: Callable[[], None], url: str,
-                 delivered: DeliveredFrames | None) -> None:
+                 delivered: DeliveredFrames | None, scope: str) -> None:
         self.on_data = on_data
         self.client, self.backend = _Side(self), _Side(self)
         self.client.peer, self.backend.peer = self.backend, self.client
         self.from_backend = FrameCounter()
-        self.url, self.delivered = url, delivered
-        seen = delivered.get(url) if delivered is not None else []
+        self.url, self.delivered, self.scope = url, delivered, scope
+        seen = delivered.get(scope, url) if delivered is not None else []
         self.copies = LeadingCopies(seen) if seen else None
         self.seen = list(seen)
         self.tail = Tail() if delivered is not None else None
@@ -147,7 +147,7 @@ class _Relay:
         still here: what this relay (and the ones before it on the URL)
         passed on is what the next relay's backend may send again."""
         if self.tail is not None:  # (kept exactly when delivered is given)
-            self.delivered.remember(self.url, self.seen + self.tail.digests())
+            self.delivered.remember(self.scope, self.url, self.seen + self.tail.digests())
 
 
 def _take(stream: IOStream) -> tuple[socket.socket, bytes]:
@@ -164,19 +164,31 @@ def _take(stream: IOStream) -> tuple[socket.socket, bytes]:
 
 async def relay(client: IOStream, backend: IOStream, on_data: Callable[[], None],
                 head: bytes = b"", url: str = "",
-                delivered: DeliveredFrames | None = None) -> None:
+                delivered: DeliveredFrames | None = None, scope: str = "") -> None:
     """Write ``head`` (the backend's 101 answer) to the client, then pipe
     bytes both ways until both sides are closed. If the backend went
     without a close frame while the client is still there, the client gets
     a 1012 close frame when the stream is at a frame boundary, then a close.
     With ``delivered``, copies of frames a relay on ``url`` already passed
-    on, before it lost its backend, are dropped (see ``delivered``)."""
+    on, before it lost its backend, are dropped (see ``delivered``); what
+    is remembered is kept under ``scope`` (the route: one user's server).
+    Each side stops being read while the other's write buffer is full."""
     if head:
         await client.write(head)
     loop = asyncio.get_running_loop()
-    state = _Relay(on_data, url, delivered)
-    client_sock, from_client = _take(client)
-    backend_sock, from_backend = _take(backend)
+    state = _Relay(on_data, url, delivered, scope)
+    try:
+        client_sock, from_client = _take(client)
+    except OSError:  # no descriptor for the dup (EMFILE): give up on this one
+        client.close()
+        backend.close()
+        return
+    try:
+        backend_sock, from_backend = _take(backend)
+    except OSError:
+        client_sock.close()
+        backend.close()
+        return
     if from_client:
         state.forward(state.client, from_client)
     if from_backend:

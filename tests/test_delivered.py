@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from session_proxy.delivered import (
-    TAIL_BYTES, DeliveredFrames, LeadingCopies, Tail, digest, watched)
+    MAX_FRAME, ROUTE_BYTES, ROUTE_URLS, TAIL_BYTES, DeliveredFrames, LeadingCopies, Tail,
+    digest, watched)
 from session_proxy.wsframes import FrameCounter
 
 
@@ -104,17 +105,64 @@ def test_frames_between_the_copies_go_through_and_it_ends_after_a_while():
 
 
 def test_a_url_remembers_the_newest_frames_for_a_while():
-    delivered = DeliveredFrames(max_urls=2, keep_s=60)
-    delivered.remember("/a", [b"1", b"2"])
-    assert delivered.get("/a") == [b"1", b"2"] and delivered.get("/b") == []
-    delivered.remember("/a", [])  # a relay that had nothing: forget
-    assert delivered.get("/a") == []
+    delivered = DeliveredFrames(route_urls=2, keep_s=60)
+    delivered.remember("/user/a", "/a", [b"1", b"2"])
+    assert delivered.get("/user/a", "/a") == [b"1", b"2"]
+    assert delivered.get("/user/a", "/b") == [] and delivered.get("/user/b", "/a") == []
+    delivered.remember("/user/a", "/a", [])  # a relay that had nothing: forget
+    assert delivered.get("/user/a", "/a") == []
     for url in ("/a", "/b", "/c"):
-        delivered.remember(url, [url.encode()])
-    assert delivered.get("/a") == [] and delivered.get("/c") == [b"/c"]  # oldest went
+        delivered.remember("/user/a", url, [url.encode()])
+    assert delivered.get("/user/a", "/a") == []  # the route's oldest went
+    assert delivered.get("/user/a", "/c") == [b"/c"]
     stale = DeliveredFrames(keep_s=-1)
-    stale.remember("/a", [b"1"])
-    assert stale.get("/a") == []
+    stale.remember("/user/a", "/a", [b"1"])
+    assert stale.get("/user/a", "/a") == []
+
+
+def test_one_users_flood_of_urls_evicts_only_their_own():
+    """The attack: alice's kernel URLs are remembered; mallory floods the
+    proxy with websockets on URLs of her own that lose their backend."""
+    delivered = DeliveredFrames()
+    alice = [digest(f) for f in FRAMES]
+    delivered.remember("/user/alice", "/user/alice/api/kernels/k/channels", alice)
+    many = [digest(bytes([n % 256, n // 256])) for n in range(512)]
+    for n in range(5000):
+        delivered.remember("/user/mallory", f"/user/mallory/api/kernels/{n}/channels", many)
+    assert delivered.get("/user/alice", "/user/alice/api/kernels/k/channels") == alice
+    assert delivered.urls("/user/mallory") <= ROUTE_URLS
+    assert delivered.size <= ROUTE_BYTES + 64 * len(alice) + 100
+    # One route's memory is bounded in bytes too, whatever its URLs' length.
+    delivered.remember("/user/mallory", "/x" * 3_000_000, many)
+    assert delivered.urls("/user/mallory") == 0
+
+
+def test_all_routes_together_stay_within_the_total_bounds():
+    delivered = DeliveredFrames(max_routes=50, max_bytes=100_000)
+    for n in range(200):
+        delivered.remember(f"/user/u{n}", "/api/kernels/k/channels", [b"d" * 16] * 100)
+        assert delivered.size <= 100_000 and len(delivered._by_route) <= 50
+    assert delivered.get("/user/u199", "/api/kernels/k/channels")  # the newest stay
+    assert not delivered.get("/user/u0", "/api/kernels/k/channels")  # the oldest went
+
+
+def test_a_frame_claiming_a_terabyte_is_let_through_not_held_back():
+    """A hostile backend's frame header claims 2**40 bytes, then it streams:
+    what the filter holds stays bounded, the bytes go on as they come, and
+    the frames after it are examined again."""
+    copies = LeadingCopies([digest(FRAMES[0])])
+    head = bytes([0x82, 127]) + (1 << 40).to_bytes(8, "big")
+    out = copies.filter(FRAMES[1] + head + b"z" * 1000)
+    assert out == FRAMES[1] + head + b"z" * 1000
+    for _ in range(100):
+        assert copies.filter(b"z" * 65536) == b"z" * 65536
+        assert len(copies.buf) == 0
+    # A frame too big to be a copy, but that ends: what follows is examined.
+    copies = LeadingCopies([digest(FRAMES[0])])
+    big = frame(b"b" * (MAX_FRAME + 10))
+    out = b"".join(copies.filter(c) for c in cut(big + FRAMES[0] + FRAMES[2], 65536))
+    assert out == big + FRAMES[2] and copies.dropped == 1
+    assert len(copies.buf) <= 65536
 
 
 def test_only_kernel_websockets_are_watched():

@@ -8,6 +8,7 @@ raise; it may be called from a worker thread.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,63 @@ class ByteCounter:
 
     def finish(self) -> None:
         self.progress(Progress(self.step, self.message, self.done, self.total))
+
+
+class Stalled(Exception):
+    """Raised by :class:`StallWatch` when its work stopped making progress."""
+
+
+class StallWatch:
+    """A stall deadline for network work: ``async with StallWatch(s, n) as
+    watch`` and ``watch.add(count)`` for each byte received; if a window of
+    ``seconds`` passes in which fewer than ``min_bytes`` arrived, the task
+    inside is cancelled and the ``async with`` raises :class:`Stalled`.
+
+    A window starts when the work does and again each time ``min_bytes``
+    have arrived, so a slow but steady transfer never trips it however long
+    it takes, while a peer that trickles a byte now and then (which resets a
+    per-read socket timeout forever) is stopped within ``seconds``.
+
+    Not ``asyncio.timeout`` with a reschedule per chunk: the deadline is only
+    looked at when it falls due, so counting a chunk costs an addition, and
+    this also runs on Python 3.10.
+    """
+
+    def __init__(self, seconds: float, min_bytes: int):
+        self.seconds, self.min_bytes = seconds, min_bytes
+        self._got = 0
+        self._fired = False
+
+    async def __aenter__(self) -> StallWatch:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._window_start = self._loop.time()
+        self._handle = self._loop.call_at(self._window_start + self.seconds, self._due)
+        return self
+
+    def add(self, count: int) -> None:
+        self._got += count
+        if self._got >= self.min_bytes:
+            self._got = 0
+            self._window_start = self._loop.time()
+
+    def _due(self) -> None:
+        deadline = self._window_start + self.seconds
+        if self._loop.time() < deadline:  # progress since: look again then
+            self._handle = self._loop.call_at(deadline, self._due)
+            return
+        self._fired = True
+        self._task.cancel()
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self._handle.cancel()
+        if self._fired and exc_type is not None:
+            # Our cancellation, or whatever the cancelled work turned it into.
+            uncancel = getattr(self._task, "uncancel", None)  # Python >= 3.11
+            if uncancel is not None:
+                uncancel()
+            raise Stalled(f"fewer than {self.min_bytes} bytes in {self.seconds:g} s")
+        return False
 
 
 class JsonProgress:
