@@ -73,6 +73,12 @@ def _parser():
     p.add_argument("-j", "--jobs", type=int, default=4,
                    help="layers downloaded at once (default 4)")
     _max_size_option(p)
+    p.add_argument("--stall-seconds", type=_positive(float), metavar="S",
+                   help="fail when a request gets fewer than --stall-bytes in S "
+                        "seconds (default $CHSPAWNER_PULL_STALL_SECONDS, or 60)")
+    p.add_argument("--stall-bytes", type=_positive(int), metavar="N",
+                   help="see --stall-seconds (default $CHSPAWNER_PULL_STALL_BYTES, "
+                        "or 65536)")
 
     p = commands.add_parser("kernel", parents=[common],
                             help="Jupyter kernels inside images")
@@ -108,6 +114,23 @@ def _parser():
         a = sub.add_parser(action, parents=[common], help=text)
         a.add_argument("names", metavar="NAME", nargs="+" if action == "rm" else 1)
     return parser
+
+
+def _positive(kind: type):
+    """An argparse type: a positive, finite ``kind``."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive "
+                                             f"{'integer' if kind is int else 'number'}, "
+                                             f"got {text!r}")
+        return value
+    return parse
 
 
 def _max_size_option(parser) -> None:
@@ -180,13 +203,23 @@ def cmd_import(args, store) -> int:
 
 
 def cmd_pull(args, store) -> int:
-    from chspawner.images.registry import default_name, pull
+    import os
+
+    from chspawner.images.registry import (STALL_BYTES_ENV, STALL_SECONDS_ENV, StallLimit,
+                                           default_name, pull)
     from chspawner.images.store import check_name
     _set_max_size(args)
+    # The options override the variables, and are checked the same way.
+    environ = dict(os.environ)
+    for value, name in ((args.stall_seconds, STALL_SECONDS_ENV),
+                        (args.stall_bytes, STALL_BYTES_ENV)):
+        if value is not None:
+            environ[name] = str(value)
+    stall = StallLimit.from_env(environ)
     with _progress(args) as bars:
         path = pull(args.ref, check_name(args.name or default_name(args.ref)), store,
                     arch=args.arch, insecure=args.insecure, jobs=max(args.jobs, 1),
-                    progress=bars)
+                    progress=bars, stall=stall)
     print(path)
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from traitlets import Bool, Dict, List, Unicode
 
-from chspawner.images.store import Store
+from chspawner.images.store import Store, StoreError
 
 PREFIX = "chspawner-"
 
@@ -64,7 +64,14 @@ class ContainerKernelSpecManager(KernelSpecManager):
     def image_kernels(self) -> dict[str, tuple[str, Path, dict]]:
         """{spec name: (image, kernel dir, kernel.json content)}."""
         found = {}
-        for info in Store(self.storage).images():
+        try:
+            images = Store(self.storage).images()
+        except StoreError as e:
+            # A store another user planted or can write: its kernels are
+            # not offered (the native ones still are), and the log says why.
+            self.log.error("chspawner: no image kernels: %s", e)
+            return found
+        for info in images:
             if self.only_images and info.name not in self.only_images:
                 continue
             for rel in self.image_kernel_dirs:

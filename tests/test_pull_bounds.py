@@ -213,13 +213,13 @@ def hostile(image):
         yield reg
 
 
-def pull(puller, ref: str, *, env: dict[str, str] | None = None,
+def pull(puller, ref: str, *, env: dict[str, str] | None = None, options: list[str] = (),
          wrap: list[str] = (), timeout: float = PULL_TIMEOUT) -> subprocess.CompletedProcess:
     """``chspawner pull REF x`` as the test user, under ``wrap`` (prlimit,
     an RSS meter), timed (``.elapsed``)."""
     extra = [f"{k}={v}" for k, v in (env or {}).items()]
     argv = [str(AS_USER), puller.user.pw_name, *wrap, "env", *extra, str(CHSPAWNER),
-            "pull", "-q", "--insecure", "-s", str(puller.store), ref, "x"]
+            "pull", "-q", "--insecure", "-s", str(puller.store), *options, ref, "x"]
     start = time.monotonic()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     result.elapsed = time.monotonic() - start
@@ -359,6 +359,19 @@ def test_slow_but_steady_registry_succeeds(puller, hostile, image):
     assert result.returncode == 0, result.stderr
     assert result.elapsed > 2  # longer than one stall window
     assert (puller.image("x") / "data.bin").read_bytes() == image.data
+
+
+def test_stall_options_override_the_environment(puller, hostile):
+    """--stall-seconds/--stall-bytes win over the variables (here a
+    deadline of 10 minutes, which would outlast the test)."""
+    hostile.manifests["silent"] = hostile.silent
+    result = pull(puller, hostile.ref("silent"),
+                  env={"CHSPAWNER_PULL_STALL_SECONDS": "600"},
+                  options=["--stall-seconds=2", "--stall-bytes=1024"])
+    assert_refused(result, puller, "stalled", hostile.host)
+    assert result.elapsed < 2 + 8
+    bad = pull(puller, hostile.ref("silent"), options=["--stall-bytes=0"])
+    assert bad.returncode == 64 and "--stall-bytes" in bad.stderr, bad.stderr
 
 
 def test_bad_stall_setting_is_one_line(puller, hostile):

@@ -245,3 +245,23 @@ def test_store_api_names_the_owner_whose_store_root_reads(user, other_user, busy
     with pytest.raises(StoreError, match=f"made by {other_user.pw_name}"):
         Store(default_store, owner=user.pw_uid).images()
     assert Store(default_store, owner=other_user.pw_uid).require("evil")
+
+
+def test_a_jupyter_server_lists_no_kernels_from_a_planted_store(user, other_user, busybox,
+                                                               attacker_store):
+    """The kernel picker of the victim's server (ContainerKernelSpecManager)
+    offers none of the attacker's images, says why in the log, and still
+    offers the native kernels."""
+    script = ("import logging, sys\n"
+              "from chspawner.kernelspecs import ContainerKernelSpecManager\n"
+              "logging.basicConfig(level=logging.ERROR)\n"
+              "ksm = ContainerKernelSpecManager(storage=sys.argv[1])\n"
+              "ksm.log = logging.getLogger('ksm')\n"
+              "print(sorted(ksm.find_kernel_specs()))\n")
+    python = str(CHSPAWNER.parent / "python")
+    result = as_user(user.pw_name, python, "-c", script, str(attacker_store), check=False,
+                     timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "evil" not in result.stdout
+    assert "python3" in result.stdout  # the native kernel stays
+    assert "no image kernels: refusing image store" in result.stderr, result.stderr
