@@ -219,6 +219,10 @@ class SessionManager(Application):
                     self._start_recovery(record, "the hub found the server gone")
             targets: dict[tuple[str, str], str] = {}
             for key, model in servers.items():
+                if model.get("pending") == "stop":
+                    # The hub stopping it is what a stop by request looks
+                    # like: no longer a server gone unseen.
+                    self.seen.add(key)
                 if key in self.recovering or not model.get("ready"):
                     continue
                 record = self.store.find(db, *key)

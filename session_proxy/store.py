@@ -55,6 +55,8 @@ class SessionRecord(Base):
     # The hub's start time of the server now serving it: a server started
     # by someone else than the manager is a new session.
     instance: Mapped[str] = mapped_column(String(64), default="")
+    # No longer filled in: the checks of users' servers carry no
+    # credential, so can't list kernels. Kept for older records.
     kernels: Mapped[list] = mapped_column(JSON, default=list)
     recoveries: Mapped[int] = mapped_column(Integer, default=0)
     created: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=now)

@@ -334,11 +334,8 @@ def test_names_that_need_escaping_are_matched_to_their_routes(tmp_path, proxy):
 
 # ------------------------------------------------- a restarted manager --
 
-def test_a_loss_while_the_manager_was_down_is_recovered_not_taken_for_a_stop(
-        tmp_path, proxy):
-    """The records say running, the hub no longer lists the server, and
-    nothing says it was stopped on purpose: the manager, starting, records
-    a loss and starts the server again."""
+def left_running(tmp_path: Path) -> None:
+    """Alice's record as a manager that went down left it: running."""
     store = SessionStore(f"sqlite:///{tmp_path}/sessions.sqlite")
     with store.transaction() as db:
         record = SessionRecord(user="alice", server_name="", url=server_url("alice"),
@@ -346,6 +343,14 @@ def test_a_loss_while_the_manager_was_down_is_recovered_not_taken_for_a_stop(
         db.add(record)
         store.add_event(record, "started")
     store.engine.dispose()
+
+
+def test_a_loss_while_the_manager_was_down_is_recovered_not_taken_for_a_stop(
+        tmp_path, proxy):
+    """The records say running, the hub no longer lists the server, and
+    nothing says it was stopped on purpose: the manager, starting, records
+    a loss and starts the server again."""
+    left_running(tmp_path)
 
     async def scenario() -> None:
         async with running_manager(tmp_path, proxy) as (app, hub):
@@ -356,6 +361,24 @@ def test_a_loss_while_the_manager_was_down_is_recovered_not_taken_for_a_stop(
                 lost = app.store.find(db, "alice", "").events[1].detail
             assert "while the session manager was down" in lost, lost
             assert hub.servers["alice"]["user_options"] == {"image": "deb"}
+    asyncio.run(scenario())
+
+
+def test_a_stop_the_restarted_manager_sees_under_way_stays_a_stop(tmp_path, proxy):
+    """The hub stopping the server when the manager starts is evidence of
+    a stop by request: recorded as one, not started again."""
+    left_running(tmp_path)
+
+    async def scenario() -> None:
+        async with running_manager(tmp_path, proxy) as (app, hub):
+            hub.add("alice")
+            hub.servers["alice"].update(pending="stop", ready=False)
+            await until(lambda: hub.listings >= 2, "the manager to see the stop")
+            del hub.servers["alice"]
+            await until(lambda: history(app, "alice")[-1:] == ["stopped"],
+                        f"the stop to be recorded: {history(app, 'alice')}")
+            assert history(app, "alice") == ["started", "stopped"]
+            assert "alice" not in hub.servers
     asyncio.run(scenario())
 
 

@@ -8,7 +8,6 @@ import asyncio
 import socket
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
