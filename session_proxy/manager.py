@@ -1,9 +1,16 @@
 """The session manager: keeps users' sessions alive when their server is lost.
 
-A JupyterHub service (run by the hub, with a token allowed to read, start
-and stop servers). Every ``interval`` it asks the hub which servers are up
-and the proxy where each runs, and asks each server itself (its kernel
-list, through the same route the browser uses). A server that stops
+A JupyterHub service (run by the hub, with a token allowed to list users
+and to read, start and stop servers: scopes ``list:users`` and
+``servers``). Every ``interval`` it asks the hub which servers are up and
+the proxy where each runs, and asks each server itself whether it is there
+(``GET <url>api``, at the target the browser's requests go to). That check
+carries no credential at all -- no token, no cookie, no redirect followed,
+no proxy from the environment -- since whatever listens at a user's
+target may be anyone's process (a user who killed their server and took
+its port): it learns liveness only, and one server's answer (however
+malformed, large or slow) can cost its own session a failed check, never
+the others theirs. A server that stops
 answering ``lost_after`` times in a row while the hub still counts it as
 running has been lost (its container killed, its job cancelled or timed
 out, its node gone): the manager holds the session's route on the session
@@ -14,6 +21,9 @@ the moment the new server answers. Same URL, no user action.
 
 A server the hub stops while it still answered was stopped on purpose (by
 its user, an admin, the culler): it is recorded as stopped and left alone.
+One that went while the manager itself was down (not seen by this
+process) has no such evidence: it is recorded as lost and, with
+``recover``, started again.
 
 Records and their history (started, lost, recovering, recovered, stopped)
 are kept through SQLAlchemy (SQLite by default); ``GET
@@ -26,7 +36,9 @@ import asyncio
 import json
 import os
 import time
-from urllib.parse import quote
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import quote, unquote
 
 import aiohttp
 from tornado import web
@@ -34,6 +46,16 @@ from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Application
 
 from session_proxy.store import SessionRecord, SessionStore
+
+RouteKey = tuple[str, ...]
+
+
+def route_key(path: str) -> RouteKey:
+    """One key for a server's path however it is spelt: the hub's server
+    URLs are percent-encoded (``/user/a%2Bb@x/``), the session proxy lists
+    its routes decoded (``/user/a+b@x``), configurable-http-proxy as
+    given. Both sides go through this: decoded, non-empty segments."""
+    return tuple(unquote(s) for s in path.split("?", 1)[0].split("/") if s)
 
 
 class HubClient:
@@ -81,12 +103,11 @@ class ProxyClient:
         self.http, self.api = http, api_url.rstrip("/")
         self.headers = {"Authorization": f"token {token}"}
 
-    async def routes(self) -> dict[str, dict]:
-        """{path: route}, each path with one trailing slash, as the hub's
-        server URLs have it (the proxies keep it without)."""
+    async def routes(self) -> dict[RouteKey, dict]:
+        """{route_key(path): route}."""
         async with self.http.get(f"{self.api}/api/routes", headers=self.headers) as r:
             r.raise_for_status()
-            return {path.rstrip("/") + "/": route for path, route in (await r.json()).items()}
+            return {route_key(path): route for path, route in (await r.json()).items()}
 
     async def hold(self, path: str, timeout: float) -> bool:
         try:
@@ -170,6 +191,9 @@ class SessionManager(Application):
         self.stalled_since: dict[tuple[str, str], float] = {}
         self.recovering: set[tuple[str, str]] = set()
         self.recent: dict[tuple[str, str], list[float]] = {}
+        # Servers this process has seen the hub list as ready: only for
+        # those can a disappearance be told apart as a stop by request.
+        self.seen: set[tuple[str, str]] = set()
 
     async def check_once(self) -> None:
         """One round: new sessions recorded, stopped ones noted, every
@@ -181,7 +205,13 @@ class SessionManager(Application):
                 key = (record.user, record.server_name)
                 if key in self.recovering or key in servers:
                     continue
-                if self.failures.get(key, 0) < self.lost_after:
+                if key not in self.seen:
+                    # Gone while the manager was down (or before its first
+                    # check): nothing says it was stopped on purpose, and
+                    # a session lost unnoticed must not pass for one.
+                    self._start_recovery(record, "gone while the session manager was "
+                                                 "down; no stop by request on record")
+                elif self.failures.get(key, 0) < self.lost_after:
                     # It answered until the hub stopped it: on purpose.
                     record.state = "stopped"
                     self.store.add_event(record, "stopped", "stopped by request")
@@ -189,6 +219,10 @@ class SessionManager(Application):
                     self._start_recovery(record, "the hub found the server gone")
             targets: dict[tuple[str, str], str] = {}
             for key, model in servers.items():
+                if model.get("pending") == "stop":
+                    # The hub stopping it is what a stop by request looks
+                    # like: no longer a server gone unseen.
+                    self.seen.add(key)
                 if key in self.recovering or not model.get("ready"):
                     continue
                 record = self.store.find(db, *key)
@@ -199,7 +233,8 @@ class SessionManager(Application):
                     self.store.add_event(record, "stopped", "replaced by a new server")
                 if record is None or record.state == "stopped":
                     record = self._new_record(db, key, model)
-                route = routes.get(model["url"]) or {}
+                self.seen.add(key)
+                route = routes.get(route_key(model["url"])) or {}
                 target = route.get("target", "")
                 if target and target != record.target:
                     if record.target:
@@ -209,7 +244,7 @@ class SessionManager(Application):
                 # not done re-adding routes), where it ran last.
                 targets[key] = record.target
         # Not one being stopped: its failing to answer is no loss.
-        await asyncio.gather(*(self._probe(key, model["url"], targets[key])
+        await asyncio.gather(*(self._probe_confined(key, model["url"], targets[key])
                                for key, model in servers.items()
                                if key in targets and not model.get("pending")))
 
@@ -224,22 +259,42 @@ class SessionManager(Application):
         self.failures[key] = 0
         return record
 
+    async def _probe_confined(self, key: tuple[str, str], path: str,
+                              target: str) -> None:
+        """A check whose failure, whatever it is, stays with its session."""
+        try:
+            await self._probe(key, path, target)
+        except Exception as e:  # noqa: BLE001 -- one server must not stop the round
+            self.log.error("session %s/%s: check failed: %s: %s", *key,
+                           type(e).__name__, str(e)[:200])
+
     async def _probe(self, key: tuple[str, str], path: str, target: str) -> None:
-        """Ask the server for its kernels, where it runs."""
+        """Ask the server, where it runs, whether it is there: ``GET
+        <path>api`` (jupyter_server's version, no login needed), through
+        the credential-free session, reading the status line and headers
+        only (the body, whatever its size, is never read)."""
         if not target:
             return  # not known yet: nothing to judge by
-        kernels = None
         # Connecting and reading are timed apart: a refused or unanswered
         # connection means the server is gone; an accepted one that gets no
-        # answer means it is there but stuck.
+        # answer means it is there but stuck. The whole check is bounded
+        # too, so a server trickling its headers can't hold the round.
         timeout = aiohttp.ClientTimeout(sock_connect=self.probe_timeout,
                                         sock_read=self.probe_timeout)
+        stalled = False
         try:
-            async with self.http.get(f"{target}{path}api/kernels", timeout=timeout) as r:
-                if r.status == 200:
-                    kernels = [{"id": k["id"], "name": k["name"]} for k in await r.json()]
-                alive = True  # any answer at all: the server is there
+            async with asyncio.timeout(2 * self.probe_timeout + 1) as bound:
+                async with self.probe_http.get(f"{target}{path}api", timeout=timeout,
+                                               allow_redirects=False):
+                    pass  # any answer at all: the server is there
+            alive = True
         except aiohttp.SocketTimeoutError:
+            alive, stalled = False, True
+        except TimeoutError:
+            alive, stalled = False, bound.expired()
+        except (aiohttp.ClientError, ValueError):
+            alive = False
+        if stalled:
             since = self.stalled_since.setdefault(key, time.monotonic())
             stalled_for = time.monotonic() - since
             if stalled_for < self.stall_timeout:
@@ -247,16 +302,9 @@ class SessionManager(Application):
             self._count_failure(key, f"{target} has accepted connections but answered "
                                      f"nothing for {stalled_for:.0f} s")
             return
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            alive = False
         self.stalled_since.pop(key, None)
         if alive:
             self.failures[key] = 0
-            if kernels is not None:
-                with self.store.transaction() as db:
-                    record = self.store.find(db, *key)
-                    if record is not None and record.kernels != kernels:
-                        record.kernels = kernels
             return
         self._count_failure(key, f"no answer at {target}")
 
@@ -340,19 +388,35 @@ class SessionManager(Application):
 
     # --------------------------------------------------------------- run --
 
+    @asynccontextmanager
+    async def clients(self) -> AsyncIterator[None]:
+        """The manager's HTTP sessions, one per party, so that no
+        credential reaches anyone but its issuer: the hub's token goes to
+        the hub only, the proxy's to the proxy only, and the checks of
+        users' servers (where anyone may be listening) carry nothing: no
+        Authorization header, no cookie jar, no redirects followed, no
+        proxy or netrc from the environment."""
+        hub_headers = {"Authorization": f"token {self.api_token}"}
+        async with aiohttp.ClientSession(headers=hub_headers, trust_env=False) as hub, \
+                aiohttp.ClientSession(trust_env=False) as proxy, \
+                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
+                                      trust_env=False) as self.probe_http:
+            self.hub = HubClient(hub, self.hub_api_url)
+            self.proxy = ProxyClient(proxy, self.proxy_api_url, self.proxy_auth_token)
+            yield
+
     async def run(self) -> None:
-        headers = {"Authorization": f"token {self.api_token}"}
-        async with aiohttp.ClientSession(headers=headers) as self.http:
-            self.hub = HubClient(self.http, self.hub_api_url)
-            self.proxy = ProxyClient(self.http, self.proxy_api_url, self.proxy_auth_token)
+        async with self.clients():
             self._serve_api()
             self.log.info("session manager: checking sessions every %.1f s", self.interval)
             while True:
                 try:
                     await self.check_once()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    # The hub or the proxy restarting: try again next round.
-                    self.log.warning("session manager: check failed: %s", e)
+                except Exception as e:  # noqa: BLE001
+                    # The hub or the proxy restarting, or anything else: one
+                    # line, and the next round tries again.
+                    self.log.warning("session manager: check failed: %s: %s",
+                                     type(e).__name__, str(e)[:200])
                 await asyncio.sleep(self.interval)
 
     def _serve_api(self) -> None:
@@ -398,7 +462,12 @@ class SessionsHandler(web.RequestHandler):
         self.finish(json.dumps({"sessions": sessions}))
 
 
-main = SessionManager.launch_instance
+def main() -> None:
+    # Whatever the manager writes (its records, SQLite's journals) is for
+    # its own user alone.
+    os.umask(0o077)
+    SessionManager.launch_instance()
+
 
 if __name__ == "__main__":
     main()

@@ -3,16 +3,30 @@
 SQLAlchemy, so a center starts with one SQLite file and moves to
 PostgreSQL when several hubs or processes share the records (as JupyterHub
 itself does): only the URL changes.
+
+The records hold every user's options and where each server runs: an
+SQLite file is created readable by its owner alone (0600) before SQLAlchemy
+opens it, and an existing one that is looser is tightened (SQLite gives its
+-journal, -wal and -shm files the database file's mode).
 """
 from __future__ import annotations
 
 import datetime
+import logging
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, create_engine, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, relationship,
                             sessionmaker)
+
+
+log = logging.getLogger(__name__)
+PRIVATE = 0o600
+SQLITE_COMPANIONS = ("", "-journal", "-wal", "-shm")
 
 
 def now() -> datetime.datetime:
@@ -41,6 +55,8 @@ class SessionRecord(Base):
     # The hub's start time of the server now serving it: a server started
     # by someone else than the manager is a new session.
     instance: Mapped[str] = mapped_column(String(64), default="")
+    # No longer filled in: the checks of users' servers carry no
+    # credential, so can't list kernels. Kept for older records.
     kernels: Mapped[list] = mapped_column(JSON, default=list)
     recoveries: Mapped[int] = mapped_column(Integer, default=0)
     created: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=now)
@@ -79,6 +95,7 @@ class SessionStore:
     """The records behind a database URL (``sqlite:///path`` by default)."""
 
     def __init__(self, url: str):
+        private_sqlite_file(url)
         self.engine = create_engine(url)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -111,3 +128,48 @@ class SessionStore:
             if user is not None:
                 query = query.where(SessionRecord.user == user)
             return [r.to_dict() for r in db.scalars(query)]
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file behind an SQLite URL; None for another database, an
+    in-memory one, or a ``file:`` URI (whose mode SQLite itself sets)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return database
+
+
+def private_sqlite_file(url: str) -> None:
+    """Create the SQLite file 0600 (it may exist already), and tighten it
+    and its companions where they are looser; refuse one that is not a
+    regular file of this process's user (a link, someone else's file)."""
+    path = sqlite_path(url)
+    if path is None:
+        return
+    for suffix in SQLITE_COMPANIONS:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            # The database itself is created here, 0600 whatever the umask
+            # lets through; a companion only tightened, left from a looser run.
+            fd = (os.open(path, flags | os.O_CREAT, PRIVATE) if not suffix
+                  else os.open(path + suffix, flags))
+        except FileNotFoundError:
+            continue
+        try:
+            _make_private(fd, path + suffix)
+        finally:
+            os.close(fd)
+
+
+def _make_private(fd: int, path: str) -> None:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        raise PermissionError(f"{path}: the session records must be a regular file "
+                              f"owned by uid {os.geteuid()}")
+    if info.st_mode & 0o077:
+        log.warning("%s was open to others (mode %o): now 0600", path,
+                    stat.S_IMODE(info.st_mode))
+        os.fchmod(fd, PRIVATE)

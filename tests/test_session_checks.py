@@ -8,7 +8,6 @@ import asyncio
 import socket
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -45,7 +44,7 @@ def manager(tmp_path: Path, **settings) -> SessionManager:
 
 async def check(app: SessionManager, target: str, times: int) -> list[str]:
     """``times`` checks of alice's server at ``target``: the history after."""
-    async with aiohttp.ClientSession() as app.http:
+    async with app.clients():
         for _ in range(times):
             await app._probe(KEY, "/user/alice/", target)
     with app.store.transaction() as db:
@@ -78,14 +77,14 @@ def test_an_answer_clears_the_failures(tmp_path):
             return web.json_response([])
 
         server = web.Application()
-        server.router.add_get("/user/alice/api/kernels", kernels)
+        server.router.add_get("/user/alice/api", kernels)
         runner = web.AppRunner(server)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         answering = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
         refused = refused_target()
-        async with aiohttp.ClientSession() as app.http:
+        async with app.clients():
             for target in (refused, answering, refused, answering, refused):
                 await app._probe(KEY, "/user/alice/", target)
         await runner.cleanup()
