@@ -474,6 +474,6 @@ def test_shutdown_on_purpose_ends_kernel_and_keeper_and_stop_keeps_kernels(serve
     assert kernel not in s.records()
     wait_for(lambda: not _running(keeper), 10, "the keeper to exit")
     wait_for(lambda: not _running(record["provisioner_info"]["pid"]), 10, "the kernel to end")
-    assert not (s.state_dir / f"{kernel}.keeper").exists()
+    assert not Path(record["keeper"].removeprefix("ipc://")).exists()
     s.stop()
     wait_for(lambda: not s.marked(), 10, "no process left")
