@@ -28,6 +28,7 @@ import socket
 import sys
 from pathlib import Path
 
+from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
 from tornado import web
@@ -184,12 +185,12 @@ class ChSpawner(LocalProcessSpawner):
         for "no options" (the defaults, or the last ones) and refuses a body
         that is not an object -- except ``false``, ``0``, ``""`` and ``[]``,
         which it reads as no body at all. Those are refused here too."""
-        request = getattr(getattr(self, "handler", None), "request", None)
-        if request is None or request.method != "POST" or "/api/" not in request.path \
-                or not request.body.strip():
+        handler = getattr(self, "handler", None)  # (the request that spawns)
+        if not isinstance(handler, APIHandler) or handler.request.method != "POST" \
+                or not handler.request.body.strip():
             return
         try:
-            body = json.loads(request.body)
+            body = json.loads(handler.request.body)
         except ValueError:
             return  # (JupyterHub refused it already)
         if body is not None and not isinstance(body, dict):

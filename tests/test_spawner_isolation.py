@@ -302,3 +302,17 @@ def test_named_servers_keep_their_kernels_apart(named_hub):
     asyncio.run(spawn_named(hub, "a"))
     assert asyncio.run(kernels(hub, "a")) == []
     assert asyncio.run(kernels(hub, "b")) == [kb]
+
+
+def test_a_new_port_for_each_spawn_unless_the_admin_set_one():
+    """A port found taken is not tried again by the next spawn."""
+    from chspawner.spawner import ChSpawner
+    spawner = ChSpawner()
+    ports = set()
+    for _ in range(5):  # (the system may hand out a freed port again, rarely)
+        spawner.pick_port()
+        ports.add(spawner.port)
+    assert len(ports) > 1
+    fixed = ChSpawner(port=8999)
+    fixed.pick_port()
+    assert fixed.port == 8999
