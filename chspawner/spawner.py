@@ -17,14 +17,18 @@ a bad one is a 400 with a message that says what is wrong.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import html
 import json
 import os
 import pwd
+import secrets
 import shlex
 import socket
 import sys
+from pathlib import Path
 
+from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
 from tornado import web
@@ -32,6 +36,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from chspawner.images import ImageError
 from chspawner.images.store import Store, check_name
+from chspawner.listening import MINE, NONCE_ENV, TAKEN, listener_uids, port_owner, read_report
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.slurm import ACTIVE_STATES, SlurmError, job_status, slurm_command
 
@@ -120,17 +125,19 @@ class ChSpawner(LocalProcessSpawner):
     def site_entry(self, image: str) -> dict | None:
         return next((i for i in self.images if i.get("name") == image), None)
 
+    #: The options a user may give, and their JSON types.
+    OPTION_TYPES: dict[str, type] = {"image": str, "mode": str}
+
     def validate_user_options(self, options: dict) -> None:
         """Check the options, then set ``image`` and ``mode``: nothing
-        changes unless all of them are good."""
+        changes unless all of them are good. Types are checked before
+        values: ``{"image": 0}`` is refused, not read as "the default"."""
+        self.check_option_types(options)
         offered = self.offered_images()
-        unknown = set(options) - {"image", "mode"}
-        if unknown:
-            raise web.HTTPError(400, f"unknown options: {', '.join(sorted(unknown))}")
+        # An option left out (or left empty, as the form leaves a choice
+        # it doesn't offer) takes its default.
         image = options.get("image") or next(iter(offered), "")
         mode = options.get("mode") or (self.modes[0] if self.modes else "")
-        if not isinstance(image, str) or not isinstance(mode, str):
-            raise web.HTTPError(400, "image and mode must be strings")
         try:
             check_name(image)
         except ImageError as e:
@@ -151,6 +158,44 @@ class ChSpawner(LocalProcessSpawner):
             if problem:
                 raise web.HTTPError(400, problem)
         self.image, self.mode = image, mode
+
+    def check_option_types(self, options: object) -> None:
+        """A 400 unless ``options`` is an object of known options, each of
+        its type. Unknown options are refused, not ignored: a misspelt one
+        would otherwise spawn the defaults without a word."""
+        self._refuse_non_object_body()
+        if not isinstance(options, dict):
+            raise web.HTTPError(400, f"the options must be a JSON object, not "
+                                     f"{json_type(options)}")
+        unknown = set(options) - set(self.OPTION_TYPES)
+        if unknown:
+            raise web.HTTPError(400, f"unknown options: {', '.join(sorted(map(str, unknown)))}")
+        for key, kind in self.OPTION_TYPES.items():
+            value = options.get(key)
+            if key in options and not (isinstance(value, kind)
+                                       and not isinstance(value, bool)):
+                raise web.HTTPError(400, self.type_problem(key, value))
+
+    def type_problem(self, key: str, value: object) -> str:
+        """The one-line message for an option of the wrong type."""
+        return f"{key} must be a string, not {json_type(value)}"
+
+    def _refuse_non_object_body(self) -> None:
+        """JupyterHub's REST API takes an empty body, or a JSON ``null``,
+        for "no options" (the defaults, or the last ones) and refuses a body
+        that is not an object -- except ``false``, ``0``, ``""`` and ``[]``,
+        which it reads as no body at all. Those are refused here too."""
+        handler = getattr(self, "handler", None)  # (the request that spawns)
+        if not isinstance(handler, APIHandler) or handler.request.method != "POST" \
+                or not handler.request.body.strip():
+            return
+        try:
+            body = json.loads(handler.request.body)
+        except ValueError:
+            return  # (JupyterHub refused it already)
+        if body is not None and not isinstance(body, dict):
+            raise web.HTTPError(400, f"the request body must be a JSON object, not "
+                                     f"{json_type(body)}")
 
     @staticmethod
     def server_mode_problem(image: str, mode: str, path) -> str | None:
@@ -207,8 +252,7 @@ class ChSpawner(LocalProcessSpawner):
         self._events = asyncio.Queue()
         await self.ensure_image()
         self._emit(20, f"starting the {self.mode} mode with image {self.image}")
-        if self.port == 0:
-            self.port = random_port()
+        self.pick_port()
         if self.mode != "server":
             ip, port = await super().start()
             self._emit(40, f"server started on {socket.gethostname()}; "
@@ -221,22 +265,49 @@ class ChSpawner(LocalProcessSpawner):
                 self.cmd, self._args_in_cmd = saved, False
             self._emit(40, f"container started on {socket.gethostname()}, "
                            f"image {self.image}")
-        await self._wait_answering(ip or "127.0.0.1", port)
+        await self._wait_listening(port)
         self._emit(60, "server responding")
         return ip, port
 
-    async def _wait_answering(self, ip: str, port: int) -> None:
-        """Return once the server accepts connections, so the hub's own
-        check (which backs off up to seconds between tries) succeeds at
-        once; a server that exits first fails the spawn at once, with its
-        exit status."""
+    def pick_port(self) -> None:
+        """A new random port for each spawn, unless the admin set one: a
+        port found taken (see _wait_listening) is not tried again."""
+        if self.port == 0 or getattr(self, "_port_picked", False):
+            self.port, self._port_picked = random_port(), True
+
+    def user_uid(self) -> int:
+        return pwd.getpwnam(self.user.name).pw_uid
+
+    async def _wait_listening(self, port: int) -> None:
+        """Return once the server listens, proven to be the user's own
+        process: the hub's host lists every listening socket with its
+        owner (chspawner.listening), so nothing is sent to a listener to
+        find out, and another user's process listening on the port fails
+        the spawn, never receiving the user's browser. Returning at once
+        also spares the hub's own check its back-off. A server that exits
+        first fails the spawn at once, with its exit status."""
         what = f"image {self.image}, {self.mode} mode"  # (poll() clears them)
-        while not await _answers("127.0.0.1" if ip in ("0.0.0.0", "") else ip, port):
+        uid = self.user_uid()
+        while True:
+            owner = port_owner(port, uid)
+            if owner == TAKEN:
+                self.log.warning("chspawner: %s: port %d is held by uid(s) %s", self._log_name,
+                                 port, sorted(listener_uids(port) - {uid}))
+                raise SpawnFailed(f"port {port} on {socket.gethostname()} is taken by "
+                                  "another user's process; your server was not started "
+                                  "there. " + self.port_advice())
+            if owner == MINE:
+                return
             status = await self.poll()
             if status is not None:
                 raise SpawnFailed(f"the server exited with status {status} before it "
                                   f"answered ({what})")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # a polling interval: listening signals nothing
+
+    def port_advice(self) -> str:
+        if getattr(self, "_port_picked", False):
+            return "Start it again: another port is picked each time."
+        return "The port is set by the admin: ask them to free it or to choose another."
 
     async def ensure_image(self) -> None:
         """Pull the admin's image on its first use (see ``images``)."""
@@ -387,7 +458,17 @@ class SlurmChSpawner(ChSpawner):
                    "one) gets to shut its kernels down before its job is cancelled.",
     ).tag(config=True)
 
+    report_dir = Unicode(
+        "{home}/.local/share/chspawner/servers",
+        help="Where a server's job reports, on its node, that the user's own "
+             "process listens on the server's port ({home}: the user's home, shared "
+             "with the nodes; only the user may write there, and the hub must be able "
+             "to read it). The hub routes to the server only after that report.",
+    ).tag(config=True)
+
     job_id = Unicode("", help="The server's Slurm job (state).")
+    spawn_nonce = Unicode("", help="This spawn's random token, which its job's "
+                                   "listening report must carry (state).")
     node = Unicode("", help="Where it runs (state).")
     request = Dict(help="The validated Slurm request of this spawn.")
 
@@ -397,7 +478,11 @@ class SlurmChSpawner(ChSpawner):
     def _default_ip(self):
         return "0.0.0.0"  # the hub connects to the node
 
+    OPTION_TYPES = {**ChSpawner.OPTION_TYPES, "partition": str, "cpus": int,
+                    "mem_gb": int, "hours": int, "gpus": int}
+
     def validate_user_options(self, options: dict) -> None:
+        self.check_option_types(options)
         slurm = {k: options[k] for k in self.RESOURCES if k in options}
         request = self.default_request()
         for key, value in slurm.items():
@@ -407,14 +492,18 @@ class SlurmChSpawner(ChSpawner):
                                              f"(offered: {', '.join(self.partitions)})")
             else:
                 low, high = self.bounds()[key]
-                if not isinstance(value, int) or isinstance(value, bool) \
-                        or not low <= value <= high:
-                    raise web.HTTPError(400, f"{key} must be a whole number from {low} "
-                                             f"to {high}")
+                if not low <= value <= high:
+                    raise web.HTTPError(400, self.type_problem(key, value))
             request[key] = value
         super().validate_user_options({k: v for k, v in options.items()
                                        if k not in slurm})
         self.request = request
+
+    def type_problem(self, key: str, value: object) -> str:
+        if key in self.bounds():
+            low, high = self.bounds()[key]
+            return f"{key} must be a whole number from {low} to {high}"
+        return super().type_problem(key, value)
 
     def default_request(self) -> dict:
         return {"partition": self.partitions[0] if self.partitions else "",
@@ -449,7 +538,10 @@ class SlurmChSpawner(ChSpawner):
         for key in self.RESOURCES:
             value = (formdata.get(key) or [""])[0]
             if value:
-                options[key] = int(value) if value.isdigit() else value
+                # ASCII digits alone: "²" and "٣" are digits to str.isdigit()
+                # but not to int(); anything else stays text, for
+                # validate_user_options to refuse with the field's bounds.
+                options[key] = int(value) if value.isascii() and value.isdigit() else value
         return options
 
     def kernels_in_jobs(self) -> bool:
@@ -510,17 +602,25 @@ class SlurmChSpawner(ChSpawner):
         # On the hub's host, into the shared store: compute nodes never
         # talk to a registry.
         await self.ensure_image()
-        if self.port == 0:
-            self.port = random_port()
+        self.pick_port()
+        self.spawn_nonce = secrets.token_hex(16)
         command = (self.container_argv() if self.mode == "server"
                    else [*self.cmd, *self.get_args()])
         sbatch = ["sbatch", "--parsable", f"--job-name=jupyterhub-{self.user.name}",
                   *self._resource_args(self.server_request()), "--export=ALL",
                   f"--chdir={self._home_dir()}", "--output=/dev/null"]
         # The command travels as the wrap's arguments, quoted once, here.
-        sbatch.append("--wrap=exec " + " ".join(shlex.quote(a) for a in command))
+        # Beside it (before the exec: the server stays the job's script,
+        # which scancel --batch signals) runs the check that the port is
+        # the user's own (see _proven).
+        watch = [sys.executable, "-m", "chspawner.listening", "--port", str(self.port),
+                 "--report", str(self.report_path()), "--timeout", str(self.start_timeout)]
+        sbatch.append("--wrap=" + " ".join(shlex.quote(a) for a in watch)
+                      + " </dev/null >/dev/null 2>&1 & exec "
+                      + " ".join(shlex.quote(a) for a in command))
+        env = {**self.get_env(), NONCE_ENV: self.spawn_nonce}
         try:
-            self.job_id = (await self.slurm(*sbatch, env=self.get_env())).strip().split(";")[0]
+            self.job_id = (await self.slurm(*sbatch, env=env)).strip().split(";")[0]
         except SlurmError as e:
             raise SpawnFailed(f"can't submit the server's job: {e}") from None
         self._save_state()
@@ -531,6 +631,10 @@ class SlurmChSpawner(ChSpawner):
         """Follow the job until its server answers on the node, reporting
         queue states; a job that ends first ends the spawn at once, with
         its state (not after the hub's http_timeout)."""
+        if not self.spawn_nonce:
+            raise SpawnFailed(f"Slurm job {self.job_id} was submitted by an earlier "
+                              "chspawner, which did not check whose process listens on "
+                              "its port, so it is not connected to; start your server again")
         last = None
         while True:
             try:
@@ -543,6 +647,13 @@ class SlurmChSpawner(ChSpawner):
                     last = "unreachable"
                 await asyncio.sleep(self.queue_poll_interval)
                 continue
+            report = self._report()
+            if report and report["status"] == TAKEN:
+                # (Its server can't listen there: the job ends, if it has
+                # not yet; the hub stops it, which cancels it.)
+                raise SpawnFailed(f"port {self.port} on node {report.get('node')} is taken "
+                                  "by another user's process; your server was not "
+                                  "connected to it. " + self.port_advice())
             if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED",
                          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
                 raise SpawnFailed(f"Slurm job {self.job_id} ended before the server "
@@ -553,7 +664,7 @@ class SlurmChSpawner(ChSpawner):
                 self._save_state()
                 self._emit(40, f"job {self.job_id} running on {node}, mode {self.mode}, "
                                f"image {self.image}")
-            if self.node and await _answers(self.node, self.port):
+            if self.node and self._proven(report) and await _answers(self.node, self.port):
                 self._emit(60, f"server responding on {self.node}")
                 return self.node, self.port
             if (state, reason) != last and state != "RUNNING":
@@ -562,6 +673,28 @@ class SlurmChSpawner(ChSpawner):
                                + (await self._queue_place() if state == "PENDING" else ""))
                 last = state, reason
             await asyncio.sleep(self.queue_poll_interval)
+
+    def report_path(self) -> Path:
+        """This server's listening report (one file per server, rewritten
+        by each spawn)."""
+        home = self._home_dir()
+        name = ("server" if not self.name else
+                "server-" + hashlib.sha256(self.name.encode()).hexdigest()[:16])
+        return Path(self.report_dir.format(home=home)) / f"{name}.json"
+
+    def _report(self) -> dict | None:
+        """The job's listening report of this spawn, if it wrote one yet."""
+        if not self.spawn_nonce:
+            return None
+        return read_report(self.report_path(), self.user_uid(), self.spawn_nonce)
+
+    def _proven(self, report: dict | None) -> bool:
+        """Whether the job reported, from the server's node, that the
+        user's own process, alone, listens on the server's port: only
+        then is the server routed to. Without a nonce (a job submitted
+        before chspawner checked this) nothing proves it."""
+        return bool(report) and report["status"] == MINE and \
+            report.get("node") == self.node and report.get("port") == self.port
 
     async def _queue_place(self) -> str:
         """', place 3 of 5 in the queue' (Slurm's priority order), if known."""
@@ -657,19 +790,21 @@ class SlurmChSpawner(ChSpawner):
         state = super().get_state()
         if self.job_id:  # (image and mode come from ChSpawner)
             # The port too: the hub records it only once start() returns.
-            state.update(job_id=self.job_id, node=self.node, port=self.port)
+            state.update(job_id=self.job_id, node=self.node, port=self.port,
+                         spawn_nonce=self.spawn_nonce)
         return state
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.job_id = state.get("job_id", "")
         self.node = state.get("node", "")
+        self.spawn_nonce = state.get("spawn_nonce", "")
         if state.get("port"):
             self.port = state["port"]
 
     def clear_state(self) -> None:
         super().clear_state()
-        self.job_id = self.node = ""
+        self.job_id = self.node = self.spawn_nonce = ""
 
 
 class SpawnFailed(RuntimeError):
@@ -688,3 +823,16 @@ async def _answers(host: str, port: int) -> bool:
         return False
     writer.close()
     return True
+
+
+def json_type(value: object) -> str:
+    """How a JSON value's type is called in a message for the user."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    for kind, name in ((str, "a string"), ((int, float), "a number"), (dict, "an object"),
+                       ((list, tuple), "an array")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__

@@ -60,7 +60,7 @@ from traitlets import Bool, Float, Integer, Unicode, default
 
 from session_proxy.kernel_connection import close_connections, forget_connections
 from session_proxy.kernel_keeper import sign
-from session_proxy.kernel_records import KernelRecords
+from session_proxy.kernel_records import KernelRecords, state_dir_name
 
 
 def can_reattach(provisioner: Any) -> bool:
@@ -125,15 +125,27 @@ class PersistentServerKernelManager(ServerKernelManager):
 class PersistentKernelManager(AsyncMappingKernelManager):
     """A jupyter_server kernel manager whose kernels survive the server."""
 
+    server_name = Unicode(
+        help="The JupyterHub server this is, among the user's named servers ('': "
+             "the default one). Each has a state directory, so kernels of its own: "
+             "one server never adopts, nor shuts down, another's. Default: "
+             "$JUPYTERHUB_SERVER_NAME, which JupyterHub sets.",
+    ).tag(config=True)
+
+    @default("server_name")
+    def _default_server_name(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVER_NAME", "")
+
     state_dir = Unicode(
         help="Where kernel records and keeper sockets live (created mode 0700). "
              "A server replacing another must use the same directory. "
-             "Default: chspawner-kernels in the Jupyter runtime directory.",
+             "Default: chspawner-kernels in the Jupyter runtime directory for the "
+             "default server, chspawner-kernels-<hash of the name> for a named one.",
     ).tag(config=True)
 
     @default("state_dir")
     def _default_state_dir(self) -> str:
-        return os.path.join(jupyter_runtime_dir(), "chspawner-kernels")
+        return os.path.join(jupyter_runtime_dir(), state_dir_name(self.server_name))
 
     # Kernels survive their server's death (a kill, a lost node) either way:
     # this is about a server stopped politely (SIGTERM), which is how the hub

@@ -1,7 +1,9 @@
 """Kernel records: what a new Jupyter server needs to re-attach to a kernel
 its predecessor started.
 
-One JSON file per kernel, ``<state dir>/<kernel id>.json``, written
+Each JupyterHub server of a user has its own state directory (see
+:func:`state_dir_name`). One JSON file per kernel,
+``<state dir>/<kernel id>.json``, written
 atomically (a reader never sees half a record) and readable only by the
 user: it holds the kernel's HMAC key. The same directory holds each
 kernel's keeper socket and logs (see :mod:`session_proxy.kernel_keeper`).
@@ -44,6 +46,18 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def state_dir_name(server_name: str) -> str:
+    """The state directory's name (in the Jupyter runtime directory) of one
+    JupyterHub server of a user: each server has its own kernels, and must
+    neither adopt nor shut down another's. The default server ('') keeps
+    the name it always had; a named one is known by a hash of its name,
+    short and safe whatever the name (a keeper socket's path must fit in
+    a Unix socket address, 107 bytes)."""
+    if not server_name:
+        return "chspawner-kernels"
+    return "chspawner-kernels-" + hashlib.sha256(server_name.encode()).hexdigest()[:12]
+
+
 class KernelRecords:
     """The records in one state directory (created mode 0700)."""
 
@@ -62,8 +76,12 @@ class KernelRecords:
         return self.directory / f"{kernel_id}.json"
 
     def keeper_address(self, kernel_id: str) -> str:
-        """Where the kernel's keeper listens: a Unix socket beside the record."""
-        return f"ipc://{self.directory / (kernel_id + '.keeper')}"
+        """Where the kernel's keeper listens: a Unix socket beside the record,
+        named by a hash of the kernel id, short enough for a socket address
+        (the record keeps the address: older, longer ones are still found)."""
+        self.path(kernel_id)  # (checks the id)
+        name = hashlib.sha256(kernel_id.encode()).hexdigest()[:16]
+        return f"ipc://{self.directory / (name + '.keeper')}"
 
     def acks_dir(self, kernel_id: str) -> Path:
         return self.directory / f"{kernel_id}.acks"

@@ -22,7 +22,8 @@ from session_proxy.kernel_records import KernelRecords
 
 class PersistentSessionManager(SessionManager):
     """Stock sessions, in ``sessions.sqlite`` in the kernel manager's
-    ``state_dir`` (in memory, as stock, beside any other kernel manager)."""
+    ``state_dir`` (in memory, as stock, beside any other kernel manager):
+    so, like the kernels, per JupyterHub server of the user."""
 
     @default("database_filepath")
     def _default_database_filepath(self) -> str:

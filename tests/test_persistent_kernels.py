@@ -474,6 +474,29 @@ def test_shutdown_on_purpose_ends_kernel_and_keeper_and_stop_keeps_kernels(serve
     assert kernel not in s.records()
     wait_for(lambda: not _running(keeper), 10, "the keeper to exit")
     wait_for(lambda: not _running(record["provisioner_info"]["pid"]), 10, "the kernel to end")
-    assert not (s.state_dir / f"{kernel}.keeper").exists()
+    assert not Path(record["keeper"].removeprefix("ipc://")).exists()
     s.stop()
     wait_for(lambda: not s.marked(), 10, "no process left")
+
+
+@pytest.mark.parametrize("name", ["", "a", "b", "x" * 200 + " é/.."])
+def test_each_named_server_has_a_state_directory_of_its_own(tmp_path, monkeypatch, name):
+    """JupyterHub's named servers of one user: the default one keeps the
+    directory it always had; each named one gets its own, whatever its
+    name, with keeper socket paths short enough for a Unix socket."""
+    from session_proxy.kernel_manager import PersistentKernelManager
+    from session_proxy.kernel_records import state_dir_name
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("JUPYTERHUB_SERVER_NAME", name)
+    manager = PersistentKernelManager()
+    state = Path(manager.state_dir)
+    assert state.parent == tmp_path and state.is_dir()
+    assert (state.name == "chspawner-kernels") == (name == "")
+    others = {state_dir_name(n) for n in ("", "a", "b", "x" * 200 + " é/..") if n != name}
+    assert state.name not in others
+    keeper = manager.records.keeper_address(str(uuid.uuid4())).removeprefix("ipc://")
+    assert Path(keeper).parent == state
+    # A home of 20 characters leaves room in a socket address (107 bytes).
+    home = "/home/" + "u" * 14
+    assert len(f"{home}/.local/share/jupyter/runtime/{state.name}/"
+               f"{Path(keeper).name}") <= 107

@@ -3,8 +3,10 @@ the hub (as root) spawns the test user's server, through the REST API."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import pwd
+import re
 import secrets
 import subprocess
 import tempfile
@@ -242,6 +244,36 @@ def test_bad_options_are_refused_and_change_nothing(hub, options, words):
     assert not Path("/tmp/pwned").exists()
 
 
+async def post_body(hub: Hub, body: str) -> tuple[int, str]:
+    """POST a raw JSON ``body`` to start the user's server."""
+    api = f"{hub.url}/hub/api/users/{hub.user}"
+    async with hub.session() as http:
+        async with http.post(api, json={}) as r:
+            assert r.status in (201, 409), await r.text()  # the user exists
+        async with http.post(f"{api}/server", data=body,
+                             headers={"Content-Type": "application/json"}) as r:
+            return r.status, await r.text()
+
+
+@pytest.mark.parametrize("body, words", [
+    ('{"image": 0}', "image must be a string, not a number"),
+    ('{"image": "deb", "mode": 0}', "mode must be a string, not a number"),
+    ('{"image": null}', "image must be a string, not null"),
+    ('{"image": ["deb"]}', "image must be a string, not an array"),
+    ('{"user_options": {"image": true}}', "image must be a string, not true"),
+    ("false", "the request body must be a JSON object, not false"),
+    ("0", "the request body must be a JSON object, not a number"),
+    ("[]", "the request body must be a JSON object, not an array"),
+])
+def test_options_of_the_wrong_type_are_refused(hub, body, words):
+    """Types before values: a falsy option of the wrong type is not read as
+    "the default" (it was: the default image spawned)."""
+    status, reply = asyncio.run(post_body(hub, body))
+    assert status == 400, reply
+    assert words in reply, reply
+    assert asyncio.run(user_server(hub)) == {}
+
+
 @pytest.fixture(scope="module")
 def broken_hub(user, kernel_store):
     """A hub whose server exits at once, in the image."""
@@ -360,6 +392,9 @@ def test_slurm_no_report_path_for_a_users_token_to_abuse(slurm_hub):
 
 
 @pytest.mark.parametrize("options, words", [
+    ({"image": "deb", "cpus": "²"}, ["cpus must be a whole number from 1 to 2"]),
+    ({"image": "deb", "cpus": 1.5}, ["cpus must be a whole number from 1 to 2"]),
+    ({"image": "deb", "partition": 1}, ["partition must be a string, not a number"]),
     ({"image": "deb", "partition": "gpu"}, ["partition 'gpu' is not offered"]),
     ({"image": "deb", "cpus": 64}, ["cpus must be a whole number from 1 to 2"]),
     ({"image": "deb", "hours": "1; touch /tmp/pwned"}, ["hours must be"]),
@@ -372,6 +407,35 @@ def test_slurm_options_within_bounds(slurm_hub, options, words):
     for word in words:
         assert word in result["reply"]
     assert not Path("/tmp/pwned").exists()
+
+
+async def spawn_from_form(hub: Hub, fields: dict) -> tuple[int, str]:
+    """Log in as the user (the dummy authenticator) and submit the spawn
+    form with ``fields``, as a browser does: the status and the page."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.get(f"{hub.url}/hub/login") as r:
+            xsrf = re.search(r'name="_xsrf" value="([^"]+)"', await r.text())[1]
+        async with http.post(f"{hub.url}/hub/login", data={
+                "username": hub.user, "password": "", "_xsrf": xsrf}) as r:
+            assert r.status == 200, await r.text()
+        async with http.get(f"{hub.url}/hub/spawn/{hub.user}") as r:
+            page = await r.text()
+            assert 'name="cpus"' in page, page[-2000:]
+            # (The form's action carries the token, as ?_xsrf=...)
+            action = html.unescape(re.search(r'action="([^"]+)"', page)[1])
+        async with http.post(hub.url + action, data=fields) as r:
+            return r.status, await r.text()
+
+
+@pytest.mark.parametrize("cpus", ["²", "٣", "1.5", "-1"])
+def test_slurm_form_refuses_what_is_not_a_whole_number_clearly(slurm_hub, cpus):
+    """A superscript two passed str.isdigit() and failed int() with a
+    Python message; now every non-number gets the field's bounds."""
+    status, page = asyncio.run(spawn_from_form(slurm_hub, {"image": "deb", "cpus": cpus}))
+    assert status == 400, page[-2000:]
+    assert "cpus must be a whole number from 1 to 2" in page
+    assert "invalid literal" not in page
+    assert asyncio.run(user_server(slurm_hub)) == {}
 
 
 # ------------------------------------------------- restarts and losses ----
