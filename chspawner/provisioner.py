@@ -215,7 +215,10 @@ class ContainerProvisioner(LocalProvisioner):
         for port in PORTS:
             info[port] = self.connection_info.get(port, 0) if keep_ports else 0
         if self.on_node:
-            (self._staging / "relay.json").unlink(missing_ok=True)  # the last run's
+            # What the last run's job wrote (its relay; its keeper, if
+            # kernel_job_wrapper runs one) must not pass for the new one's.
+            for name in ("relay.json", "keeper"):
+                (self._staging / name).unlink(missing_ok=True)
         else:
             info["ip"] = ipc_prefix(Path("/tmp") / self._staging.name)
         staged = self._staging / "kernel.json"
