@@ -55,9 +55,10 @@ PORT_SUFFIX = len("-99")
 #: ZAP domains: the heartbeat echoes and carries nothing, and jupyter_client
 #: connects it with a throwaway client key; the others take only the kernel's.
 KERNEL_DOMAIN, HB_DOMAIN = "chspawner-kernel", "chspawner-hb"
-#: The largest message a relay passes on from the network (code cells and
-#: comm messages are far smaller; a bigger one drops its sender).
-MAX_MESSAGE = 256 << 20
+#: The largest heartbeat a relay takes (its peers need not hold the
+#: kernel's key, see HB_DOMAIN; pings are a few bytes): a bigger one drops
+#: its sender before it is buffered.
+MAX_PING = 4 << 10
 
 
 class TransportError(RuntimeError):
@@ -161,7 +162,8 @@ class Relay:
         for channel, (front_type, back_type) in CHANNELS.items():
             front = self.context.socket(front_type)
             front.linger = 0
-            front.maxmsgsize = MAX_MESSAGE
+            if channel == "hb_port":
+                front.maxmsgsize = MAX_PING
             keys.serve(front, HB_DOMAIN if channel == "hb_port" else KERNEL_DOMAIN)
             self.ports[channel] = _bind_tcp(front, bind_ip, ports.get(channel, 0))
             back = self.context.socket(back_type)
