@@ -222,6 +222,8 @@ SRUN_DRIVER = textwrap.dedent('''
             if m["content"].get("execution_state") == "idle":
                 break
     report["stdin"] = "".join(out)
+    while kc.get_shell_msg(timeout=30)["parent_header"].get("msg_id") != msg_id:
+        pass  # (its reply: not to be taken for the next one's)
     kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
     while "sleeping" not in kc.get_iopub_msg(timeout=30)["content"].get("text", ""):
         pass
