@@ -12,20 +12,26 @@ RunSpec. The container runtime execs, so the process jupyter_client holds
 *is* the kernel: interrupts, restarts and shutdowns reach it directly, and
 LocalProvisioner's process handling serves unchanged.
 
-Ports: rather than choosing free ports and hoping they stay free until the
-kernel binds them (jupyter_client #487), the kernel gets a connection file
-whose ports are 0, binds ports of its own choosing and writes them back
-(ipykernel does), and we read them from there. A restart reuses the ports
-the clients already know. The connection file lives in the host's temporary
-directory, which the container sees at /tmp: no bind is needed for it.
+Transport: a kernel's sockets carry its code and output, so other users
+must not reach them (see :mod:`chspawner.kernel_transport`). A kernel on
+this host uses ZeroMQ IPC: its Unix sockets are in a private (0700)
+staging directory under the host's temporary directory, which the
+container sees at /tmp, so no bind is needed; its connection file, there
+too, names them by their path inside the container, the server by theirs
+here. Rather than choosing ports, the kernel gets a connection file whose
+ports are 0, binds ports of its own choosing and writes them back (ipykernel
+does), and we read them from there. A restart reuses the ports the clients
+already know.
 
 Launcher ``srun`` runs the kernel on a compute node, inside the image, as a
 Slurm job step (in a new allocation, or ``jobid``'s). Then the connection
 file is staged under $HOME (which compute nodes share with the login node,
-and which the container gets at /home/$USER), the kernel binds all
-interfaces and records the node's name beside its ports, interrupts go as
-messages (srun takes SIGINT for itself), and stopping the kernel also
-cancels its job.
+and which the container gets at /home/$USER), with a CURVE key pair made
+here; on the node the kernel binds IPC in a private directory, and a relay
+in the job (:mod:`chspawner.kernel_transport`) offers its channels on TCP
+with CurveZMQ to the holder of those keys only, writing the node's name and
+its ports beside the connection file. Interrupts go as messages (srun takes
+SIGINT for itself), and stopping the kernel also cancels its job.
 
 Launcher ``sbatch`` runs the kernel as a batch job of its own (options in
 ``sbatch_args``), as srun does but with no client process here: the kernel
@@ -49,9 +55,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import zmq
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from chspawner.images.store import Store, StoreError, check_name
+from chspawner.kernel_transport import TransportError, ipc_prefix
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.slurm import (ACTIVE_STATES, SlurmError, job_environment, job_status,
                              slurm_command)
@@ -122,6 +130,7 @@ class ContainerProvisioner(LocalProvisioner):
         if self.on_node:
             self.kernel_spec.interrupt_mode = "message"
         image = self.image_path()  # first: a missing image fails at once
+        self._private_transport(km)
         kwargs = await super().pre_launch(**kwargs)
         connection_file = Path(km.connection_file)
         staged = self._stage(connection_file, keep_ports=restart)
@@ -132,15 +141,13 @@ class ContainerProvisioner(LocalProvisioner):
             cmd[0] = self.kernel_spec.argv[0]
         self._check_command(image, cmd)
         self._program = cmd[0]
-        if self.on_node:  # say where the kernel runs, beside its ports (sh builtins only)
-            host_file = staged.with_name("host")
-            cmd = ["/bin/sh", "-c", "read -r node < /proc/sys/kernel/hostname && "
-                   f'echo "$node" > {host_file} && exec "$@"', "sh", *cmd]
         spec = RunSpec(
             image=image, command=cmd, binds=list(self._option("binds", [])),
             env=dict(self._option("env", {})), image_env=_has_environment(image),
             home=self._home(), cwd=self._container_cwd(kwargs.get("cwd")))
         kwargs["cmd"] = to_argv(spec, self._option("backend", "builtin"))
+        if self.on_node:
+            kwargs["cmd"] = [*self._relay_command(), *kwargs["cmd"]]
         if self.srun:
             kwargs["cmd"] = self._srun_command(kwargs["cmd"])
         wrapper = getattr(km, "kernel_job_wrapper", None)
@@ -149,6 +156,48 @@ class ContainerProvisioner(LocalProvisioner):
         self.log.info("chspawner: kernel in image %s: %s", image, " ".join(kwargs["cmd"]))
         return kwargs
 
+    def _private_transport(self, km: Any) -> None:
+        """Make the staging directory, and choose the kernel's transport:
+        IPC in it here; on a node, TCP through the CURVE relay, with a key
+        pair of the kernel's own (kept across restarts, as its HMAC key)."""
+        if self._staging is None:
+            base = self._staging_base()[0]
+            base.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix="chspawner-kernel-", dir=base))
+        if km is None:
+            return
+        if not self.on_node:
+            km.transport = "ipc"
+            try:
+                km.ip = ipc_prefix(self._staging)
+                ipc_prefix(Path("/tmp") / self._staging.name)
+            except TransportError as e:
+                raise KernelStartError(str(e)) from None
+            return
+        if not hasattr(km, "curve_publickey"):
+            raise KernelStartError("kernels on compute nodes need jupyter_client with "
+                                   "CurveZMQ support (curve_publickey): upgrade it")
+        km.transport = "tcp"
+        km.ip = "127.0.0.1"  # (the node's, until the relay says where it is)
+        if km.curve_publickey is None or km.curve_secretkey is None:
+            km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+
+    def _staging_base(self) -> tuple[Path, Path]:
+        """Where staging directories go, here and as the container sees it:
+        the host's TMPDIR (/tmp inside), or for a kernel on a node under
+        $HOME (shared with the nodes; /home/$USER inside)."""
+        if self.on_node:
+            runtime = Path(".local") / "share" / "jupyter" / "runtime"
+            return Path.home() / runtime, Path("/home") / _username() / runtime
+        return Path(os.environ.get("TMPDIR") or "/tmp"), Path("/tmp")
+
+    def _relay_command(self) -> list[str]:
+        """The CURVE relay, in the job, outside the container, from our own
+        installation (which the nodes share, as they share $HOME)."""
+        return [sys.executable, "-m", "chspawner.kernel_transport", "--connection-file",
+                str(self._staging / "kernel.json"), "--timeout",
+                str(float(self._option("launch_timeout", 600))), "--"]
+
     def _known_ports(self) -> bool:
         return all(self.connection_info.get(p) for p in PORTS)
 
@@ -156,29 +205,26 @@ class ContainerProvisioner(LocalProvisioner):
         return self.on_node or bool(self._option("home", False))
 
     def _stage(self, connection_file: Path, keep_ports: bool) -> Path:
-        """Copy the connection file where the container sees it, ports 0
-        (or, on a restart, the ports clients already use): under the host's
-        TMPDIR (the container's /tmp), or for srun under $HOME (shared with
-        the compute nodes; the container's /home/$USER). Returns its path
-        inside the container."""
-        if self.on_node:
-            base, inside = Path.home(), Path("/home") / _username()
-            base = base / ".local" / "share" / "jupyter" / "runtime"
-            inside = inside / ".local" / "share" / "jupyter" / "runtime"
-            base.mkdir(parents=True, exist_ok=True)
-        else:
-            base, inside = Path(os.environ.get("TMPDIR") or "/tmp"), Path("/tmp")
-        if self._staging is None:
-            self._staging = Path(tempfile.mkdtemp(prefix="chspawner-kernel-", dir=base))
+        """Copy the connection file into the staging directory, ports 0
+        (or, on a restart, the ports clients already use), the IPC sockets
+        named as the container sees them. On a node, the relay takes it
+        from there (and the CURVE keys in it). Returns its path inside the
+        container."""
+        base, inside = self._staging_base()
         info = json.loads(connection_file.read_text())
         for port in PORTS:
             info[port] = self.connection_info.get(port, 0) if keep_ports else 0
         if self.on_node:
-            info["ip"] = "0.0.0.0"  # reachable from the server's host
-            (self._staging / "host").unlink(missing_ok=True)
+            # What the last run's job wrote (its relay; its keeper, if
+            # kernel_job_wrapper runs one) must not pass for the new one's.
+            for name in ("relay.json", "keeper"):
+                (self._staging / name).unlink(missing_ok=True)
+        else:
+            info["ip"] = ipc_prefix(Path("/tmp") / self._staging.name)
         staged = self._staging / "kernel.json"
-        staged.write_text(json.dumps(info, indent=1))
-        staged.chmod(0o600)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f, indent=1)
         return inside / self._staging.relative_to(base) / "kernel.json"
 
     def _srun_command(self, argv: list[str]) -> list[str]:
@@ -240,9 +286,9 @@ class ContainerProvisioner(LocalProvisioner):
             if self.job_id:  # still queued, say: nobody would ever use it
                 await self._cancel_job()
             raise
-        self.connection_info.update({p: info[p] for p in PORTS})
+        self.connection_info.update({p: int(info[p]) for p in PORTS})
         if self.on_node:
-            node = (self._staging / "host").read_text().strip()
+            node = info["node"]
             try:
                 self.connection_info["ip"] = socket.gethostbyname(node)
             except OSError as e:
@@ -254,17 +300,19 @@ class ContainerProvisioner(LocalProvisioner):
     async def _read_back_ports(self) -> dict:
         """Wait for the kernel to write the ports it bound; fail fast if it
         dies first."""
-        staged = self._staging / "kernel.json"
+        # On a node, the relay says where the kernel is, once it is.
+        staged = self._staging / ("relay.json" if self.on_node else "kernel.json")
         # A kernel on a node may first wait in the queue.
         timeout = float(self._option("launch_timeout", 600 if self.on_node else 60))
         deadline = time.monotonic() + timeout
         while True:
             try:
                 info = json.loads(staged.read_text())
-                if all(info.get(p) for p in PORTS) and (
-                        not self.on_node or (self._staging / "host").exists()):
+                if self.on_node:
+                    info = {**info["ports"], "node": info["node"]}
+                if all(info.get(p) for p in PORTS):
                     return info
-            except (OSError, ValueError):
+            except (OSError, ValueError, KeyError, TypeError):
                 pass  # being rewritten: read again
             if self.job_id:
                 if await self.poll() is not None:

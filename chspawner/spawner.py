@@ -231,6 +231,9 @@ class ChSpawner(LocalProcessSpawner):
         if getattr(self, "_args_in_cmd", False):
             return []
         args = super().get_args()
+        # The server's own kernels on Unix sockets in its private runtime
+        # directory, not on TCP ports other users could read (both modes).
+        args += ["--KernelManager.transport=ipc"]
         if self.mode == "kernels":
             store = self.store_for(self.image)
             args += ["--ServerApp.kernel_spec_manager_class="

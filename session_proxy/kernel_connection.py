@@ -38,6 +38,8 @@ from tornado.websocket import WebSocketClosedError
 from zmq.eventloop.zmqstream import ZMQStream
 
 from chspawner.images.progress import format_size
+from chspawner.kernel_transport import secure_client
+from session_proxy.kernel_keeper import signed_request
 from session_proxy.kernel_records import AckFile
 from session_proxy.missed_replies import REBUILT, timestamp
 
@@ -82,12 +84,14 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         _following.setdefault(self.kernel_id, weakref.WeakSet()).add(self)
 
     def _follow(self, stream: ZMQStream) -> None:
-        request = [b"follow", stream.keeper_session]
-        stream.send_multipart([*request, self.kernel_manager.keeper_sign(request)])
+        stream.send_multipart(signed_request(self.kernel_manager.session.key,
+                                             [b"follow", stream.keeper_session]))
 
     def _follow_keeper(self) -> ZMQStream:
         socket = self.kernel_manager.context.socket(zmq.DEALER)
         socket.linger = 0
+        # A keeper on a node (TCP) lets in only the kernel's CURVE key.
+        secure_client(socket, self.kernel_manager.get_connection_info(), self._keeper_address())
         socket.connect(self._keeper_address())
         stream = ZMQStream(socket)
         stream.channel = "iopub"

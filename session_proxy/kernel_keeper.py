@@ -29,11 +29,20 @@ acknowledged message, with their replies rebuilt (see
 them when the session's gap was longer than the buffer, ``[b"lost", JSON]``
 with how many were lost.
 
-A keeper listening on TCP (``--job``, below) takes requests only with a
-last frame ``SIG``, the hex HMAC-SHA256 of the other frames (joined by
-NUL) under the kernel's key: anyone on the network could reach it. (On a
-Unix socket in the user's own state directory the file system keeps
-others out; the frame is then optional.)
+Every request ends with three frames, ``TIME NONCE SIG``: the client's
+clock (seconds since the epoch, decimal), 16 random bytes (hex), and the
+hex HMAC-SHA256 of all the frames before SIG (joined by NUL) under the
+kernel's key (see :func:`signed_request`). A keeper listening on TCP
+(``--job``, below) is reachable from the network, so it is a CurveZMQ
+server that lets in only the kernel's own CURVE key (jupyter_client's
+``curve_publickey``, also its client key; see
+:mod:`chspawner.kernel_transport`): others fail the handshake, before any
+message is read. It takes no message over MAX_REQUEST bytes (libzmq drops
+the sender as the size is announced, before buffering it), and of the
+rest only those whose signature holds, whose time is within REPLAY_WINDOW
+seconds of ours, and whose nonce it has not seen in that window: a copy of
+an old request is refused. (On a Unix socket in the user's own state
+directory the file system keeps others out; the frames are not checked.)
 
 Sequence numbers start at a keeper's start time in microseconds, so a
 later keeper of the same kernel numbers above an earlier one: a session
@@ -48,9 +57,11 @@ seconds (long enough for a restart to write the new PID).
 ``--job`` (a kernel in a Slurm job of its own): the keeper runs inside
 the kernel's job, on its node, and starts the kernel itself (the command
 after ``--``), so that it lives exactly as long as the kernel: the job
-ends when the kernel exits. It learns the kernel's IOPub port from the
-connection file the kernel writes back, listens on TCP (a port of its
-choosing, written to ``--address-file``), and ends the kernel when its
+ends when the kernel exits. It takes the kernel's CURVE keys from the
+connection file before the kernel starts, learns where the kernel's IOPub
+socket is (node-local IPC) from the ``relay.json`` the kernel's relay
+writes beside it, listens on TCP (a port of its choosing, written to
+``--address-file``), and ends the kernel when its
 record, once written, disappears, or was never written within
 ``--record-timeout`` seconds (the server that submitted the job died
 before it could record the kernel: nobody would ever adopt it).
@@ -72,12 +83,18 @@ from pathlib import Path
 
 import zmq
 
+from chspawner.kernel_transport import CurveKeys, secure_client
 from session_proxy.kernel_records import KernelRecords, read_ack, read_record
 from session_proxy.missed_replies import KINDS, Executions
 
 DELIM = b"<IDS|MSG>"
 #: How many client sessions' positions to remember (oldest forgotten first).
 MAX_SESSIONS = 1000
+#: The largest request taken (they are a few frames of a few bytes).
+MAX_REQUEST = 64 << 10
+#: Seconds a signed request stays acceptable (clocks of the server's host
+#: and the kernel's node may differ a little); its nonce is kept as long.
+REPLAY_WINDOW = 120.0
 
 
 # ------------------------------------------------------------ buffer ---
@@ -140,6 +157,8 @@ class Keeper:
     first_seq: int = 1
     #: the kernel's HMAC key: requests are signed with it
     key: bytes = b""
+    #: on TCP: the kernel's CURVE keys (the only client let in)
+    curve: CurveKeys | None = None
     buffer: RingBuffer = field(init=False)
     followers: dict[bytes, Follower] = field(default_factory=dict)
     #: session -> last seq its client acknowledged, as of its last follow
@@ -157,17 +176,20 @@ class Keeper:
         # we drop it; a full pipe raises Again and we retry later.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.linger = 0
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.linger = 0
-        # Never drop kernel output on our side: the buffer is the bound.
-        self.sub.rcvhwm = 0
+        self.sub = self._new_sub()
         self.iopub_url: str | None = None
+        self.router.maxmsgsize = MAX_REQUEST
+        self.nonces: OrderedDict[bytes, float] = OrderedDict()
+        self.auth = None
 
     # -- sockets --
 
     def bind(self) -> None:
         if self.signed:  # tcp://HOST:* : a port of our choosing
+            if self.curve is None:
+                raise RuntimeError("a keeper on TCP needs the kernel's CURVE keys")
+            self.auth = self.curve.authenticator(self.ctx)
+            self.curve.serve(self.router)
             self.router.bind(self.address)
             self.address = self.router.last_endpoint.decode()
             return
@@ -185,9 +207,18 @@ class Keeper:
         url = f"{transport}://{ip}:{port}" if transport == "tcp" else f"{transport}://{ip}-{port}"
         if url != self.iopub_url:
             if self.iopub_url:
-                self.sub.disconnect(self.iopub_url)
+                self.sub.close()  # (CURVE options are set before connecting)
+                self.sub = self._new_sub()
+            secure_client(self.sub, info, url)  # a kernel's relay on a node
             self.sub.connect(url)
             self.iopub_url = url
+
+    def _new_sub(self) -> zmq.Socket:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.linger = 0
+        sub.rcvhwm = 0  # never drop kernel output on our side: the buffer is the bound
+        return sub
 
     # -- IOPub in --
 
@@ -213,15 +244,34 @@ class Keeper:
     # -- requests --
 
     def on_request(self, frames: list[bytes]) -> None:
-        ident, verb, args = frames[0], frames[1], frames[2:]
-        if self.signed:
-            if not args or not hmac.compare_digest(args[-1], sign(self.key, [verb, *args[:-1]])):
-                return  # not from a holder of the kernel's key: no answer
-            args = args[:-1]
+        if len(frames) < 5:
+            return  # (identity, verb, time, nonce, signature at least)
+        ident, verb, args = frames[0], frames[1], frames[2:-3]
+        if self.signed and not self._fresh_and_signed(frames[1:]):
+            return  # not from a holder of the kernel's key, or a replay: no answer
         if verb == b"follow" and args:
             self._follow(ident, args[0].decode())
         elif verb == b"info":
             self._send(ident, [b"info", json.dumps(self.info()).encode()])
+
+    def _fresh_and_signed(self, request: list[bytes]) -> bool:
+        """Whether ``request`` (TIME NONCE SIG last) is signed with the
+        kernel's key, recent, and not seen before."""
+        *signed, nonce_sig = request
+        if not hmac.compare_digest(nonce_sig, sign(self.key, signed)):
+            return False
+        try:
+            sent = float(signed[-2])
+        except ValueError:
+            return False
+        now = time.time()
+        while self.nonces and next(iter(self.nonces.values())) < now - REPLAY_WINDOW:
+            self.nonces.popitem(last=False)
+        nonce = signed[-1]
+        if abs(now - sent) > REPLAY_WINDOW or nonce in self.nonces:
+            return False
+        self.nonces[nonce] = now
+        return True
 
     def acked(self, session: str) -> int | None:
         """The last seq the session acknowledged (None: it never did);
@@ -345,6 +395,7 @@ class Keeper:
             if record is None:
                 return 0  # shut down on purpose (or dropped as dead)
             self.follow_kernel(record)
+            poller = self.poller()  # (a kernel that moved has a new subscription)
             # No PID: a kernel in a job elsewhere, kept here because its own
             # keeper was gone; its record alone says whether it is wanted.
             pid = (record.get("provisioner_info") or {}).get("pid")
@@ -359,23 +410,29 @@ class Keeper:
                 record_timeout: float) -> int:
         """Start the kernel (``command``) and keep it, inside its job; the
         kernel's exit status when it exits."""
+        # The keys, before the kernel's relay rewrites the file for the kernel.
+        requested = json.loads(connection_file.read_text())
+        self.key = requested.get("key", "").encode()
+        self.curve = CurveKeys.from_info(requested)
         kernel = subprocess.Popen(command)
         # scancel signals every process of the job: the kernel gets its own
         # and ends, then so do we.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        info = self._wait_connection_file(connection_file, kernel)
-        if info is None:
-            return kernel.wait()
-        self.key = info.get("key", "").encode()
-        self.sub.connect(f"tcp://127.0.0.1:{info['iopub_port']}")  # same node
+        started = time.monotonic()
+        relay = self._wait_relay(connection_file.with_name("relay.json"), kernel,
+                                 started + record_timeout)
+        if relay is None:
+            return self._end(kernel)
+        # The kernel's own IOPub socket, on this node: no network involved.
+        self.sub.connect(f"ipc://{relay['kernel_ipc']}-{relay['kernel_ports']['iopub_port']}")
         self.bind()
         port = self.address.rpartition(":")[2]
         tmp = address_file.with_name(f".{address_file.name}.tmp")
         tmp.write_text(json.dumps({"port": int(port)}))
         os.replace(tmp, address_file)
         poller = self.poller()
-        started, seen, ending = time.monotonic(), False, None
+        seen, ending = False, None
         next_check = 0.0
         while kernel.poll() is None:
             self.serve(poller)
@@ -395,21 +452,35 @@ class Keeper:
         self.serve(poller, 0)  # its last words, for a follower still there
         return kernel.returncode
 
-    @staticmethod
-    def _wait_connection_file(path: Path, kernel: subprocess.Popen) -> dict | None:
-        """The kernel's connection info once it has written its ports back
-        (None: it exited first)."""
+    def _end(self, kernel: subprocess.Popen) -> int:
+        """End the kernel (its relay passes it on); its exit status."""
+        if kernel.poll() is None:
+            kernel.terminate()
+            try:
+                kernel.wait(self.grace)
+            except subprocess.TimeoutExpired:
+                kernel.kill()
+        return kernel.wait()
+
+    def _wait_relay(self, path: Path, kernel: subprocess.Popen,
+                    unrecorded_until: float) -> dict | None:
+        """What the kernel's relay wrote once the kernel is up (None: it
+        exited first, or nobody recorded it by ``unrecorded_until``)."""
         while kernel.poll() is None:
+            if time.monotonic() > unrecorded_until and not self.record_path.exists():
+                return None
             try:
                 info = json.loads(path.read_text())
-                if info.get("iopub_port"):
+                if info.get("kernel_ports", {}).get("iopub_port"):
                     return info
-            except (OSError, ValueError):
-                pass  # not yet, or being rewritten
+            except (OSError, ValueError, AttributeError):
+                pass  # not yet
             time.sleep(0.02)  # a polling interval: nothing signals the write
         return None
 
     def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
         self.router.close()
         self.sub.close()
         self.ctx.term()
@@ -423,6 +494,13 @@ class Keeper:
 def sign(key: bytes, frames: list[bytes]) -> bytes:
     """A request's signature under the kernel's key (see the module doc)."""
     return hmac.new(key, b"\0".join(frames), hashlib.sha256).hexdigest().encode()
+
+
+def signed_request(key: bytes, frames: list[bytes]) -> list[bytes]:
+    """``frames`` as a request to a keeper: with the time, a nonce and the
+    signature of it all (see the module doc)."""
+    signed = [*frames, repr(time.time()).encode(), os.urandom(16).hex().encode()]
+    return [*signed, sign(key, signed)]
 
 
 def _running(pid: int) -> bool:

@@ -59,7 +59,8 @@ from jupyter_server.services.kernels.kernelmanager import (
 from traitlets import Bool, Float, Integer, Unicode, default
 
 from session_proxy.kernel_connection import close_connections, forget_connections
-from session_proxy.kernel_keeper import sign
+from chspawner.kernel_transport import secure_client
+from session_proxy.kernel_keeper import signed_request
 from session_proxy.kernel_records import KernelRecords, state_dir_name
 
 
@@ -83,10 +84,6 @@ class PersistentServerKernelManager(ServerKernelManager):
     acks_dir = Unicode("", help="Where its connections record what they delivered.")
     #: The kernel moved (a job kernel restarted): websockets must start afresh.
     moved = False
-
-    def keeper_sign(self, frames: list[bytes]) -> bytes:
-        """A keeper request's signature (see session_proxy.kernel_keeper)."""
-        return sign(self.session.key, frames)
 
     def kernel_job_wrapper(self, staging: Path) -> list[str]:
         """For a kernel in a job of its own: the keeper, which starts it
@@ -280,7 +277,8 @@ class PersistentKernelManager(AsyncMappingKernelManager):
             close_connections(kernel_id, "the kernel restarted elsewhere")
         km.keeper_address = keeper
         km.acks_dir = str(self.records.acks_dir(kernel_id))
-        info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key)
+        info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key,
+                                 connection=km.get_connection_info())
         if info is None and not in_job(km.provisioner):
             self._start_keeper(kernel_id)
         await self._wait_keeper_hears(km, info["last_seq"] if info else 0)
@@ -325,7 +323,8 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         try:
             while time.monotonic() < deadline:
                 km.session.send(control, "kernel_info_request")
-                info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key)
+                info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key,
+                                 connection=km.get_connection_info())
                 if info and info["last_seq"] > seen:
                     return
                 await asyncio.sleep(0.1)  # a polling interval, not a wait for something
@@ -409,7 +408,8 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         km.keeper_address = record.get("keeper") or self.records.keeper_address(kernel_id)
         km.acks_dir = str(self.records.acks_dir(kernel_id))
 
-        info = await keeper_info(km.keeper_address, timeout=1.0, key=km.session.key)
+        info = await keeper_info(km.keeper_address, timeout=1.0, key=km.session.key,
+                                 connection=km.get_connection_info())
         if info is None:  # keeper gone: start one (what the gap held is lost)
             self.log.warning("chspawner: kernel %s had no keeper; starting one here",
                              kernel_id)
@@ -488,9 +488,11 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         self._kernel_ports.pop(kernel_id, None)
 
 
-async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"") -> dict | None:
+async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"",
+                      connection: dict | None = None) -> dict | None:
     """A keeper's state, or None if nothing answers at ``address`` in time
-    (the request signed with the kernel's ``key``)."""
+    (the request signed with the kernel's ``key``; on TCP, CURVE with the
+    keys in the kernel's ``connection`` info)."""
     path = address.removeprefix("ipc://")
     if address.startswith("ipc://") and not os.path.exists(path):
         return None
@@ -498,8 +500,9 @@ async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"") -> d
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     try:
+        secure_client(sock, connection or {}, address)
         sock.connect(address)
-        await sock.send_multipart([b"info", sign(key, [b"info"])])
+        await sock.send_multipart(signed_request(key, [b"info"]))
         if not await sock.poll(int(timeout * 1000)):
             return None
         frames = await sock.recv_multipart()

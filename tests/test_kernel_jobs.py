@@ -114,9 +114,12 @@ def test_a_kernel_job_outlives_its_server_and_restarts_as_a_new_job(job_servers,
     assert closed_with == 1012
     jobs = kernel_jobs(slurm, user)
     assert job not in jobs and jobs.get(new_job) == "RUNNING", jobs
-    # The keeper is on TCP: it answers only requests signed with the kernel's key.
+    # The keeper is on TCP: it lets in only the kernel's CURVE key, and
+    # answers only requests signed with the kernel's HMAC key.
     assert asyncio.run(unsigned_info(restarted["keeper"])) is None
-    assert asyncio.run(keeper_info(restarted["keeper"], key=key_of["key"]))["last_seq"] > 0
+    assert asyncio.run(keeper_info(restarted["keeper"], key=key_of["key"])) is None
+    assert asyncio.run(keeper_info(restarted["keeper"], key=key_of["key"],
+                                   connection=restarted["connection_info"]))["last_seq"] > 0
 
 
 def test_a_kernel_job_nobody_recorded_ends(user, user_dir, slurm):
@@ -126,7 +129,13 @@ def test_a_kernel_job_nobody_recorded_ends(user, user_dir, slurm):
     staging = user_dir / "staging"
     staging.mkdir()
     os.chown(staging, user.pw_uid, user.pw_gid)
-    (staging / "kernel.json").write_text(json.dumps({"iopub_port": 1, "key": "k"}))
+    public, secret = zmq.curve_keypair()
+    (staging / "kernel.json").write_text(json.dumps({
+        "iopub_port": 1, "key": "k", "curve_publickey": public.decode(),
+        "curve_secretkey": secret.decode()}))
+    # What a kernel's relay writes once the kernel is up (here: nothing is).
+    (staging / "relay.json").write_text(json.dumps({
+        "kernel_ipc": f"{staging}/k", "kernel_ports": {"iopub_port": 2}}))
     script = (f"exec {VENV_BIN}/python -m session_proxy.kernel_keeper --job "
               f"--record {user_dir}/never.json --connection-file {staging}/kernel.json "
               f"--address-file {staging}/keeper --record-timeout 2 --grace 2 -- sleep 600")

@@ -211,6 +211,19 @@ SRUN_DRIVER = textwrap.dedent('''
         return msg["content"]["status"], "".join(out)
     report["marker"] = run("print(open('/etc/chspawner-test-image').read().strip())")
     report["job"] = run("import os; print(os.environ.get('SLURM_JOB_ID'))")[1].strip()
+    # stdin: the kernel asks the client that executed (through the relay).
+    msg_id = kc.execute("print('got', input('?'))", allow_stdin=True)
+    kc.input(kc.get_stdin_msg(timeout=30)["content"]["prompt"] + "answer")
+    out = []
+    while True:
+        m = kc.get_iopub_msg(timeout=30)
+        if m["parent_header"].get("msg_id") == msg_id:
+            out.append(m["content"].get("text", ""))
+            if m["content"].get("execution_state") == "idle":
+                break
+    report["stdin"] = "".join(out)
+    while kc.get_shell_msg(timeout=30)["parent_header"].get("msg_id") != msg_id:
+        pass  # (its reply: not to be taken for the next one's)
     kc.execute("import time; print('sleeping', flush=True); time.sleep(60)")
     while "sleeping" not in kc.get_iopub_msg(timeout=30)["content"].get("text", ""):
         pass
@@ -244,6 +257,7 @@ def test_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm, launcher)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["marker"] == ["ok", "chspawner test image: Debian bookworm\n"]
     assert report["job"].isdigit()                 # it ran as a Slurm job
+    assert report["stdin"] == "got ?answer\n"
     # Reached at the node's address (on this one-node cluster, this host's).
     assert report["ip"] == socket.gethostbyname(slurm.node)
     assert report["interrupt"] == "KeyboardInterrupt"
