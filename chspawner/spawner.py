@@ -35,7 +35,7 @@ from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from chspawner.images import ImageError
-from chspawner.images.store import Store, check_name
+from chspawner.images.store import Store, StoreError, check_name
 from chspawner.listening import MINE, NONCE_ENV, TAKEN, listener_uids, port_owner, read_report
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.slurm import ACTIVE_STATES, SlurmError, job_status, slurm_command
@@ -62,6 +62,12 @@ class ChSpawner(LocalProcessSpawner):
         Unicode(), [sys.executable, "-m", "chspawner.cli"],
         help="The chspawner command that pulls images, run as the site store's "
              "owner: that account must be able to run it.",
+    ).tag(config=True)
+    pull_args = List(
+        Unicode(),
+        help="Extra options of every pull of a site image, e.g. ['--max-size=20G', "
+             "'--stall-seconds=120'] (see chspawner pull --help): the limits on what a "
+             "registry can make the hub's host download and unpack.",
     ).tag(config=True)
     site_storage = Unicode(
         None, allow_none=True,
@@ -110,12 +116,21 @@ class ChSpawner(LocalProcessSpawner):
         """{name: description} a user may choose from."""
         offered = {i["name"]: i.get("description", "") for i in self.images if "name" in i}
         if self.allow_user_images:
-            for info in self.user_store().images():
+            try:
+                images = self.user_store().images()
+            except StoreError as e:
+                # Planted by another user, or open to them: not offered.
+                self.log.warning("not offering %s's own images: %s", self.user.name, e)
+                images = []
+            for info in images:
                 offered.setdefault(info.name, f"your image, from {info.source}")
         return offered
 
     def user_store(self) -> Store:
-        return Store(self.user_storage.format(username=self.user.name))
+        """The user's own store, trusted only as theirs: made by them (or
+        root), writable by nobody else (see chspawner.images.store)."""
+        return Store(self.user_storage.format(username=self.user.name),
+                     owner=pwd.getpwnam(self.user.name).pw_uid)
 
     def store_for(self, image: str) -> Store:
         if self.site_entry(image) is not None:
@@ -148,15 +163,15 @@ class ChSpawner(LocalProcessSpawner):
             raise web.HTTPError(400, f"mode {mode!r} is not offered "
                                      f"(offered: {', '.join(self.modes)})")
         store = self.store_for(image)
-        if not store.exists(image) and (self.site_entry(image) or {}).get("pull"):
-            pass  # pulled when the spawn starts
-        else:
-            try:
+        try:
+            if not store.exists(image) and (self.site_entry(image) or {}).get("pull"):
+                problem = None  # pulled when the spawn starts
+            else:
                 problem = self.server_mode_problem(image, mode, store.require(image))
-            except ImageError as e:
-                raise web.HTTPError(400, str(e)) from None
-            if problem:
-                raise web.HTTPError(400, problem)
+        except ImageError as e:  # missing, or a store that must be refused
+            raise web.HTTPError(400, str(e)) from None
+        if problem:
+            raise web.HTTPError(400, problem)
         self.image, self.mode = image, mode
 
     def check_option_types(self, options: object) -> None:
@@ -332,7 +347,7 @@ class ChSpawner(LocalProcessSpawner):
                               "belongs to root, and images are never pulled as root; "
                               "give it to a service account")
         argv = [*self.chspawner_cmd, "pull", "--json-progress", "-s", str(store.root),
-                *(["--insecure"] if entry.get("insecure") else []),
+                *(["--insecure"] if entry.get("insecure") else []), *self.pull_args,
                 entry["pull"], self.image]
         self._pull_percent, self._pull_seen = 2, set()
         self._emit(2, f"pulling image {self.image} from {entry['pull']}")

@@ -580,6 +580,17 @@ def test_slurm_hub_restart_during_the_queue_wait_reattaches(slurm_hub, slurm, dr
 def pulling_hub(user, user_dir, kernel_store, registry, test_images):
     """A hub whose admin lists images by registry reference only: the site
     store (the test user's) starts empty."""
+    yield from _pulling_hub(user, user_dir, kernel_store, registry, test_images)
+
+
+@pytest.fixture
+def limited_pulling_hub(user, user_dir, kernel_store, registry, test_images):
+    """The same, with the admin's limit on an image's unpacked size."""
+    yield from _pulling_hub(user, user_dir, kernel_store, registry, test_images,
+                            'c.ChSpawner.pull_args = ["--max-size=1K"]')
+
+
+def _pulling_hub(user, user_dir, kernel_store, registry, test_images, more: str = ""):
     store = user_dir / "site"
     subprocess.run([str(REPO / "scripts/as-user.sh"), user.pw_name, "mkdir", str(store)],
                    check=True)
@@ -591,7 +602,7 @@ def pulling_hub(user, user_dir, kernel_store, registry, test_images):
         c.ChSpawner.images = {images!r}
         c.ChSpawner.site_storage = "{store}"
         c.ChSpawner.modes = ["kernels"]
-    """))
+    """) + more)
     hub.site = store
     yield hub
     hub.stop()
@@ -612,6 +623,15 @@ def test_an_admins_image_is_pulled_on_its_first_spawn(pulling_hub):
     result = asyncio.run(spawn(pulling_hub, {"image": "hello"}))
     asyncio.run(stop_server(pulling_hub))
     assert result.get("ready") and not any("pulling" in e for e in result["events"])
+
+
+def test_the_admins_pull_limits_apply(limited_pulling_hub):
+    result = asyncio.run(spawn(limited_pulling_hub, {"image": "hello"}))
+    assert result.get("ready") is False, result
+    assert result["events"][-1].startswith("Spawn failed: can't pull image hello: "), \
+        result["events"]
+    assert "1K" in result["events"][-1] or "1024" in result["events"][-1], result["events"]
+    assert not (limited_pulling_hub.site / "img/hello").exists()
 
 
 def test_a_failed_pull_fails_the_spawn_with_its_reason(pulling_hub):

@@ -316,3 +316,40 @@ def test_a_new_port_for_each_spawn_unless_the_admin_set_one():
     fixed = ChSpawner(port=8999)
     fixed.pick_port()
     assert fixed.port == 8999
+
+
+def test_a_users_store_planted_by_another_user_is_not_offered(user, other_user, busybox,
+                                                              sticky_store_parent):
+    """allow_user_images: the hub (as root) lists the user's store as the
+    user's, so a store chtest2 made at chtest's user_storage path offers
+    nothing, and choosing an image from it is a one-line 400."""
+    from types import SimpleNamespace
+
+    from tornado import web
+
+    from chspawner.spawner import ChSpawner
+    planted = sticky_store_parent / f"{user.pw_name}.ch"
+    result = subprocess.run([str(AS_USER), other_user.pw_name, str(VENV_BIN / "chspawner"),
+                             "import", "-q", "-s", str(planted), str(busybox), "evil"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    spawner = ChSpawner(images=[], allow_user_images=True, modes=["kernels"],
+                        user_storage=str(sticky_store_parent / "{username}.ch"))
+    spawner.user = SimpleNamespace(name=user.pw_name)  # the one collaborator faked
+    assert spawner.offered_images() == {}
+    with pytest.raises(web.HTTPError) as refused:
+        spawner.validate_user_options({"image": "evil"})
+    assert refused.value.status_code == 400
+    assert spawner.image == ""
+
+
+@pytest.fixture
+def sticky_store_parent() -> Path:
+    """A directory like /var/tmp: anyone may create in it."""
+    import tempfile
+
+    from chspawner.images.trees import remove_tree
+    path = Path(tempfile.mkdtemp(prefix="chspawner-stores-", dir="/var/tmp"))
+    os.chmod(path, 0o1777)
+    yield path
+    remove_tree(path)
