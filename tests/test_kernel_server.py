@@ -28,17 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, log: Callable[[], str]) -> None:
-    """Until jupyter_server ``proc`` accepts connections on ``port``;
-    ``log()`` says why, should it exit first."""
-    deadline = time.monotonic() + 60
+def wait_listening(port: int, proc: subprocess.Popen, log: Callable[[], str],
+                   what: str = "jupyter_server", timeout: float = 60) -> None:
+    """Until ``proc`` (``what``) accepts connections on ``port``; ``log()``
+    says why, should it exit first."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
             assert proc.poll() is None, log()
-            assert time.monotonic() < deadline, "jupyter_server did not start"
+            assert time.monotonic() < deadline, f"{what} did not start"
             time.sleep(0.05)
 
 

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 
 from conftest import VENV_BIN
-from test_kernel_server import free_port
+from test_kernel_server import free_port, wait_listening
 
 PROXY = VENV_BIN / "chspawner-proxy"
 MIB = 1 << 20
@@ -47,16 +47,8 @@ class Proxy:
                  "--api-ip", "127.0.0.1", "--api-port", str(self.api_port), *args],
                 env={**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token},
                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
         for port in (self.port, self.api_port):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert self.proc.poll() is None, self.log()
-                    assert time.monotonic() < deadline, "the proxy did not start"
-                    time.sleep(0.02)
+            wait_listening(port, self.proc, self.log, "the proxy", timeout=30)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import time
 
@@ -16,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from conftest import VENV_BIN
-from test_kernel_server import free_port
+from test_kernel_server import free_port, wait_listening
 
 PROXY = VENV_BIN / "chspawner-proxy"
 BIG = 50 * 1024 * 1024
@@ -37,16 +36,8 @@ class Proxy:
              "--api-ip", "127.0.0.1", "--api-port", str(self.api_port), *args],
             env={**os.environ, "CONFIGPROXY_AUTH_TOKEN": self.token},
             stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
         for port in (self.port, self.api_port):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert self.proc.poll() is None, self.proc.stderr.read()
-                    assert time.monotonic() < deadline, "the proxy did not start"
-                    time.sleep(0.02)
+            wait_listening(port, self.proc, self.proc.stderr.read, "the proxy", timeout=30)
 
     async def api(self, method: str, path: str, body: dict | None = None,
                   token: str | None = None) -> tuple[int, object]:
