@@ -37,13 +37,17 @@ def ready(rounds: int, native: str, image: str) -> dict:
         "all": times}
 
 
-async def one(kernel_name: str, start: float) -> tuple[float, list[int], AsyncKernelManager]:
+async def one(kernel_name: str, start: float
+              ) -> tuple[float, list[tuple[str, str, int]], AsyncKernelManager]:
     km = AsyncKernelManager(kernel_name=kernel_name)
     await km.start_kernel()
     client = km.client()
     client.start_channels()
     await client.wait_for_ready(timeout=600)
-    ports = [km.shell_port, km.iopub_port, km.stdin_port, km.hb_port, km.control_port]
+    # An endpoint is (transport, ip, port): IPC kernels all number their
+    # sockets 1-5, each under a path of its own.
+    ports = [(km.transport, km.ip, port) for port in (
+        km.shell_port, km.iopub_port, km.stdin_port, km.hb_port, km.control_port)]
     client.stop_channels()
     return time.perf_counter() - start, ports, km
 

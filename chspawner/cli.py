@@ -249,6 +249,9 @@ def cmd_kernel(args, store) -> int:
     from chspawner.images.store import check_name
     from chspawner.kernelspecs import (ContainerKernelSpecManager, default_kernel,
                                        install_kernelspec, spec_name)
+    # Asked of a store by name, a store to refuse is an error here (a
+    # Jupyter server's kernel picker only leaves its kernels out).
+    store.check()
     manager = ContainerKernelSpecManager(storage=str(store.root))
     if (getattr(args, "action", None) or "list") == "list":
         specs = manager.get_all_specs()
