@@ -80,7 +80,7 @@ def run_backend(port: int) -> None:
     app = web.Application()
     app.router.add_get("/user/b/hello", hello)
     # Websockets at kernel websocket paths, as Jupyter's traffic mostly is:
-    # the proxy watches those (see session_proxy.delivered).
+    # the proxy watches those (see session_proxy.proxy.delivered).
     app.router.add_get(ECHO, echo)
     app.router.add_get(STREAM, stream)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)

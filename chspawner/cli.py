@@ -247,7 +247,7 @@ def cmd_images(args, store) -> int:
 
 def cmd_kernel(args, store) -> int:
     from chspawner.images.store import check_name
-    from chspawner.kernelspecs import (ContainerKernelSpecManager, default_kernel,
+    from chspawner.provisioner.kernelspecs import (ContainerKernelSpecManager, default_kernel,
                                        install_kernelspec, spec_name)
     # Asked of a store by name, a store to refuse is an error here (a
     # Jupyter server's kernel picker only leaves its kernels out).

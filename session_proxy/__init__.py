@@ -1,4 +1,10 @@
-"""Session proxy and session manager (persistent sessions, levels L1 and L2).
+"""The session layer's two programs, which talk to the rest only over HTTP:
 
-See ../shared/ARCHITECTURE.md; built in a later issue.
+- :mod:`session_proxy.proxy`: ``chspawner-proxy``, a configurable-http-proxy
+  compatible reverse proxy that holds a lost server's route (level L1);
+- :mod:`session_proxy.manager`: ``chspawner-session-manager``, the JupyterHub
+  service that notices a lost server and starts it again.
+
+Nothing here imports chspawner: the two run beside JupyterHub, not in users'
+servers.
 """

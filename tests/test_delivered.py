@@ -1,14 +1,14 @@
 """Units: websocket frame boundaries, and the proxy's memory of what a
-client got (session_proxy.wsframes, session_proxy.delivered), fed the
+client got (session_proxy.proxy.wsframes, session_proxy.proxy.delivered), fed the
 way sockets feed them: frames cut anywhere, headers included."""
 from __future__ import annotations
 
 import pytest
 
-from session_proxy.delivered import (
+from session_proxy.proxy.delivered import (
     MAX_FRAME, ROUTE_BYTES, ROUTE_URLS, TAIL_BYTES, DeliveredFrames, LeadingCopies, Tail,
     digest, watched)
-from session_proxy.wsframes import FrameCounter
+from session_proxy.proxy.wsframes import FrameCounter
 
 
 def frame(payload: bytes, opcode: int = 0x1) -> bytes:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from session_proxy.kernel_keeper import Keeper
-from session_proxy.kernel_records import AckFile, KernelRecords, ack_path, read_ack
+from chspawner.persist.keeper import Keeper
+from chspawner.persist.records import AckFile, KernelRecords, ack_path, read_ack
 
 KERNEL = "7ab1eacd-f40a-494f-b066-717e217e1809"
 
@@ -77,7 +77,7 @@ def test_an_acknowledgement_survives_its_writer_killed_at_once(tmp_path):
     the next reader still finds it."""
     acks = KernelRecords(tmp_path).acks_dir(KERNEL)
     code = ("import os, signal, sys; from pathlib import Path\n"
-            "from session_proxy.kernel_records import AckFile\n"
+            "from chspawner.persist.records import AckFile\n"
             "AckFile(Path(sys.argv[1]), 's').write(41)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     died = subprocess.run([sys.executable, "-c", code, str(acks)])

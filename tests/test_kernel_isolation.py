@@ -28,7 +28,7 @@ import zmq
 
 from conftest import AS_USER, CHSPAWNER, VENV_BIN, as_user
 
-from session_proxy.kernel_keeper import sign, signed_request
+from chspawner.persist.keeper import sign, signed_request
 
 SECRET = "the-victims-secret-4c1d"
 
@@ -39,7 +39,7 @@ VICTIM = textwrap.dedent('''
     from jupyter_client.manager import KernelManager
     name, storage = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
     if storage:
-        from chspawner.kernelspecs import ContainerKernelSpecManager
+        from chspawner.provisioner.kernelspecs import ContainerKernelSpecManager
         km = KernelManager(kernel_name=name,
                            kernel_spec_manager=ContainerKernelSpecManager(storage=storage))
     else:
@@ -285,7 +285,7 @@ def tcp_keeper(tmp_path):
         "key": key, "curve_publickey": public.decode(), "curve_secretkey": secret.decode()}))
     (staging / "record.json").write_text("{}")
     keeper = subprocess.Popen(
-        [sys.executable, "-m", "session_proxy.kernel_keeper", "--job",
+        [sys.executable, "-m", "chspawner.persist.keeper", "--job",
          "--address", "tcp://127.0.0.1:*", "--record", str(staging / "record.json"),
          "--connection-file", str(staging / "kernel.json"),
          "--address-file", str(staging / "keeper"), "--grace", "2", "--",

@@ -24,7 +24,7 @@ from test_kernel_server import warm_up
 from test_persistent_kernels import (N, Servers, connect, count_to, read, send,
                                      start_kernel, wait_for, without_the_copy)
 
-from session_proxy.kernel_manager import keeper_info
+from chspawner.persist.kernel_manager import keeper_info
 
 
 def kernel_jobs(slurm, user) -> dict[str, str]:
@@ -136,7 +136,7 @@ def test_a_kernel_job_nobody_recorded_ends(user, user_dir, slurm):
     # What a kernel's relay writes once the kernel is up (here: nothing is).
     (staging / "relay.json").write_text(json.dumps({
         "kernel_ipc": f"{staging}/k", "kernel_ports": {"iopub_port": 2}}))
-    script = (f"exec {VENV_BIN}/python -m session_proxy.kernel_keeper --job "
+    script = (f"exec {VENV_BIN}/python -m chspawner.persist.keeper --job "
               f"--record {user_dir}/never.json --connection-file {staging}/kernel.json "
               f"--address-file {staging}/keeper --record-timeout 2 --grace 2 -- sleep 600")
     job = str(slurm.submit(f"--partition={slurm.partition}", f"--chdir={user_dir}",

@@ -53,7 +53,7 @@ def server(user, user_dir, kernel_store):
          "--ip=127.0.0.1", f"--IdentityProvider.token={token}",
          f"--ServerApp.root_dir={user_dir}",
          "--ServerApp.kernel_spec_manager_class="
-         "chspawner.kernelspecs.ContainerKernelSpecManager",
+         "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
          f"--ContainerKernelSpecManager.storage={kernel_store}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

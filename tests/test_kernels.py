@@ -16,7 +16,7 @@ from conftest import CHSPAWNER, VENV_BIN, as_user
 DRIVER = textwrap.dedent('''
     import json, os, sys, time
     from jupyter_client.manager import KernelManager
-    from chspawner.kernelspecs import ContainerKernelSpecManager
+    from chspawner.provisioner.kernelspecs import ContainerKernelSpecManager
 
     name, storage = sys.argv[1], sys.argv[2]
     ksm = ContainerKernelSpecManager(storage=storage)
@@ -88,7 +88,7 @@ def test_discovery_lists_image_kernels_beside_native(user, kernel_store):
 def test_discovered_kernels_run_from_the_store_they_were_found_in(kernel_store):
     """Not from the default store of whoever runs them (a server started with
     the admin's store must not look in the user's own)."""
-    from chspawner.kernelspecs import ContainerKernelSpecManager
+    from chspawner.provisioner.kernelspecs import ContainerKernelSpecManager
     spec = ContainerKernelSpecManager(storage=kernel_store).get_kernel_spec(
         "chspawner-deb--python3")
     config = spec.metadata["kernel_provisioner"]["config"]
@@ -304,7 +304,7 @@ def test_a_kernel_job_that_cannot_start_fails_and_leaves_no_job(
 REATTACH = textwrap.dedent('''
     import asyncio, json, signal, sys
     from jupyter_client.manager import KernelManager
-    from chspawner.kernelspecs import ContainerKernelSpecManager
+    from chspawner.provisioner.kernelspecs import ContainerKernelSpecManager
     from chspawner.provisioner import ContainerProvisioner
 
     km = KernelManager(kernel_name=sys.argv[1],

@@ -27,8 +27,8 @@ from aiohttp import web
 from jupyterhub.utils import url_escape_path, url_path_join
 
 from conftest import VENV_BIN, as_user
-from session_proxy.manager import SessionManager
-from session_proxy.store import SessionRecord, SessionStore, private_sqlite_file
+from session_proxy.manager.app import SessionManager
+from session_proxy.manager.records import SessionRecord, SessionStore, private_sqlite_file
 from test_kernel_server import free_port
 
 HUB_TOKEN = "hub-token-" + secrets.token_hex(8)

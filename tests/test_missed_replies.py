@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 
-from session_proxy.missed_replies import Executions, timestamp
+from chspawner.persist.missed_replies import Executions, timestamp
 
 
 def run(executions: Executions, request: str, session: str, first_seq: int,

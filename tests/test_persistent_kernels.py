@@ -30,7 +30,7 @@ from conftest import AS_USER, VENV_BIN
 from test_kernel_server import (KERNEL, execute, execute_request, free_port,
                                 wait_listening, warm_up)
 
-from session_proxy.kernel_manager import keeper_info
+from chspawner.persist.kernel_manager import keeper_info
 
 N = 40  # numbers printed, one every 0.5 s: 20 s of output
 
@@ -70,14 +70,14 @@ class Servers:
              "--ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
              f"--ServerApp.root_dir={self.user_dir}",
              "--ServerApp.kernel_spec_manager_class="
-             "chspawner.kernelspecs.ContainerKernelSpecManager",
+             "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
              f"--ContainerKernelSpecManager.storage={self.store}",
              "--ServerApp.kernel_manager_class="
-             "session_proxy.kernel_manager.PersistentKernelManager",
+             "chspawner.persist.kernel_manager.PersistentKernelManager",
              "--ServerApp.kernel_websocket_connection_class="
-             "session_proxy.kernel_connection.ReplayingKernelConnection",
+             "chspawner.persist.kernel_connection.ReplayingKernelConnection",
              "--ServerApp.session_manager_class="
-             "session_proxy.notebook_sessions.PersistentSessionManager",
+             "chspawner.persist.notebook_sessions.PersistentSessionManager",
              f"--PersistentKernelManager.state_dir={self.state_dir}", *self.extra],
             stdout=log, stderr=log, start_new_session=True)
         log.close()
@@ -484,8 +484,8 @@ def test_each_named_server_has_a_state_directory_of_its_own(tmp_path, monkeypatc
     """JupyterHub's named servers of one user: the default one keeps the
     directory it always had; each named one gets its own, whatever its
     name, with keeper socket paths short enough for a Unix socket."""
-    from session_proxy.kernel_manager import PersistentKernelManager
-    from session_proxy.kernel_records import state_dir_name
+    from chspawner.persist.kernel_manager import PersistentKernelManager
+    from chspawner.persist.records import state_dir_name
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
     monkeypatch.setenv("JUPYTERHUB_SERVER_NAME", name)
     manager = PersistentKernelManager()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from session_proxy.manager import SessionManager
-from session_proxy.store import SessionRecord
+from session_proxy.manager.app import SessionManager
+from session_proxy.manager.records import SessionRecord
 
 KEY = ("alice", "")
 

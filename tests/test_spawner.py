@@ -295,7 +295,7 @@ def test_a_server_exiting_at_once_ends_the_spawn_with_its_status(broken_hub):
 
 
 def test_options_form_lists_the_admins_images():
-    from chspawner.spawner import ChSpawner
+    from chspawner.spawners import ChSpawner
     spawner = ChSpawner(images=[{"name": "deb", "description": "Debian <ipykernel>"}],
                         modes=["kernels", "server"])
     text = spawner.render_options_form()
@@ -308,7 +308,7 @@ def test_options_form_lists_the_admins_images():
 # ------------------------------------------------------------ on Slurm ----
 
 def test_slurm_form_offers_resources_within_the_admins_bounds():
-    from chspawner.spawner import SlurmChSpawner
+    from chspawner.spawners import SlurmChSpawner
     spawner = SlurmChSpawner(images=[{"name": "deb"}], partitions=["short", "gpu"],
                              max_cpus=4, max_gpus=2)
     text = spawner.render_options_form()

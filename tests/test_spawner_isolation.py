@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from chspawner.listening import MINE, NONE, TAKEN, port_owner, read_report, write_report
+from chspawner.spawners.listening import MINE, NONE, TAKEN, port_owner, read_report, write_report
 from conftest import AS_USER, VENV_BIN
-from session_proxy.kernel_records import state_dir_name
+from chspawner.persist.records import state_dir_name
 from test_kernel_server import execute, free_port, warm_up
 from test_spawner import KERNEL, Hub, spawn, user_server, wait_until
 
@@ -102,14 +102,14 @@ def test_a_report_counts_only_from_its_owner_and_spawn(tmp_path, user, other_use
 
 
 def test_the_jobs_check_reports_whose_listener_it_is(tmp_path, user, other_user, squatter):
-    """``python -m chspawner.listening`` as the user: 'taken' for another
+    """``python -m chspawner.spawners.listening`` as the user: 'taken' for another
     user's listener, 'mine' for their own; the nonce from the environment."""
     reports = Path(pwd.getpwnam(user.pw_name).pw_dir, ".cache/chspawner-test")
 
     def check(port: int, nonce: str) -> dict | None:
         path = reports / f"{nonce}.json"
         subprocess.run([str(AS_USER), user.pw_name, "env", f"CHSPAWNER_SPAWN_NONCE={nonce}",
-                        str(VENV_BIN / "python"), "-m", "chspawner.listening", "--port",
+                        str(VENV_BIN / "python"), "-m", "chspawner.spawners.listening", "--port",
                         str(port), "--report", str(path), "--timeout", "10"], check=True)
         return read_report(path, user.pw_uid, nonce)
     try:
@@ -306,7 +306,7 @@ def test_named_servers_keep_their_kernels_apart(named_hub):
 
 def test_a_new_port_for_each_spawn_unless_the_admin_set_one():
     """A port found taken is not tried again by the next spawn."""
-    from chspawner.spawner import ChSpawner
+    from chspawner.spawners import ChSpawner
     spawner = ChSpawner()
     ports = set()
     for _ in range(5):  # (the system may hand out a freed port again, rarely)
@@ -327,7 +327,7 @@ def test_a_users_store_planted_by_another_user_is_not_offered(user, other_user, 
 
     from tornado import web
 
-    from chspawner.spawner import ChSpawner
+    from chspawner.spawners import ChSpawner
     planted = sticky_store_parent / f"{user.pw_name}.ch"
     result = subprocess.run([str(AS_USER), other_user.pw_name, str(VENV_BIN / "chspawner"),
                              "import", "-q", "-s", str(planted), str(busybox), "evil"],

@@ -253,7 +253,7 @@ def test_a_jupyter_server_lists_no_kernels_from_a_planted_store(user, other_user
     offers none of the attacker's images, says why in the log, and still
     offers the native kernels."""
     script = ("import logging, sys\n"
-              "from chspawner.kernelspecs import ContainerKernelSpecManager\n"
+              "from chspawner.provisioner.kernelspecs import ContainerKernelSpecManager\n"
               "logging.basicConfig(level=logging.ERROR)\n"
               "ksm = ContainerKernelSpecManager(storage=sys.argv[1])\n"
               "ksm.log = logging.getLogger('ksm')\n"

@@ -7,7 +7,7 @@ plus, for every image in the store, the kernelspecs installed inside it
 after its image. The store is read on every listing, so a newly pulled
 image shows up without restarting the server. Enable it with::
 
-    c.ServerApp.kernel_spec_manager_class = "chspawner.kernelspecs.ContainerKernelSpecManager"
+    c.ServerApp.kernel_spec_manager_class = "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager"
 """
 from __future__ import annotations
 

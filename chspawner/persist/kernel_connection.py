@@ -1,22 +1,22 @@
 """The kernel websocket, fed IOPub by the kernel's keeper: nothing lost
 while no server or no browser is attached.
 
-With :class:`~session_proxy.kernel_manager.PersistentKernelManager`,
+With :class:`~chspawner.persist.kernel_manager.PersistentKernelManager`,
 configure::
 
     c.ServerApp.kernel_websocket_connection_class = (
-        "session_proxy.kernel_connection.ReplayingKernelConnection")
+        "chspawner.persist.kernel_connection.ReplayingKernelConnection")
 
 A websocket connection to a kernel that has a keeper takes its IOPub
 messages from the keeper's numbered stream instead of from the kernel, and
 records, message by message, how far its client session (the
 ``session_id`` query argument, stable across a client's reconnects) has
 been sent, in a file the keeper reads (see
-:mod:`session_proxy.kernel_records`). A client reconnecting with the same
+:mod:`chspawner.persist.records`). A client reconnecting with the same
 session id, to this server or to the next one, first gets every message it
 has not received yet; if more were produced than the keeper holds, it is
 first told how many were lost. A cell that ended meanwhile gets its
-``execute_reply`` rebuilt (:mod:`session_proxy.missed_replies`).
+``execute_reply`` rebuilt (:mod:`chspawner.persist.missed_replies`).
 Shell, control and stdin go straight to the kernel, as before.
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ from tornado.websocket import WebSocketClosedError
 from zmq.eventloop.zmqstream import ZMQStream
 
 from chspawner.images.progress import format_size
-from chspawner.kernel_transport import secure_client
-from session_proxy.kernel_keeper import signed_request
-from session_proxy.kernel_records import AckFile
-from session_proxy.missed_replies import REBUILT, timestamp
+from chspawner.provisioner.transport import secure_client
+from chspawner.persist.keeper import signed_request
+from chspawner.persist.records import AckFile
+from chspawner.persist.missed_replies import REBUILT, timestamp
 
 
 #: kernel id -> its open connections that follow its keeper
@@ -219,7 +219,7 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         what it held. A server killed in the instant between has sent a
         message it never recorded; the next connection is sent it again,
         and chspawner's proxy, which knows what its client already got,
-        drops the copy (see ``session_proxy.delivered``; through another
+        drops the copy (see ``session_proxy.proxy.delivered``; through another
         proxy the client would see it twice). The other order would lose
         it instead. A websocket that is closing refuses the write; its
         message stays unacknowledged, for the session's next connection."""

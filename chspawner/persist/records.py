@@ -6,7 +6,7 @@ Each JupyterHub server of a user has its own state directory (see
 ``<state dir>/<kernel id>.json``, written
 atomically (a reader never sees half a record) and readable only by the
 user: it holds the kernel's HMAC key. The same directory holds each
-kernel's keeper socket and logs (see :mod:`session_proxy.kernel_keeper`).
+kernel's keeper socket and logs (see :mod:`chspawner.persist.keeper`).
 
 Beside each record, ``<kernel id>.acks/`` holds, per client session, the
 sequence number of the last kernel message the session's client was sent
@@ -143,7 +143,7 @@ class AckFile:
     scheduler likes to switch to a process just woken (such as a client
     that kills the server on seeing the message): a kill there leaves the
     message sent but not recorded, and the session proxy drops the copy
-    the next server sends (:mod:`session_proxy.delivered`)."""
+    the next server sends (:mod:`session_proxy.proxy.delivered`)."""
 
     SIZE = 8
 

@@ -13,7 +13,7 @@ RunSpec. The container runtime execs, so the process jupyter_client holds
 LocalProvisioner's process handling serves unchanged.
 
 Transport: a kernel's sockets carry its code and output, so other users
-must not reach them (see :mod:`chspawner.kernel_transport`). A kernel on
+must not reach them (see :mod:`chspawner.provisioner.transport`). A kernel on
 this host uses ZeroMQ IPC: its Unix sockets are in a private (0700)
 staging directory under the host's temporary directory, which the
 container sees at /tmp, so no bind is needed; its connection file, there
@@ -28,7 +28,7 @@ Slurm job step (in a new allocation, or ``jobid``'s). Then the connection
 file is staged under $HOME (which compute nodes share with the login node,
 and which the container gets at /home/$USER), with a CURVE key pair made
 here; on the node the kernel binds IPC in a private directory, and a relay
-in the job (:mod:`chspawner.kernel_transport`) offers its channels on TCP
+in the job (:mod:`chspawner.provisioner.transport`) offers its channels on TCP
 with CurveZMQ to the holder of those keys only, writing the node's name and
 its ports beside the connection file. Interrupts go as messages (srun takes
 SIGINT for itself), and stopping the kernel also cancels its job.
@@ -59,7 +59,7 @@ import zmq
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 from chspawner.images.store import Store, StoreError, check_name
-from chspawner.kernel_transport import TransportError, ipc_prefix
+from chspawner.provisioner.transport import TransportError, ipc_prefix
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.slurm import (ACTIVE_STATES, SlurmError, job_environment, job_status,
                              slurm_command)
@@ -194,7 +194,7 @@ class ContainerProvisioner(LocalProvisioner):
     def _relay_command(self) -> list[str]:
         """The CURVE relay, in the job, outside the container, from our own
         installation (which the nodes share, as they share $HOME)."""
-        return [sys.executable, "-m", "chspawner.kernel_transport", "--connection-file",
+        return [sys.executable, "-m", "chspawner.provisioner.transport", "--connection-file",
                 str(self._staging / "kernel.json"), "--timeout",
                 str(float(self._option("launch_timeout", 600))), "--"]
 

@@ -17,7 +17,7 @@ anyone may subscribe to. So no kernel of ours listens on TCP:
   $HOME) gets past the ZAP handler. jupyter_client applies those keys to
   every socket it connects, so its clients talk to the relay directly.
 
-The relay, ``python -m chspawner.kernel_transport --connection-file FILE --
+The relay, ``python -m chspawner.provisioner.transport --connection-file FILE --
 KERNEL COMMAND``, reads FILE (the staged connection file, in the shared
 $HOME), rewrites it for the kernel (transport ipc in a new private
 directory under the node's $TMPDIR, which the container sees at /tmp),
@@ -292,7 +292,7 @@ def _stop(kernel: subprocess.Popen) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m chspawner.kernel_transport",
+        prog="python -m chspawner.provisioner.transport",
         description="Run a kernel on IPC behind a CURVE relay (inside a Slurm job).")
     parser.add_argument("--connection-file", type=Path, required=True,
                         help="the staged connection file (with the kernel's CURVE keys)")

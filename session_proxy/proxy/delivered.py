@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
-from .wsframes import frame_size, is_control
+from session_proxy.proxy.wsframes import frame_size, is_control
 
 #: Digests kept per URL: more than the messages a killed server can have
 #: sent without recording them (those flushed together under backpressure).

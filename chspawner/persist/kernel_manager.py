@@ -2,9 +2,9 @@
 
 Configure a Jupyter server with::
 
-    c.ServerApp.kernel_manager_class = "session_proxy.kernel_manager.PersistentKernelManager"
+    c.ServerApp.kernel_manager_class = "chspawner.persist.kernel_manager.PersistentKernelManager"
     c.ServerApp.kernel_websocket_connection_class = (
-        "session_proxy.kernel_connection.ReplayingKernelConnection")
+        "chspawner.persist.kernel_connection.ReplayingKernelConnection")
 
 Then every kernel whose provisioner can re-attach by PID (the chspawner
 container provisioner) is
@@ -13,13 +13,13 @@ container provisioner) is
   running when the server dies;
 - recorded in the state directory (kernel id, kernel name, connection info,
   provisioner info), rewritten after each restart;
-- followed by a *keeper* (:mod:`session_proxy.kernel_keeper`), a process
+- followed by a *keeper* (:mod:`chspawner.persist.keeper`), a process
   outside the server that keeps the kernel's last IOPub messages, numbered,
   for the websocket connection to replay.
 
 A kernel the provisioner runs as a Slurm job of its own (launcher
 ``sbatch``) has its keeper inside that job, on the kernel's node, listening
-on TCP (:mod:`session_proxy.kernel_keeper`, ``--job``): kernel and keeper
+on TCP (:mod:`chspawner.persist.keeper`, ``--job``): kernel and keeper
 then outlive the server's own job. The record, the acknowledgement files
 and the connection file live under $HOME, which the nodes share. A
 restart of such a kernel is a new job, maybe on another node: its
@@ -58,10 +58,10 @@ from jupyter_server.services.kernels.kernelmanager import (
 )
 from traitlets import Bool, Float, Integer, Unicode, default
 
-from session_proxy.kernel_connection import close_connections, forget_connections
-from chspawner.kernel_transport import secure_client
-from session_proxy.kernel_keeper import signed_request
-from session_proxy.kernel_records import KernelRecords, state_dir_name
+from chspawner.persist.kernel_connection import close_connections, forget_connections
+from chspawner.provisioner.transport import secure_client
+from chspawner.persist.keeper import signed_request
+from chspawner.persist.records import KernelRecords, state_dir_name
 
 
 def can_reattach(provisioner: Any) -> bool:
@@ -87,11 +87,11 @@ class PersistentServerKernelManager(ServerKernelManager):
 
     def kernel_job_wrapper(self, staging: Path) -> list[str]:
         """For a kernel in a job of its own: the keeper, which starts it
-        inside the job (see session_proxy.kernel_keeper, --job)."""
+        inside the job (see chspawner.persist.keeper, --job)."""
         parent = self.parent
         if not hasattr(parent, "records"):
             return []
-        return [sys.executable, "-m", "session_proxy.kernel_keeper", "--job",
+        return [sys.executable, "-m", "chspawner.persist.keeper", "--job",
                 "--record", str(parent.records.path(self.kernel_id)),
                 "--connection-file", str(staging / "kernel.json"),
                 "--address-file", str(staging / "keeper"),
@@ -192,7 +192,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
 
     @default("kernel_manager_class")
     def _default_kernel_manager_class(self) -> str:
-        return "session_proxy.kernel_manager.PersistentServerKernelManager"
+        return "chspawner.persist.kernel_manager.PersistentServerKernelManager"
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -304,7 +304,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
             # --detach: this child returns at once; the keeper itself belongs
             # to no one and outlives the server.
             subprocess.run(
-                [sys.executable, "-m", "session_proxy.kernel_keeper", "--detach",
+                [sys.executable, "-m", "chspawner.persist.keeper", "--detach",
                  "--record", str(self.records.path(kernel_id)),
                  "--address", self.records.keeper_address(kernel_id),
                  "--max-messages", str(self.buffer_messages),

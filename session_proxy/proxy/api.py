@@ -14,7 +14,7 @@ import math
 
 from tornado import web
 
-from .routes import BadPath, BadTarget, Holds, RouteTable, parse_iso, segments
+from session_proxy.proxy.routes import BadPath, BadTarget, Holds, RouteTable, parse_iso, segments
 
 log = logging.getLogger("session_proxy")
 DEFAULT_HOLD_S = 30.0

@@ -2,12 +2,12 @@
 kept in a file beside the kernel records instead of in the server's memory.
 
 A server that replaces a lost one re-adopts the kernels
-(:mod:`session_proxy.kernel_manager`); with the sessions kept too, a
+(:mod:`chspawner.persist.kernel_manager`); with the sessions kept too, a
 browser that reloads a notebook, or logs in anew, finds the notebook's
 running kernel instead of starting another::
 
     c.ServerApp.session_manager_class = (
-        "session_proxy.notebook_sessions.PersistentSessionManager")
+        "chspawner.persist.notebook_sessions.PersistentSessionManager")
 
 Sessions whose kernel is gone are dropped by jupyter_server itself the
 next time they are listed.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from jupyter_server.services.sessions.sessionmanager import SessionManager
 from traitlets import default
 
-from session_proxy.kernel_records import KernelRecords
+from chspawner.persist.records import KernelRecords
 
 
 class PersistentSessionManager(SessionManager):

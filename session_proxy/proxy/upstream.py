@@ -17,7 +17,7 @@ import socket
 from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
 
-from .routes import Route, Target
+from session_proxy.proxy.routes import Route, Target
 
 
 def _ip_family(host: str) -> int | None:

@@ -36,7 +36,7 @@ from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from chspawner.images import ImageError
 from chspawner.images.store import Store, StoreError, check_name
-from chspawner.listening import MINE, NONCE_ENV, TAKEN, listener_uids, port_owner, read_report
+from chspawner.spawners.listening import MINE, NONCE_ENV, TAKEN, listener_uids, port_owner, read_report
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.slurm import ACTIVE_STATES, SlurmError, job_status, slurm_command
 
@@ -252,18 +252,18 @@ class ChSpawner(LocalProcessSpawner):
         if self.mode == "kernels":
             store = self.store_for(self.image)
             args += ["--ServerApp.kernel_spec_manager_class="
-                     "chspawner.kernelspecs.ContainerKernelSpecManager",
+                     "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
                      f"--ContainerKernelSpecManager.storage={store.root}",
                      # One item per flag: the server doesn't know this class
                      # up front, so a list literal would stay one string.
                      f"--ContainerKernelSpecManager.only_images={self.image}"]
             if self.persistent_kernels:
                 args += ["--ServerApp.kernel_manager_class="
-                         "session_proxy.kernel_manager.PersistentKernelManager",
+                         "chspawner.persist.kernel_manager.PersistentKernelManager",
                          "--ServerApp.kernel_websocket_connection_class="
-                         "session_proxy.kernel_connection.ReplayingKernelConnection",
+                         "chspawner.persist.kernel_connection.ReplayingKernelConnection",
                          "--ServerApp.session_manager_class="
-                         "session_proxy.notebook_sessions.PersistentSessionManager"]
+                         "chspawner.persist.notebook_sessions.PersistentSessionManager"]
         return args
 
     async def start(self):
@@ -299,7 +299,7 @@ class ChSpawner(LocalProcessSpawner):
     async def _wait_listening(self, port: int) -> None:
         """Return once the server listens, proven to be the user's own
         process: the hub's host lists every listening socket with its
-        owner (chspawner.listening), so nothing is sent to a listener to
+        owner (chspawner.spawners.listening), so nothing is sent to a listener to
         find out, and another user's process listening on the port fails
         the spawn, never receiving the user's browser. Returning at once
         also spares the hub's own check its back-off. A server that exits
@@ -631,7 +631,7 @@ class SlurmChSpawner(ChSpawner):
         # Beside it (before the exec: the server stays the job's script,
         # which scancel --batch signals) runs the check that the port is
         # the user's own (see _proven).
-        watch = [sys.executable, "-m", "chspawner.listening", "--port", str(self.port),
+        watch = [sys.executable, "-m", "chspawner.spawners.listening", "--port", str(self.port),
                  "--report", str(self.report_path()), "--timeout", str(self.start_timeout)]
         sbatch.append("--wrap=" + " ".join(shlex.quote(a) for a in watch)
                       + " </dev/null >/dev/null 2>&1 & exec "

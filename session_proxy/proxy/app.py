@@ -40,11 +40,11 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 
-from . import wsrelay
-from .delivered import DeliveredFrames, watched
-from .proxy_api import api_app
-from .routes import BadPath, BadTarget, HoldExpired, Holds, Route, RouteTable, segments
-from .upstream import Upstreams
+from session_proxy.proxy import wsrelay
+from session_proxy.proxy.delivered import DeliveredFrames, watched
+from session_proxy.proxy.api import api_app
+from session_proxy.proxy.routes import BadPath, BadTarget, HoldExpired, Holds, Route, RouteTable, segments
+from session_proxy.proxy.upstream import Upstreams
 
 log = logging.getLogger("session_proxy")
 

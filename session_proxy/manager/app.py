@@ -45,7 +45,7 @@ from tornado import web
 from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Application
 
-from session_proxy.store import SessionRecord, SessionStore
+from session_proxy.manager.records import SessionRecord, SessionStore
 
 RouteKey = tuple[str, ...]
 

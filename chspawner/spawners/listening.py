@@ -10,7 +10,7 @@ the listener to find out whose it is.
 On the hub's own host the spawner reads them itself. On a compute node the
 server's Slurm job runs this module beside the server, as the user::
 
-    python -m chspawner.listening --port P --report FILE &
+    python -m chspawner.spawners.listening --port P --report FILE &
     exec jupyterhub-singleuser ...
 
 It waits until a socket of its own uid listens on the port (or one of
@@ -130,7 +130,7 @@ def watch(port: int, report: Path, nonce: str, timeout: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m chspawner.listening",
+        prog="python -m chspawner.spawners.listening",
         description="Report whether this user's process listens on a port "
                     f"(the spawn's nonce comes from ${NONCE_ENV}).")
     parser.add_argument("--port", type=int, required=True)

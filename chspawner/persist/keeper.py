@@ -17,14 +17,14 @@ directory. Frames, client to keeper:
 
 A server acknowledges what it sent a session's client not over this
 socket but in the session's file beside the kernel's record
-(:class:`~session_proxy.kernel_records.AckFile`): a message in flight
+(:class:`~chspawner.persist.records.AckFile`): a message in flight
 to the keeper would die with a killed server, a written file does not.
 
 Keeper to client: first ``[b"following", JSON]``: ``last_seq``, the newest
 message when the follow came (those up to it are a replay), and
 ``missed_replies``, the session's executions that ended since its last
 acknowledged message, with their replies rebuilt (see
-:mod:`session_proxy.missed_replies`); then ``[b"msg", SEQ, *FRAMES]``
+:mod:`chspawner.persist.missed_replies`); then ``[b"msg", SEQ, *FRAMES]``
 (FRAMES exactly as the kernel sent them, signature included) and, before
 them when the session's gap was longer than the buffer, ``[b"lost", JSON]``
 with how many were lost.
@@ -36,7 +36,7 @@ kernel's key (see :func:`signed_request`). A keeper listening on TCP
 (``--job``, below) is reachable from the network, so it is a CurveZMQ
 server that lets in only the kernel's own CURVE key (jupyter_client's
 ``curve_publickey``, also its client key; see
-:mod:`chspawner.kernel_transport`): others fail the handshake, before any
+:mod:`chspawner.provisioner.transport`): others fail the handshake, before any
 message is read. It takes no message over MAX_REQUEST bytes (libzmq drops
 the sender as the size is announced, before buffering it), and of the
 rest only those whose signature holds, whose time is within REPLAY_WINDOW
@@ -83,9 +83,9 @@ from pathlib import Path
 
 import zmq
 
-from chspawner.kernel_transport import CurveKeys, secure_client
-from session_proxy.kernel_records import KernelRecords, read_ack, read_record
-from session_proxy.missed_replies import KINDS, Executions
+from chspawner.provisioner.transport import CurveKeys, secure_client
+from chspawner.persist.records import KernelRecords, read_ack, read_record
+from chspawner.persist.missed_replies import KINDS, Executions
 
 DELIM = b"<IDS|MSG>"
 #: How many client sessions' positions to remember (oldest forgotten first).
@@ -515,7 +515,7 @@ def _running(pid: int) -> bool:
 # --------------------------------------------------------------- CLI ---
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m session_proxy.kernel_keeper",
+    parser = argparse.ArgumentParser(prog="python -m chspawner.persist.keeper",
                                      description="Keep a kernel's IOPub messages.")
     parser.add_argument("--record", required=True, help="the kernel's record file")
     parser.add_argument("--address", default="tcp://*:*",

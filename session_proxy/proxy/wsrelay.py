@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from tornado.iostream import IOStream
 
-from .delivered import DeliveredFrames, LeadingCopies, Tail
-from .wsframes import CLOSE_SERVICE_RESTART, FrameCounter
+from session_proxy.proxy.delivered import DeliveredFrames, LeadingCopies, Tail
+from session_proxy.proxy.wsframes import CLOSE_SERVICE_RESTART, FrameCounter
 
 log = logging.getLogger("session_proxy")
 

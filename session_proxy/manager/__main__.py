@@ -1,0 +1,3 @@
+from session_proxy.manager.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""chspawner-proxy: the session proxy (see :mod:`.app`)."""

@@ -1,0 +1,3 @@
+from session_proxy.proxy.app import main
+
+main()
