@@ -414,6 +414,35 @@ def test_slurm_job_argv_is_one_builders(user, tmp_path):
     assert spawner.job_log_path() == Path(logs, "server-77.log")
 
 
+def test_a_job_logs_tail_is_its_last_lines_bounded(tmp_path):
+    """What a failed job's log adds to the spawn error: 5 lines at most,
+    2000 bytes at most, no line cut in its middle; None without a log."""
+    from chspawner.spawners import joblog
+    log = tmp_path / "server-1.log"
+    log.write_text("".join(f"line {i}\n" for i in range(20)))
+    assert asyncio.run(joblog.tail(str(log), None)) == \
+        "line 15\nline 16\nline 17\nline 18\nline 19"
+    log.write_text("x" * 5000 + "\nlast words\n")
+    assert asyncio.run(joblog.tail(str(log), None)) == "last words"
+    log.write_text("y" * 5000)
+    assert asyncio.run(joblog.tail(str(log), None)) == "y" * 2000
+    assert asyncio.run(joblog.tail(str(tmp_path / "none.log"), None)) is None
+
+
+def test_the_job_log_directory_is_made_private_or_says_why_not(tmp_path):
+    from chspawner.spawners import joblog
+    logs = tmp_path / "state" / "chspawner" / "logs"
+    asyncio.run(joblog.make_dir(str(logs), None))
+    assert logs.is_dir() and logs.stat().st_mode & 0o777 == 0o700
+    asyncio.run(joblog.make_dir(str(logs), None))  # (there already: fine)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(joblog.JobLogError) as failed:
+        asyncio.run(joblog.make_dir(str(tmp_path / "file" / "logs"), None))
+    assert str(failed.value).startswith(
+        f"can't create the job log directory {tmp_path}/file/logs: ")
+    assert "\n" not in str(failed.value)
+
+
 @pytest.fixture(scope="module")
 def slurm_hub(user, kernel_store, slurm):
     extra = textwrap.dedent(f"""
