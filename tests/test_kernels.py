@@ -301,6 +301,37 @@ def test_a_kernel_job_that_cannot_start_fails_and_leaves_no_job(
     assert not slurm.jobs(user.pw_name, "chspawner-kernel-")
 
 
+def test_a_kernel_job_that_ends_first_shows_its_log_from_the_log_dir(
+        user, user_dir, kernel_store, slurm):
+    """**fix**: the job's output goes to job_log_dir (the user's log
+    directory, from the spawner), and the start error shows its end."""
+    logs = user_dir / "logs"
+    prefix = user_dir / "prefix"
+    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+            "--prefix", str(prefix), "--launcher", "sbatch",
+            f"--sbatch-arg=--partition={slurm.partition}", "--name", "dies", "deb")
+    spec_file = prefix / "share/jupyter/kernels/dies/kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["argv"] = ["/usr/bin/python3", "-m", "no_such_kernel", "-f", "{connection_file}"]
+    spec["metadata"]["kernel_provisioner"]["config"]["job_log_dir"] = str(logs)
+    spec_file.write_text(json.dumps(spec))
+    script = user_dir / "dies_driver.py"
+    script.write_text(START_ONLY)
+    os.chmod(script, 0o644)
+    result = as_user(user.pw_name, "env", f"JUPYTER_PATH={prefix}/share/jupyter",
+                     *[f"{k}={v}" for k, v in slurm.env.items()],
+                     str(VENV_BIN / "python"), str(script), "dies", check=False,
+                     timeout=300)
+    last = result.stdout.strip().splitlines()[-1]
+    [log] = logs.glob("chspawner-kernel-*.log")
+    assert last.startswith("failed: the kernel's Slurm job "), last
+    assert "ended before the kernel was ready: " in last, last
+    assert "No module named no_such_kernel" in last, last
+    assert last.endswith(f"(its output: {log})"), last
+    assert "No module named no_such_kernel" in log.read_text()
+    assert not slurm.jobs(user.pw_name, "chspawner-kernel-")
+
+
 REATTACH = textwrap.dedent('''
     import asyncio, json, signal, sys
     from jupyter_client.manager import KernelManager
