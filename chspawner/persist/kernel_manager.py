@@ -19,9 +19,10 @@ container provisioner) is
   for the websocket connection to replay.
 
 A kernel the provisioner runs as a Slurm job of its own (launcher
-``sbatch``, its ``in_job``) has its keeper inside that job (the kernel
-manager is a :class:`~chspawner.provisioner.hooks.KernelJobHost`: the
-provisioner runs the keeper's command before the kernel's), on the kernel's node, listening
+``sbatch``: the provisioner's ``in_job``) has its keeper inside that job,
+on the kernel's node (this kernel manager is a
+:class:`~chspawner.provisioner.hooks.KernelJobHost`: the provisioner runs
+the keeper's command before the kernel's), listening
 on TCP (:mod:`chspawner.persist.keeper`, ``--job``): kernel and keeper
 then outlive the server's own job. The record, the acknowledgement files
 and the connection file live under $HOME, which the nodes share. A

@@ -55,7 +55,8 @@ class ContainerKernelSpecManager(KernelSpecManager):
         Unicode(), help="Offer only these images' kernels (default: every image).",
     ).tag(config=True)
     provisioner_config = Dict(
-        help="Provisioner settings for every image kernel (binds, env, home, backend).",
+        help="Provisioner settings for every image kernel (binds, env, home, backend, "
+             "launcher, job_log_dir...: see chspawner.provisioner.settings).",
     ).tag(config=True)
     display_name_template = Unicode(
         "{display_name} — image {image}",

@@ -16,6 +16,8 @@ from typing import Any
 from traitlets import (Bool, Dict, Enum, Float, HasTraits, Int, List, TraitError,
                        Unicode, Union)
 
+from chspawner.runtime.spec import BACKENDS
+
 #: Where a kernel runs: here, a Slurm job step (srun), a batch job of its own.
 LAUNCHERS = ("local", "srun", "sbatch")
 
@@ -42,7 +44,7 @@ class ProvisionerSettings(HasTraits):
     home = Bool(
         False, help="Bind the user's $HOME at /home/$USER (always, on a compute node).")
     backend = Enum(
-        ("builtin", "ch-run"), "builtin",
+        BACKENDS, "builtin",
         help="The container runtime: chspawner's own (builtin), or Charliecloud's ch-run.")
     launcher = Enum(
         LAUNCHERS, "local",
