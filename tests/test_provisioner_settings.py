@@ -87,3 +87,27 @@ def test_the_contract_classes():
     program around kernels in jobs is a KernelJobHost (none by default)."""
     assert issubclass(ContainerProvisioner, Adoptable)
     assert KernelJobHost().kernel_job_command(None) == []
+
+
+def test_persist_talks_to_the_provisioner_through_the_hooks():
+    from pathlib import Path
+
+    from jupyter_client.kernelspec import KernelSpec
+    from jupyter_client.provisioning import LocalProvisioner
+
+    from chspawner.persist.kernel_manager import (PersistentServerKernelManager,
+                                                  can_reattach, in_job)
+
+    def provisioner(launcher: str) -> ContainerProvisioner:
+        spec = KernelSpec(argv=["python3"], metadata={"kernel_provisioner": {
+            "provisioner_name": "chspawner", "config": {"image": "deb",
+                                                        "launcher": launcher}}})
+        return ContainerProvisioner(kernel_id="k", kernel_spec=spec, parent=None)
+
+    assert issubclass(PersistentServerKernelManager, KernelJobHost)
+    # Outside a PersistentKernelManager, no keeper goes around a job's kernel.
+    assert PersistentServerKernelManager().kernel_job_command(Path("/staging")) == []
+    assert can_reattach(provisioner("local")) and not in_job(provisioner("local"))
+    assert in_job(provisioner("sbatch")) and not in_job(provisioner("srun"))
+    native = LocalProvisioner(kernel_id="k", kernel_spec=KernelSpec(argv=["x"]), parent=None)
+    assert not can_reattach(native) and not in_job(native)
