@@ -253,33 +253,3 @@ def _parse_line(line: str) -> Job | None:
     return Job(job_id, JobState.of(state), state, node,
                "" if reason in ("None", "(null)") else reason)
 
-
-# -------------------------------------------- deprecated, until the merge --
-# The provisioner and the persistent-kernel plugins still call these; they
-# move to SlurmClient in this same step, and these go.
-
-#: States in which a job still runs or will (deprecated: JobState).
-ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
-                           "RESIZING", "REQUEUED"})
-
-
-async def slurm_command(*argv: str, env: Mapping[str, str] | None = None,
-                        preexec_fn: Callable[[], None] | None = None) -> str:
-    """Deprecated: SlurmClient.run. ``env`` None: ours, as it is."""
-    return await SlurmClient(dict(os.environ) if env is None else env, preexec_fn).run(*argv)
-
-
-async def job_status(job_id: str, run=None) -> tuple[str, str, str]:
-    """Deprecated: SlurmClient.job. (state, node, reason), state '' once
-    Slurm has forgotten the job; ``run`` runs the command."""
-    if run is None:
-        job = await SlurmClient(dict(os.environ)).job(job_id)
-    else:
-        try:
-            out = await run("squeue", "--noheader", f"--jobs={job_id}", "--format=%i|%T|%N|%r")
-        except SlurmError as e:
-            if "Invalid job id" in str(e):
-                return "", "", ""
-            raise
-        job = _parse_line(out.strip()) or Job(job_id, JobState.GONE)
-    return job.slurm_state, job.node, job.reason

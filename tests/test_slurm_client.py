@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chspawner.slurm import (Job, JobState, Resources, SlurmClient, SlurmError, job_environment,
-                             job_status, parse_job_id, sbatch_argv)
+                             parse_job_id, sbatch_argv)
 
 # ------------------------------------------------------------ sbatch_argv --
 
@@ -221,10 +221,3 @@ def test_queue_place(fake):
         "squeue --noheader --states=PENDING --sort=-p,i --format=%i --partition=short ",
         "squeue --noheader --states=PENDING --sort=-p,i --format=%i "]
 
-
-def test_the_deprecated_job_status_still_answers(fake):
-    """(Kept for the provisioner until it uses SlurmClient.)"""
-    fake.answers("squeue", "7|PENDING||Priority\n")
-    assert asyncio.run(job_status("7", run=fake.client.run)) == ("PENDING", "", "Priority")
-    fake.answers("squeue", err="slurm_load_jobs error: Invalid job id specified\n")
-    assert asyncio.run(job_status("7", run=fake.client.run)) == ("", "", "")
