@@ -123,7 +123,7 @@ START = textwrap.dedent('''
 
 
 @pytest.mark.parametrize("case, words", [
-    ("no-image", ["no image gone"]),
+    ("no-image", ["image not found: gone"]),
     ("no-python", ["nopython", "python3", "not found"]),
     ("no-ipykernel", ["exited with status 1", "is ipykernel installed"]),
 ])

@@ -66,12 +66,12 @@ import zmq
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
-from chspawner.images.store import Store, StoreError, check_name
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, Launcher, LocalProcess,
                                              SrunStep)
 from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, ipc_prefix
+from chspawner.runtime.launcher import Fail, find_image
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.slurm import JobState, SlurmClient, SlurmError, job_environment
 
@@ -123,19 +123,15 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         return self._staging
 
     def image_path(self) -> str:
-        """The image as the runtime takes it: a store name or a directory,
-        checked now so a missing image fails at once, by name."""
+        """The image's directory, checked now so a missing image fails at
+        once, by name: found as the runtime will find it (a directory, or a
+        name in the store, which must be trusted), by the same function."""
         image = self.settings.image
         if not image:
             raise KernelStartError("kernelspec names no image (provisioner config 'image')")
-        if os.path.isabs(image):
-            if not os.path.isdir(image):
-                raise KernelStartError(f"image directory {image} does not exist")
-            return image
-        store = Store(self.settings.storage)
         try:
-            return str(store.require(check_name(image)))
-        except StoreError as e:
+            return find_image(image, self.settings.storage)
+        except Fail as e:
             raise KernelStartError(str(e)) from None
 
     # ------------------------------------------- the launcher's process --
