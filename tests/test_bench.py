@@ -3,7 +3,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.harness.env import REPO
 
 
 def test_runtime_start_benchmark_prints_ratios(user, busybox, bookworm):

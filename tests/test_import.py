@@ -15,7 +15,9 @@ import time
 import pytest
 
 from chspawner.images.unpack import UnpackError, contained_link_target, member_path
-from conftest import CHSPAWNER, AS_USER, as_user
+from tests.harness.env import AS_USER, CHSPAWNER
+from tests.harness.users import as_user
+from tests.harness.wait import wait_until
 
 
 class Images:
@@ -286,13 +288,6 @@ def test_truncated_archive(images, user_dir, outside):
 
 # -------------------------------------------------------- interruption ----
 
-def wait_for(condition, deadline_s=60, what="condition"):
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_import_leaves_nothing(images, user_dir, bookworm, sig):
     """Stop an import midway: no image, no partial directory (a SIGKILLed
@@ -310,7 +305,7 @@ def test_interrupted_import_leaves_nothing(images, user_dir, bookworm, sig):
             return tmp.exists() and any(
                 len(os.listdir(tmp / d / "image")) > 3 for d in os.listdir(tmp)
                 if (tmp / d / "image").is_dir())
-        wait_for(started, what="the import to start writing")
+        wait_until(started, "the import to start writing", every=0.01)
         proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:

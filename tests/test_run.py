@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -11,7 +10,10 @@ import sys
 import pytest
 
 from chspawner.runtime.spec import LAUNCH_SCRIPT
-from conftest import CHSPAWNER, as_user, lines, parse_env, user_file
+from tests.harness.env import CHSPAWNER
+from tests.harness.text import lines, parse_env
+from tests.harness.users import as_user, user_file
+from tests.harness.wait import read_line
 
 BUILTIN_ONLY_FIX = ("Charliecloud's ch-run 0.31 has this flaw; the builtin "
                     "backend fixes it")
@@ -26,13 +28,6 @@ def mountinfo(rt, image, *opts):
         sep = fields.index("-")
         mounts[fields[4]] = (fields[5].split(","), fields[sep + 1])
     return mounts
-
-
-def read_line(stream, deadline_s: float = 20) -> str:
-    """One line from a pipe, or fail after a deadline (never hang a test)."""
-    ready, _, _ = select.select([stream], [], [], deadline_s)
-    assert ready, f"no output within {deadline_s} s"
-    return stream.readline().strip()
 
 
 # ------------------------------------------------------------- basics ----

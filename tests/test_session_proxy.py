@@ -14,8 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import VENV_BIN
-from test_kernel_server import free_port, wait_listening
+from tests.harness.env import VENV_BIN
+from tests.harness.net import free_port
+from tests.harness.wait import wait_listening
 
 PROXY = VENV_BIN / "chspawner-proxy"
 BIG = 50 * 1024 * 1024
