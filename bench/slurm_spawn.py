@@ -43,28 +43,23 @@ own default batch script, ``srun`` step and all; see batchspawner_config):
   with JupyterHub 6 as is. The hub logs Spawner.db's deprecation warning
   once per spawn (batchspawner commits through it).
 
-Run as root: ``bench/run.sh`` or ``python bench/slurm_spawn.py [--rounds N]``.
+Run as root: ``bench/run.sh`` or, from the repository root,
+``python -m bench.slurm_spawn [--rounds N]``.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "scripts"))
-from demo_hub import site_store  # noqa: E402  (the demo's store: jupyter, deb)
-from slurm import Slurm  # noqa: E402
-from test_spawner import Hub, spawn, stop_server  # noqa: E402
+from tests.harness.env import TEST_USER, VENV_BIN
+from tests.harness.hub import Hub, spawn, stop_server
+from tests.harness.images import site_store  # the demo's store: jupyter, deb
+from tests.harness.slurm import Slurm
 
-VENV_BIN = Path(sys.executable).parent
-USER = os.environ.get("CHSPAWNER_USER", "chtest")
 # What each spawn asks for; SlurmChSpawner's defaults are 1 CPU, 2 GB, 1 h.
 CHSPAWNER_RUNS = {"kernels mode (deb)": {"image": "deb", "mode": "kernels"},
                   "server mode (jupyter)": {"image": "jupyter", "mode": "server"}}
@@ -112,8 +107,9 @@ def main() -> int:
     store = site_store()
     times: dict[str, list[float]] = {"batchspawner": [], **{k: [] for k in CHSPAWNER_RUNS}}
     with Slurm() as cluster:
-        anchor = Hub(store, USER, images=("deb",), extra_config=batchspawner_config(cluster))
-        ours = Hub(store, USER, images=("jupyter", "deb"),
+        anchor = Hub(store, TEST_USER, images=("deb",),
+                     extra_config=batchspawner_config(cluster))
+        ours = Hub(store, TEST_USER, images=("jupyter", "deb"),
                    extra_config=chspawner_config(cluster))
         try:
             for _ in range(args.rounds):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.harness.env import AS_USER
@@ -29,3 +30,12 @@ def user_file(user, path: Path, text: str = "", mode: int = 0o644) -> Path:
     os.chown(path, user.pw_uid, user.pw_gid)
     path.chmod(mode)
     return path
+
+
+def as_user_or_exit(user: str, *argv: str, env: dict[str, str] | None = None) -> str:
+    """For programs (bench/, scripts/): run as ``user``, return stdout, or
+    exit with one line saying what failed and the end of its stderr."""
+    result = as_user_env(user, env or {}, *argv, check=False)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(argv[:2])} failed: {result.stderr.strip()[-1500:]}")
+    return result.stdout
