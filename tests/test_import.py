@@ -16,6 +16,8 @@ import pytest
 
 from chspawner.images.unpack import UnpackError, contained_link_target, member_path
 from tests.harness.env import AS_USER, CHSPAWNER
+from tests.harness.registry import (export_docker_archive, export_oci_archive,
+                                    export_oci_layout)
 from tests.harness.users import as_user
 from tests.harness.wait import wait_until
 
@@ -349,7 +351,6 @@ def test_link_rewriting(link, target, expected):
 def test_image_layouts_and_archives(images, user, user_dir, test_images, form):
     """Layers applied in order, whiteouts included, config kept: the
     multi-layer test image, in each form skopeo writes it."""
-    from registry import export_docker_archive, export_oci_archive, export_oci_layout
     image = test_images.multi
     src = user_dir / form
     if form == "oci-dir":
@@ -374,7 +375,6 @@ def test_image_layouts_and_archives(images, user, user_dir, test_images, form):
 
 
 def test_multi_arch_oci_layout(images, user, user_dir, test_images):
-    from registry import export_oci_layout
     src = user_dir / "layout"
     export_oci_layout(test_images.multiarch, src, owner=user)
     images.import_(src, "native", check=True)
@@ -386,7 +386,6 @@ def test_multi_arch_oci_layout(images, user, user_dir, test_images):
 
 def test_corrupted_layer_in_a_layout_is_refused(images, user, user_dir, test_images,
                                                 outside):
-    from registry import export_oci_layout
     src = user_dir / "layout"
     export_oci_layout(test_images.one, src, owner=user)
     blobs = src / "blobs" / "sha256"
@@ -489,7 +488,6 @@ def test_an_image_within_the_limit_imports(images, user_dir):
 
 def test_the_size_limit_covers_image_layers(images, user, user_dir, test_images,
                                             outside):
-    from registry import export_oci_layout
     src = user_dir / "layout"
     export_oci_layout(test_images.one, src, owner=user)
     assert_refused(images, images.cli("import", "-q", "--max-size=2K", "-s",

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from chspawner.runtime import Bind, RunSpec, to_argv
 from chspawner.runtime.spec import LAUNCH_SCRIPT
-from tests.harness.env import CHSPAWNER
+from tests.harness.env import AS_USER, CHSPAWNER
 from tests.harness.text import lines, parse_env
 from tests.harness.users import as_user, user_file
 from tests.harness.wait import read_line
@@ -392,3 +393,17 @@ def test_setuid_and_setgid_are_refused(builtin, busybox, user_dir):
         assert result.returncode == 31, result.stderr
         assert "setuid" in result.stderr
         copy.unlink()
+
+
+def test_a_runspec_runs_on_both_backends(rt, user, user_dir, busybox):
+    """The API path: what to_argv builds starts the same container on both."""
+    data = user_dir / "data"
+    as_user(user.pw_name, "mkdir", str(data))
+    user_file(user, data / "f", "bound\n")
+    spec = RunSpec(str(busybox), ["sh", "-c", 'cat /mnt/f; echo "$GREETING"; pwd; id -u'],
+                   binds=[Bind(str(data), "/mnt")], env={"GREETING": "'hi there'"},
+                   cwd="/etc", uid=0, unset_env=["LANG"])
+    result = subprocess.run([str(AS_USER), user.pw_name, *to_argv(spec, rt.backend)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["bound", "'hi there'", "/etc", "0"]

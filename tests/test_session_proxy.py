@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.harness.env import VENV_BIN
+from tests.harness.hub import Hub, kernel_in_server, spawn, stop_server
 from tests.harness.net import free_port
 from tests.harness.wait import wait_listening
 
@@ -603,8 +604,6 @@ def test_tls_flags_are_refused_with_one_line():
 # -- a real JupyterHub ----------------------------------------------------------------------
 
 def test_jupyterhub_drives_it_as_its_proxy(user, kernel_store):
-    from test_spawner import Hub, kernel_in_server, spawn, stop_server
-
     hub = Hub(kernel_store, user.pw_name, images=("deb",),
               extra_config=f'c.ConfigurableHTTPProxy.command = ["{PROXY}"]\n')
     try:

@@ -21,7 +21,7 @@ from tests.harness.slurm import Slurm, SlurmError
 from tests.harness.wait import wait_until
 
 # The session fixture `slurm` comes from conftest, which imports it from
-# slurm: one definition, so the session starts one cluster for every module.
+# tests.harness.slurm: one definition, so the session starts one cluster for every module.
 
 
 def test_srun_runs_on_the_node(slurm: Slurm, user: pwd.struct_passwd):

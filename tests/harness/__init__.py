@@ -1,9 +1,10 @@
 """The test harness: every piece the tests, the benchmarks (bench/) and the
 demo (scripts/) share, each once.
 
-Import it as a package from the repository root (pytest's ``pythonpath``
-setting puts the root on ``sys.path``; bench and scripts run as modules,
-``python -m bench.spawn``)::
+Import it as a package from the repository root: pytest finds it through
+``tests/__init__.py`` (its append import mode puts the root at the end of
+``sys.path``), and bench and scripts run as modules from the root
+(``python -m bench.spawn``)::
 
     from tests.harness.hub import Hub, spawn
     from tests.harness.wait import wait_until
