@@ -324,6 +324,7 @@ def test_interrupted_import_leaves_nothing(images, user_dir, bookworm, sig):
 
 # ---------------------------------------------------------------- units ---
 
+@pytest.mark.unit
 def test_member_path_rules():
     assert member_path("./usr/bin/") == "usr/bin"
     assert member_path(".") == ""
@@ -332,6 +333,7 @@ def test_member_path_rules():
             member_path(bad)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("link, target, expected", [
     ("abs", "/etc/passwd", "etc/passwd"),
     ("usr/bin/python3", "/usr/bin/python3.11", "python3.11"),

@@ -412,6 +412,7 @@ def test_the_records_file_is_its_owners_alone(shared, other_user):
     SessionStore(f"sqlite:///{loose}").engine.dispose()
 
 
+@pytest.mark.unit
 def test_a_records_file_that_is_a_link_is_refused(tmp_path):
     target = tmp_path / "elsewhere"
     target.write_text("")

@@ -433,6 +433,7 @@ def test_concurrent_pulls_download_a_layer_once(puller, hostile, image):
 
 # ------------------------------------------------------------ the watch ----
 
+@pytest.mark.unit
 def test_stall_watch_counts_windows_not_totals():
     """Steady progress passes however long it lasts; a window without
     ``min_bytes`` cancels the work and raises Stalled."""

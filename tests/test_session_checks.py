@@ -15,6 +15,9 @@ from session_proxy.manager.app import SessionManager
 from session_proxy.manager.records import SessionRecord
 from tests.harness.net import refused_target
 
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 KEY = ("alice", "")
 
 

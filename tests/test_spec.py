@@ -9,6 +9,9 @@ from chspawner.runtime import Bind, RunSpec, to_argv
 from chspawner.runtime import launcher  # noqa: I001
 from chspawner.runtime.spec import LAUNCH_SCRIPT
 
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 def full_spec(**overrides):
     fields = dict(
