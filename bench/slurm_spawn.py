@@ -49,14 +49,12 @@ Run as root: ``bench/run.sh`` or, from the repository root,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import textwrap
-import time
 
 from tests.harness.env import TEST_USER, VENV_BIN
-from tests.harness.hub import Hub, spawn, stop_server
+from tests.harness.hub import Hub, timed_spawn
 from tests.harness.images import site_store  # the demo's store: jupyter, deb
 from tests.harness.slurm import Slurm
 
@@ -87,13 +85,8 @@ def chspawner_config(cluster: Slurm) -> str:
     """)
 
 
-def timed_spawn(hub: Hub, cluster: Slurm, options: dict, what: str) -> float:
-    start = time.perf_counter()
-    result = asyncio.run(spawn(hub, options))
-    elapsed = time.perf_counter() - start
-    if not result.get("ready"):
-        sys.exit(f"{what}: spawn failed: {result}\nhub log:\n{hub.log()[-3000:]}")
-    asyncio.run(stop_server(hub))
+def timed_slurm_spawn(hub: Hub, cluster: Slurm, options: dict, what: str) -> float:
+    elapsed = timed_spawn(hub, options, what)
     # Every spawn starts on an idle node: a server still shutting down
     # would take CPU from the next one.
     cluster.wait_idle(timeout=60)
@@ -113,10 +106,11 @@ def main() -> int:
                    extra_config=chspawner_config(cluster))
         try:
             for _ in range(args.rounds):
-                times["batchspawner"].append(timed_spawn(anchor, cluster, {}, "batchspawner"))
+                times["batchspawner"].append(timed_slurm_spawn(anchor, cluster, {},
+                                                               "batchspawner"))
                 for label, options in CHSPAWNER_RUNS.items():
-                    times[label].append(timed_spawn(ours, cluster, options,
-                                                   f"SlurmChSpawner {label}"))
+                    times[label].append(timed_slurm_spawn(ours, cluster, options,
+                                                         f"SlurmChSpawner {label}"))
         finally:
             anchor.stop()
             ours.stop()

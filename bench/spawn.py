@@ -9,26 +9,14 @@ root, ``python -m bench.spawn [--rounds N] [--check]``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
-import time
 
 from tests.harness.env import TEST_USER
-from tests.harness.hub import Hub, spawn, stop_server
+from tests.harness.hub import Hub, timed_spawn
 from tests.harness.images import site_store  # the demo's store: jupyter, deb
 
 TARGET = 1.1
-
-
-def timed_spawn(hub: Hub, options: dict) -> float:
-    start = time.perf_counter()
-    result = asyncio.run(spawn(hub, options))
-    elapsed = time.perf_counter() - start
-    if not result.get("ready"):
-        sys.exit(f"spawn failed: {result}")
-    asyncio.run(stop_server(hub))
-    return elapsed
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import secrets
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -154,6 +155,18 @@ async def spawn(hub: Hub, options: dict) -> dict:
                             result["ready"] = event.get("ready", False)
                             break
     return result
+
+
+def timed_spawn(hub: Hub, options: dict, what: str = "spawn") -> float:
+    """For the benchmarks: seconds from the spawn request to the server
+    ready, then stop it; a failed spawn exits, with the hub log's tail."""
+    start = time.perf_counter()
+    result = asyncio.run(spawn(hub, options))
+    elapsed = time.perf_counter() - start
+    if not result.get("ready"):
+        sys.exit(f"{what}: spawn failed: {result}\nhub log:\n{hub.log()[-3000:]}")
+    asyncio.run(stop_server(hub))
+    return elapsed
 
 
 async def stop_server(hub: Hub) -> None:
