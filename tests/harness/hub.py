@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from chspawner.images.trees import remove_tree
+from tests.harness import procs
 from tests.harness.env import VENV_BIN
 from tests.harness.kernel_client import KERNEL, execute, kernels_url, start_kernel, warm_up
 from tests.harness.net import free_port
@@ -115,12 +116,7 @@ class Hub:
             time.sleep(0.2)
 
     def _terminate(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        procs.stop(self.proc, timeout=30)
 
     def stop(self) -> None:
         try:
@@ -170,6 +166,7 @@ def timed_spawn(hub: Hub, options: dict, what: str = "spawn") -> float:
 
 
 async def stop_server(hub: Hub) -> None:
+    """Stop the user's server and wait until the hub lists none."""
     async with hub.session() as http:
         async with http.delete(f"{hub.url}/hub/api/users/{hub.user}/server") as r:
             assert r.status in (202, 204, 400), await r.text()
@@ -193,6 +190,7 @@ async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
 
 
 async def user_server(hub: Hub) -> dict:
+    """The user's default server as the hub's REST API shows it ({} if none)."""
     async with hub.session() as http:
         async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
             return (await r.json())["servers"].get("", {})
@@ -214,6 +212,9 @@ MANAGER_SCOPES = ["list:users", "servers"]
 
 
 def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
+    """Hub configuration (extra_config) for sessions that outlive their
+    server: chspawner-proxy as the hub's proxy and the session manager as a
+    hub service keeping its records in ``state_dir``."""
     return textwrap.dedent(f"""
         c.ConfigurableHTTPProxy.command = ["{VENV_BIN}/chspawner-proxy"]
         c.ConfigurableHTTPProxy.auth_token = "{proxy_token}"
@@ -226,7 +227,7 @@ def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
                         "--db-url=sqlite:///{state_dir}/sessions.sqlite",
                         "--proxy-api-url=" + c.ConfigurableHTTPProxy.api_url,
                         "--interval=0.5",
-                        # the kills in a row below count against this
+                        # a test's kills in a row count against this
                         "--max-recoveries=50"],
             "environment": {{"CONFIGPROXY_AUTH_TOKEN": "{proxy_token}"}},
         }})

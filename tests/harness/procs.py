@@ -2,6 +2,7 @@
 a PID that still answers a signal may be a zombie."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 
@@ -27,3 +28,16 @@ def live_processes(uid: int, cmdline: str) -> list[int]:
         except OSError:  # it exited while we looked
             continue
     return pids
+
+
+def stop(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, wait up to ``timeout`` s, then SIGKILL: the process is gone
+    (and reaped) after. A process already gone is left alone."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import pytest
 
+from tests.harness import procs
 from tests.harness.net import free_port
 from tests.harness.text import tail
 
@@ -514,14 +515,8 @@ class Registry:
                 f"at start; log: {_log_summary(self.log())}")
 
     def _kill(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            procs.stop(self.process, timeout=5)
 
     def stop(self) -> None:
         self._kill()

@@ -32,7 +32,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -43,7 +42,7 @@ from pathlib import Path
 import pytest
 
 # A module attribute, not a copy: tests replace it (a port taken on purpose).
-from tests.harness import net
+from tests.harness import net, procs
 from tests.harness.env import AS_USER
 from tests.harness.text import tail
 
@@ -163,14 +162,8 @@ class _Daemon:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, wait, SIGKILL: the daemon is gone (and reaped) after."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            procs.stop(self.process, timeout)
 
 
 def _read(path: Path) -> str:
