@@ -73,7 +73,8 @@ def test_job_environment(slurm: Slurm, user: pwd.struct_passwd):
                     "SLURM_CONF", user=user.pw_name).stdout
     job_id, nodelist, conf = out.split()
     assert re.fullmatch(r"\d+", job_id)
-    assert slurm.job_state(int(job_id)) == "COMPLETED"
+    # srun returns while the job may still be COMPLETING: wait for its end.
+    assert slurm.wait_job(int(job_id), "COMPLETED", timeout=10) == "COMPLETED"
     assert nodelist == slurm.node
     assert conf == str(slurm.conf)
 
