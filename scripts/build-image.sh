@@ -6,6 +6,54 @@
 #   CACHE_DIR defaults to ${CHSPAWNER_IMAGE_CACHE:-/var/cache/chspawner/images}.
 # Prints one line on stdout: "image NAME: built|cached at PATH"; recipe output
 # goes to stderr.  Editing a recipe changes its key, so it is rebuilt.
+# Sourced ("source build-image.sh"), it only defines debian_mirror, for recipes.
+
+# debian_mirror SUITE [APT_DIR]: the first URI of this machine's own apt
+# sources (APT_DIR, default /etc/apt: sources.list, then sources.list.d's
+# *.list and deb822 *.sources files in apt's order) that serves SUITE's "main"
+# component, for debootstrap. The repository names no mirror: the machine's
+# apt configuration is what works where the image is built (a local mirror,
+# a proxy, the only network reachable). One line on stderr if there is none.
+debian_mirror() {
+    local suite=${1:?usage: debian_mirror SUITE [APT_DIR]} apt=${2:-/etc/apt} file uri
+    for file in "$apt/sources.list" "$apt"/sources.list.d/*; do
+        [[ -f $file ]] || continue
+        case $file in
+            *.list) uri=$(awk -v suite="$suite" '
+                { sub(/#.*/, ""); gsub(/\[[^]]*\]/, " ") }   # comments, [options]
+                $1 == "deb" && $3 == suite && $2 ~ /^(https?|file):/ {
+                    for (i = 4; i <= NF; i++) if ($i == "main") { print $2; exit }
+                }' "$file") ;;
+            *.sources) uri=$(awk -v suite="$suite" '
+                function has(list, word,   n, w, i) {
+                    n = split(list, w, /[ \t]+/)
+                    for (i = 1; i <= n; i++) if (w[i] == word) return 1
+                    return 0
+                }
+                BEGIN { RS = ""; FS = "\n" }   # one stanza a record, one line a field
+                {
+                    split("", f); name = ""
+                    for (i = 1; i <= NF; i++) {
+                        if ($i ~ /^#/) continue
+                        if ($i ~ /^[ \t]/) { if (name != "") f[name] = f[name] " " $i; continue }
+                        if (!(p = index($i, ":"))) continue
+                        name = tolower(substr($i, 1, p - 1)); f[name] = substr($i, p + 1)
+                    }
+                    if (has(f["enabled"], "no") || !has(f["types"], "deb") ||
+                        !has(f["suites"], suite) || !has(f["components"], "main")) next
+                    n = split(f["uris"], u, /[ \t]+/)
+                    for (i = 1; i <= n; i++) if (u[i] ~ /^(https?|file):/) { print u[i]; exit }
+                }' "$file") ;;
+            *) continue ;;
+        esac
+        if [[ -n $uri ]]; then echo "$uri"; return 0; fi
+    done
+    echo "debian_mirror: no Debian \"$suite\" source with component main in $apt/sources.list" \
+         "or $apt/sources.list.d/ (debootstrap takes its mirror from there)" >&2
+    return 1
+}
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
+
 set -euo pipefail
 umask 022   # new CACHE_DIR (and parents) and image files: 0755 / world-readable
 die() { echo "build-image.sh: $*" >&2; exit 1; }

@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
 scripts/setup.sh busybox bookworm jupyter
+# The layer rules ([tool.importlinter] in pyproject.toml) first: a broken
+# contract fails in seconds. Run from the repository root, it reads this
+# checkout's sources.
+"$CHSPAWNER_VENV/bin/lint-imports" --no-cache
 # The venv's pytest, not "python -m pytest": tests must import the installed
 # package, not this checkout.
 "$CHSPAWNER_VENV/bin/pytest" "$@"

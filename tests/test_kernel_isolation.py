@@ -62,7 +62,7 @@ VICTIM = textwrap.dedent('''
     if info["transport"] == "ipc":
         where["ipc"] = [f"{info['ip']}-{p}" for p in ports]
     else:  # the kernel's own sockets on the node, behind its relay
-        relay_file = km.provisioner._staging / "relay.json"
+        relay_file = km.provisioner.staging / "relay.json"
         relay = json.loads(relay_file.read_text()) if relay_file.exists() else {}
         where["ipc"] = [f"{relay['kernel_ipc']}-{p}"
                         for p in relay.get("kernel_ports", {}).values()]

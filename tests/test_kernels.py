@@ -124,7 +124,7 @@ START = textwrap.dedent('''
 
 
 @pytest.mark.parametrize("case, words", [
-    ("no-image", ["no image gone"]),
+    ("no-image", ["image not found: gone"]),
     ("no-python", ["nopython", "python3", "not found"]),
     ("no-ipykernel", ["exited with status 1", "is ipykernel installed"]),
 ])
@@ -176,18 +176,20 @@ def test_kernel_install_writes_a_provisioned_kernelspec(user, user_dir, kernel_s
 # -------------------------------------------------- compute-node kernels ----
 
 def drive_node_kernel(user, user_dir, kernel_store, slurm, name: str, install: list[str],
-                      driver: str, timeout: float = 600, spec_config: dict | None = None):
+                      driver: str, timeout: float = 600, spec_config: dict | None = None,
+                      argv: list[str] | None = None):
     """Install kernelspec ``name`` with ``install`` options (plus
-    ``spec_config`` in its provisioner config), then run the Python
-    ``driver`` (its argv[1]: the kernelspec's name) as the test user
-    against the test cluster; its completed process."""
+    ``spec_config`` in its provisioner config, and ``argv`` instead of its
+    own), then run the Python ``driver`` (its argv[1]: the kernelspec's
+    name) as the test user against the test cluster; its completed process."""
     prefix = user_dir / "prefix"
     as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
             "--prefix", str(prefix), *install, "--name", name, "deb")
-    if spec_config:
+    if spec_config or argv:
         spec_file = prefix / "share/jupyter/kernels" / name / "kernel.json"
         spec = json.loads(spec_file.read_text())
-        spec["metadata"]["kernel_provisioner"]["config"].update(spec_config)
+        spec["metadata"]["kernel_provisioner"]["config"].update(spec_config or {})
+        spec["argv"] = argv or spec["argv"]
         spec_file.write_text(json.dumps(spec))
     script = user_dir / f"{name}_driver.py"
     script.write_text(driver)
@@ -299,6 +301,26 @@ def test_a_kernel_job_that_cannot_start_fails_and_leaves_no_job(
     else:
         assert last == ("failed: kernel in image deb did not bind its ports within 3 s "
                         "(provisioner config 'launch_timeout')"), last
+    assert not slurm.jobs(user.pw_name, "chspawner-kernel-")
+
+
+def test_a_kernel_job_that_ends_first_shows_its_log_from_the_log_dir(
+        user, user_dir, kernel_store, slurm):
+    """**fix**: the job's output goes to job_log_dir (the user's log
+    directory, from the spawner), and the start error shows its end."""
+    logs = user_dir / "logs"
+    result = drive_node_kernel(
+        user, user_dir, kernel_store, slurm, "dies",
+        ["--launcher", "sbatch", f"--sbatch-arg=--partition={slurm.partition}"], START_ONLY,
+        timeout=300, spec_config={"job_log_dir": str(logs)},
+        argv=["/usr/bin/python3", "-m", "no_such_kernel", "-f", "{connection_file}"])
+    last = result.stdout.strip().splitlines()[-1]
+    [log] = logs.glob("chspawner-kernel-*.log")
+    assert last.startswith("failed: the kernel's Slurm job "), last
+    assert "ended before the kernel was ready: " in last, last
+    assert "No module named no_such_kernel" in last, last
+    assert last.endswith(f"(its output: {log})"), last
+    assert "No module named no_such_kernel" in log.read_text()
     assert not slurm.jobs(user.pw_name, "chspawner-kernel-")
 
 

@@ -7,6 +7,7 @@ import html
 import json
 import pwd
 import re
+import secrets
 import subprocess
 import textwrap
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from chspawner.images.trees import remove_tree
 from tests.harness.env import REPO
 from tests.harness.hub import Hub, kernel_in_server, spawn, stop_server, user_server
 from tests.harness.wait import wait_until
@@ -139,6 +141,62 @@ def test_options_form_lists_the_admins_images():
         {"image": "deb", "mode": "server"}
 
 
+def test_options_form_escapes_the_admins_text():
+    """Rendered from a template, autoescaped: a description is text."""
+    from chspawner.spawners import ChSpawner
+    spawner = ChSpawner(images=[{"name": "deb", "description": '"><script>x()</script>'}])
+    text = spawner.render_options_form()
+    assert "<script>" not in text
+    assert "deb — &#34;&gt;&lt;script&gt;x()&lt;/script&gt;</option>" in text
+
+
+@pytest.mark.parametrize("images, words", [
+    ([{"name": "../etc"}], "ChSpawner.images[0]: invalid image name '../etc'"),
+    ([{"name": "deb"}, {"name": "x", "pul": "r/x:1"}], "ChSpawner.images[1]: unknown key"),
+    ([{"description": "no name"}], "ChSpawner.images[0] has no 'name'"),
+    ([{"name": 3}], "ChSpawner.images[0]: 'name' must be str, not int"),
+    ([{"name": "x", "description": None}], "'description' must be str, not NoneType"),
+    ([{"name": "x", "pull": ["r/x:1"]}], "'pull' must be str, not list"),
+    ([{"name": "x", "insecure": "yes"}], "'insecure' must be bool, not str"),
+    ([{"name": "x"}, {"name": "x"}], "ChSpawner.images[1]: image 'x' is listed twice"),
+])
+def test_the_admins_image_list_is_checked(images, words):
+    """A misspelt key or a bad name stops the hub's start with a message
+    (it was ignored: "pul" never pulled)."""
+    from traitlets import TraitError
+
+    from chspawner.spawners import ChSpawner
+    with pytest.raises(TraitError) as refused:
+        ChSpawner(images=images)
+    assert words in str(refused.value)
+    ChSpawner(images=[{"name": "x", "description": "d", "pull": "r/x:1", "insecure": True}])
+
+
+def test_get_command_is_the_native_server_or_the_container(tmp_path):
+    """One hook for the server's argv; ``cmd`` is never swapped."""
+    from types import SimpleNamespace
+
+    from chspawner.spawners import ChSpawner
+    spawner = ChSpawner(images=[{"name": "jupyter"}], cmd=["/venv/bin/jupyterhub-singleuser"],
+                        image_cmd=["jupyterhub-singleuser"])
+    spawner.user = SimpleNamespace(name="alice")
+    spawner.store_for = lambda image: SimpleNamespace(  # the one collaborator faked
+        root=tmp_path, require=lambda name: tmp_path / name)
+    spawner.image, spawner.mode = "jupyter", "kernels"
+    args = spawner.get_args()
+    assert spawner.get_command() == ["/venv/bin/jupyterhub-singleuser", *args]
+    assert "--ContainerKernelSpecManager.only_images=jupyter" in args
+    spawner.mode = "server"
+    argv = spawner.get_command()
+    image = argv.index(str(tmp_path / "jupyter"))
+    assert argv[image + 1:] == ["--", "jupyterhub-singleuser", *spawner.get_args()]
+    assert "--home" in argv[:image]
+    assert spawner.cmd == ["/venv/bin/jupyterhub-singleuser"]
+    # Nothing of one spawn's mode stays for the next (they grew the
+    # ``args`` trait: kernels mode's flags reached a later server mode).
+    assert spawner.args == [] and spawner.get_args() == spawner.get_args()
+
+
 # ------------------------------------------------------------ on Slurm ----
 
 def test_slurm_form_offers_resources_within_the_admins_bounds():
@@ -153,6 +211,72 @@ def test_slurm_form_offers_resources_within_the_admins_bounds():
                                       "cpus": ["2"], "gpus": ["1"]}) == \
         {"image": "deb", "partition": "gpu", "cpus": 2, "gpus": 1}
     assert 'name="gpus"' not in SlurmChSpawner(images=[{"name": "deb"}]).render_options_form()
+
+
+def test_slurm_job_argv_is_one_builders(user, tmp_path):
+    """The server's job: a small request when kernels have jobs of their
+    own (which get the user's request, through the provisioner's config,
+    with the same log directory), its output in the user's log directory,
+    the listening check beside the server."""
+    import shlex
+    from types import SimpleNamespace
+
+    from chspawner.slurm import Resources, sbatch_argv
+    from chspawner.spawners import SlurmChSpawner
+    spawner = SlurmChSpawner(images=[{"name": "deb"}], cmd=["/venv/bin/jupyterhub-singleuser"],
+                             partitions=["short"], max_cpus=4, port=8123,
+                             kernel_sbatch_args=["--account=lab"],
+                             job_log_dir="{home}/logs/{username}%")
+    spawner.user = SimpleNamespace(name=user.pw_name)
+    spawner.store_for = lambda image: SimpleNamespace(root=tmp_path)  # (faked)
+    spawner.image, spawner.mode = "deb", "kernels"
+    spawner.request = {"partition": "short", "cpus": 3, "mem_gb": 4, "hours": 2, "gpus": 0}
+    logs = f"{user.pw_dir}/logs/{user.pw_name}%"
+    config = {"launcher": "sbatch",
+              "sbatch_args": [*Resources(3, 4, 2, "short").sbatch_options(), "--account=lab"],
+              "job_log_dir": logs}
+    assert f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}" \
+        in spawner.get_args()
+    argv = spawner.job_argv()
+    watch = shlex.split(argv[-1].removeprefix("--wrap=").partition(" </dev/null")[0])
+    assert watch[1:] == ["-m", "chspawner.spawners.listening", "--port", "8123", "--report",
+                         str(spawner.report_path()), "--timeout", str(spawner.start_timeout)]
+    assert argv == sbatch_argv(
+        spawner.get_command(), job_name=f"jupyterhub-{user.pw_name}",
+        output=f"{logs}%/server-%j.log",  # (a literal % doubled for sbatch)
+        chdir=user.pw_dir, resources=Resources(cpus=1, mem_gb=2, hours=2, partition="short"),
+        background=watch)
+    spawner.job_id = "77"
+    assert spawner.job_log_path() == Path(logs, "server-77.log")
+
+
+def test_a_job_logs_tail_is_its_last_lines_bounded(tmp_path):
+    """What a failed job's log adds to the spawn error: 5 lines at most,
+    2000 bytes at most, no line cut in its middle; None without a log."""
+    from chspawner.spawners import joblog
+    log = tmp_path / "server-1.log"
+    log.write_text("".join(f"line {i}\n" for i in range(20)))
+    assert asyncio.run(joblog.tail(str(log), None)) == \
+        "line 15\nline 16\nline 17\nline 18\nline 19"
+    log.write_text("x" * 5000 + "\nlast words\n")
+    assert asyncio.run(joblog.tail(str(log), None)) == "last words"
+    log.write_text("y" * 5000)
+    assert asyncio.run(joblog.tail(str(log), None)) == "y" * 2000
+    assert asyncio.run(joblog.tail(str(tmp_path / "none.log"), None)) is None
+
+
+def test_the_job_log_directory_is_made_private_or_says_why_not(tmp_path):
+    from chspawner.spawners import joblog
+    logs = tmp_path / "state" / "chspawner" / "logs"
+    asyncio.run(joblog.make_dir(str(logs), None))
+    assert logs.is_dir() and logs.stat().st_mode & 0o777 == 0o700
+    asyncio.run(joblog.make_dir(str(logs), None))  # (there already: fine)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(joblog.JobLogError) as failed:
+        asyncio.run(joblog.make_dir(str(tmp_path / "file" / "logs"), None))
+    assert str(failed.value).startswith(
+        f"can't create the job log directory {tmp_path}/file/logs: ")
+    assert "\n" not in str(failed.value)
 
 
 @pytest.fixture(scope="module")
@@ -324,24 +448,44 @@ def test_slurm_controller_outage_never_drops_a_running_server(slurm_hub, slurm):
 
 @pytest.fixture(scope="module")
 def broken_slurm_hub(user, kernel_store, slurm):
-    """A hub whose server command fails at once on the node."""
+    """A hub whose server command fails at once on the node, saying why.
+    Its job logs go to a directory of this test's own in the user's home
+    (the default's place, a name of its own), which does not exist yet."""
+    state = Path(user.pw_dir, ".local/state", f"chspawner-test-{secrets.token_hex(4)}")
     extra = textwrap.dedent(f"""
         c.JupyterHub.spawner_class = "slurmchspawner"
         c.SlurmChSpawner.slurm_env = {slurm.env!r}
-        c.Spawner.cmd = ["/bin/sh", "-c", "echo broken >&2; exit 3"]
+        c.SlurmChSpawner.job_log_dir = "{{home}}/.local/state/{state.name}/logs"
+        c.Spawner.cmd = ["/bin/sh", "-c", "echo starting; echo broken: no such thing >&2; "
+                                          "exit 3"]
     """)
     hub = Hub(kernel_store, user.pw_name, extra_config=extra)
+    hub.logs = state / "logs"
     yield hub
     hub.stop()
+    remove_tree(state)
 
 
-def test_slurm_job_failing_before_the_server_answers_ends_the_spawn(broken_slurm_hub):
+def test_slurm_job_failing_before_the_server_answers_ends_the_spawn(broken_slurm_hub, user):
+    """At once, with the job's state and the end of its log: the job's
+    output is kept, in the user's log directory (made by the user, theirs
+    alone), one file per job."""
+    import stat
     start = time.monotonic()
     result = asyncio.run(spawn(broken_slurm_hub, {"image": "deb", "mode": "kernels"}))
     assert result.get("ready") is False, result
     assert time.monotonic() - start < 30  # not the hub's 120 s http_timeout
-    assert any("ended before the server answered" in e for e in result["events"]), \
-        result["events"]
+    job = next(e.split()[3] for e in result["events"] if e.startswith("submitted Slurm job"))
+    log = broken_slurm_hub.logs / f"server-{job}.log"
+    # (Its state: gone, or caught while Slurm tidies up after it.)
+    assert re.fullmatch(
+        rf"Spawn failed: Slurm job {job} ended before the server answered \([A-Za-z, ]+\); "
+        rf"the end of its log, {re.escape(str(log))}:\nstarting\nbroken: no such thing",
+        result["events"][-1]), result["events"]
+    info, logs = log.lstat(), broken_slurm_hub.logs.lstat()
+    assert stat.S_ISREG(info.st_mode) and info.st_uid == user.pw_uid
+    assert stat.S_ISDIR(logs.st_mode) and logs.st_uid == user.pw_uid
+    assert stat.S_IMODE(logs.st_mode) == 0o700
 
 
 async def spawn_until(hub: Hub, options: dict, word: str) -> list[str]:

@@ -56,14 +56,20 @@ def store_operations(store: Path | None, image: str, busybox: Path) -> dict[str,
 
 @pytest.fixture
 def default_store(user, other_user) -> Path:
-    """The test user's default store path, which must not exist yet; removed
-    after the test, whoever made it."""
+    """The test user's default store path, free for the test to plant in:
+    a store already there (the demo's, say) is moved aside and put back
+    after the test; whatever the test made there is removed."""
     path = Path(f"/var/tmp/{user.pw_name}.ch")
+    kept = None
     if os.path.lexists(path):
-        pytest.fail(f"{path} exists: the tests plant their own there; remove it")
+        kept = Path(tempfile.mkdtemp(prefix=f"{user.pw_name}.ch-kept-", dir="/var/tmp"))
+        os.rename(path, kept / "store")
     yield path
     if os.path.lexists(path):
         remove_tree(path)
+    if kept is not None:
+        os.rename(kept / "store", path)
+        kept.rmdir()
 
 
 @pytest.fixture

@@ -38,10 +38,11 @@ from tornado.websocket import WebSocketClosedError
 from zmq.eventloop.zmqstream import ZMQStream
 
 from chspawner.images.progress import format_size
-from chspawner.provisioner.transport import secure_client
 from chspawner.persist.keeper import signed_request
-from chspawner.persist.records import AckFile
 from chspawner.persist.missed_replies import REBUILT, timestamp
+from chspawner.persist.records import AckFile
+from chspawner.persist.upstream_jupyter_server import WebsocketConnectionHooks
+from chspawner.provisioner.transport import secure_client
 
 
 #: kernel id -> its open connections that follow its keeper
@@ -62,7 +63,7 @@ def forget_connections(kernel_id: str) -> weakref.WeakSet:
     return _following.pop(kernel_id, weakref.WeakSet())
 
 
-class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
+class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketConnection):
     """Stock kernel websocket connection, IOPub from the keeper."""
 
     _lost: dict | None = None
@@ -193,7 +194,7 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
         except WebSocketClosedError:
             pass  # gone again: the next connection rebuilds it from the replay
 
-    def _limit_rate(self, channel, msg, msg_list) -> bool:
+    def limit_rate(self, channel, msg, msg_list) -> bool:
         """Stock IOPub rate limits, but not for a replay: what piled up over
         a gap comes at once by nature, and dropping it would lose it for
         good (the keeper's buffer bounds it instead)."""
@@ -201,7 +202,7 @@ class ReplayingKernelConnection(ZMQChannelsWebsocketConnection):
             stream, seq = self._sending
             if seq <= stream.replay_until:
                 return False
-        return super()._limit_rate(channel, msg, msg_list)
+        return super().limit_rate(channel, msg, msg_list)
 
     @property
     def write_message(self):

@@ -6,7 +6,8 @@ Configure a Jupyter server with::
     c.ServerApp.kernel_websocket_connection_class = (
         "chspawner.persist.kernel_connection.ReplayingKernelConnection")
 
-Then every kernel whose provisioner can re-attach by PID (the chspawner
+Then every kernel whose provisioner can be taken over by a new server (one
+that is :class:`chspawner.provisioner.hooks.Adoptable`: the chspawner
 container provisioner) is
 
 - started in a session of its own with no parent-death watch, so it keeps
@@ -18,7 +19,10 @@ container provisioner) is
   for the websocket connection to replay.
 
 A kernel the provisioner runs as a Slurm job of its own (launcher
-``sbatch``) has its keeper inside that job, on the kernel's node, listening
+``sbatch``: the provisioner's ``in_job``) has its keeper inside that job,
+on the kernel's node (this kernel manager is a
+:class:`~chspawner.provisioner.hooks.KernelJobHost`: the provisioner runs
+the keeper's command before the kernel's), listening
 on TCP (:mod:`chspawner.persist.keeper`, ``--job``): kernel and keeper
 then outlive the server's own job. The record, the acknowledgement files
 and the connection file live under $HOME, which the nodes share. A
@@ -33,6 +37,10 @@ its kernels running; one stopped politely (SIGINT or SIGTERM, as the hub
 stops a server its user asked to stop) shuts them down, unless
 ``keep_kernels_on_shutdown``, or ``keep_kernels_on_sigterm`` and the
 signal was SIGTERM (under Slurm, the end of the server's job).
+
+What this needs of jupyter_server's and jupyter_client's private parts goes
+through :mod:`chspawner.persist.upstream_jupyter_server` and
+:mod:`chspawner.persist.upstream_jupyter_client`.
 """
 from __future__ import annotations
 
@@ -51,32 +59,35 @@ import zmq
 import zmq.asyncio
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
-from jupyter_server._tz import utcnow
 from jupyter_server.services.kernels.kernelmanager import (
     AsyncMappingKernelManager,
     ServerKernelManager,
 )
 from traitlets import Bool, Float, Integer, Unicode, default
 
-from chspawner.persist.kernel_connection import close_connections, forget_connections
-from chspawner.provisioner.transport import secure_client
+from chspawner.persist import upstream_jupyter_client as client_private
+from chspawner.persist import upstream_jupyter_server as server_private
 from chspawner.persist.keeper import signed_request
+from chspawner.persist.kernel_connection import close_connections, forget_connections
 from chspawner.persist.records import KernelRecords, state_dir_name
+from chspawner.provisioner.hooks import Adoptable, KernelJobHost
+from chspawner.provisioner.transport import secure_client
+from chspawner.slurm import JobState
 
 
 def can_reattach(provisioner: Any) -> bool:
     """Whether a new server could take this kernel over by its PID or job
     (the chspawner provisioner can; jupyter_client's LocalProvisioner can't)."""
-    from chspawner.provisioner import ContainerProvisioner
-    return isinstance(provisioner, ContainerProvisioner)
+    return isinstance(provisioner, Adoptable)
 
 
 def in_job(provisioner: Any) -> bool:
     """Whether the kernel runs in a Slurm job of its own (its keeper too)."""
-    return bool(getattr(provisioner, "sbatch", False))
+    return isinstance(provisioner, Adoptable) and provisioner.in_job
 
 
-class PersistentServerKernelManager(ServerKernelManager):
+class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJobHost,
+                                    ServerKernelManager):
     """One kernel: launched detached when it can be re-attached to, and
     reported to its :class:`PersistentKernelManager` on every (re)start."""
 
@@ -85,11 +96,11 @@ class PersistentServerKernelManager(ServerKernelManager):
     #: The kernel moved (a job kernel restarted): websockets must start afresh.
     moved = False
 
-    def kernel_job_wrapper(self, staging: Path) -> list[str]:
+    def kernel_job_command(self, staging: Path) -> list[str]:
         """For a kernel in a job of its own: the keeper, which starts it
         inside the job (see chspawner.persist.keeper, --job)."""
         parent = self.parent
-        if not hasattr(parent, "records"):
+        if not isinstance(parent, PersistentKernelManager):
             return []
         return [sys.executable, "-m", "chspawner.persist.keeper", "--job",
                 "--record", str(parent.records.path(self.kernel_id)),
@@ -99,9 +110,10 @@ class PersistentServerKernelManager(ServerKernelManager):
                 "--max-bytes", str(parent.buffer_bytes),
                 "--record-timeout", str(parent.keeper_record_timeout), "--"]
 
-    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
-        if not can_reattach(self.provisioner) or not hasattr(self.parent, "records"):
-            return await super()._async_launch_kernel(kernel_cmd, **kw)
+    async def launch_kernel_process(self, kernel_cmd: list[str], **kw: Any) -> None:
+        if not can_reattach(self.provisioner) or not isinstance(self.parent,
+                                                                PersistentKernelManager):
+            return await super().launch_kernel_process(kernel_cmd, **kw)
         # No JPY_PARENT_PID: ipykernel would exit with the server. The
         # kernel gets its own session either way (jupyter_client does that).
         kw["independent"] = True
@@ -111,15 +123,16 @@ class PersistentServerKernelManager(ServerKernelManager):
         records.ensure()
         with open(records.log_path(self.kernel_id, "kernel"), "ab") as log:
             kw["stdout"] = kw["stderr"] = log
-            return await super()._async_launch_kernel(kernel_cmd, **kw)
+            return await super().launch_kernel_process(kernel_cmd, **kw)
 
-    async def _async_post_start_kernel(self, **kw: Any) -> None:
-        await super()._async_post_start_kernel(**kw)
-        if hasattr(self.parent, "kernel_started"):
+    async def kernel_post_start(self, **kw: Any) -> None:
+        await super().kernel_post_start(**kw)
+        if isinstance(self.parent, PersistentKernelManager):
             await self.parent.kernel_started(self)
 
 
-class PersistentKernelManager(AsyncMappingKernelManager):
+class PersistentKernelManager(server_private.MappingKernelManagerHooks,
+                              AsyncMappingKernelManager):
     """A jupyter_server kernel manager whose kernels survive the server."""
 
     server_name = Unicode(
@@ -210,7 +223,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         they notice their parent gone, but ours are detached on purpose and
         would be left running. So SIGINT takes the orderly way SIGTERM
         takes (kernels shut down, or kept with keep_kernels_on_shutdown)."""
-        stop = getattr(self.parent, "_signal_stop", None)
+        stop = server_private.stop_handler(self.parent)
         if stop is not None and threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, stop)
@@ -219,16 +232,10 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         """Remember which signal stops the server (see shutdown_all): the
         server's own stop handler, which it installs for SIGTERM later,
         is wrapped in place."""
-        parent = self.parent
-        stop = getattr(parent, "_signal_stop", None)
-        if stop is None:
-            return
-
-        def signal_stop(sig, frame):
+        def note(sig: int) -> None:
             if self.stop_signal is None:  # the first says why (a later one may be a stop)
                 self.stop_signal = sig
-            stop(sig, frame)
-        parent._signal_stop = signal_stop
+        server_private.on_stop_signal(self.parent, note)
 
     def _run_on_server_loop(self, coro) -> Any:
         """Run ``coro`` to completion now, before the server serves: on the
@@ -253,7 +260,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         kernel_id = km.kernel_id
         provisioner_info = await km.provisioner.get_provisioner_info()
         if in_job(km.provisioner):
-            keeper = await self._job_keeper_address(km, Path(provisioner_info["staging"]))
+            keeper = await self._job_keeper_address(km, km.provisioner.staging)
         else:
             keeper = self.records.keeper_address(kernel_id)
         record = {
@@ -265,7 +272,7 @@ class PersistentKernelManager(AsyncMappingKernelManager):
                             "resource_dir": km.kernel_spec.resource_dir},
             "connection_info": km.get_connection_info(),
             "provisioner_info": provisioner_info,
-            "cwd": str(km._launch_args.get("cwd") or ""),
+            "cwd": client_private.launch_cwd(km),
             "keeper": keeper,
             "recorded": time.time(),
         }
@@ -333,14 +340,14 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         finally:
             control.close(linger=0)
 
-    def _get_changed_ports(self, kernel_id: str):
+    def changed_ports(self, kernel_id: str) -> list | None:
         """A kernel that moved counts as one whose ports changed: a session
         reconnecting gets fresh streams, not the ones it had buffered."""
         km = self.get_kernel(kernel_id)
-        if getattr(km, "moved", False):
+        if isinstance(km, PersistentServerKernelManager) and km.moved:
             km.moved = False
             return list(km.ports)
-        return super()._get_changed_ports(kernel_id)
+        return super().changed_ports(kernel_id)
 
     def remove_kernel(self, kernel_id: str):
         # Called once a kernel is gone for good from this server: shut down
@@ -380,8 +387,8 @@ class PersistentKernelManager(AsyncMappingKernelManager):
             kernel_spec_manager=self.kernel_spec_manager)
         km.kernel_id = kernel_id
         if record.get("kernel_spec"):
-            km._kernel_spec = km.kernel_spec_manager.kernel_spec_class(
-                **record["kernel_spec"])
+            client_private.set_kernel_spec(km, km.kernel_spec_manager.kernel_spec_class(
+                **record["kernel_spec"]))
         km.load_connection_info(record["connection_info"])
         provisioner_info = dict(record["provisioner_info"])
         km.provisioner = KernelProvisionerFactory.instance(parent=self).create_provisioner_instance(
@@ -390,21 +397,14 @@ class PersistentKernelManager(AsyncMappingKernelManager):
         if in_job(km.provisioner):
             # Asked plainly: a Slurm that can't answer (not reachable, or
             # not this host's) leaves the record for a server that can ask.
-            if await km.provisioner.job_state() not in ("RUNNING", "SUSPENDED"):
+            if await km.provisioner.job_state() is not JobState.RUNNING:
                 return False
         elif await km.provisioner.poll() is not None:
             return False
-        # What a restart needs: same working directory, ports kept.
-        km._launch_args = {"cwd": record.get("cwd") or None}
         km.write_connection_file()
-        ready = asyncio.get_running_loop().create_future()
-        ready.set_result(None)
-        km._ready = ready
-        # It was started (by an earlier server): later shutdowns and
-        # restarts then get fresh "ready" futures, as for any kernel.
-        km._attempted_start = True
-        km.start_restarter()
-        km._connect_control_socket()
+        # Started by an earlier server; a restart keeps its working
+        # directory (and its ports).
+        client_private.mark_started(km, record.get("cwd"))
         km.keeper_address = record.get("keeper") or self.records.keeper_address(kernel_id)
         km.acks_dir = str(self.records.acks_dir(kernel_id))
 
@@ -417,20 +417,18 @@ class PersistentKernelManager(AsyncMappingKernelManager):
             self.records.write(kernel_id, record)
             self._start_keeper(kernel_id)
             await self._wait_keeper_hears(km, 0)
-        self._kernels[kernel_id] = km
-        self._kernel_connections[kernel_id] = 0
+        client_private.add_kernel(self, kernel_id, km)
         km.execution_state = (info or {}).get("execution_state") or "idle"
         if km.execution_state in ("unknown", "starting"):
             km.execution_state = "idle"
         km.reason = ""
-        km.last_activity = utcnow()
+        km.last_activity = server_private.utcnow()
         # A kernel busy with a long cell answers nothing on shell until it is
         # done: the websocket's first kernel_info request would stall. Ask on
         # control instead (ipykernel answers there at once).
-        km._kernel_info_future = asyncio.ensure_future(self._control_kernel_info(km))
-        await self._finish_kernel_start(kernel_id)
-        if not self._initialized_culler:
-            self.initialize_culler()
+        server_private.adopt_kernel(self, kernel_id, km,
+                                    asyncio.ensure_future(self._control_kernel_info(km)))
+        await server_private.follow_kernel(self, kernel_id)
         return True
 
     async def _control_kernel_info(self, km: PersistentServerKernelManager) -> dict:
@@ -476,16 +474,11 @@ class PersistentKernelManager(AsyncMappingKernelManager):
     def _let_go(self, kernel_id: str) -> None:
         """Forget a kernel without stopping it."""
         self.stop_buffering(kernel_id)
-        km = self._kernels[kernel_id]
-        stream = getattr(km, "_activity_stream", None)
-        if stream is not None and not stream.closed():
-            stream.close(linger=0)
-        km._activity_stream = None
+        km = self.get_kernel(kernel_id)
+        server_private.let_go(self, km, kernel_id)
         km.stop_restarter()
-        km._close_control_socket()
-        del self._kernels[kernel_id]
-        self._kernel_connections.pop(kernel_id, None)
-        self._kernel_ports.pop(kernel_id, None)
+        client_private.close_control_socket(km)
+        client_private.drop_kernel(self, kernel_id)
 
 
 async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"",

@@ -17,6 +17,7 @@ from __future__ import annotations
 from jupyter_server.services.sessions.sessionmanager import SessionManager
 from traitlets import default
 
+from chspawner.persist.kernel_manager import PersistentKernelManager
 from chspawner.persist.records import KernelRecords
 
 
@@ -27,7 +28,7 @@ class PersistentSessionManager(SessionManager):
 
     @default("database_filepath")
     def _default_database_filepath(self) -> str:
-        state_dir = getattr(self.kernel_manager, "state_dir", "")
-        if not state_dir:
+        if not isinstance(self.kernel_manager, PersistentKernelManager) \
+                or not self.kernel_manager.state_dir:
             return ":memory:"
-        return str(KernelRecords(state_dir).ensure() / "sessions.sqlite")
+        return str(KernelRecords(self.kernel_manager.state_dir).ensure() / "sessions.sqlite")

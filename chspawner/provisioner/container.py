@@ -9,8 +9,7 @@ A kernelspec selects it with::
 
 and its ``argv`` then runs inside the image, started through the one
 RunSpec. The container runtime execs, so the process jupyter_client holds
-*is* the kernel: interrupts, restarts and shutdowns reach it directly, and
-LocalProvisioner's process handling serves unchanged.
+*is* the kernel: interrupts, restarts and shutdowns reach it directly.
 
 Transport: a kernel's sockets carry its code and output, so other users
 must not reach them (see :mod:`chspawner.provisioner.transport`). A kernel on
@@ -36,18 +35,26 @@ SIGINT for itself), and stopping the kernel also cancels its job.
 Launcher ``sbatch`` runs the kernel as a batch job of its own (options in
 ``sbatch_args``), as srun does but with no client process here: the kernel
 outlives the process that started it, and the job is what is followed
-(``squeue``), adopted by a new server, and cancelled. A kernel manager may
-run the kernel under a program of its own inside the job (its
-``kernel_job_wrapper(staging)``: session_proxy's keeper does that). A
-restart is a new job, maybe on another node.
+(``squeue``), adopted by a new server, and cancelled. Its output goes to
+``job_log_dir`` (the spawner gives the user's log directory), else beside
+the connection file. A kernel manager may run the kernel under a program
+of its own inside the job (one that is a
+:class:`~chspawner.provisioner.hooks.KernelJobHost`: chspawner.persist's
+keeper does that). A restart is a new job, maybe on another node.
+
+The settings are declared in :mod:`chspawner.provisioner.settings`; each
+mechanism (local process, srun step, batch job, adopted PID) is a class of
+:mod:`chspawner.provisioner.launchers`, to which the lifecycle methods
+below delegate.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import shlex
+import pwd
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -57,79 +64,108 @@ from typing import Any
 
 import zmq
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
-from chspawner.images.store import Store, StoreError, check_name
+from chspawner.provisioner.hooks import Adoptable, KernelJobHost
+from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, Launcher, LocalProcess,
+                                             SrunStep)
+from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, ipc_prefix
+from chspawner.runtime.launcher import Fail, find_image
 from chspawner.runtime.spec import RunSpec, to_argv
-from chspawner.slurm import (ACTIVE_STATES, SlurmError, job_environment, job_status,
-                             slurm_command)
+from chspawner.slurm import JobState, SlurmClient, SlurmError, job_environment
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
-#: Seconds between squeue calls while following a kernel's job.
-JOB_POLL_INTERVAL = 1.0
+#: Seconds between looks at the file a starting kernel writes its ports to.
+READ_BACK_INTERVAL = 0.02
 
 
 class KernelStartError(RuntimeError):
     """The kernel could not start; the message says why, in one line."""
 
 
-class ContainerProvisioner(LocalProvisioner):
+class ContainerProvisioner(LocalProvisioner, Adoptable):
     """Starts a kernelspec's argv inside a container image."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
+        self._settings: ProvisionerSettings | None = None
         self._staging: Path | None = None
         self._program = ""
         self._job_name: str | None = None
-        self.job_id: str | None = None  # launcher sbatch: the kernel's job
-        self._job_checked = (0.0, None)  # (when, what poll() said)
+        self.launcher: Launcher | None = None
+
+    # ----------------------------------------------------------- config --
 
     @property
-    def srun(self) -> bool:
-        return self._option("launcher", "local") == "srun"
-
-    @property
-    def sbatch(self) -> bool:
-        return self._option("launcher", "local") == "sbatch"
+    def settings(self) -> ProvisionerSettings:
+        """The kernelspec's provisioner config, checked (KernelStartError
+        for a value of the wrong type)."""
+        if self._settings is None:
+            config = (self.kernel_spec.metadata.get("kernel_provisioner") or {}).get("config")
+            try:
+                self._settings = ProvisionerSettings.from_config(config, self.log)
+            except SettingsError as e:
+                raise KernelStartError(str(e)) from None
+        return self._settings
 
     @property
     def on_node(self) -> bool:
         """Whether the kernel runs on a compute node (srun or sbatch)."""
-        return self.srun or self.sbatch
+        return self.settings.on_node
 
-    # ----------------------------------------------------------- config --
+    @property
+    def in_job(self) -> bool:
+        return self.settings.launcher == "sbatch"
 
-    def _option(self, name: str, default: Any = None) -> Any:
-        # Provisioner config comes from the kernelspec's metadata.
-        return (self.kernel_spec.metadata.get("kernel_provisioner", {})
-                .get("config", {}).get(name, default))
+    @property
+    def staging(self) -> Path | None:
+        return self._staging
 
     def image_path(self) -> str:
-        """The image as the runtime takes it: a store name or a directory,
-        checked now so a missing image fails at once, by name."""
-        image = self._option("image")
+        """The image's directory, checked now so a missing image fails at
+        once, by name: found as the runtime will find it (a directory, or a
+        name in the store, which must be trusted), by the same function."""
+        image = self.settings.image
         if not image:
             raise KernelStartError("kernelspec names no image (provisioner config 'image')")
-        if os.path.isabs(image):
-            if not os.path.isdir(image):
-                raise KernelStartError(f"image directory {image} does not exist")
-            return image
-        store = Store(self._option("storage"))
         try:
-            return str(store.require(check_name(image)))
-        except StoreError as e:
+            return find_image(image, self.settings.storage)
+        except Fail as e:
             raise KernelStartError(str(e)) from None
+
+    # ------------------------------------------- the launcher's process --
+    # What jupyter_client's LocalProvisioner keeps as attributes is the
+    # launcher's here.
+
+    @property
+    def process(self):
+        return self.launcher.process if self.launcher else None
+
+    @property
+    def pid(self) -> int | None:
+        return self.launcher.pid if self.launcher else None
+
+    @property
+    def pgid(self) -> int | None:
+        return self.launcher.pgid if self.launcher else None
+
+    @property
+    def job_id(self) -> str | None:
+        """The kernel's own Slurm job (launcher sbatch)."""
+        return self.launcher.job_id if self.launcher else None
 
     # ---------------------------------------------------------- launch ---
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        settings = self.settings  # first: a wrong setting fails at once
         km = self.parent
         restart = self._staging is not None and self._known_ports()
         if km is not None:
             km.cache_ports = False  # the kernel picks its ports (see above)
         if self.on_node:
             self.kernel_spec.interrupt_mode = "message"
-        image = self.image_path()  # first: a missing image fails at once
+        image = self.image_path()  # a missing image fails at once
         self._private_transport(km)
         kwargs = await super().pre_launch(**kwargs)
         connection_file = Path(km.connection_file)
@@ -142,19 +178,46 @@ class ContainerProvisioner(LocalProvisioner):
         self._check_command(image, cmd)
         self._program = cmd[0]
         spec = RunSpec(
-            image=image, command=cmd, binds=list(self._option("binds", [])),
-            env=dict(self._option("env", {})), image_env=_has_environment(image),
-            home=self._home(), cwd=self._container_cwd(kwargs.get("cwd")))
-        kwargs["cmd"] = to_argv(spec, self._option("backend", "builtin"))
+            image=image, command=cmd, binds=list(settings.binds), env=dict(settings.env),
+            image_env=_has_environment(image), home=self._home(),
+            cwd=self._container_cwd(kwargs.get("cwd")))
+        cmd = to_argv(spec, settings.backend)
         if self.on_node:
-            kwargs["cmd"] = [*self._relay_command(), *kwargs["cmd"]]
-        if self.srun:
-            kwargs["cmd"] = self._srun_command(kwargs["cmd"])
-        wrapper = getattr(km, "kernel_job_wrapper", None)
-        if self.sbatch and wrapper is not None:
-            kwargs["cmd"] = [*wrapper(self._staging), *kwargs["cmd"]]
+            cmd = [*self._relay_command(), *cmd]
+        self.launcher = self._new_launcher(km, kwargs)
+        kwargs["cmd"] = self.launcher.command(cmd)
         self.log.info("chspawner: kernel in image %s: %s", image, " ".join(kwargs["cmd"]))
         return kwargs
+
+    def _new_launcher(self, km: Any, kwargs: dict[str, Any]) -> Launcher:
+        """The mechanism the kernelspec's ``launcher`` names, for this start."""
+        settings = self.settings
+        if settings.launcher == "local":
+            return LocalProcess(self.log)
+        self._job_name = f"chspawner-kernel-{self._staging.name}"
+        client = SlurmClient(env=job_environment())
+        if settings.launcher == "srun":
+            return SrunStep(self.log, client, self._job_name, _username(),
+                            jobid=_jobid(settings), srun_args=settings.srun_args)
+        prefix = km.kernel_job_command(self._staging) if isinstance(km, KernelJobHost) else []
+        return BatchJob(self.log, client, job_name=self._job_name, output=self._job_log(),
+                        chdir=str(kwargs.get("cwd") or Path.home()),
+                        sbatch_args=settings.sbatch_args,
+                        env=job_environment(kwargs.get("env")), prefix=prefix)
+
+    def _job_log(self) -> Path:
+        """Where the kernel's batch job writes its output: the user's log
+        directory (``job_log_dir``), one file per job; else beside the
+        connection file, as the staging directory goes with the kernel."""
+        if not self.settings.job_log_dir:
+            return self._staging / "job.log"
+        directory = Path(self.settings.job_log_dir).expanduser()
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise KernelStartError(f"can't make the kernels' log directory {directory} "
+                                   f"(provisioner config 'job_log_dir'): {e.strerror}") from None
+        return directory / f"{self._job_name}-%j.log"
 
     def _private_transport(self, km: Any) -> None:
         """Make the staging directory, and choose the kernel's transport:
@@ -174,7 +237,7 @@ class ContainerProvisioner(LocalProvisioner):
             except TransportError as e:
                 raise KernelStartError(str(e)) from None
             return
-        if not hasattr(km, "curve_publickey"):
+        if not km.has_trait("curve_publickey"):
             raise KernelStartError("kernels on compute nodes need jupyter_client with "
                                    "CurveZMQ support (curve_publickey): upgrade it")
         km.transport = "tcp"
@@ -196,13 +259,13 @@ class ContainerProvisioner(LocalProvisioner):
         installation (which the nodes share, as they share $HOME)."""
         return [sys.executable, "-m", "chspawner.provisioner.transport", "--connection-file",
                 str(self._staging / "kernel.json"), "--timeout",
-                str(float(self._option("launch_timeout", 600))), "--"]
+                str(float(self.settings.timeout())), "--"]
 
     def _known_ports(self) -> bool:
         return all(self.connection_info.get(p) for p in PORTS)
 
     def _home(self) -> bool:
-        return self.on_node or bool(self._option("home", False))
+        return self.on_node or self.settings.home
 
     def _stage(self, connection_file: Path, keep_ports: bool) -> Path:
         """Copy the connection file into the staging directory, ports 0
@@ -215,8 +278,8 @@ class ContainerProvisioner(LocalProvisioner):
         for port in PORTS:
             info[port] = self.connection_info.get(port, 0) if keep_ports else 0
         if self.on_node:
-            # What the last run's job wrote (its relay; its keeper, if
-            # kernel_job_wrapper runs one) must not pass for the new one's.
+            # What the last run's job wrote (its relay; a KernelJobHost's
+            # program, the keeper) must not pass for the new one's.
             for name in ("relay.json", "keeper"):
                 (self._staging / name).unlink(missing_ok=True)
         else:
@@ -227,20 +290,11 @@ class ContainerProvisioner(LocalProvisioner):
             json.dump(info, f, indent=1)
         return inside / self._staging.relative_to(base) / "kernel.json"
 
-    def _srun_command(self, argv: list[str]) -> list[str]:
-        """srun, one task on one node, in a job named after this kernel (so
-        it can be cancelled by name), or as a step of an existing job."""
-        self._job_name = f"chspawner-kernel-{self._staging.name}"
-        jobid = self._option("jobid")
-        where = [f"--jobid={jobid}"] if jobid else [f"--job-name={self._job_name}"]
-        return ["srun", *where, "--nodes=1", "--ntasks=1", "--kill-on-bad-exit=1",
-                *[str(a) for a in self._option("srun_args", [])], *argv]
-
     def _check_command(self, image: str, cmd: list[str]) -> None:
         """A kernel whose program isn't in the image fails now, clearly."""
         program = cmd[0]
         if program.startswith("/") and not os.path.lexists(os.path.join(image, program[1:])):
-            raise KernelStartError(f"image {self._option('image')} has no {program} "
+            raise KernelStartError(f"image {self.settings.image} has no {program} "
                                    "(the kernelspec's argv[0])")
 
     def _container_cwd(self, cwd: str | None) -> str | None:
@@ -253,38 +307,20 @@ class ContainerProvisioner(LocalProvisioner):
                 return os.path.normpath(f"/home/{_username()}/{rel}")
         return None
 
-    def _sbatch_command(self, cmd: list[str], cwd: str | None) -> list[str]:
-        """sbatch for a job running ``cmd``, named after this kernel, its
-        output beside the connection file."""
-        self._job_name = f"chspawner-kernel-{self._staging.name}"
-        return ["sbatch", "--parsable", f"--job-name={self._job_name}", "--nodes=1",
-                "--ntasks=1", "--export=ALL", f"--output={self._staging / 'job.log'}",
-                f"--chdir={cwd or Path.home()}",
-                *[str(a) for a in self._option("sbatch_args", [])],
-                # The command travels as the wrap's arguments, quoted once, here.
-                "--wrap=exec " + shlex.join(cmd)]
-
-    async def _submit(self, cmd: list[str], **kwargs: Any) -> None:
-        try:
-            out = await slurm_command(*self._sbatch_command(cmd, kwargs.get("cwd")),
-                                      env=job_environment(kwargs.get("env")))
-        except SlurmError as e:
-            raise KernelStartError(f"can't submit the kernel's job: {e}") from None
-        self.job_id = out.strip().split(";")[0]
-        self._job_checked = (0.0, None)
-        self.pid = self.pgid = None
-        self.log.info("chspawner: kernel %s is Slurm job %s", self.kernel_id, self.job_id)
-
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
-        if self.sbatch:
-            await self._submit(cmd, **kwargs)
-        else:
-            await super().launch_kernel(cmd, **kwargs)
+        launcher = self.launcher
+        try:
+            await launcher.start(cmd, **kwargs)
+        except SlurmError as e:  # (sbatch's: the other launchers run no Slurm command)
+            raise KernelStartError(f"can't submit the kernel's job: {e}") from None
+        self.cwd = kwargs.get("cwd", Path.cwd())
+        if launcher.job_id:
+            self.log.info("chspawner: kernel %s is Slurm job %s", self.kernel_id,
+                          launcher.job_id)
         try:
             info = await self._read_back_ports()
         except BaseException:
-            if self.job_id:  # still queued, say: nobody would ever use it
-                await self._cancel_job()
+            await launcher.cancel()  # a job still queued, say: nobody would ever use it
             raise
         self.connection_info.update({p: int(info[p]) for p in PORTS})
         if self.on_node:
@@ -303,7 +339,7 @@ class ContainerProvisioner(LocalProvisioner):
         # On a node, the relay says where the kernel is, once it is.
         staged = self._staging / ("relay.json" if self.on_node else "kernel.json")
         # A kernel on a node may first wait in the queue.
-        timeout = float(self._option("launch_timeout", 600 if self.on_node else 60))
+        timeout = self.settings.timeout()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -314,30 +350,18 @@ class ContainerProvisioner(LocalProvisioner):
                     return info
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # being rewritten: read again
-            if self.job_id:
-                if await self.poll() is not None:
-                    raise KernelStartError(self._job_end_reason())
-            else:
-                status = self.process.poll() if self.process else None
-                if status is not None:
-                    raise KernelStartError(self._exit_reason(status))
+            status = await self.launcher.poll()
+            if status is not None:
+                raise KernelStartError(self.launcher.failure(status)
+                                       or self._exit_reason(status))
             if time.monotonic() > deadline:
-                raise KernelStartError(f"kernel in image {self._option('image')} did not "
+                raise KernelStartError(f"kernel in image {self.settings.image} did not "
                                        f"bind its ports within {timeout:.0f} s "
                                        "(provisioner config 'launch_timeout')")
-            await asyncio.sleep(0.02)
-
-    def _job_end_reason(self) -> str:
-        log = self._staging / "job.log"
-        try:
-            last = log.read_text(errors="replace").strip().splitlines()[-1:]
-        except OSError:
-            last = []
-        return (f"the kernel's Slurm job {self.job_id} ended before the kernel was "
-                f"ready{': ' + last[0] if last else ''} (its output: {log})")
+            await asyncio.sleep(READ_BACK_INTERVAL)  # nothing signals the write
 
     def _exit_reason(self, status: int) -> str:
-        image = self._option("image")
+        image = self.settings.image
         if status == 31:
             return f"can't set up a container for image {image} (see the server log)"
         if status == 49:
@@ -346,29 +370,38 @@ class ContainerProvisioner(LocalProvisioner):
         return (f"kernel in image {image} exited with status {status} before it was "
                 "ready; is ipykernel installed in the image?")
 
-    # --------------------------------------------------------- cleanup ---
+    # ----------------------------------------------------- lifecycle ---
+    # The launcher runs and follows the kernel; a provisioner restored with
+    # load_provisioner_info() (by a new server process) follows it by PID,
+    # or by its job.
+
+    @property
+    def has_process(self) -> bool:
+        return self.launcher is not None and self.launcher.has_process
+
+    async def poll(self) -> int | None:
+        return await self.launcher.poll() if self.launcher else 0
+
+    async def wait(self) -> int | None:
+        return await self.launcher.wait() if self.launcher else 0
+
+    async def send_signal(self, signum: int) -> None:
+        if self.launcher:
+            await self.launcher.signal(signum)
 
     async def kill(self, restart: bool = False) -> None:
-        await super().kill(restart)
-        await self._cancel_job()
+        if self.launcher:
+            await self.launcher.stop(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
-        await super().terminate(restart)
-        await self._cancel_job()
+        if self.launcher:
+            await self.launcher.stop(signal.SIGTERM)
 
-    async def _cancel_job(self) -> None:
-        """Killing srun alone may leave its job step running on the node;
-        a batch job has no process here at all."""
-        if self.job_id:
-            try:
-                await slurm_command("scancel", self.job_id, env=job_environment())
-            except SlurmError as e:
-                self.log.warning("chspawner: can't cancel kernel job %s: %s", self.job_id, e)
-        elif self._job_name and not self._option("jobid"):
-            process = await asyncio.create_subprocess_exec(
-                "scancel", f"--name={self._job_name}", f"--user={_username()}",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-            await process.wait()
+    async def job_state(self) -> JobState:
+        """The kernel job's state now; SlurmError when Slurm can't say."""
+        if not isinstance(self.launcher, BatchJob) or not self.launcher.job_id:
+            return JobState.GONE
+        return await self.launcher.job_state()
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)
@@ -377,80 +410,11 @@ class ContainerProvisioner(LocalProvisioner):
             self._staging = None
 
     # ------------------------------------------------------- re-attach ---
-    # A provisioner restored with load_provisioner_info() (by a new server
-    # process) has the kernel's PID but no Popen object: it follows the
-    # process by PID instead. A kernel in a job of its own (sbatch) is
-    # followed by its job's state, whichever process started it.
-
-    @property
-    def has_process(self) -> bool:
-        return self.process is not None or self._adopted() or self.job_id is not None
-
-    def _adopted(self) -> bool:
-        return self.process is None and self.pid is not None
-
-    async def poll(self) -> int | None:
-        if self.job_id:
-            return await self._poll_job()
-        if self._adopted():
-            return None if _running(self.pid) else 0
-        return await super().poll()
-
-    async def job_state(self) -> str:
-        """The kernel job's state now ('' once Slurm forgot it); SlurmError
-        when Slurm can't say."""
-        return (await job_status(self.job_id, run=_slurm_as_us))[0]
-
-    async def _poll_job(self) -> int | None:
-        """None while the kernel's job runs (or can't be asked about: the
-        controller being down says nothing about the kernel), else 0. At
-        most one squeue per JOB_POLL_INTERVAL: jupyter_client polls often."""
-        checked_at, answer = self._job_checked
-        if time.monotonic() - checked_at < JOB_POLL_INTERVAL:
-            return answer
-        try:
-            state = await self.job_state()
-        except SlurmError as e:
-            self.log.warning("chspawner: can't ask Slurm about kernel job %s: %s",
-                             self.job_id, e)
-            return None
-        # COMPLETING: the kernel is gone, Slurm is tidying up after it.
-        answer = None if state in ACTIVE_STATES - {"COMPLETING"} else 0
-        self._job_checked = (time.monotonic(), answer)
-        return answer
-
-    async def wait(self) -> int | None:
-        if self.job_id:
-            while await self.poll() is None:
-                await asyncio.sleep(JOB_POLL_INTERVAL)
-            self.job_id = None
-            return 0
-        if self._adopted():
-            while await self.poll() is None:
-                await asyncio.sleep(0.1)
-            self.pid = None
-            return 0
-        return await super().wait()
-
-    async def send_signal(self, signum: int) -> None:
-        if self.job_id:
-            if signum:  # (0 asks whether it runs: poll() answers that)
-                try:
-                    await slurm_command("scancel", f"--signal={signum}", self.job_id,
-                                        env=job_environment())
-                except SlurmError as e:
-                    self.log.warning("chspawner: can't signal kernel job %s: %s",
-                                     self.job_id, e)
-            return
-        if self._adopted():
-            os.killpg(self.pgid or self.pid, signum)
-            return
-        await super().send_signal(signum)
 
     async def get_provisioner_info(self) -> dict:
         info = await super().get_provisioner_info()
         info["staging"] = str(self._staging) if self._staging else None
-        info["image"] = self._option("image")
+        info["image"] = self.settings.image
         info["job_name"] = self._job_name
         info["job_id"] = self.job_id
         # JSON, so a session manager can store it: the key is bytes here.
@@ -462,31 +426,34 @@ class ContainerProvisioner(LocalProvisioner):
         connection = dict(provisioner_info.get("connection_info") or {})
         if isinstance(connection.get("key"), str):
             connection["key"] = connection["key"].encode()
-        provisioner_info = {**provisioner_info, "connection_info": connection}
-        await super().load_provisioner_info(provisioner_info)
+        # The base's, not LocalProvisioner's: pid and pgid are the launcher's here.
+        await KernelProvisionerBase.load_provisioner_info(
+            self, {**provisioner_info, "connection_info": connection})
+        self.ip = provisioner_info.get("ip")
         staging = provisioner_info.get("staging")
         self._staging = Path(staging) if staging else None
         self._job_name = provisioner_info.get("job_name")
-        self.job_id = provisioner_info.get("job_id")
+        self.launcher = self._adopted_launcher(provisioner_info)
+
+    def _adopted_launcher(self, info: dict) -> Launcher | None:
+        """What follows a kernel another process started: its job, or its PID."""
+        if info.get("job_id"):
+            return BatchJob(self.log, SlurmClient(env=job_environment()),
+                            job_id=str(info["job_id"]))
+        if info.get("pid") is None:
+            return None
+        srun = None
+        if self.settings.launcher == "srun" and self._job_name:
+            srun = SrunStep(self.log, SlurmClient(env=job_environment()), self._job_name,
+                            _username(), jobid=_jobid(self.settings))
+        return AdoptedProcess(self.log, int(info["pid"]), info.get("pgid"), srun=srun)
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs: a zombie (dead, not yet reaped by a parent that
-    isn't us) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-async def _slurm_as_us(*argv: str) -> str:
-    return await slurm_command(*argv, env=job_environment())
+def _jobid(settings: ProvisionerSettings) -> str | None:
+    return str(settings.jobid) if settings.jobid not in (None, "") else None
 
 
 def _username() -> str:
-    import pwd
     return pwd.getpwuid(os.getuid()).pw_name
 
 

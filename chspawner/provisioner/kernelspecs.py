@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib import resources
 from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
@@ -54,7 +55,8 @@ class ContainerKernelSpecManager(KernelSpecManager):
         Unicode(), help="Offer only these images' kernels (default: every image).",
     ).tag(config=True)
     provisioner_config = Dict(
-        help="Provisioner settings for every image kernel (binds, env, home, backend).",
+        help="Provisioner settings for every image kernel (binds, env, home, backend, "
+             "launcher, job_log_dir...: see chspawner.provisioner.settings).",
     ).tag(config=True)
     display_name_template = Unicode(
         "{display_name} — image {image}",
@@ -142,11 +144,19 @@ def install_kernelspec(image: str, kernel: dict, name: str, display_name: str,
     return target
 
 
+def kernel_template(name: str) -> dict:
+    """A kernelspec template (``kernel.json``) of the repository's kernels/
+    folder, which the wheel ships as ``chspawner/kernels``."""
+    templates = resources.files("chspawner") / "kernels"
+    if not templates.is_dir():  # a source checkout or an editable install
+        templates = Path(__file__).resolve().parents[2] / "kernels"
+    return json.loads((templates / name / "kernel.json").read_text())
+
+
 def default_kernel() -> dict:
     """An ipykernel kernelspec, for images that don't carry one."""
-    return {"argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3", "language": "python", "metadata": {}}
+    return kernel_template("ipykernel")
 
 
 __all__ = ["ContainerKernelSpecManager", "install_kernelspec", "spec_name",
-           "default_kernel"]
+           "default_kernel", "kernel_template"]

@@ -1,4 +1,6 @@
-"""JupyterHub spawners that put users' servers and kernels in images.
+"""``ChSpawner``: a user's server, or its kernels, in an image, on the hub's
+host (``SlurmChSpawner``, in chspawner.spawners.slurm, runs it as a Slurm
+job).
 
 ``ChSpawner`` is JupyterHub's LocalProcessSpawner (the hub, as root, starts
 the server as the user's own account) with a choice of image and mode:
@@ -13,32 +15,36 @@ The admin lists the images users may pick (``images``, in the site store
 ``site_storage``) and may allow users' own stored images. User options come
 from the form or the REST API and are validated before anything changes:
 a bad one is a 400 with a message that says what is wrong.
+
+``start()`` is a recipe of named steps, each a method that
+SlurmChSpawner overrides where a job differs from a local process:
+``reattach`` (a server still starting from before a hub restart),
+``ensure_image`` (pull the admin's image on its first use), ``pick_port``,
+``launch`` (run ``get_command()``: the native server, or the container
+running it) and ``wait_ready`` (until the user's own process answers).
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import html
 import json
 import os
 import pwd
-import secrets
 import shlex
 import socket
 import sys
-from pathlib import Path
+from subprocess import Popen
 
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
 from tornado import web
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
+from traitlets import Bool, Dict, List, Unicode, default, validate
 
 from chspawner.images import ImageError
 from chspawner.images.store import Store, StoreError, check_name
-from chspawner.spawners.listening import MINE, NONCE_ENV, TAKEN, listener_uids, port_owner, read_report
 from chspawner.runtime.spec import RunSpec, to_argv
-from chspawner.slurm import ACTIVE_STATES, SlurmError, job_status, slurm_command
+from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
+from chspawner.spawners.options import check_images, json_type, render_form
 
 MODES = ("kernels", "server")
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
@@ -56,7 +62,8 @@ class ChSpawner(LocalProcessSpawner):
         its first spawn, on the hub's host, as the site store's owner (never
         as root), with its progress on the spawn page; later spawns, by any
         user, use it from the store. "insecure": true allows a registry
-        without TLS.""",
+        without TLS. Checked when the hub starts: an unknown key or a bad
+        name stops it with a message that says which entry.""",
     ).tag(config=True)
     chspawner_cmd = List(
         Unicode(), [sys.executable, "-m", "chspawner.cli"],
@@ -106,6 +113,10 @@ class ChSpawner(LocalProcessSpawner):
     image = Unicode("", help="The image of the running or starting server (state).")
     mode = Unicode("", help="kernels or server (state).")
 
+    @validate("images")
+    def _check_images(self, proposal) -> list[dict]:
+        return check_images(proposal["value"], f"{type(self).__name__}.images")
+
     @default("apply_user_options")
     def _default_apply_user_options(self):
         return lambda spawner, options: spawner.validate_user_options(options)
@@ -114,7 +125,7 @@ class ChSpawner(LocalProcessSpawner):
 
     def offered_images(self) -> dict[str, str]:
         """{name: description} a user may choose from."""
-        offered = {i["name"]: i.get("description", "") for i in self.images if "name" in i}
+        offered = {i["name"]: i.get("description", "") for i in self.images}
         if self.allow_user_images:
             try:
                 images = self.user_store().images()
@@ -225,27 +236,32 @@ class ChSpawner(LocalProcessSpawner):
         return self.render_options_form
 
     def render_options_form(self, spawner=None) -> str:
-        choices = "".join(
-            f'<option value="{html.escape(name)}">{html.escape(name)}'
-            f'{" — " + html.escape(text) if text else ""}</option>'
-            for name, text in self.offered_images().items())
-        modes = "".join(
-            f'<label><input type="radio" name="mode" value="{m}"'
-            f'{" checked" if i == 0 else ""}> {m}</label> '
-            for i, m in enumerate(self.modes))
-        return (f'<label for="image">Image</label>'
-                f'<select class="form-control" name="image" id="image">{choices}</select>'
-                f'<p>Run: {modes}</p>')
+        """The spawn form (templates/options_form.html)."""
+        return render_form(self.options_form_context())
+
+    def options_form_context(self) -> dict:
+        """What the form offers (see chspawner.spawners.options.render_form)."""
+        return {"images": list(self.offered_images().items()), "modes": list(self.modes),
+                "partitions": [], "numbers": []}
 
     def options_from_form(self, formdata: dict) -> dict:
         return {key: formdata[key][0] for key in ("image", "mode") if formdata.get(key)}
 
     # ------------------------------------------------------------ launch --
 
+    def get_command(self) -> list[str]:
+        """The server's argv: the native server (``cmd`` and its arguments)
+        in kernels mode; in server mode, the container that runs the
+        image's server with those arguments."""
+        if self.mode == "server":
+            return self.container_argv()
+        return [*self.cmd, *self.get_args()]
+
     def get_args(self) -> list[str]:
-        if getattr(self, "_args_in_cmd", False):
-            return []
-        args = super().get_args()
+        """The single-user server's arguments (in both modes)."""
+        # A copy: JupyterHub's get_args() returns the ``args`` trait itself,
+        # which += would grow by these at every spawn of this spawner.
+        args = list(super().get_args())
         # The server's own kernels on Unix sockets in its private runtime
         # directory, not on TCP ports other users could read (both modes).
         args += ["--KernelManager.transport=ipc"]
@@ -266,26 +282,44 @@ class ChSpawner(LocalProcessSpawner):
                          "chspawner.persist.notebook_sessions.PersistentSessionManager"]
         return args
 
-    async def start(self):
+    async def start(self) -> tuple[str, int]:
+        """The spawn: the same steps for every spawner of chspawner; a
+        subclass overrides a step, not the recipe."""
         self._events = asyncio.Queue()
-        await self.ensure_image()
+        if not await self.reattach():
+            await self.ensure_image()
+            self.pick_port()
+            await self.launch()
+        return await self.wait_ready()
+
+    async def reattach(self) -> bool:
+        """Take over this server's launch from before a hub restart, if it
+        is still under way: True if so (no new launch then). A local
+        process is either running (the hub's poll finds it) or gone."""
+        return False
+
+    async def launch(self) -> None:
+        """Start the server (``get_command()``) as the user, on this host."""
         self._emit(20, f"starting the {self.mode} mode with image {self.image}")
-        self.pick_port()
-        if self.mode != "server":
-            ip, port = await super().start()
-            self._emit(40, f"server started on {socket.gethostname()}; "
-                           f"kernels run in image {self.image}")
-        else:
-            saved, self.cmd, self._args_in_cmd = self.cmd, self.container_argv(), True
-            try:
-                ip, port = await super().start()
-            finally:
-                self.cmd, self._args_in_cmd = saved, False
-            self._emit(40, f"container started on {socket.gethostname()}, "
-                           f"image {self.image}")
-        await self._wait_listening(port)
+        argv = self.get_command()
+        if self.shell_cmd:  # (JupyterHub's setting: the command as one argument)
+            argv = [*self.shell_cmd, shlex.join(argv)]
+        self.log.info("Spawning %s", shlex.join(argv))
+        self.proc = Popen(argv, **{"preexec_fn": self.make_preexec_fn(self.user.name),
+                                   "start_new_session": True,  # the hub's signals aren't its
+                                   **self.popen_kwargs, "env": self.get_env()})
+        self.pid = self.proc.pid
+        host = socket.gethostname()
+        self._emit(40, f"container started on {host}, image {self.image}"
+                   if self.mode == "server" else
+                   f"server started on {host}; kernels run in image {self.image}")
+
+    async def wait_ready(self) -> tuple[str, int]:
+        """Return (ip, port) once the server answers there (see
+        _wait_listening)."""
+        await self._wait_listening(self.port)
         self._emit(60, "server responding")
-        return ip, port
+        return self.ip or "127.0.0.1", self.port
 
     def pick_port(self) -> None:
         """A new random port for each spawn, unless the admin set one: a
@@ -431,426 +465,9 @@ class ChSpawner(LocalProcessSpawner):
         self.image = self.mode = ""
 
 
-class SlurmChSpawner(ChSpawner):
-    """The user's server as a Slurm job on a compute node, in an image or
-    with its kernels in one (the same modes as ChSpawner).
-
-    The hub chooses the server's port itself and passes it on the command
-    line, so nothing reports back from the node: there is no report handler
-    for a user's token to abuse. The job id is saved in the hub's database
-    the moment sbatch answers, so a hub restarted during the queue wait
-    knows the job: it is stopped (cancelled) rather than orphaned, or taken
-    over by the next spawn request while still queued. User options for Slurm
-    (partition, time, CPUs, memory) are checked against the admin's bounds
-    and reach sbatch as separate arguments, never through a shell or the
-    batch script's text.
-    """
-
-    partitions = List(Unicode(), help="Partitions users may choose (the first is the "
-                      "default; empty: Slurm's default).").tag(config=True)
-    max_cpus = Integer(8, help="Most CPUs a user may ask for.").tag(config=True)
-    max_mem_gb = Integer(32, help="Most memory (GB) a user may ask for.").tag(config=True)
-    max_hours = Integer(12, help="Longest time limit (hours) a user may ask for.").tag(
-        config=True)
-    max_gpus = Integer(0, help="Most GPUs a user may ask for (0: the form offers "
-                       "none; asked for with sbatch --gpus).").tag(config=True)
-    slurm_env = Dict(Unicode(), help="Extra environment for Slurm commands "
-                     "(e.g. SLURM_CONF).").tag(config=True)
-    # (Not "poll_interval": that is JupyterHub's, for polling running servers.)
-    queue_poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
-                          "is queued.").tag(config=True)
-
-    kernel_jobs = Bool(
-        True, help="Kernels mode with persistent_kernels: each kernel runs as a Slurm "
-                   "job of its own (with the user's request), so that it outlives the "
-                   "server's job: a server whose job is cancelled, times out or loses "
-                   "its node is started again and takes its kernels over. False: "
-                   "kernels run inside the server's job and end with it.",
-    ).tag(config=True)
-    kernel_sbatch_args = List(
-        Unicode(), help="More sbatch options for each kernel's job (kernel_jobs), "
-                        "e.g. --account=...; they come after the user's request.",
-    ).tag(config=True)
-    stop_timeout = Float(
-        10.0, help="Seconds a server asked to stop (SIGINT, as the hub asks a local "
-                   "one) gets to shut its kernels down before its job is cancelled.",
-    ).tag(config=True)
-
-    report_dir = Unicode(
-        "{home}/.local/share/chspawner/servers",
-        help="Where a server's job reports, on its node, that the user's own "
-             "process listens on the server's port ({home}: the user's home, shared "
-             "with the nodes; only the user may write there, and the hub must be able "
-             "to read it). The hub routes to the server only after that report.",
-    ).tag(config=True)
-
-    job_id = Unicode("", help="The server's Slurm job (state).")
-    spawn_nonce = Unicode("", help="This spawn's random token, which its job's "
-                                   "listening report must carry (state).")
-    node = Unicode("", help="Where it runs (state).")
-    request = Dict(help="The validated Slurm request of this spawn.")
-
-    RESOURCES = ("partition", "cpus", "mem_gb", "hours", "gpus")
-
-    @default("ip")
-    def _default_ip(self):
-        return "0.0.0.0"  # the hub connects to the node
-
-    OPTION_TYPES = {**ChSpawner.OPTION_TYPES, "partition": str, "cpus": int,
-                    "mem_gb": int, "hours": int, "gpus": int}
-
-    def validate_user_options(self, options: dict) -> None:
-        self.check_option_types(options)
-        slurm = {k: options[k] for k in self.RESOURCES if k in options}
-        request = self.default_request()
-        for key, value in slurm.items():
-            if key == "partition":
-                if value not in self.partitions:
-                    raise web.HTTPError(400, f"partition {value!r} is not offered "
-                                             f"(offered: {', '.join(self.partitions)})")
-            else:
-                low, high = self.bounds()[key]
-                if not low <= value <= high:
-                    raise web.HTTPError(400, self.type_problem(key, value))
-            request[key] = value
-        super().validate_user_options({k: v for k, v in options.items()
-                                       if k not in slurm})
-        self.request = request
-
-    def type_problem(self, key: str, value: object) -> str:
-        if key in self.bounds():
-            low, high = self.bounds()[key]
-            return f"{key} must be a whole number from {low} to {high}"
-        return super().type_problem(key, value)
-
-    def default_request(self) -> dict:
-        return {"partition": self.partitions[0] if self.partitions else "",
-                "cpus": 1, "mem_gb": min(2, self.max_mem_gb), "hours": 1, "gpus": 0}
-
-    def bounds(self) -> dict[str, tuple[int, int]]:
-        return {"cpus": (1, self.max_cpus), "mem_gb": (1, self.max_mem_gb),
-                "hours": (1, self.max_hours), "gpus": (0, self.max_gpus)}
-
-    def render_options_form(self, spawner=None) -> str:
-        """ChSpawner's image and mode, then the Slurm request within bounds."""
-        default = self.default_request()
-        fields = ""
-        if self.partitions:
-            choices = "".join(f'<option value="{html.escape(p)}">{html.escape(p)}</option>'
-                              for p in self.partitions)
-            fields += (f'<label for="partition">Partition</label><select '
-                       f'class="form-control" name="partition" id="partition">{choices}'
-                       f'</select>')
-        labels = {"cpus": "CPUs", "mem_gb": "Memory (GB)", "hours": "Hours",
-                  "gpus": "GPUs"}
-        for key, (low, high) in self.bounds().items():
-            if high < max(low, 1):
-                continue  # (no GPUs offered)
-            fields += (f'<label for="{key}">{labels[key]}</label><input '
-                       f'class="form-control" type="number" name="{key}" id="{key}" '
-                       f'min="{low}" max="{high}" value="{default[key]}">')
-        return super().render_options_form(spawner) + fields
-
-    def options_from_form(self, formdata: dict) -> dict:
-        options = super().options_from_form(formdata)
-        for key in self.RESOURCES:
-            value = (formdata.get(key) or [""])[0]
-            if value:
-                # ASCII digits alone: "²" and "٣" are digits to str.isdigit()
-                # but not to int(); anything else stays text, for
-                # validate_user_options to refuse with the field's bounds.
-                options[key] = int(value) if value.isascii() and value.isdigit() else value
-        return options
-
-    def kernels_in_jobs(self) -> bool:
-        return self.mode == "kernels" and self.persistent_kernels and self.kernel_jobs
-
-    def server_request(self) -> dict:
-        """What the server's own job asks for: the user's request; or, when
-        kernels run in jobs of their own (which get the user's request),
-        what a Jupyter server needs: 1 CPU, at most 2 GB, no GPU."""
-        r = self.request or self.default_request()
-        if self.kernels_in_jobs():
-            return {**r, "cpus": 1, "mem_gb": min(r["mem_gb"], 2), "gpus": 0}
-        return r
-
-    def get_args(self) -> list[str]:
-        args = super().get_args()
-        if self.kernels_in_jobs() and not getattr(self, "_args_in_cmd", False):
-            config = {"launcher": "sbatch", "sbatch_args": [
-                *self._resource_args(self.request or self.default_request()),
-                *self.kernel_sbatch_args]}
-            args += [f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}",
-                     # A job's end (scancel, its time limit, a preemption)
-                     # sends SIGTERM: that is a loss, not the user's stop.
-                     "--PersistentKernelManager.keep_kernels_on_sigterm=True"]
-        return args
-
-    @staticmethod
-    def _resource_args(r: dict) -> list[str]:
-        """sbatch options for a request (the server's job and kernels' jobs)."""
-        args = [f"--cpus-per-task={r['cpus']}", f"--mem={r['mem_gb']}G",
-                f"--time={r['hours']}:00:00"]
-        if r["partition"]:
-            args.append(f"--partition={r['partition']}")
-        if r.get("gpus"):
-            args.append(f"--gpus={r['gpus']}")
-        return args
-
-    # ------------------------------------------------------------ Slurm --
-
-    async def slurm(self, *argv: str, env: dict | None = None) -> str:
-        """Run a Slurm command as the user; its stdout, or SlurmError."""
-        return await slurm_command(
-            *argv, env={**(env or {"PATH": "/usr/local/bin:/usr/bin:/bin"}), **self.slurm_env},
-            preexec_fn=self.make_preexec_fn(self.user.name))
-
-    async def job_status(self) -> tuple[str, str, str]:
-        """(state, node, reason) of the job; state '' once it is gone."""
-        return await job_status(self.job_id, run=self.slurm)
-
-    async def start(self):
-        self._events = asyncio.Queue()
-        if self.job_id and await self._job_alive():
-            # A job from before a hub restart (queued or starting): take it
-            # over rather than submit a second one.
-            self._emit(10, f"re-attaching to Slurm job {self.job_id}")
-            return await self._wait_running()
-        self.job_id = self.node = ""
-        # On the hub's host, into the shared store: compute nodes never
-        # talk to a registry.
-        await self.ensure_image()
-        self.pick_port()
-        self.spawn_nonce = secrets.token_hex(16)
-        command = (self.container_argv() if self.mode == "server"
-                   else [*self.cmd, *self.get_args()])
-        sbatch = ["sbatch", "--parsable", f"--job-name=jupyterhub-{self.user.name}",
-                  *self._resource_args(self.server_request()), "--export=ALL",
-                  f"--chdir={self._home_dir()}", "--output=/dev/null"]
-        # The command travels as the wrap's arguments, quoted once, here.
-        # Beside it (before the exec: the server stays the job's script,
-        # which scancel --batch signals) runs the check that the port is
-        # the user's own (see _proven).
-        watch = [sys.executable, "-m", "chspawner.spawners.listening", "--port", str(self.port),
-                 "--report", str(self.report_path()), "--timeout", str(self.start_timeout)]
-        sbatch.append("--wrap=" + " ".join(shlex.quote(a) for a in watch)
-                      + " </dev/null >/dev/null 2>&1 & exec "
-                      + " ".join(shlex.quote(a) for a in command))
-        env = {**self.get_env(), NONCE_ENV: self.spawn_nonce}
-        try:
-            self.job_id = (await self.slurm(*sbatch, env=env)).strip().split(";")[0]
-        except SlurmError as e:
-            raise SpawnFailed(f"can't submit the server's job: {e}") from None
-        self._save_state()
-        self._emit(10, f"submitted Slurm job {self.job_id}")
-        return await self._wait_running()
-
-    async def _wait_running(self):
-        """Follow the job until its server answers on the node, reporting
-        queue states; a job that ends first ends the spawn at once, with
-        its state (not after the hub's http_timeout)."""
-        if not self.spawn_nonce:
-            raise SpawnFailed(f"Slurm job {self.job_id} was submitted by an earlier "
-                              "chspawner, which did not check whose process listens on "
-                              "its port, so it is not connected to; start your server again")
-        last = None
-        while True:
-            try:
-                state, node, reason = await self.job_status()
-            except SlurmError as e:
-                # A controller restart or outage is no reason to give up on
-                # the job: keep asking (the hub's start_timeout bounds it).
-                if last != "unreachable":
-                    self._emit(30, f"can't reach Slurm ({e}); still trying")
-                    last = "unreachable"
-                await asyncio.sleep(self.queue_poll_interval)
-                continue
-            report = self._report()
-            if report and report["status"] == TAKEN:
-                # (Its server can't listen there: the job ends, if it has
-                # not yet; the hub stops it, which cancels it.)
-                raise SpawnFailed(f"port {self.port} on node {report.get('node')} is taken "
-                                  "by another user's process; your server was not "
-                                  "connected to it. " + self.port_advice())
-            if state in ("", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED",
-                         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
-                raise SpawnFailed(f"Slurm job {self.job_id} ended before the server "
-                                  f"answered ({state or 'gone'}"
-                                  f"{', ' + reason if reason not in ('', 'None') else ''})")
-            if state == "RUNNING" and node and not self.node:
-                self.node = node
-                self._save_state()
-                self._emit(40, f"job {self.job_id} running on {node}, mode {self.mode}, "
-                               f"image {self.image}")
-            if self.node and self._proven(report) and await _answers(self.node, self.port):
-                self._emit(60, f"server responding on {self.node}")
-                return self.node, self.port
-            if (state, reason) != last and state != "RUNNING":
-                self._emit(30, f"job {self.job_id} {state.lower()}"
-                               + (f" ({reason})" if reason and reason != "None" else "")
-                               + (await self._queue_place() if state == "PENDING" else ""))
-                last = state, reason
-            await asyncio.sleep(self.queue_poll_interval)
-
-    def report_path(self) -> Path:
-        """This server's listening report (one file per server, rewritten
-        by each spawn)."""
-        home = self._home_dir()
-        name = ("server" if not self.name else
-                "server-" + hashlib.sha256(self.name.encode()).hexdigest()[:16])
-        return Path(self.report_dir.format(home=home)) / f"{name}.json"
-
-    def _report(self) -> dict | None:
-        """The job's listening report of this spawn, if it wrote one yet."""
-        if not self.spawn_nonce:
-            return None
-        return read_report(self.report_path(), self.user_uid(), self.spawn_nonce)
-
-    def _proven(self, report: dict | None) -> bool:
-        """Whether the job reported, from the server's node, that the
-        user's own process, alone, listens on the server's port: only
-        then is the server routed to. Without a nonce (a job submitted
-        before chspawner checked this) nothing proves it."""
-        return bool(report) and report["status"] == MINE and \
-            report.get("node") == self.node and report.get("port") == self.port
-
-    async def _queue_place(self) -> str:
-        """', place 3 of 5 in the queue' (Slurm's priority order), if known."""
-        try:
-            out = await self.slurm("squeue", "-h", "-t", "PENDING", "--sort=-p,i",
-                                   "-o", "%i", *(["-p", self.request["partition"]]
-                                                 if self.request.get("partition") else []))
-        except SlurmError:
-            return ""
-        jobs = out.split()
-        if self.job_id not in jobs:
-            return ""
-        return f", place {jobs.index(self.job_id) + 1} of {len(jobs)} in the queue"
-
-    async def get_url(self) -> str:
-        """Where the server is, asked by a hub restarted while it was not
-        yet up: a job still queued or starting is waited for (and so
-        re-attached), not declared dead after http_timeout and cancelled."""
-        if self.job_id and not self.node:
-            try:
-                await self._wait_running()
-            except Exception as e:  # the hub's startup check must not fail
-                self.log.warning("chspawner: job %s: %s", self.job_id, e)
-                return self.server.url
-        if not self.node:
-            return self.server.url
-        return f"{self.server.proto}://{self.node}:{self.port}{self.server.base_url}"
-
-    async def _job_alive(self) -> bool:
-        try:
-            state, _, _ = await self.job_status()
-        except SlurmError:
-            return False
-        return state in ("PENDING", "CONFIGURING", "RUNNING")
-
-    def _home_dir(self) -> str:
-        import pwd
-        return pwd.getpwnam(self.user.name).pw_dir
-
-    def _save_state(self) -> None:
-        """Write the job id to the hub's database now, not only when the
-        spawn ends: a hub restart in between must find the job."""
-        db = getattr(self.user, "db", None)
-        if self.orm_spawner is not None and db is not None:
-            self.orm_spawner.state = self.get_state()
-            db.commit()
-
-    async def poll(self):
-        if not self.job_id:
-            return 0
-        try:
-            state, _, _ = await self.job_status()
-        except SlurmError as e:
-            # The controller being down says nothing about the server.
-            self.log.warning("chspawner: can't ask Slurm about job %s: %s", self.job_id, e)
-            return None
-        if state in ACTIVE_STATES:
-            return None
-        self.clear_state()
-        return 1
-
-    async def stop(self, now=False):
-        """Ask the server to stop as the hub asks a local one (SIGINT: it
-        shuts its kernels down, jobs of their own included), then cancel
-        its job. A plain cancel would read as a loss (SIGTERM) to a server
-        that keeps its kernels for its successor."""
-        if self.job_id:
-            if not now and await self._job_running():
-                await self._interrupt_and_wait()
-            try:
-                await self.slurm("scancel", self.job_id)
-            except SlurmError as e:
-                self.log.warning("chspawner: scancel %s: %s", self.job_id, e)
-        self.clear_state()
-
-    async def _job_running(self) -> bool:
-        try:
-            return (await self.job_status())[0] == "RUNNING"
-        except SlurmError:
-            return False
-
-    async def _interrupt_and_wait(self) -> None:
-        try:  # --batch: the job's script, which is the server (exec)
-            await self.slurm("scancel", "--batch", "--signal=INT", self.job_id)
-        except SlurmError as e:
-            self.log.warning("chspawner: can't signal job %s: %s", self.job_id, e)
-            return
-        deadline = asyncio.get_running_loop().time() + self.stop_timeout
-        while asyncio.get_running_loop().time() < deadline and await self._job_alive():
-            await asyncio.sleep(self.queue_poll_interval)
-
-    def get_state(self) -> dict:
-        state = super().get_state()
-        if self.job_id:  # (image and mode come from ChSpawner)
-            # The port too: the hub records it only once start() returns.
-            state.update(job_id=self.job_id, node=self.node, port=self.port,
-                         spawn_nonce=self.spawn_nonce)
-        return state
-
-    def load_state(self, state: dict) -> None:
-        super().load_state(state)
-        self.job_id = state.get("job_id", "")
-        self.node = state.get("node", "")
-        self.spawn_nonce = state.get("spawn_nonce", "")
-        if state.get("port"):
-            self.port = state["port"]
-
-    def clear_state(self) -> None:
-        super().clear_state()
-        self.job_id = self.node = self.spawn_nonce = ""
-
-
 class SpawnFailed(RuntimeError):
     """A spawn that can't go on; the hub shows its message as it is."""
 
     @property
     def jupyterhub_message(self) -> str:
         return str(self)
-
-
-async def _answers(host: str, port: int) -> bool:
-    """Whether something accepts connections at host:port."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
-
-
-def json_type(value: object) -> str:
-    """How a JSON value's type is called in a message for the user."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    for kind, name in ((str, "a string"), ((int, float), "a number"), (dict, "an object"),
-                       ((list, tuple), "an array")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__

@@ -9,10 +9,10 @@ t=${1:?usage: bookworm.sh TARGET_DIR}
 command -v debootstrap >/dev/null || { echo "bookworm.sh: debootstrap missing (apt-get install debootstrap)" >&2; exit 1; }
 umask 022
 
-# Use the host's mirror (the only network reachable on some build hosts).
-mirror=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' \
-             /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1 || true)
-mirror=${mirror:-http://deb.debian.org/debian}
+# The machine's own Debian mirror, from its apt sources (the only network
+# reachable on some build hosts).
+source "$(dirname "${BASH_SOURCE[0]}")/../build-image.sh"
+mirror=$(debian_mirror bookworm)
 
 debootstrap --variant=minbase bookworm "$t" "$mirror"
 

@@ -32,10 +32,9 @@ from html import escape
 from urllib.parse import quote
 
 from tornado import httputil
-from tornado.http1connection import (
-    HTTP1Connection, HTTP1ConnectionParameters, HTTP1ServerConnection)
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-from tornado.httpserver import HTTPServer, _HTTPRequestContext
+from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
@@ -44,6 +43,9 @@ from session_proxy.proxy import wsrelay
 from session_proxy.proxy.delivered import DeliveredFrames, watched
 from session_proxy.proxy.api import api_app
 from session_proxy.proxy.routes import BadPath, BadTarget, HoldExpired, Holds, Route, RouteTable, segments
+from session_proxy.proxy.tornado_internals import (
+    KeepAliveConnection, accept_handler, add_listening_socket, chunk_output, connection_params,
+    connections, request_context)
 from session_proxy.proxy.upstream import Upstreams
 
 log = logging.getLogger("session_proxy")
@@ -106,7 +108,7 @@ class Proxy:
             self.public.connection_gone()
 
     def client_connections(self) -> int:
-        return self.websockets + (len(self.public._connections) if self.public else 0)
+        return self.websockets + (len(connections(self.public)) if self.public else 0)
 
 
 class Throttled:
@@ -178,28 +180,6 @@ class Acceptor:
             self.on_connection(connection, address)
 
 
-class KeepAliveConnection(HTTP1ServerConnection):
-    """A client connection whose first request's headers must come within
-    the headers timeout, and each later one's within the keep-alive
-    timeout of the previous answer (tornado has one timeout for both)."""
-
-    def __init__(self, stream: IOStream, first: HTTP1ConnectionParameters,
-                 later: HTTP1ConnectionParameters, context: object) -> None:
-        super().__init__(stream, first, context)
-        self.later = later
-
-    # tornado's request loop reads ``params`` once per request, to make
-    # that request's HTTP1Connection: the first read gets ``first``.
-    @property
-    def params(self) -> HTTP1ConnectionParameters:
-        params, self._params = self._params, self.later
-        return params
-
-    @params.setter
-    def params(self, value: HTTP1ConnectionParameters) -> None:
-        self._params = value
-
-
 class BoundedHTTPServer(HTTPServer):
     """tornado's HTTP server with ``Acceptor``s, at most
     ``max_connections`` client connections (0: no limit; ``count`` says how
@@ -211,20 +191,19 @@ class BoundedHTTPServer(HTTPServer):
                    warnings: Throttled | None = None, name: str = "", **kwargs) -> None:
         super().initialize(*args, **kwargs)
         self.max_connections, self.name = max_connections, name
-        self.count = count or (lambda: len(self._connections))
+        self.count = count or (lambda: len(connections(self)))
         self.warnings = warnings or Throttled(LOG_EVERY_S)
-        self.later_params = copy.copy(self.conn_params)
+        self.later_params = copy.copy(connection_params(self))
         self.later_params.header_timeout = keep_alive_timeout
         self.acceptors: list[Acceptor] = []
         self.full = False
 
     def listen_on(self, port: int, address: str) -> None:
         for sock in bind_sockets(port, address):
-            self._sockets[sock.fileno()] = sock
-            acceptor = Acceptor(sock, self._handle_connection, self.has_room,
+            acceptor = Acceptor(sock, accept_handler(self), self.has_room,
                                 self.warnings, self.name)
             self.acceptors.append(acceptor)
-            self._handlers[sock.fileno()] = acceptor.stop  # what stop() calls
+            add_listening_socket(self, sock, acceptor.stop)  # stop() calls acceptor.stop
 
     def has_room(self) -> bool:
         if not self.max_connections or self.count() < self.max_connections:
@@ -243,9 +222,9 @@ class BoundedHTTPServer(HTTPServer):
 
     def handle_stream(self, stream: IOStream, address: tuple) -> None:
         # As tornado's own, with KeepAliveConnection for HTTP1ServerConnection.
-        context = _HTTPRequestContext(stream, address, self.protocol, self.trusted_downstream)
-        conn = KeepAliveConnection(stream, self.conn_params, self.later_params, context)
-        self._connections.add(conn)
+        context = request_context(self, stream, address)
+        conn = KeepAliveConnection(stream, connection_params(self), self.later_params, context)
+        connections(self).add(conn)
         conn.start_serving(self)
 
     def on_close(self, server_conn: object) -> None:
@@ -391,7 +370,7 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
             headers["Transfer-Encoding"] = "chunked"
         self.backend.write_headers(request, headers)
         if rechunk:
-            self.backend._chunking_output = True
+            chunk_output(self.backend)
         self.streams_body = True
         self.keep(asyncio.ensure_future(self.relay_or_fail(stream, ResponseRelay(self))))
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from tornado.iostream import IOStream
 
 from session_proxy.proxy.delivered import DeliveredFrames, LeadingCopies, Tail
+from session_proxy.proxy.tornado_internals import read_buffer
 from session_proxy.proxy.wsframes import CLOSE_SERVICE_RESTART, FrameCounter
 
 log = logging.getLogger("session_proxy")
@@ -153,9 +154,7 @@ class _Relay:
 def _take(stream: IOStream) -> tuple[socket.socket, bytes]:
     """Take the socket out of a tornado stream, with what tornado had read
     from it already (frames that came right after the handshake)."""
-    # tornado has no public way to hand over its read buffer; this reads
-    # its private attributes, which have been stable since tornado 5.
-    buffered = bytes(stream._read_buffer[:stream._read_buffer_size])
+    buffered = read_buffer(stream)
     sock = stream.socket.dup()
     stream.close()  # closes tornado's descriptor; the dup keeps the connection
     sock.setblocking(False)

@@ -1,0 +1,120 @@
+"""The provisioner's settings: a kernelspec's
+``metadata.kernel_provisioner.config``, declared and checked.
+
+Every key is a trait here, with its type, default and help, so a value of
+the wrong type stops the kernel's start with one clear line naming the key,
+and a key nobody reads (a typo) is named in a warning instead of silently
+doing nothing. The spawner passes some of them to every image kernel
+(``ContainerKernelSpecManager.provisioner_config``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from traitlets import (Bool, Dict, Enum, Float, HasTraits, Int, List, TraitError,
+                       Unicode, Union)
+
+from chspawner.runtime.spec import BACKENDS
+
+#: Where a kernel runs: here, a Slurm job step (srun), a batch job of its own.
+LAUNCHERS = ("local", "srun", "sbatch")
+
+
+class SettingsError(ValueError):
+    """A setting has a value of the wrong type; the message names it, in one line."""
+
+
+class ProvisionerSettings(HasTraits):
+    """The keys of a chspawner kernelspec's provisioner config."""
+
+    image = Unicode(
+        "", help="The image the kernel runs in: a name in the store, or an image "
+                 "directory (absolute path). Required.")
+    storage = Unicode(
+        None, allow_none=True,
+        help="The image store to find ``image`` in (default: $CH_IMAGE_STORAGE or "
+             "/var/tmp/$USER.ch).")
+    binds = List(
+        Unicode(), help="Host directories bound into the container (SRC or SRC:DST).")
+    env = Dict(
+        value_trait=Unicode(), key_trait=Unicode(),
+        help="Environment variables set in the container, over the image's.")
+    home = Bool(
+        False, help="Bind the user's $HOME at /home/$USER (always, on a compute node).")
+    backend = Enum(
+        BACKENDS, "builtin",
+        help="The container runtime: chspawner's own (builtin), or Charliecloud's ch-run.")
+    launcher = Enum(
+        LAUNCHERS, "local",
+        help="Where the kernel runs: here (local), as a Slurm job step on a compute "
+             "node (srun), or as a Slurm batch job of its own (sbatch).")
+    jobid = Union(
+        [Unicode(), Int()], default_value=None, allow_none=True,
+        help="launcher srun: run as a step of this existing job (the user's "
+             "allocation) instead of a new one.")
+    srun_args = List(Unicode(), help="launcher srun: more srun options (--partition=...).")
+    sbatch_args = List(
+        Unicode(), help="launcher sbatch: more sbatch options (--time=..., --partition=...).")
+    launch_timeout = Float(
+        None, allow_none=True,
+        help="Seconds the kernel has to bind its ports, queueing included "
+             "(default: 60 here, 600 on a compute node).")
+    job_log_dir = Unicode(
+        "", help="launcher sbatch: the directory the kernel's job writes its output "
+                 "to (the spawner gives the user's log directory). Default: the "
+                 "kernel's staging directory, removed with the kernel.")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None,
+                    log: logging.Logger | logging.LoggerAdapter | None = None
+                    ) -> "ProvisionerSettings":
+        """Settings from a kernelspec's provisioner config: SettingsError for
+        a value of the wrong type, a warning naming each unknown key."""
+        settings = cls()
+        if config is None:
+            return settings
+        if not isinstance(config, Mapping):
+            raise SettingsError("the kernelspec's provisioner config is not a JSON object")
+        known = set(settings.trait_names())
+        for key, value in config.items():
+            if key not in known:
+                if log is not None:
+                    log.warning("chspawner: unknown provisioner config key %r in the "
+                                "kernelspec (ignored; known: %s)", key, ", ".join(sorted(known)))
+                continue
+            try:
+                settings.set_trait(key, value)
+            except TraitError:
+                raise SettingsError(
+                    f"provisioner config {key!r}: {value!r} is not "
+                    f"{_expected(settings.traits()[key])}") from None
+        return settings
+
+    @property
+    def on_node(self) -> bool:
+        """Whether the kernel runs on a compute node (srun or sbatch)."""
+        return self.launcher in ("srun", "sbatch")
+
+    def timeout(self) -> float:
+        """Seconds the kernel has to bind its ports."""
+        if self.launch_timeout is not None:
+            return self.launch_timeout
+        return 600.0 if self.on_node else 60.0
+
+
+def _expected(trait: Any) -> str:
+    """What a trait takes, in words, for an error message."""
+    if isinstance(trait, Enum):
+        return "one of " + ", ".join(map(repr, trait.values))
+    words = {Unicode: "a string", Bool: "true or false", Float: "a number",
+             List: "a list of strings", Dict: "an object of strings",
+             Union: "a string or an integer"}
+    for kind, word in words.items():
+        if isinstance(trait, kind):
+            return word
+    return trait.info()
+
+
+__all__ = ["LAUNCHERS", "ProvisionerSettings", "SettingsError"]

@@ -1,0 +1,461 @@
+"""``SlurmChSpawner``: ChSpawner's server as a Slurm job on a compute node.
+
+The same recipe as ChSpawner's ``start()``; the steps that differ for a
+job are overridden here: ``reattach`` (a job from before a hub restart),
+``launch`` (sbatch, built by chspawner.slurm.sbatch_argv) and
+``wait_ready`` (follow the job until the user's own process answers on
+its node). All Slurm commands go through chspawner.slurm.SlurmClient, run
+as the user.
+
+A job's output goes to the user's own log directory (``job_log_dir``),
+one file per job; a job that ends before its server answers fails the
+spawn with the end of its log.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import pwd
+import secrets
+import sys
+from pathlib import Path
+
+from tornado import web
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
+
+from chspawner.slurm import Job, JobState, Resources, SlurmClient, SlurmError, sbatch_argv
+from chspawner.spawners import joblog
+from chspawner.spawners.listening import MINE, NONCE_ENV, TAKEN, read_report
+from chspawner.spawners.local import ChSpawner, SpawnFailed
+
+PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class SlurmChSpawner(ChSpawner):
+    """The user's server as a Slurm job on a compute node, in an image or
+    with its kernels in one (the same modes as ChSpawner).
+
+    The hub chooses the server's port itself and passes it on the command
+    line, so nothing reports back from the node: there is no report handler
+    for a user's token to abuse. The job id is saved in the hub's database
+    the moment sbatch answers, so a hub restarted during the queue wait
+    knows the job: it is stopped (cancelled) rather than orphaned, or taken
+    over by the next spawn request while still queued. User options for Slurm
+    (partition, time, CPUs, memory) are checked against the admin's bounds
+    and reach sbatch as separate arguments, never through a shell or the
+    batch script's text.
+    """
+
+    partitions = List(Unicode(), help="Partitions users may choose (the first is the "
+                      "default; empty: Slurm's default).").tag(config=True)
+    max_cpus = Integer(8, help="Most CPUs a user may ask for.").tag(config=True)
+    max_mem_gb = Integer(32, help="Most memory (GB) a user may ask for.").tag(config=True)
+    max_hours = Integer(12, help="Longest time limit (hours) a user may ask for.").tag(
+        config=True)
+    max_gpus = Integer(0, help="Most GPUs a user may ask for (0: the form offers "
+                       "none; asked for with sbatch --gpus).").tag(config=True)
+    slurm_env = Dict(Unicode(), help="Extra environment for Slurm commands "
+                     "(e.g. SLURM_CONF).").tag(config=True)
+    # (Not "poll_interval": that is JupyterHub's, for polling running servers.)
+    queue_poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
+                          "is queued.").tag(config=True)
+
+    kernel_jobs = Bool(
+        True, help="Kernels mode with persistent_kernels: each kernel runs as a Slurm "
+                   "job of its own (with the user's request), so that it outlives the "
+                   "server's job: a server whose job is cancelled, times out or loses "
+                   "its node is started again and takes its kernels over. False: "
+                   "kernels run inside the server's job and end with it.",
+    ).tag(config=True)
+    kernel_sbatch_args = List(
+        Unicode(), help="More sbatch options for each kernel's job (kernel_jobs), "
+                        "e.g. --account=...; they come after the user's request.",
+    ).tag(config=True)
+    stop_timeout = Float(
+        10.0, help="Seconds a server asked to stop (SIGINT, as the hub asks a local "
+                   "one) gets to shut its kernels down before its job is cancelled.",
+    ).tag(config=True)
+
+    report_dir = Unicode(
+        "{home}/.local/share/chspawner/servers",
+        help="Where a server's job reports, on its node, that the user's own "
+             "process listens on the server's port ({home}: the user's home, shared "
+             "with the nodes; only the user may write there, and the hub must be able "
+             "to read it). The hub routes to the server only after that report.",
+    ).tag(config=True)
+    job_log_dir = Unicode(
+        "{home}/.local/state/chspawner/logs",
+        help="Where the output of the user's Slurm jobs goes: the server's job "
+             "(server-JOBID.log, or server-HASH-JOBID.log for a named server) and, in "
+             "kernels mode with kernel_jobs, each kernel's job. {home}: the user's "
+             "home, {username}: their name. It must be shared with the nodes. The "
+             "spawner creates it as the user, mode 0700, before each submission; a "
+             "job that ends before its server answers fails the spawn with the last "
+             "lines of its log.",
+    ).tag(config=True)
+
+    job_id = Unicode("", help="The server's Slurm job (state).")
+    spawn_nonce = Unicode("", help="This spawn's random token, which its job's "
+                                   "listening report must carry (state).")
+    node = Unicode("", help="Where it runs (state).")
+    request = Dict(help="The validated Slurm request of this spawn.")
+
+    RESOURCES = ("partition", "cpus", "mem_gb", "hours", "gpus")
+
+    @default("ip")
+    def _default_ip(self):
+        return "0.0.0.0"  # the hub connects to the node
+
+    # ---------------------------------------------------- user options ---
+
+    OPTION_TYPES = {**ChSpawner.OPTION_TYPES, "partition": str, "cpus": int,
+                    "mem_gb": int, "hours": int, "gpus": int}
+
+    def validate_user_options(self, options: dict) -> None:
+        self.check_option_types(options)
+        slurm = {k: options[k] for k in self.RESOURCES if k in options}
+        request = self.default_request()
+        for key, value in slurm.items():
+            if key == "partition":
+                if value not in self.partitions:
+                    raise web.HTTPError(400, f"partition {value!r} is not offered "
+                                             f"(offered: {', '.join(self.partitions)})")
+            else:
+                low, high = self.bounds()[key]
+                if not low <= value <= high:
+                    raise web.HTTPError(400, self.type_problem(key, value))
+            request[key] = value
+        super().validate_user_options({k: v for k, v in options.items()
+                                       if k not in slurm})
+        self.request = request
+
+    def type_problem(self, key: str, value: object) -> str:
+        if key in self.bounds():
+            low, high = self.bounds()[key]
+            return f"{key} must be a whole number from {low} to {high}"
+        return super().type_problem(key, value)
+
+    def default_request(self) -> dict:
+        return {"partition": self.partitions[0] if self.partitions else "",
+                "cpus": 1, "mem_gb": min(2, self.max_mem_gb), "hours": 1, "gpus": 0}
+
+    def bounds(self) -> dict[str, tuple[int, int]]:
+        return {"cpus": (1, self.max_cpus), "mem_gb": (1, self.max_mem_gb),
+                "hours": (1, self.max_hours), "gpus": (0, self.max_gpus)}
+
+    def options_form_context(self) -> dict:
+        """ChSpawner's image and mode, then the Slurm request within bounds."""
+        default_ = self.default_request()
+        labels = {"cpus": "CPUs", "mem_gb": "Memory (GB)", "hours": "Hours",
+                  "gpus": "GPUs"}
+        numbers = [{"name": key, "label": labels[key], "min": low, "max": high,
+                    "value": default_[key]}
+                   for key, (low, high) in self.bounds().items()
+                   if high >= max(low, 1)]  # (no GPUs offered: no field)
+        return {**super().options_form_context(), "partitions": list(self.partitions),
+                "numbers": numbers}
+
+    def options_from_form(self, formdata: dict) -> dict:
+        options = super().options_from_form(formdata)
+        for key in self.RESOURCES:
+            value = (formdata.get(key) or [""])[0]
+            if value:
+                # ASCII digits alone: "²" and "٣" are digits to str.isdigit()
+                # but not to int(); anything else stays text, for
+                # validate_user_options to refuse with the field's bounds.
+                options[key] = int(value) if value.isascii() and value.isdigit() else value
+        return options
+
+    # ------------------------------------------------------ the request --
+
+    def kernels_in_jobs(self) -> bool:
+        return self.mode == "kernels" and self.persistent_kernels and self.kernel_jobs
+
+    def resources(self) -> Resources:
+        """The user's request (for the server's job, or each kernel's)."""
+        return Resources(**(self.request or self.default_request()))
+
+    def server_resources(self) -> Resources:
+        """What the server's own job asks for: the user's request; or, when
+        kernels run in jobs of their own (which get the user's request),
+        what a Jupyter server needs: 1 CPU, at most 2 GB, no GPU."""
+        r = self.resources()
+        if self.kernels_in_jobs():
+            return dataclasses.replace(r, cpus=1, mem_gb=min(r.mem_gb, 2), gpus=0)
+        return r
+
+    def get_args(self) -> list[str]:
+        args = super().get_args()
+        if self.kernels_in_jobs():
+            config = {"launcher": "sbatch",
+                      "sbatch_args": [*self.resources().sbatch_options(),
+                                      *self.kernel_sbatch_args],
+                      "job_log_dir": str(self.log_dir())}
+            args += [f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}",
+                     # A job's end (scancel, its time limit, a preemption)
+                     # sends SIGTERM: that is a loss, not the user's stop.
+                     "--PersistentKernelManager.keep_kernels_on_sigterm=True"]
+        return args
+
+    def job_argv(self) -> list[str]:
+        """sbatch for the server's job: the server (``get_command()``), and
+        beside it (before the exec: the server stays the job's script,
+        which scancel --batch signals) the check that the port is the
+        user's own (see _proven); its output in the user's log directory."""
+        watch = [sys.executable, "-m", "chspawner.spawners.listening", "--port", str(self.port),
+                 "--report", str(self.report_path()), "--timeout", str(self.start_timeout)]
+        # (% starts one of sbatch's filename patterns: a literal one is %%.)
+        log = str(self.log_dir()).replace("%", "%%") + f"/{self.server_stem()}-%j.log"
+        return sbatch_argv(self.get_command(), job_name=f"jupyterhub-{self.user.name}",
+                           output=log, chdir=self._home_dir(),
+                           resources=self.server_resources(), background=watch)
+
+    # ------------------------------------------------------------ Slurm --
+
+    def slurm(self) -> SlurmClient:
+        """The Slurm client, running its commands as the user."""
+        return SlurmClient(env={"PATH": PATH, **self.slurm_env},
+                           preexec_fn=self.make_preexec_fn(self.user.name))
+
+    async def job(self) -> Job:
+        """The server's job as Slurm sees it now; SlurmError if it can't say."""
+        return await self.slurm().job(self.job_id)
+
+    # The steps of ChSpawner.start() that differ for a job.
+
+    async def reattach(self) -> bool:
+        """A job from before a hub restart, queued or starting: take it over
+        rather than submit a second one."""
+        if self.job_id and await self._job_alive():
+            self._emit(10, f"re-attaching to Slurm job {self.job_id}")
+            return True
+        self.job_id = self.node = ""
+        return False
+
+    async def launch(self) -> None:
+        """Submit the server's job (``job_argv()``); its id is saved at once.
+        On the hub's host, ensure_image put the image into the shared store
+        already: compute nodes never talk to a registry."""
+        self.spawn_nonce = secrets.token_hex(16)
+        try:
+            await joblog.make_dir(str(self.log_dir()), self.make_preexec_fn(self.user.name))
+        except joblog.JobLogError as e:
+            raise SpawnFailed(f"can't submit the server's job: {e}") from None
+        env = {**self.get_env(), NONCE_ENV: self.spawn_nonce, **self.slurm_env}
+        try:
+            self.job_id = await self.slurm().submit(self.job_argv(), env=env)
+        except SlurmError as e:
+            raise SpawnFailed(f"can't submit the server's job: {e}") from None
+        self._save_state()
+        self._emit(10, f"submitted Slurm job {self.job_id}")
+
+    async def wait_ready(self) -> tuple[str, int]:
+        return await self._wait_running()
+
+    async def _wait_running(self) -> tuple[str, int]:
+        """Follow the job until its server answers on the node, reporting
+        queue states; a job that ends first ends the spawn at once, with
+        its state and the end of its log (not after the hub's http_timeout)."""
+        if not self.spawn_nonce:
+            raise SpawnFailed(f"Slurm job {self.job_id} was submitted by an earlier "
+                              "chspawner, which did not check whose process listens on "
+                              "its port, so it is not connected to; start your server again")
+        last = None
+        while True:
+            try:
+                job = await self.job()
+            except SlurmError as e:
+                # A controller restart or outage is no reason to give up on
+                # the job: keep asking (the hub's start_timeout bounds it).
+                if last != "unreachable":
+                    self._emit(30, f"can't reach Slurm ({e}); still trying")
+                    last = "unreachable"
+                await asyncio.sleep(self.queue_poll_interval)
+                continue
+            report = self._report()
+            if report and report["status"] == TAKEN:
+                # (Its server can't listen there: the job ends, if it has
+                # not yet; the hub stops it, which cancels it.)
+                raise SpawnFailed(f"port {self.port} on node {report.get('node')} is taken "
+                                  "by another user's process; your server was not "
+                                  "connected to it. " + self.port_advice())
+            if not job.alive:
+                raise SpawnFailed(await self._ended_message(job))
+            if job.state is JobState.RUNNING and job.node and not self.node:
+                self.node = job.node
+                self._save_state()
+                self._emit(40, f"job {self.job_id} running on {job.node}, mode {self.mode}, "
+                               f"image {self.image}")
+            if self.node and self._proven(report) and await _answers(self.node, self.port):
+                self._emit(60, f"server responding on {self.node}")
+                return self.node, self.port
+            if (job.slurm_state, job.reason) != last and job.slurm_state != "RUNNING":
+                self._emit(30, f"job {self.job_id} {job.slurm_state.lower()}"
+                               + (f" ({job.reason})" if job.reason else "")
+                               + (await self._queue_place()
+                                  if job.slurm_state == "PENDING" else ""))
+                last = job.slurm_state, job.reason
+            await asyncio.sleep(self.queue_poll_interval)
+
+    async def _ended_message(self, job: Job) -> str:
+        """Why the spawn failed: the job ended first; its state and the last
+        lines of its log."""
+        message = (f"Slurm job {self.job_id} ended before the server answered "
+                   f"({job.slurm_state or 'gone'}{', ' + job.reason if job.reason else ''})")
+        log = self.job_log_path()
+        tail = await joblog.tail(str(log), self.make_preexec_fn(self.user.name))
+        if tail:
+            return f"{message}; the end of its log, {log}:\n{tail}"
+        return f"{message}; its log: {log}"
+
+    def log_dir(self) -> Path:
+        """The user's job log directory (see ``job_log_dir``)."""
+        return Path(self.job_log_dir.format(home=self._home_dir(), username=self.user.name))
+
+    def server_stem(self) -> str:
+        """This server's name in its files: "server" for the default one,
+        "server-HASH" for a named one (a name may hold any character)."""
+        if not self.name:
+            return "server"
+        return "server-" + hashlib.sha256(self.name.encode()).hexdigest()[:16]
+
+    def job_log_path(self) -> Path:
+        """The server's job's log (the %j of job_argv's output, filled in)."""
+        return self.log_dir() / f"{self.server_stem()}-{self.job_id}.log"
+
+    def report_path(self) -> Path:
+        """This server's listening report (one file per server, rewritten
+        by each spawn)."""
+        return Path(self.report_dir.format(home=self._home_dir())) / f"{self.server_stem()}.json"
+
+    def _report(self) -> dict | None:
+        """The job's listening report of this spawn, if it wrote one yet."""
+        if not self.spawn_nonce:
+            return None
+        return read_report(self.report_path(), self.user_uid(), self.spawn_nonce)
+
+    def _proven(self, report: dict | None) -> bool:
+        """Whether the job reported, from the server's node, that the
+        user's own process, alone, listens on the server's port: only
+        then is the server routed to. Without a nonce (a job submitted
+        before chspawner checked this) nothing proves it."""
+        return bool(report) and report["status"] == MINE and \
+            report.get("node") == self.node and report.get("port") == self.port
+
+    async def _queue_place(self) -> str:
+        """', place 3 of 5 in the queue' (Slurm's priority order), if known."""
+        try:
+            place = await self.slurm().queue_place(self.job_id,
+                                                   self.request.get("partition", ""))
+        except SlurmError:
+            return ""
+        return f", place {place[0]} of {place[1]} in the queue" if place else ""
+
+    async def get_url(self) -> str:
+        """Where the server is, asked by a hub restarted while it was not
+        yet up: a job still queued or starting is waited for (and so
+        re-attached), not declared dead after http_timeout and cancelled."""
+        if self.job_id and not self.node:
+            try:
+                await self._wait_running()
+            except Exception as e:  # the hub's startup check must not fail
+                self.log.warning("chspawner: job %s: %s", self.job_id, e)
+                return self.server.url
+        if not self.node:
+            return self.server.url
+        return f"{self.server.proto}://{self.node}:{self.port}{self.server.base_url}"
+
+    async def _job_alive(self) -> bool:
+        try:
+            return (await self.job()).alive
+        except SlurmError:
+            return False
+
+    def _home_dir(self) -> str:
+        return pwd.getpwnam(self.user.name).pw_dir
+
+    def _save_state(self) -> None:
+        """Write the job id to the hub's database now, not only when the
+        spawn ends: a hub restart in between must find the job."""
+        db = getattr(self.user, "db", None)
+        if self.orm_spawner is not None and db is not None:
+            self.orm_spawner.state = self.get_state()
+            db.commit()
+
+    async def poll(self):
+        if not self.job_id:
+            return 0
+        try:
+            job = await self.job()
+        except SlurmError as e:
+            # The controller being down says nothing about the server.
+            self.log.warning("chspawner: can't ask Slurm about job %s: %s", self.job_id, e)
+            return None
+        if job.alive:
+            return None
+        self.clear_state()
+        return 1
+
+    async def stop(self, now=False):
+        """Ask the server to stop as the hub asks a local one (SIGINT: it
+        shuts its kernels down, jobs of their own included), then cancel
+        its job. A plain cancel would read as a loss (SIGTERM) to a server
+        that keeps its kernels for its successor."""
+        if self.job_id:
+            if not now and await self._job_running():
+                await self._interrupt_and_wait()
+            try:
+                await self.slurm().cancel(self.job_id)
+            except SlurmError as e:
+                self.log.warning("chspawner: scancel %s: %s", self.job_id, e)
+        self.clear_state()
+
+    async def _job_running(self) -> bool:
+        try:
+            return (await self.job()).state is JobState.RUNNING
+        except SlurmError:
+            return False
+
+    async def _interrupt_and_wait(self) -> None:
+        try:  # batch only: the job's script, which is the server (exec)
+            await self.slurm().cancel(self.job_id, signal="INT", batch_only=True)
+        except SlurmError as e:
+            self.log.warning("chspawner: can't signal job %s: %s", self.job_id, e)
+            return
+        deadline = asyncio.get_running_loop().time() + self.stop_timeout
+        while asyncio.get_running_loop().time() < deadline and await self._job_alive():
+            await asyncio.sleep(self.queue_poll_interval)
+
+    # ------------------------------------------------------------- state --
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.job_id:  # (image and mode come from ChSpawner)
+            # The port too: the hub records it only once start() returns.
+            state.update(job_id=self.job_id, node=self.node, port=self.port,
+                         spawn_nonce=self.spawn_nonce)
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.job_id = state.get("job_id", "")
+        self.node = state.get("node", "")
+        self.spawn_nonce = state.get("spawn_nonce", "")
+        if state.get("port"):
+            self.port = state["port"]
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.job_id = self.node = self.spawn_nonce = ""
+
+
+async def _answers(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
