@@ -8,7 +8,8 @@ their anchors, side by side in one run, as the unprivileged user.
 
 Rounds alternate between the two so slow and fast moments of the disk hit
 both alike; medians are reported. Run as root (it drops to the test user):
-``bench/run.sh`` or ``python bench/images.py [--rounds N] [--check]``.
+``bench/run.sh`` or, from the repository root,
+``python -m bench.images [--rounds N] [--check]``.
 """
 from __future__ import annotations
 
@@ -23,39 +24,29 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from registry import Registry, _Layout, _skopeo  # noqa: E402  (the test harness)
+from chspawner.images.trees import remove_tree
+from tests.harness.env import CHSPAWNER, TEST_USER
+from tests.harness.images import image_path, tarball
+from tests.harness.registry import Layout, Registry, skopeo
+from tests.harness.users import as_user_or_exit
 
-from chspawner.images.trees import remove_tree  # noqa: E402
-
-AS_USER = REPO / "scripts" / "as-user.sh"
-CHSPAWNER = Path(sys.executable).parent / "chspawner"
-IMAGES = Path(os.environ.get("CHSPAWNER_IMAGE_CACHE", "/var/cache/chspawner/images"))
-USER = os.environ.get("CHSPAWNER_USER", "chtest")
 TARGETS = {"pull": 1.0, "import": 1.3}
 # The image's layers after the first (everything else): /usr/share, then
 # Python's library.
 LATER_LAYERS = ("usr/share", "usr/lib/python3.11")
 
 
-def as_user(*argv: str) -> None:
-    result = subprocess.run([str(AS_USER), USER, *argv], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{argv[0]} failed: {result.stderr.strip()[-500:]}")
-
-
 def timed(argv: list[str]) -> float:
     subprocess.run(["sync"], check=True)  # no writeback left from the last round
     start = time.perf_counter()
-    as_user(*argv)
+    as_user_or_exit(TEST_USER, *argv)
     return time.perf_counter() - start
 
 
 def build_layout(work: Path, rootfs: Path) -> tuple[Path, str]:
     """An OCI layout with the Debian image split into three layers; returns
     it and the tag of the full image."""
-    layout = _Layout(work, rootfs)
+    layout = Layout(work, rootfs)
     excludes = [f"--exclude=./{part}" for part in LATER_LAYERS]
     with layout.edit("empty", "l0") as bundle_root:
         subprocess.run(f"tar -C {rootfs} {' '.join(excludes)} -cf - . "
@@ -89,8 +80,8 @@ def main() -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a ratio is over its target")
     args = parser.parse_args()
-    user = pwd.getpwnam(USER)
-    rootfs = (IMAGES / "bookworm").resolve()
+    user = pwd.getpwnam(TEST_USER)
+    rootfs = image_path("bookworm")
     # On /var/tmp, where the store lives by default, not a tmpfs.
     work = Path(tempfile.mkdtemp(prefix="chspawner-bench-", dir="/var/tmp"))
     os.chmod(work, 0o755)
@@ -103,8 +94,8 @@ def main() -> int:
         layout, tag = build_layout(work / "build", rootfs)
         with Registry(work / "registry") as registry:
             ref = f"{registry.host}/bench/debian:1"
-            _skopeo("copy", "--dest-tls-verify=false", "--dest-no-creds",
-                    f"oci:{layout}:{tag}", f"docker://{ref}")
+            skopeo("copy", "--dest-tls-verify=false", "--dest-no-creds",
+                   f"oci:{layout}:{tag}", f"docker://{ref}")
             ratios["pull"] = bench(
                 "pull", args.rounds,
                 lambda i: ["sh", "-c", f"skopeo --insecure-policy copy -q "
@@ -113,15 +104,13 @@ def main() -> int:
                            f"{scratch}/bundle{i}"],
                 lambda i: [str(CHSPAWNER), "pull", "-q", "--insecure",
                            "-s", f"{scratch}/pull{i}", ref, "deb"])
-        tarball = work / "debian.tar"
-        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
-        os.chmod(tarball, 0o644)
+        debian = tarball(rootfs, work / "debian.tar")
         ratios["import"] = bench(
             "import", args.rounds,
             lambda i: ["sh", "-c", f"mkdir {scratch}/untarred{i} && "
-                       f"tar -xf {tarball} -C {scratch}/untarred{i}"],
+                       f"tar -xf {debian} -C {scratch}/untarred{i}"],
             lambda i: [str(CHSPAWNER), "import", "-q", "-s", f"{scratch}/import{i}",
-                       str(tarball), "deb"])
+                       str(debian), "deb"])
     finally:
         remove_tree(work)  # umoci --rootless leaves directories without u+w
     over = any(ratios[k] > TARGETS[k] for k in ratios)

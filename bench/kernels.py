@@ -8,8 +8,8 @@ unprivileged user.
 * concurrent: N kernels started at once through the provisioner (all must
   be ready, with no port used twice); reports the spread of ready times.
 
-Run as root (it drops to the test user): ``bench/run.sh`` or
-``python bench/kernels.py [--rounds N] [--concurrent N] [--check]``.
+Run as root (it drops to the test user): ``bench/run.sh`` or, from the
+repository root, ``python -m bench.kernels [--rounds N] [--concurrent N] [--check]``.
 """
 from __future__ import annotations
 
@@ -23,23 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-AS_USER = REPO / "scripts" / "as-user.sh"
-VENV_BIN = Path(sys.executable).parent
-IMAGES = Path(os.environ.get("CHSPAWNER_IMAGE_CACHE", "/var/cache/chspawner/images"))
-USER = os.environ.get("CHSPAWNER_USER", "chtest")
+from tests.harness.env import CHSPAWNER, TEST_USER, VENV_BIN
+from tests.harness.images import image_path, tarball
+from tests.harness.users import as_user_or_exit
+
 TARGET = 1.05
 NATIVE, IMAGE = "native-debian", "chspawner-deb--python3"
-
-
-def as_user(*argv: str, env: dict[str, str]) -> str:
-    result = subprocess.run([str(AS_USER), USER, "env",
-                             *[f"{k}={v}" for k, v in env.items()], *argv],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{argv[1] if len(argv) > 1 else argv[0]} failed: "
-                 f"{result.stderr.strip()[-1500:]}")
-    return result.stdout
 
 
 def main() -> int:
@@ -50,7 +39,7 @@ def main() -> int:
                         help="exit 1 if the ready ratio is over its target or a "
                              "concurrent kernel failed")
     args = parser.parse_args()
-    user = pwd.getpwnam(USER)
+    user = pwd.getpwnam(TEST_USER)
     work = Path(tempfile.mkdtemp(prefix="chspawner-bench-kernels-", dir="/tmp"))
     try:
         os.chmod(work, 0o755)
@@ -60,16 +49,14 @@ def main() -> int:
         worker = work / "kernels_worker.py"
         shutil.copy(Path(__file__).with_name("kernels_worker.py"), worker)
         os.chmod(worker, 0o644)
-        tarball = work / "debian.tar"  # as root: the image has root-only files
-        subprocess.run(["tar", "-C", str(IMAGES / "bookworm"), "-cf", str(tarball), "."],
-                       check=True)
-        os.chmod(tarball, 0o644)
+        debian = tarball(image_path("bookworm"), work / "debian.tar")
         env = {"TMPDIR": str(home), "CH_IMAGE_STORAGE": str(home / "store"),
                "JUPYTER_PATH": str(home / "share/jupyter"),
                "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
-        chspawner = str(VENV_BIN / "chspawner")
-        as_user(chspawner, "import", "-q", str(tarball), "deb", env=env)
-        as_user(chspawner, "kernel", "install", "--prefix", str(home), "deb", env=env)
+        chspawner = str(CHSPAWNER)
+        as_user_or_exit(TEST_USER, chspawner, "import", "-q", str(debian), "deb", env=env)
+        as_user_or_exit(TEST_USER, chspawner, "kernel", "install", "--prefix", str(home),
+                        "deb", env=env)
         native = home / "share/jupyter/kernels" / NATIVE
         native.mkdir(parents=True)
         native.joinpath("kernel.json").write_text(json.dumps({
@@ -79,16 +66,16 @@ def main() -> int:
         subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)],
                        check=True)
         python = str(VENV_BIN / "python")
-        ready = json.loads(as_user(python, str(worker), "ready", str(args.rounds),
-                                   NATIVE, IMAGE, env=env))
+        ready = json.loads(as_user_or_exit(TEST_USER, python, str(worker), "ready",
+                                           str(args.rounds), NATIVE, IMAGE, env=env))
         ratio = ready[IMAGE] / ready[NATIVE]
         print(f"{'kernel ready':<22} {'native':>9} {'in image':>9} {'ratio':>6} "
               f"{'target':>7}")
         print(f"{'start to kernel_info':<22} {ready[NATIVE]:>8.3f}s {ready[IMAGE]:>8.3f}s "
               f"{ratio:>5.2f}x {TARGET:>6.2f}x{'  OVER TARGET' if ratio > TARGET else ''}",
               flush=True)
-        many = json.loads(as_user(python, str(worker), "concurrent",
-                                  str(args.concurrent), IMAGE, env=env))
+        many = json.loads(as_user_or_exit(TEST_USER, python, str(worker), "concurrent",
+                                          str(args.concurrent), IMAGE, env=env))
         print(f"{many['ready']}/{many['count']} kernels started at once ready in "
               f"{many['total']:.1f} s (first {many['first']:.1f} s, median "
               f"{many['median']:.1f} s, last {many['last']:.1f} s); port clash: "

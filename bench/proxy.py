@@ -7,7 +7,9 @@ measuring side costs as little as it can on a small machine. Measured, per
 proxy: HTTP requests/s and p50 latency with 20 concurrent clients,
 websocket round-trip p50, and server-to-client websocket messages/s.
 
-    python bench/proxy.py [--seconds 5] [--messages 200000] [--rounds 7] [--check]
+    python -m bench.proxy [--seconds 5] [--messages 200000] [--rounds 7] [--check]
+
+(from the repository root; it starts its backend and clients the same way).
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve()
-VENV_BIN = Path(sys.executable).parent
+from tests.harness.env import REPO, VENV_BIN
+from tests.harness.net import free_port
+from tests.harness.wait import wait_listening
+
+# This program again, in another role (--backend, --client).
+ITSELF = [sys.executable, "-m", "bench.proxy"]
 MESSAGE = b"m" * 100
 ECHO = "/user/b/api/kernels/echo/channels"
 STREAM = "/user/b/api/kernels/stream/channels"
@@ -33,24 +37,6 @@ TARGETS = {"HTTP requests/s (20 concurrent)": (True, 0.8),
            "HTTP p50 latency (ms)": (False, 1.3),
            "websocket round trip p50 (ms)": (False, None),
            "websocket messages/s (server to client, 100 B)": (True, 1.0)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"bench/proxy.py: {what} did not start")
-            time.sleep(0.02)
 
 
 # -- the backend (its own process) -------------------------------------------
@@ -148,9 +134,9 @@ def run_client(args: argparse.Namespace) -> None:
 
 
 def measure(base: str, what: str, args: argparse.Namespace) -> dict:
-    out = subprocess.run([sys.executable, str(HERE), "--client", base, "--what", what,
+    out = subprocess.run([*ITSELF, "--client", base, "--what", what,
                           "--seconds", str(args.seconds), "--messages", str(args.messages)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
     if out.returncode:
         sys.exit(f"bench/proxy.py: client ({what}) failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout)
@@ -167,8 +153,8 @@ class ProxyProcess:
              "127.0.0.1", "--api-port", str(api_port), "--log-level", "error"],
             env={**os.environ, "CONFIGPROXY_AUTH_TOKEN": token},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc, command[0])
-        wait_port(api_port, self.proc, command[0])
+        for port in (self.port, api_port):
+            wait_listening(port, self.proc, lambda: f"{command[0]} exited", command[0], 30)
         import urllib.request
         request = urllib.request.Request(
             f"http://127.0.0.1:{api_port}/api/routes/user/b", method="POST",
@@ -184,8 +170,8 @@ class ProxyProcess:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     port = free_port()
-    backend = subprocess.Popen([sys.executable, str(HERE), "--backend", str(port)])
-    wait_port(port, backend, "the backend")
+    backend = subprocess.Popen([*ITSELF, "--backend", str(port)], cwd=REPO)
+    wait_listening(port, backend, lambda: "the backend exited", "the backend", 30)
     target = f"http://127.0.0.1:{port}"
     proxies = {"chp": ["configurable-http-proxy"], "ours": [str(VENV_BIN / "chspawner-proxy")]}
     # Rounds alternate between the proxies (this machine's speed drifts

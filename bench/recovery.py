@@ -9,11 +9,11 @@ and runs the next cell. The time is from the kill to that cell's reply.
 The anchor is stock JupyterHub, which has no recovery to time: it notices a
 dead server at its next poll (``Spawner.poll_interval``, 30 s by default),
 the user then starts a new server by hand, and the kernel and its state are
-gone. Target: <= 5 s, median. Run as root: ``bench/run.sh`` or
-``python bench/recovery.py [--rounds N] [--check]``.
+gone. Target: <= 5 s, median. Run as root: ``bench/run.sh`` or, from the
+repository root, ``python -m bench.recovery [--rounds N] [--check]``.
 
 ``--slurm``: the same with SlurmChSpawner on a one-node Slurm cluster
-(tests/slurm.py): the server's job is cancelled, the kernel runs on in a
+(tests/harness/slurm.py): the server's job is cancelled, the kernel runs on in a
 job of its own, and the session comes back in a new job (no target: the
 time includes Slurm starting a job).
 """
@@ -32,31 +32,24 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "scripts"))
-from demo_hub import site_store  # noqa: E402  (the demo's store: jupyter, deb)
-from test_kernel_server import KERNEL, execute, free_port, warm_up  # noqa: E402
-from test_session_manager import (manager_config, reconnect,  # noqa: E402
-                                  server_state)
-from slurm import Slurm  # noqa: E402
-from test_spawner import Hub, spawn, stop_server  # noqa: E402
+from chspawner.images.trees import remove_tree
+from tests.harness.env import TEST_USER
+from tests.harness.hub import Hub, manager_config, server_state, spawn, stop_server
+from tests.harness.images import site_store  # the demo's store: jupyter, deb
+from tests.harness.kernel_client import (execute, kernels_url, reconnect, start_kernel,
+                                         warm_up)
+from tests.harness.net import free_port
+from tests.harness.slurm import Slurm
 
-from chspawner.images.trees import remove_tree  # noqa: E402
-
-USER = os.environ.get("CHSPAWNER_USER", "chtest")
 TARGET = 5.0
 
 
 async def one_round(hub: Hub, lose) -> float:
     """Lose the server under a live kernel (``lose(its state)``); seconds
     until a cell runs again."""
-    base = f"{hub.url}/user/{hub.user}/api/kernels"
+    base = kernels_url(hub)
     async with hub.session() as http:
-        async with http.post(base, json={"name": KERNEL}) as r:
-            if r.status != 201:
-                sys.exit(f"can't start a kernel: {r.status} {await r.text()}")
-            kernel = (await r.json())["id"]
+        kernel = await start_kernel(http, hub)
         url = f"{base}/{kernel}/channels?session_id={uuid.uuid4().hex}".replace("http", "ws", 1)
         ws = await http.ws_connect(url)
         await warm_up(ws)
@@ -115,7 +108,7 @@ def main() -> int:
 
 def rounds(count: int, extra_config: str, lose) -> list[float]:
     state = Path(tempfile.mkdtemp(prefix="chspawner-bench-manager-"))
-    hub = Hub(site_store(), USER, images=("deb",), extra_config=manager_config(
+    hub = Hub(site_store(), TEST_USER, images=("deb",), extra_config=manager_config(
         state, secrets.token_hex(16), free_port()) + extra_config)
     times = []
     try:

@@ -3,22 +3,22 @@
 # chspawner against its anchor, side by side, with the ratio. Arguments go to
 # every benchmark (e.g. --runs 50).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the benchmarks run as modules from here
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
 scripts/setup.sh busybox bookworm jupyter
 echo "== container start: chspawner run vs Charliecloud ch-run ($(nproc) cores, $(uname -r))"
-"$CHSPAWNER_VENV/bin/python" bench/runtime_start.py --check "$@"
+"$CHSPAWNER_VENV/bin/python" -m bench.runtime_start --check "$@"
 echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"
-"$CHSPAWNER_VENV/bin/python" bench/images.py --check
+"$CHSPAWNER_VENV/bin/python" -m bench.images --check
 echo "== kernels: in an image vs native; many at once"
-"$CHSPAWNER_VENV/bin/python" bench/kernels.py --check
+"$CHSPAWNER_VENV/bin/python" -m bench.kernels --check
 echo "== spawning through JupyterHub: ChSpawner in an image vs LocalProcessSpawner"
-"$CHSPAWNER_VENV/bin/python" bench/spawn.py --check
+"$CHSPAWNER_VENV/bin/python" -m bench.spawn --check
 echo "== spawning on Slurm: SlurmChSpawner (kernels mode, server mode) vs batchspawner"
-"$CHSPAWNER_VENV/bin/python" bench/slurm_spawn.py
+"$CHSPAWNER_VENV/bin/python" -m bench.slurm_spawn
 echo "== session proxy: chspawner-proxy vs configurable-http-proxy 5.3 (HTTP, websockets)"
-"$CHSPAWNER_VENV/bin/python" bench/proxy.py --check
+"$CHSPAWNER_VENV/bin/python" -m bench.proxy --check
 echo "== recovery: a killed server's session back (hub, session proxy, session manager), to the next cell"
-"$CHSPAWNER_VENV/bin/python" bench/recovery.py --check
+"$CHSPAWNER_VENV/bin/python" -m bench.recovery --check
 echo "== recovery on Slurm: the server's job cancelled, its kernel in a job of its own"
-"$CHSPAWNER_VENV/bin/python" bench/recovery.py --slurm
+"$CHSPAWNER_VENV/bin/python" -m bench.recovery --slurm

@@ -6,8 +6,8 @@ on the same images: ``/bin/true`` in the busybox image and
 installed console command, exactly as users type it. Prints each median and
 the ratio, and (with --check) fails if a ratio is over its target.
 
-Run as root (it drops to the test user): ``bench/run.sh`` or
-``python bench/runtime_start.py [--runs N] [--check]``.
+Run as root (it drops to the test user): ``bench/run.sh`` or, from the
+repository root, ``python -m bench.runtime_start [--runs N] [--check]``.
 """
 from __future__ import annotations
 
@@ -15,16 +15,13 @@ import argparse
 import json
 import os
 import pwd
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-AS_USER = REPO / "scripts" / "as-user.sh"
-CHSPAWNER = Path(sys.executable).parent / "chspawner"
-IMAGES = Path(os.environ.get("CHSPAWNER_IMAGE_CACHE", "/var/cache/chspawner/images"))
-USER = os.environ.get("CHSPAWNER_USER", "chtest")
+from tests.harness.env import CHSPAWNER, TEST_USER
+from tests.harness.images import image_path
+from tests.harness.users import as_user_or_exit
 
 #: (label, image, command, target ratio) from the issue that set them.
 CASES = [
@@ -35,18 +32,15 @@ CASES = [
 
 def hyperfine(commands: dict[str, str], runs: int) -> dict[str, float]:
     """Median seconds per command, measured in one hyperfine run."""
-    uid = pwd.getpwnam(USER).pw_uid
+    uid = pwd.getpwnam(TEST_USER).pw_uid
     with tempfile.TemporaryDirectory() as tmp:
         os.chown(tmp, uid, -1)
         result = Path(tmp) / "result.json"
-        argv = [str(AS_USER), USER, "hyperfine", "--style=none", "-N",
+        argv = ["hyperfine", "--style=none", "-N",
                 "--warmup=10", f"--runs={runs}", f"--export-json={result}"]
         for name, command in commands.items():
             argv += ["--command-name", name, command]
-        run = subprocess.run(argv, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-        if run.returncode != 0:
-            sys.exit(f"hyperfine failed: {run.stderr.strip()}")
+        as_user_or_exit(TEST_USER, *argv)
         data = json.loads(result.read_text())
     return {r["command"]: r["median"] for r in data["results"]}
 
@@ -60,7 +54,7 @@ def main() -> int:
     print(f"{'command':<22} {'ch-run':>9} {'chspawner':>10} {'ratio':>6} {'target':>7}")
     over = False
     for label, image, command, target in CASES:
-        image_dir = IMAGES / image
+        image_dir = image_path(image)
         tail = f"{image_dir} -- {' '.join(command)}"
         medians = hyperfine({"ch-run": f"ch-run {tail}",
                              "chspawner": f"{CHSPAWNER} run {tail}"}, args.runs)

@@ -43,28 +43,21 @@ own default batch script, ``srun`` step and all; see batchspawner_config):
   with JupyterHub 6 as is. The hub logs Spawner.db's deprecation warning
   once per spawn (batchspawner commits through it).
 
-Run as root: ``bench/run.sh`` or ``python bench/slurm_spawn.py [--rounds N]``.
+Run as root: ``bench/run.sh`` or, from the repository root,
+``python -m bench.slurm_spawn [--rounds N]``.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import statistics
 import sys
 import textwrap
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "scripts"))
-from demo_hub import site_store  # noqa: E402  (the demo's store: jupyter, deb)
-from slurm import Slurm  # noqa: E402
-from test_spawner import Hub, spawn, stop_server  # noqa: E402
+from tests.harness.env import TEST_USER, VENV_BIN
+from tests.harness.hub import Hub, timed_spawn
+from tests.harness.images import site_store  # the demo's store: jupyter, deb
+from tests.harness.slurm import Slurm
 
-VENV_BIN = Path(sys.executable).parent
-USER = os.environ.get("CHSPAWNER_USER", "chtest")
 # What each spawn asks for; SlurmChSpawner's defaults are 1 CPU, 2 GB, 1 h.
 CHSPAWNER_RUNS = {"kernels mode (deb)": {"image": "deb", "mode": "kernels"},
                   "server mode (jupyter)": {"image": "jupyter", "mode": "server"}}
@@ -92,13 +85,8 @@ def chspawner_config(cluster: Slurm) -> str:
     """)
 
 
-def timed_spawn(hub: Hub, cluster: Slurm, options: dict, what: str) -> float:
-    start = time.perf_counter()
-    result = asyncio.run(spawn(hub, options))
-    elapsed = time.perf_counter() - start
-    if not result.get("ready"):
-        sys.exit(f"{what}: spawn failed: {result}\nhub log:\n{hub.log()[-3000:]}")
-    asyncio.run(stop_server(hub))
+def timed_slurm_spawn(hub: Hub, cluster: Slurm, options: dict, what: str) -> float:
+    elapsed = timed_spawn(hub, options, what)
     # Every spawn starts on an idle node: a server still shutting down
     # would take CPU from the next one.
     cluster.wait_idle(timeout=60)
@@ -112,15 +100,17 @@ def main() -> int:
     store = site_store()
     times: dict[str, list[float]] = {"batchspawner": [], **{k: [] for k in CHSPAWNER_RUNS}}
     with Slurm() as cluster:
-        anchor = Hub(store, USER, images=("deb",), extra_config=batchspawner_config(cluster))
-        ours = Hub(store, USER, images=("jupyter", "deb"),
+        anchor = Hub(store, TEST_USER, images=("deb",),
+                     extra_config=batchspawner_config(cluster))
+        ours = Hub(store, TEST_USER, images=("jupyter", "deb"),
                    extra_config=chspawner_config(cluster))
         try:
             for _ in range(args.rounds):
-                times["batchspawner"].append(timed_spawn(anchor, cluster, {}, "batchspawner"))
+                times["batchspawner"].append(timed_slurm_spawn(anchor, cluster, {},
+                                                               "batchspawner"))
                 for label, options in CHSPAWNER_RUNS.items():
-                    times[label].append(timed_spawn(ours, cluster, options,
-                                                   f"SlurmChSpawner {label}"))
+                    times[label].append(timed_slurm_spawn(ours, cluster, options,
+                                                         f"SlurmChSpawner {label}"))
         finally:
             anchor.stop()
             ours.stop()

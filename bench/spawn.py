@@ -3,37 +3,20 @@ single-user server inside the ``jupyter`` image against JupyterHub's own
 LocalProcessSpawner running the same server natively (from the venv).
 
 Both hubs run side by side in one run; rounds alternate; medians. Target:
-ChSpawner <= 1.1x. Run as root: ``bench/run.sh`` or
-``python bench/spawn.py [--rounds N] [--check]``.
+ChSpawner <= 1.1x. Run as root: ``bench/run.sh`` or, from the repository
+root, ``python -m bench.spawn [--rounds N] [--check]``.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import statistics
 import sys
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "scripts"))
-from demo_hub import site_store  # noqa: E402  (the demo's store: jupyter, deb)
-from test_spawner import Hub, spawn, stop_server  # noqa: E402
+from tests.harness.env import TEST_USER
+from tests.harness.hub import Hub, timed_spawn
+from tests.harness.images import site_store  # the demo's store: jupyter, deb
 
-USER = os.environ.get("CHSPAWNER_USER", "chtest")
 TARGET = 1.1
-
-
-def timed_spawn(hub: Hub, options: dict) -> float:
-    start = time.perf_counter()
-    result = asyncio.run(spawn(hub, options))
-    elapsed = time.perf_counter() - start
-    if not result.get("ready"):
-        sys.exit(f"spawn failed: {result}")
-    asyncio.run(stop_server(hub))
-    return elapsed
 
 
 def main() -> int:
@@ -42,9 +25,9 @@ def main() -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     store = site_store()
-    native = Hub(store, USER, images=("jupyter",),
+    native = Hub(store, TEST_USER, images=("jupyter",),
                  extra_config='c.JupyterHub.spawner_class = "localprocess"\n')
-    ours = Hub(store, USER, images=("jupyter",))
+    ours = Hub(store, TEST_USER, images=("jupyter",))
     times: dict[str, list[float]] = {"native": [], "chspawner": []}
     try:
         for _ in range(args.rounds):

@@ -7,8 +7,8 @@
 #     user's server through the REST API instead, runs code in a
 #     containerized kernel, prints the result and stops.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the Python parts run as modules from here
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
 scripts/setup.sh bookworm jupyter
-"$CHSPAWNER_VENV/bin/python" scripts/demo.py
-exec "$CHSPAWNER_VENV/bin/python" scripts/demo_hub.py "$@"
+"$CHSPAWNER_VENV/bin/python" -m scripts.demo
+exec "$CHSPAWNER_VENV/bin/python" -m scripts.demo_hub "$@"

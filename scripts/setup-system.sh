@@ -14,7 +14,7 @@ packages=(
     docker-registry skopeo umoci apache2-utils  # a real registry for pull tests
     zstd xz-utils               # compressed test tarballs
     util-linux                  # setpriv, to drop to the test user
-    slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/slurm.py)
+    slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/harness/slurm.py)
     chromium                    # the browser test (tests/test_browser.py); Playwright drives it
     ca-certificates
 )

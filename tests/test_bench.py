@@ -1,24 +1,25 @@
-"""The benchmark still runs and prints its ratios (figures: bench/run.sh)."""
+"""The benchmark still runs and prints its ratios (figures: bench/run.sh).
+Each runs as a module from the repository root, as bench/run.sh runs it."""
 import re
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.harness.env import REPO
 
 
 def test_runtime_start_benchmark_prints_ratios(user, busybox, bookworm):
-    out = subprocess.run([sys.executable, str(REPO / "bench/runtime_start.py"),
+    out = subprocess.run([sys.executable, "-m", "bench.runtime_start",
                           "--runs", "3"], capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+                         check=True, timeout=300, cwd=REPO).stdout
     ratios = re.findall(r"^(/bin/true|python3 -S -c pass) .* ([\d.]+)x +[\d.]+x", out, re.M)
     assert [label for label, _ in ratios] == ["/bin/true", "python3 -S -c pass"]
     assert all(float(ratio) > 0 for _, ratio in ratios)
 
 
 def test_kernel_benchmark_runs(user, bookworm):
-    out = subprocess.run([sys.executable, str(REPO / "bench/kernels.py"), "--rounds", "1",
+    out = subprocess.run([sys.executable, "-m", "bench.kernels", "--rounds", "1",
                           "--concurrent", "3"], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^start to kernel_info .* [\d.]+x", out.stdout, re.M)
     assert "3/3 kernels started at once" in out.stdout
@@ -27,8 +28,9 @@ def test_kernel_benchmark_runs(user, bookworm):
 
 def test_slurm_spawn_benchmark_runs(user, bookworm):
     """One round on the test Slurm cluster (the benchmark starts its own)."""
-    out = subprocess.run([sys.executable, str(REPO / "bench/slurm_spawn.py"),
-                          "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "bench.slurm_spawn",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     ratios = re.findall(r"^SlurmChSpawner (kernels|server) mode .* ([\d.]+)x$", out.stdout,
                         re.M)
@@ -38,8 +40,9 @@ def test_slurm_spawn_benchmark_runs(user, bookworm):
 
 def test_proxy_benchmark_runs():
     """Short: both proxies, every metric, a ratio each (no targets checked)."""
-    out = subprocess.run([sys.executable, str(REPO / "bench/proxy.py"), "--seconds", "0.5",
-                          "--messages", "5000", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "bench.proxy", "--seconds", "0.5",
+                          "--messages", "5000", "--rounds", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     ratios = re.findall(r"^(HTTP requests/s|HTTP p50|websocket round trip|websocket messages/s)"
                         r".* ([\d.]+)x", out.stdout, re.M)
@@ -49,7 +52,7 @@ def test_proxy_benchmark_runs():
 
 
 def test_recovery_benchmark_runs(user, bookworm):
-    out = subprocess.run([sys.executable, str(REPO / "bench/recovery.py"), "--rounds", "1"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "bench.recovery", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"^server killed, same kernel .* [\d.]+s", out.stdout, re.M), out.stdout

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import as_user, user_file
+from tests.harness.users import as_user, user_file
 
 ESCAPE_FIX = ("Charliecloud 0.31 resolves symlinks in bind destinations on "
               "the host; the builtin backend resolves them inside the image")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from test_spawner import Hub, stop_server
+from tests.harness.hub import Hub, stop_server
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright's own builds can't be downloaded
 FAILURE_SCREENSHOT = Path("/tmp/chspawner-browser-failure.png")

@@ -10,6 +10,9 @@ from session_proxy.proxy.delivered import (
     digest, watched)
 from session_proxy.proxy.wsframes import FrameCounter
 
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 def frame(payload: bytes, opcode: int = 0x1) -> bytes:
     """A server-to-client frame (unmasked), with the 2-, 4- or 10-byte header."""

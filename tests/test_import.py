@@ -15,7 +15,11 @@ import time
 import pytest
 
 from chspawner.images.unpack import UnpackError, contained_link_target, member_path
-from conftest import CHSPAWNER, AS_USER, as_user
+from tests.harness.env import AS_USER, CHSPAWNER
+from tests.harness.registry import (export_docker_archive, export_oci_archive,
+                                    export_oci_layout)
+from tests.harness.users import as_user
+from tests.harness.wait import wait_until
 
 
 class Images:
@@ -286,13 +290,6 @@ def test_truncated_archive(images, user_dir, outside):
 
 # -------------------------------------------------------- interruption ----
 
-def wait_for(condition, deadline_s=60, what="condition"):
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_import_leaves_nothing(images, user_dir, bookworm, sig):
     """Stop an import midway: no image, no partial directory (a SIGKILLed
@@ -310,7 +307,7 @@ def test_interrupted_import_leaves_nothing(images, user_dir, bookworm, sig):
             return tmp.exists() and any(
                 len(os.listdir(tmp / d / "image")) > 3 for d in os.listdir(tmp)
                 if (tmp / d / "image").is_dir())
-        wait_for(started, what="the import to start writing")
+        wait_until(started, "the import to start writing", every=0.01)
         proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
@@ -327,6 +324,7 @@ def test_interrupted_import_leaves_nothing(images, user_dir, bookworm, sig):
 
 # ---------------------------------------------------------------- units ---
 
+@pytest.mark.unit
 def test_member_path_rules():
     assert member_path("./usr/bin/") == "usr/bin"
     assert member_path(".") == ""
@@ -335,6 +333,7 @@ def test_member_path_rules():
             member_path(bad)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("link, target, expected", [
     ("abs", "/etc/passwd", "etc/passwd"),
     ("usr/bin/python3", "/usr/bin/python3.11", "python3.11"),
@@ -354,7 +353,6 @@ def test_link_rewriting(link, target, expected):
 def test_image_layouts_and_archives(images, user, user_dir, test_images, form):
     """Layers applied in order, whiteouts included, config kept: the
     multi-layer test image, in each form skopeo writes it."""
-    from registry import export_docker_archive, export_oci_archive, export_oci_layout
     image = test_images.multi
     src = user_dir / form
     if form == "oci-dir":
@@ -379,7 +377,6 @@ def test_image_layouts_and_archives(images, user, user_dir, test_images, form):
 
 
 def test_multi_arch_oci_layout(images, user, user_dir, test_images):
-    from registry import export_oci_layout
     src = user_dir / "layout"
     export_oci_layout(test_images.multiarch, src, owner=user)
     images.import_(src, "native", check=True)
@@ -391,7 +388,6 @@ def test_multi_arch_oci_layout(images, user, user_dir, test_images):
 
 def test_corrupted_layer_in_a_layout_is_refused(images, user, user_dir, test_images,
                                                 outside):
-    from registry import export_oci_layout
     src = user_dir / "layout"
     export_oci_layout(test_images.one, src, owner=user)
     blobs = src / "blobs" / "sha256"
@@ -494,7 +490,6 @@ def test_an_image_within_the_limit_imports(images, user_dir):
 
 def test_the_size_limit_covers_image_layers(images, user, user_dir, test_images,
                                             outside):
-    from registry import export_oci_layout
     src = user_dir / "layout"
     export_oci_layout(test_images.one, src, owner=user)
     assert_refused(images, images.cli("import", "-q", "--max-size=2K", "-s",

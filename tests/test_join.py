@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from chspawner.images.trees import remove_tree
-from conftest import as_user
-from test_run import read_line
+from tests.harness.users import as_user
+from tests.harness.wait import read_line
 
 # Each peer prints its namespaces, then waits until the test lets it go, so
 # all peers are alive at once (as MPI ranks are) without any sleep.

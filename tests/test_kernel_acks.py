@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from chspawner.persist.keeper import Keeper
 from chspawner.persist.records import AckFile, KernelRecords, ack_path, read_ack
+
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
 
 KERNEL = "7ab1eacd-f40a-494f-b066-717e217e1809"
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import AS_USER, CHSPAWNER, VENV_BIN, as_user
+from tests.harness.env import AS_USER, CHSPAWNER, VENV_BIN
+from tests.harness.users import as_user
 
 from chspawner.persist.keeper import sign, signed_request
 

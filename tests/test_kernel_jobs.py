@@ -19,10 +19,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from conftest import VENV_BIN
-from test_kernel_server import warm_up
-from test_persistent_kernels import (N, Servers, connect, count_to, read, send,
-                                     start_kernel, wait_for, without_the_copy)
+from tests.harness.env import VENV_BIN
+from tests.harness.kernel_client import (N, connect, count_to, read, send, start_kernel,
+                                         warm_up, without_the_copy)
+from tests.harness.servers import Servers
+from tests.harness.wait import wait_until
 
 from chspawner.persist.kernel_manager import keeper_info
 
@@ -42,7 +43,7 @@ def job_servers(user, user_dir, kernel_store, slurm):
     try:
         s.close()
     finally:
-        wait_for(lambda: not kernel_jobs(slurm, user), 30, "the kernel jobs to end")
+        wait_until(lambda: not kernel_jobs(slurm, user), "the kernel jobs to end", 30)
 
 
 async def unsigned_info(address: str) -> list[bytes] | None:
@@ -143,6 +144,6 @@ def test_a_kernel_job_nobody_recorded_ends(user, user_dir, slurm):
                            "--output=/dev/null", f"--wrap={script}", user=user.pw_name))
     started = time.monotonic()
     slurm.wait_job(int(job), {"RUNNING"})
-    wait_for(lambda: (user_dir / "staging" / "keeper").exists(), 30, "the keeper to listen")
+    wait_until(lambda: (user_dir / "staging" / "keeper").exists(), "the keeper to listen", 30)
     slurm.wait_job(int(job), {"COMPLETED", "FAILED", "CANCELLED"}, timeout=30)
     assert time.monotonic() - started < 30

@@ -4,43 +4,19 @@ API, and the jupyter_kernel_test conformance suite against one."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
-import socket
 import subprocess
 import textwrap
-import time
-import uuid
-from collections.abc import Callable
 
 import aiohttp
 import pytest
 
-from conftest import AS_USER, CHSPAWNER, VENV_BIN, as_user
-
-KERNEL = "chspawner-deb--python3"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, log: Callable[[], str],
-                   what: str = "jupyter_server", timeout: float = 60) -> None:
-    """Until ``proc`` (``what``) accepts connections on ``port``; ``log()``
-    says why, should it exit first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            assert proc.poll() is None, log()
-            assert time.monotonic() < deadline, f"{what} did not start"
-            time.sleep(0.05)
+from tests.harness.env import AS_USER, CHSPAWNER, VENV_BIN
+from tests.harness.kernel_client import KERNEL, execute, warm_up
+from tests.harness.net import free_port
+from tests.harness.users import as_user
+from tests.harness.wait import wait_listening
 
 
 @pytest.fixture
@@ -65,57 +41,6 @@ def server(user, user_dir, kernel_store):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def execute_request(code: str, session: str | None = None) -> dict:
-    """An execute_request; ``session`` as JupyterLab sends it, its client id
-    (the websocket's session_id) in every header."""
-    msg_id = uuid.uuid4().hex
-    return {"header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
-                       "session": session or uuid.uuid4().hex, "version": "5.3",
-                       "date": ""},
-            "parent_header": {}, "metadata": {}, "channel": "shell",
-            "content": {"code": code, "silent": False, "store_history": True,
-                        "user_expressions": {}, "allow_stdin": False,
-                        "stop_on_error": True}}
-
-
-async def warm_up(ws) -> None:
-    """Run nothing once: a kernel's first output can go out before the new
-    websocket's iopub subscription is live (ZMQ's slow joiner); once a reply
-    has come back, it is."""
-    await execute(ws, "pass")
-
-
-async def execute(ws, code: str, on_start=None) -> tuple[str, str, str | None]:
-    """Run ``code`` over the kernel's websocket: (status, stdout, ename).
-    ``on_start`` is awaited once the code has printed something.
-
-    Done when both the execute_reply (shell) and the kernel's idle status for
-    the request (IOPub) have come, as the protocol says and JupyterLab does:
-    the two channels are not ordered with each other, and output relayed
-    through a kernel's keeper (session_proxy) may well come after the reply."""
-    request = execute_request(code)
-    await ws.send_str(json.dumps(request))
-    output, started, reply, idle = [], False, None, False
-    async with asyncio.timeout(90):
-        async for frame in ws:
-            msg = json.loads(frame.data)
-            if msg["parent_header"].get("msg_id") != request["header"]["msg_id"]:
-                continue
-            if msg["msg_type"] == "stream":
-                output.append(msg["content"]["text"])
-                if on_start and not started:
-                    started = True
-                    await on_start()
-            elif msg["msg_type"] == "execute_reply":
-                reply = msg["content"]
-            elif msg["msg_type"] == "status" and \
-                    msg["content"]["execution_state"] == "idle":
-                idle = True
-            if reply is not None and idle:
-                return reply["status"], "".join(output), reply.get("ename")
-    raise AssertionError("no execute_reply" if reply is None else "no idle status")
 
 
 async def picker_flow(base: str, token: str) -> dict:

@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from conftest import CHSPAWNER, VENV_BIN, as_user
+from tests.harness.env import CHSPAWNER, VENV_BIN
+from tests.harness.users import as_user
 
 # Runs as the test user: start a kernel by name through a KernelManager that
 # uses the discovery, then do what a notebook user does, and report.

@@ -26,10 +26,12 @@ import pytest
 from aiohttp import web
 from jupyterhub.utils import url_escape_path, url_path_join
 
-from conftest import VENV_BIN, as_user
+from tests.harness.env import VENV_BIN
+from tests.harness.net import free_port, refused_target
+from tests.harness.users import as_user
+from tests.harness.wait import until
 from session_proxy.manager.app import SessionManager
 from session_proxy.manager.records import SessionRecord, SessionStore, private_sqlite_file
-from test_kernel_server import free_port
 
 HUB_TOKEN = "hub-token-" + secrets.token_hex(8)
 
@@ -186,19 +188,6 @@ def record_of(app: SessionManager, user: str) -> dict:
     with app.store.transaction() as db:
         record = app.store.find(db, user, "")
         return record.to_dict() if record else {}
-
-
-async def until(condition: Callable[[], bool], what: str, deadline_s: float = 20) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-def refused_target() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: refused
 
 
 # ------------------------------------------------------------ credentials --
@@ -423,6 +412,7 @@ def test_the_records_file_is_its_owners_alone(shared, other_user):
     SessionStore(f"sqlite:///{loose}").engine.dispose()
 
 
+@pytest.mark.unit
 def test_a_records_file_that_is_a_link_is_refused(tmp_path):
     target = tmp_path / "elsewhere"
     target.write_text("")

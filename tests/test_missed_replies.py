@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
+
 from chspawner.persist.missed_replies import Executions, timestamp
+
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
 
 
 def run(executions: Executions, request: str, session: str, first_seq: int,

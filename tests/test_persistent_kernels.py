@@ -13,146 +13,21 @@ the way a lost container or node takes it.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
-import secrets
-import signal
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from conftest import AS_USER, VENV_BIN
-from test_kernel_server import (KERNEL, execute, execute_request, free_port,
-                                wait_listening, warm_up)
-
 from chspawner.persist.kernel_manager import keeper_info
-
-N = 40  # numbers printed, one every 0.5 s: 20 s of output
-
-
-def count_to(n: int, every: float) -> str:
-    return (f"import time\nfor i in range(1, {n + 1}):\n"
-            f"    print(i, flush=True)\n    time.sleep({every})\n")
-
-
-class Servers:
-    """Successive jupyter_servers as the test user, sharing one state
-    directory (as a server and its replacement do)."""
-
-    def __init__(self, user, user_dir: Path, store: str, extra: list[str],
-                 env: dict[str, str] | None = None):
-        self.user, self.user_dir, self.store, self.extra = user, user_dir, store, extra
-        self.env = env or {}
-        self.token = secrets.token_hex(16)
-        self.mark = uuid.uuid4().hex  # finds every process these servers started
-        self.state_dir = user_dir / "state"
-        self.proc: subprocess.Popen | None = None
-        self.base = ""
-        self.count = 0
-
-    @property
-    def headers(self) -> dict:
-        return {"Authorization": f"token {self.token}"}
-
-    def start(self) -> str:
-        port = free_port()
-        self.count += 1
-        log = open(self.user_dir / f"server-{self.count}.log", "wb")
-        self.proc = subprocess.Popen(
-            [str(AS_USER), self.user.pw_name, "env", f"TMPDIR={self.user_dir}",
-             f"CHSPAWNER_TEST_MARK={self.mark}", *[f"{k}={v}" for k, v in self.env.items()],
-             str(VENV_BIN / "jupyter-server"), "--no-browser", f"--port={port}",
-             "--ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={self.user_dir}",
-             "--ServerApp.kernel_spec_manager_class="
-             "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
-             f"--ContainerKernelSpecManager.storage={self.store}",
-             "--ServerApp.kernel_manager_class="
-             "chspawner.persist.kernel_manager.PersistentKernelManager",
-             "--ServerApp.kernel_websocket_connection_class="
-             "chspawner.persist.kernel_connection.ReplayingKernelConnection",
-             "--ServerApp.session_manager_class="
-             "chspawner.persist.notebook_sessions.PersistentSessionManager",
-             f"--PersistentKernelManager.state_dir={self.state_dir}", *self.extra],
-            stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        wait_listening(port, self.proc, lambda: self.log()[-3000:])
-        self.base = f"http://127.0.0.1:{port}"
-        return self.base
-
-    def log(self) -> str:
-        return (self.user_dir / f"server-{self.count}.log").read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL the whole server (its process group), not its kernels."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def close(self) -> None:
-        """Shut every kernel down on purpose (a server that stops would
-        leave them running), stop the server, and fail if a process it
-        started is left."""
-        try:
-            if self.proc and self.proc.poll() is None:
-                asyncio.run(shutdown_all(self))
-        finally:
-            self.stop()
-            # Keepers notice their record is gone within a second.
-            deadline = time.monotonic() + 10
-            while (leftovers := self.marked()) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            for pid in leftovers:
-                os.kill(pid, signal.SIGKILL)
-            assert not leftovers, f"processes left running: {leftovers}"
-
-    def records(self) -> dict[str, dict]:
-        if not self.state_dir.is_dir():
-            return {}
-        return {p.stem: json.loads(p.read_text()) for p in self.state_dir.glob("*.json")}
-
-    def marked(self) -> list[int]:
-        """PIDs of live processes started by these servers (marked env)."""
-        found, needle = [], f"CHSPAWNER_TEST_MARK={self.mark}".encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes() and _running(int(entry.name)):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-        return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+from tests.harness.kernel_client import (KERNEL, N, Transcript, connect, count_to,
+                                         execute, read, send, start_kernel, warm_up,
+                                         without_the_copy)
+from tests.harness.procs import running
+from tests.harness.servers import Servers
+from tests.harness.wait import wait_until
 
 
 @pytest.fixture
@@ -161,94 +36,6 @@ def servers(request, user, user_dir, kernel_store):
     s = Servers(user, user_dir, kernel_store, list(marker.args) if marker else [])
     yield s
     s.close()
-
-
-async def shutdown_all(s: Servers) -> None:
-    async with aiohttp.ClientSession(headers=s.headers) as http:
-        async with http.get(f"{s.base}/api/kernels") as r:
-            kernels = await r.json()
-        for kernel in kernels:
-            async with http.delete(f"{s.base}/api/kernels/{kernel['id']}") as r:
-                assert r.status == 204
-
-
-# ------------------------------------------------------------ client ---
-
-async def start_kernel(http, s: Servers) -> str:
-    async with http.post(f"{s.base}/api/kernels", json={"name": KERNEL}) as r:
-        assert r.status == 201, await r.text()
-        return (await r.json())["id"]
-
-
-async def connect(http, s: Servers, kernel: str, session: str):
-    url = f"{s.base}/api/kernels/{kernel}/channels?session_id={session}"
-    return await http.ws_connect(url.replace("http", "ws", 1))
-
-
-class Transcript:
-    """What one execution sent the client: numbers printed, stderr
-    notices, whether the reply and the final idle status came."""
-
-    def __init__(self, msg_id: str):
-        self.msg_id = msg_id
-        self.numbers: list[int] = []
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self.order: list[str] = []  # "n" for a number, "e" for stderr
-        self.reply = False
-        self.reply_content: dict | None = None
-        self.execution_count: int | None = None  # from execute_input
-        self.idle = False
-
-    def feed(self, msg: dict) -> None:
-        if msg["parent_header"].get("msg_id") != self.msg_id:
-            return
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream" and content["name"] == "stdout":
-            self.stdout.append(content["text"])
-            for line in content["text"].splitlines():
-                if line.strip().isdigit():
-                    self.numbers.append(int(line))
-                    self.order.append("n")
-        elif kind == "stream" and content["name"] == "stderr":
-            self.stderr.append(content["text"])
-            self.order.append("e")
-        elif kind == "execute_reply":
-            self.reply = content["status"] == "ok"
-            self.reply_content = content
-        elif kind == "execute_input":
-            self.execution_count = content["execution_count"]
-        elif kind == "status" and content["execution_state"] == "idle":
-            self.idle = True
-
-
-def without_the_copy(numbers: list[int], seen_by_first: int) -> list[int]:
-    """``numbers`` less the one copy a client straight on the server (no
-    session proxy) may get after a kill: the message sent at the instant
-    of the kill, before it was recorded as sent, comes again first from
-    the next server. Anything else repeated, missing or out of order stays."""
-    numbers = list(numbers)
-    cut = seen_by_first
-    if 0 < cut < len(numbers) and numbers[cut] == numbers[cut - 1]:
-        del numbers[cut]
-    return numbers
-
-
-async def read(ws, transcript: Transcript, until, timeout: float = 60) -> None:
-    """Feed ``transcript`` from ``ws`` until ``until(transcript)`` holds or
-    the socket closes."""
-    async with asyncio.timeout(timeout):
-        while not until(transcript):
-            frame = await ws.receive()
-            if frame.type != aiohttp.WSMsgType.TEXT:
-                return  # closed: the server is gone
-            transcript.feed(json.loads(frame.data))
-
-
-async def send(ws, code: str, session: str | None = None) -> Transcript:
-    request = execute_request(code, session)
-    await ws.send_str(json.dumps(request))
-    return Transcript(request["header"]["msg_id"])
 
 
 async def leave_mid_cell(http, s: Servers, code: str, as_lab: bool = False):
@@ -288,8 +75,8 @@ async def kill_mid_cell(s: Servers, disconnect_first: bool) -> tuple[Transcript,
         if disconnect_first:  # the whole gap without a browser: output piles up
             address = before["keeper"]
             start = (await keeper_info(address))["last_seq"]
-            await asyncio.to_thread(wait_for, lambda: asyncio.run(keeper_info(address))
-                                    ["last_seq"] >= start + 4, 30, "output during the gap")
+            await asyncio.to_thread(wait_until, lambda: asyncio.run(keeper_info(address))
+                                    ["last_seq"] >= start + 4, "output during the gap", 30)
         await asyncio.to_thread(s.start)
         ws = await connect(http, s, kernel, session)
         await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
@@ -367,8 +154,8 @@ def test_a_cell_that_ends_while_no_server_runs_still_gets_its_reply(servers, end
         async with aiohttp.ClientSession(headers=s.headers) as http:
             kernel, session, address, t = await leave_mid_cell(http, s, code, as_lab=True)
             # The cell ends while no server runs.
-            await asyncio.to_thread(wait_for, lambda: (asyncio.run(keeper_info(address))
-                                    ["execution_state"] == "idle"), 60, "the cell to end")
+            await asyncio.to_thread(wait_until, lambda: (asyncio.run(keeper_info(address))
+                                    ["execution_state"] == "idle"), "the cell to end", 60)
             await asyncio.to_thread(s.start)
             ws = await connect(http, s, kernel, session)
             await read(ws, t, lambda t: t.reply_content is not None and t.idle, timeout=60)
@@ -407,8 +194,8 @@ def burst_during_gap(s: Servers) -> tuple[Transcript, dict, dict, str]:
             (s.user_dir / flag).write_text("")
             os.chmod(s.user_dir / flag, 0o644)
             # The kernel finishes during the gap.
-            await asyncio.to_thread(wait_for, lambda: (asyncio.run(keeper_info(address))
-                                    ["execution_state"] == "idle"), 60, "the burst to end")
+            await asyncio.to_thread(wait_until, lambda: (asyncio.run(keeper_info(address))
+                                    ["execution_state"] == "idle"), "the burst to end", 60)
             held = await keeper_info(address)
             await asyncio.to_thread(s.start)
             ws = await connect(http, s, kernel, session)
@@ -455,7 +242,7 @@ def test_shutdown_on_purpose_ends_kernel_and_keeper_and_stop_keeps_kernels(serve
             keeper = (await keeper_info(record["keeper"]))["pid"]
             # A normal stop (SIGTERM) leaves the kernel for the next server.
             await asyncio.to_thread(s.stop)
-            assert _running(record["provisioner_info"]["pid"]) and _running(keeper)
+            assert running(record["provisioner_info"]["pid"]) and running(keeper)
             await asyncio.to_thread(s.start)
             async with http.get(f"{s.base}/api/kernels") as r:
                 listed = [k["id"] for k in await r.json()]
@@ -472,11 +259,11 @@ def test_shutdown_on_purpose_ends_kernel_and_keeper_and_stop_keeps_kernels(serve
     kernel, record, keeper, listed, t = asyncio.run(scenario())
     assert listed == [kernel] and t.numbers == [1]
     assert kernel not in s.records()
-    wait_for(lambda: not _running(keeper), 10, "the keeper to exit")
-    wait_for(lambda: not _running(record["provisioner_info"]["pid"]), 10, "the kernel to end")
+    wait_until(lambda: not running(keeper), "the keeper to exit", 10)
+    wait_until(lambda: not running(record["provisioner_info"]["pid"]), "the kernel to end", 10)
     assert not Path(record["keeper"].removeprefix("ipc://")).exists()
     s.stop()
-    wait_for(lambda: not s.marked(), 10, "no process left")
+    wait_until(lambda: not s.marked(), "no process left", 10)
 
 
 @pytest.mark.parametrize("name", ["", "a", "b", "x" * 200 + " é/.."])

@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, LocalProcess,
                                              SrunStep, running)
 from chspawner.slurm import Job, JobState, SlurmError
+
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
 
 LOG = logging.getLogger("test-launchers")
 

@@ -11,6 +11,9 @@ from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.kernelspecs import default_kernel, kernel_template
 from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 
 def test_defaults():
     s = ProvisionerSettings.from_config(None)

@@ -25,8 +25,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import VENV_BIN
-from test_kernel_server import free_port, wait_listening
+from tests.harness.env import VENV_BIN
+from tests.harness.net import free_port
+from tests.harness.wait import until, wait_listening
 
 PROXY = VENV_BIN / "chspawner-proxy"
 MIB = 1 << 20
@@ -93,19 +94,6 @@ def start_proxy(tmp_path):
     yield start
     for proxy in started:
         proxy.stop()
-
-
-async def until(condition, timeout: float, what: str, every: float = 0.05):
-    """Wait for ``condition()`` (sync or async) to be true, up to ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting: {what}"
-        await asyncio.sleep(every)
 
 
 # -- a small HTTP/1.1 and websocket backend, written by hand so it can lie --
@@ -229,14 +217,14 @@ def test_a_terabyte_frame_after_a_lost_kernel_websocket_keeps_the_proxy_small(st
             before = proxy.rss_kib()
             reader, writer = await ws_connect(proxy.port, path)
             # The client reads nothing for now: the backend must be held back.
-            await until(lambda: kernel.sent > 0, 10, "the backend streams")
+            await until(lambda: kernel.sent > 0, "the backend streams", 10)
             last = -1
 
             def stalled():
                 nonlocal last
                 same, last = kernel.sent == last, kernel.sent
                 return same
-            await until(stalled, 30, "the backend held back", every=0.5)
+            await until(stalled, "the backend held back", 30, every=0.5)
             held = kernel.sent
             assert held < 32 * MIB, "no backpressure: the proxy read on"
             assert proxy.rss_kib() - before < 32 * 1024
@@ -298,13 +286,13 @@ def test_half_sent_requests_beyond_the_fd_limit_do_not_stop_the_proxy(start_prox
                 if cap == "auto":  # fds are left for the route API
                     assert await proxy.api("GET", "/routes") == 200
                 await until(lambda: "Too many open files" in proxy.log() or cap == "auto",
-                            10, "the proxy ran out of descriptors")
+                            "the proxy ran out of descriptors", 10)
 
                 async def served() -> bool:
                     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                         return await get_status(f"{proxy.url}/user/alice/") == 200
                     return False
-                await until(served, 60, "a fresh client served", every=0.2)
+                await until(served, "a fresh client served", 60, every=0.2)
                 elapsed = time.monotonic() - start
                 assert await proxy.api("GET", "/routes") == 200
             finally:
@@ -413,9 +401,9 @@ def test_a_pooled_connection_never_outlives_its_route(start_proxy, change):
             if change == "route deleted":
                 assert await proxy.api("DELETE", "/routes/user/alice") == 204
                 # The pool went with the route, at once.
-                await until(lambda: first.closed == 1, 5, "the pooled connection closed")
+                await until(lambda: first.closed == 1, "the pooled connection closed", 5)
             await proxy.route("/user/alice", f"http://127.0.0.1:{new_port}")
-            await until(lambda: first.closed == 1, 5, "the pooled connection closed")
+            await until(lambda: first.closed == 1, "the pooled connection closed", 5)
             for _ in range(3):
                 assert await body_of(f"{proxy.url}/user/alice/") == "second"
             assert first.requests == 1

@@ -7,69 +7,19 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import AS_USER, CHSPAWNER, as_user, user_file
-from registry import Registry, _Layout, _skopeo, push
-
-
-class Puller:
-    """``chspawner`` as the test user against a private store."""
-
-    def __init__(self, user, store):
-        self.user, self.store = user, store
-
-    def argv(self, *args):
-        return [str(AS_USER), self.user.pw_name, "env", *self.env, str(CHSPAWNER), *args]
-
-    env: list[str] = []
-
-    def cli(self, *args, check=False, env=()):
-        self.env = list(env)
-        result = subprocess.run(self.argv(*args), capture_output=True, text=True,
-                                timeout=300)
-        if check:
-            assert result.returncode == 0, result.stderr
-        return result
-
-    def pull(self, ref, *names, check=False, env=(), opts=()):
-        return self.cli("pull", "-q", "--insecure", "-s", str(self.store), *opts, ref,
-                        *names, check=check, env=env)
-
-    def run(self, name, *command, check=True):
-        return self.cli("run", "-s", str(self.store), name, *command, check=check)
-
-    def image(self, name):
-        return self.store / "img" / name.replace("/", "%").replace(":", "+")
-
-    def clean(self):
-        """No image in progress left anywhere, and no partial blob."""
-        tmp = self.store / "tmp"
-        return not (tmp.exists() and os.listdir(tmp))
-
-
-@pytest.fixture
-def puller(user, user_dir):
-    store = user_dir / "store"
-    as_user(user.pw_name, "mkdir", str(store))
-    return Puller(user, store)
+from tests.harness.puller import assert_one_line_error
+from tests.harness.registry import Layout, Registry, push, skopeo
+from tests.harness.users import as_user, user_file
+from tests.harness.wait import wait_until
 
 
 def blob_gets(registry, repo):
     """How many blob downloads the registry has served for ``repo``."""
     return len(re.findall(rf'"GET /v2/{re.escape(repo)}/blobs/sha256:[0-9a-f]+ HTTP',
                           registry.log()))
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode == 1, result.stderr
-    line = result.stderr.strip()
-    assert len(line.splitlines()) == 1, line
-    assert line.startswith("chspawner pull: error: ")
-    for word in words:
-        assert word in line, line
 
 
 # ------------------------------------------------------------- formats ----
@@ -221,20 +171,13 @@ def test_layer_cache_is_shared_between_pulls(puller, registry, test_images):
 def big_registry(test_images, tmp_path):
     """A registry holding test/big:1, whose one layer is 48 MiB of random
     bytes: big enough to interrupt a download midway."""
-    layout = _Layout(tmp_path, test_images.layout.parent / "none")
+    layout = Layout(tmp_path, test_images.layout.parent / "none")
     with layout.edit("empty", "big") as rootfs:
         (rootfs / "big").write_bytes(os.urandom(48 << 20))
     with Registry() as reg:
-        _skopeo("copy", "--dest-tls-verify=false", "--dest-no-creds",
-                f"oci:{layout.path}:big", f"docker://{reg.host}/test/big:1")
+        skopeo("copy", "--dest-tls-verify=false", "--dest-no-creds",
+               f"oci:{layout.path}:big", f"docker://{reg.host}/test/big:1")
         yield reg
-
-
-def wait_for(condition, what, deadline_s=60):
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
@@ -246,7 +189,8 @@ def test_interrupted_pull_leaves_store_clean_and_resumes(puller, big_registry, s
     partials = lambda: list((puller.store / "dlcache").glob("*.partial")) \
         if (puller.store / "dlcache").exists() else []
     try:
-        wait_for(lambda: any(p.stat().st_size > 0 for p in partials()), "a partial blob")
+        wait_until(lambda: any(p.stat().st_size > 0 for p in partials()), "a partial blob",
+                   every=0.005)
         # Freeze the registry so the download is surely midway, then stop
         # the pull the way a user or a batch system would.
         os.kill(big_registry.process.pid, signal.SIGSTOP)

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from conftest import AS_USER, CHSPAWNER, as_user
-from registry import MEDIA_TYPES, _sha256
-from test_pull import assert_one_line_error, puller  # noqa: F401 (a fixture)
+from tests.harness.env import AS_USER, CHSPAWNER
+from tests.harness.puller import assert_one_line_error
+from tests.harness.registry import MEDIA_TYPES, sha256
+from tests.harness.users import as_user
 
 MiB = 1 << 20
 # Small stall settings for the tests: a pull must see 1 KiB every 2 s.
@@ -58,17 +59,17 @@ class TinyImage:
         config = json.dumps({
             "architecture": "amd64", "os": "linux",
             "config": {"Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [_sha256(tar.getvalue())]},
+            "rootfs": {"type": "layers", "diff_ids": [sha256(tar.getvalue())]},
         }).encode()
         return cls(layer, config, files["data.bin"], files)
 
     @property
     def layer_digest(self) -> str:
-        return _sha256(self.layer)
+        return sha256(self.layer)
 
     @property
     def config_digest(self) -> str:
-        return _sha256(self.config)
+        return sha256(self.config)
 
     def manifest(self, config_size: int | None = None) -> bytes:
         return json.dumps({
@@ -432,6 +433,7 @@ def test_concurrent_pulls_download_a_layer_once(puller, hostile, image):
 
 # ------------------------------------------------------------ the watch ----
 
+@pytest.mark.unit
 def test_stall_watch_counts_windows_not_totals():
     """Steady progress passes however long it lasts; a window without
     ``min_bytes`` cancels the work and raises Stalled."""

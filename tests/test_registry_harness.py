@@ -24,14 +24,15 @@ import aiohttp
 import jwt
 import pytest
 
-from conftest import as_user
-from registry import (
-    ACCEPT_ALL, DIRECT, MEDIA_TYPES, Image, ImageSet, Registry, TokenServer,
-    export_docker_archive, export_oci_archive, export_oci_layout)
+from tests.harness.registry import (ACCEPT_ALL, DIRECT, MEDIA_TYPES, Image, ImageSet,
+                                    Registry, TokenServer, export_docker_archive,
+                                    export_oci_archive, export_oci_layout)
+from tests.harness.users import as_user
 
 # The fixtures (registry, basic_registry, token_registry, test_images) come
-# from conftest, which imports them from registry: one definition for every
-# module, so a session builds the images and starts each registry once.
+# from conftest, which imports them from tests.harness.registry: one
+# definition for every module, so a session builds the images and starts
+# each registry once.
 
 
 # --- a tiny registry client on urllib -----------------------------------------

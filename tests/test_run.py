@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -10,8 +9,12 @@ import sys
 
 import pytest
 
+from chspawner.runtime import Bind, RunSpec, to_argv
 from chspawner.runtime.spec import LAUNCH_SCRIPT
-from conftest import CHSPAWNER, as_user, lines, parse_env, user_file
+from tests.harness.env import AS_USER, CHSPAWNER
+from tests.harness.text import lines, parse_env
+from tests.harness.users import as_user, user_file
+from tests.harness.wait import read_line
 
 BUILTIN_ONLY_FIX = ("Charliecloud's ch-run 0.31 has this flaw; the builtin "
                     "backend fixes it")
@@ -26,13 +29,6 @@ def mountinfo(rt, image, *opts):
         sep = fields.index("-")
         mounts[fields[4]] = (fields[5].split(","), fields[sep + 1])
     return mounts
-
-
-def read_line(stream, deadline_s: float = 20) -> str:
-    """One line from a pipe, or fail after a deadline (never hang a test)."""
-    ready, _, _ = select.select([stream], [], [], deadline_s)
-    assert ready, f"no output within {deadline_s} s"
-    return stream.readline().strip()
 
 
 # ------------------------------------------------------------- basics ----
@@ -397,3 +393,17 @@ def test_setuid_and_setgid_are_refused(builtin, busybox, user_dir):
         assert result.returncode == 31, result.stderr
         assert "setuid" in result.stderr
         copy.unlink()
+
+
+def test_a_runspec_runs_on_both_backends(rt, user, user_dir, busybox):
+    """The API path: what to_argv builds starts the same container on both."""
+    data = user_dir / "data"
+    as_user(user.pw_name, "mkdir", str(data))
+    user_file(user, data / "f", "bound\n")
+    spec = RunSpec(str(busybox), ["sh", "-c", 'cat /mnt/f; echo "$GREETING"; pwd; id -u'],
+                   binds=[Bind(str(data), "/mnt")], env={"GREETING": "'hi there'"},
+                   cwd="/etc", uid=0, unset_env=["LANG"])
+    result = subprocess.run([str(AS_USER), user.pw_name, *to_argv(spec, rt.backend)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["bound", "'hi there'", "/etc", "0"]

@@ -13,6 +13,10 @@ from aiohttp import web
 
 from session_proxy.manager.app import SessionManager
 from session_proxy.manager.records import SessionRecord
+from tests.harness.net import refused_target
+
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
 
 KEY = ("alice", "")
 
@@ -25,12 +29,6 @@ def listener():
         s.bind(("127.0.0.1", 0))
         s.listen(16)
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def refused_target() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: refused
 
 
 def manager(tmp_path: Path, **settings) -> SessionManager:

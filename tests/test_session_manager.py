@@ -18,43 +18,13 @@ import aiohttp
 import pytest
 
 from chspawner.images.trees import remove_tree
-from conftest import VENV_BIN
-from test_kernel_server import free_port, warm_up
-from test_persistent_kernels import N, Transcript, count_to, read, send
-from test_spawner import (Hub, kernels_url, spawn, start_kernel, stop_server,
-                          user_server, wait_until)
-
-MANAGER = "session-manager"
-# As docs/admin/sessions.md gives them ("servers": read:servers,
-# start:servers and delete:servers).
-MANAGER_SCOPES = ["list:users", "servers"]
-
-
-def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
-    return textwrap.dedent(f"""
-        c.ConfigurableHTTPProxy.command = ["{VENV_BIN}/chspawner-proxy"]
-        c.ConfigurableHTTPProxy.auth_token = "{proxy_token}"
-        # JupyterHub's own poll stays at its default: the manager notices
-        # first, which is how it tells a loss from a stop by request.
-        c.Spawner.poll_interval = 30
-        c.JupyterHub.services.append({{
-            "name": "{MANAGER}", "url": "http://127.0.0.1:{manager_port}",
-            "command": ["{VENV_BIN}/chspawner-session-manager",
-                        "--db-url=sqlite:///{state_dir}/sessions.sqlite",
-                        "--proxy-api-url=" + c.ConfigurableHTTPProxy.api_url,
-                        "--interval=0.5",
-                        # the kills in a row below count against this
-                        "--max-recoveries=50"],
-            "environment": {{"CONFIGPROXY_AUTH_TOKEN": "{proxy_token}"}},
-        }})
-        # The least the manager needs: list users' servers (with their
-        # user_options), read one, start and stop them. No access:servers:
-        # its checks of users' servers carry no credential.
-        c.JupyterHub.load_roles.append({{
-            "name": "{MANAGER}", "services": ["{MANAGER}"],
-            "scopes": {MANAGER_SCOPES!r}}})
-        c.JupyterHub.load_roles[0]["scopes"].append("admin:server_state")
-    """)
+from tests.harness.env import VENV_BIN
+from tests.harness.hub import (MANAGER, Hub, manager_config, server_state, spawn,
+                               stop_server, user_server)
+from tests.harness.kernel_client import (N, Transcript, count_to, kernels_url, read,
+                                         reconnect, send, start_kernel, warm_up)
+from tests.harness.net import free_port
+from tests.harness.wait import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +61,6 @@ async def sessions(hub: Hub) -> list[dict]:
 def history(hub: Hub) -> list[str]:
     found = asyncio.run(sessions(hub))
     return [e["kind"] for e in found[-1]["history"]] if found else []
-
-
-async def server_state(hub: Hub) -> dict:
-    """The spawner's state: the server's pid (local) or job id (Slurm);
-    empty while the hub has no server for the user (a move)."""
-    async with hub.session() as http:
-        async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
-            server = (await r.json())["servers"].get("")
-            return server["state"] if server and server["ready"] else {}
 
 
 async def answers(hub: Hub) -> int | None:
@@ -233,18 +194,6 @@ async def start_cell(http: aiohttp.ClientSession, hub: Hub, code: str):
     ws = await http.ws_connect(url)
     await warm_up(ws)
     return kernel, url, ws, await send(ws, code)
-
-
-async def reconnect(http: aiohttp.ClientSession, url: str, deadline_s: float = 60):
-    """Open the websocket again as a client does after losing it: retry
-    until the session answers at its URL again."""
-    end = time.monotonic() + deadline_s
-    while True:
-        try:
-            return await http.ws_connect(url)
-        except aiohttp.ClientError:
-            assert time.monotonic() < end, "the session did not come back"
-            await asyncio.sleep(0.2)  # (a client's retry pace, not a wait for an event)
 
 
 @pytest.mark.parametrize("which, browser", [("local", "connected"),

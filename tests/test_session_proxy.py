@@ -14,8 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import VENV_BIN
-from test_kernel_server import free_port, wait_listening
+from tests.harness.env import VENV_BIN
+from tests.harness.hub import Hub, kernel_in_server, spawn, stop_server
+from tests.harness.net import free_port
+from tests.harness.wait import wait_listening
 
 PROXY = VENV_BIN / "chspawner-proxy"
 BIG = 50 * 1024 * 1024
@@ -602,8 +604,6 @@ def test_tls_flags_are_refused_with_one_line():
 # -- a real JupyterHub ----------------------------------------------------------------------
 
 def test_jupyterhub_drives_it_as_its_proxy(user, kernel_store):
-    from test_spawner import Hub, kernel_in_server, spawn, stop_server
-
     hub = Hub(kernel_store, user.pw_name, images=("deb",),
               extra_config=f'c.ConfigurableHTTPProxy.command = ["{PROXY}"]\n')
     try:

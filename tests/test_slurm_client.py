@@ -14,6 +14,9 @@ import pytest
 from chspawner.slurm import (Job, JobState, Resources, SlurmClient, SlurmError, job_environment,
                              parse_job_id, sbatch_argv)
 
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 # ------------------------------------------------------------ sbatch_argv --
 
 

@@ -11,39 +11,17 @@ import pwd
 import re
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-import slurm as harness
-from slurm import Slurm, SlurmError
+from tests.harness import net
+from tests.harness.procs import live_processes
+from tests.harness.slurm import Slurm, SlurmError
+from tests.harness.wait import wait_until
 
 # The session fixture `slurm` comes from conftest, which imports it from
-# slurm: one definition, so the session starts one cluster for every module.
-
-
-def live_processes(uid: int, cmdline: str) -> list[int]:
-    """PIDs of uid's processes running exactly cmdline (not zombies, whose
-    cmdline is empty: this machine's PID 1 never reaps orphans)."""
-    wanted = cmdline.replace(" ", "\0") + "\0"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and entry.stat().st_uid == uid \
-                    and (entry / "cmdline").read_text() == wanted:
-                pids.append(int(entry.name))
-        except OSError:  # it exited while we looked
-            continue
-    return pids
-
-
-def _wait_for(condition: Callable[[], object], timeout: float) -> bool:
-    """Poll condition until true or timeout; its last answer."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return bool(result)
+# tests.harness.slurm: one definition, so the session starts one cluster for every module.
 
 
 def test_srun_runs_on_the_node(slurm: Slurm, user: pwd.struct_passwd):
@@ -78,11 +56,12 @@ def test_scancel_kills_a_running_job(slurm: Slurm, user: pwd.struct_passwd):
     job = slurm.submit("--output=/dev/null", "--wrap", command, user=user.pw_name)
     try:
         slurm.wait_job(job, "RUNNING", timeout=30)
-        assert _wait_for(lambda: live_processes(user.pw_uid, command), 10)
+        wait_until(lambda: live_processes(user.pw_uid, command), "the step to run", 10, every=0.05)
         start = time.monotonic()
         slurm.run("scancel", str(job), user=user.pw_name)
         assert slurm.wait_job(job, "CANCELLED", timeout=10) == "CANCELLED"
-        assert _wait_for(lambda: not live_processes(user.pw_uid, command), 10)
+        wait_until(lambda: not live_processes(user.pw_uid, command), "the step to end", 10,
+                   every=0.05)
         assert time.monotonic() - start < 10
     finally:
         slurm.run("scancel", str(job), check=False)
@@ -94,7 +73,8 @@ def test_job_environment(slurm: Slurm, user: pwd.struct_passwd):
                     "SLURM_CONF", user=user.pw_name).stdout
     job_id, nodelist, conf = out.split()
     assert re.fullmatch(r"\d+", job_id)
-    assert slurm.job_state(int(job_id)) == "COMPLETED"
+    # srun returns while the job may still be COMPLETING: wait for its end.
+    assert slurm.wait_job(int(job_id), "COMPLETED", timeout=10) == "COMPLETED"
     assert nodelist == slurm.node
     assert conf == str(slurm.conf)
 
@@ -159,15 +139,15 @@ def test_daemons_run_as_expected(slurm: Slurm):
 
 
 def test_a_taken_port_is_retried(monkeypatch, user: pwd.struct_passwd):
-    """Another process binding the port between _free_port and slurmctld:
+    """Another process binding the port between free_port and slurmctld:
     start retries on fresh ports instead of failing."""
     with socket.socket() as squatter:
         squatter.bind(("0.0.0.0", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        real = harness._free_port
+        real = net.free_port
         ports = iter([taken])
-        monkeypatch.setattr(harness, "_free_port", lambda: next(ports, None) or real())
+        monkeypatch.setattr(net, "free_port", lambda: next(ports, None) or real())
         with Slurm() as cluster:
             assert taken not in cluster.ports
             assert cluster.run("srun", "true", user=user.pw_name).returncode == 0

@@ -9,7 +9,6 @@ import pwd
 import re
 import secrets
 import subprocess
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -18,116 +17,9 @@ import aiohttp
 import pytest
 
 from chspawner.images.trees import remove_tree
-from conftest import REPO, VENV_BIN
-from test_kernel_server import execute, free_port, warm_up
-
-KERNEL = "chspawner-deb--python3"
-DESCRIPTIONS = {"deb": "Debian 12 with ipykernel (kernels mode)",
-                "nopython": "busybox, no Python",
-                "jupyter": "Debian 12 with JupyterLab (server mode)"}
-
-
-class Hub:
-    """jupyterhub with ChSpawner, on 127.0.0.1, driven by a service token."""
-
-    def __init__(self, store: str, user: str, extra_config: str = "",
-                 images: tuple[str, ...] = ("deb", "nopython", "jupyter"),
-                 port: int | None = None):
-        """``port``: the public one (a proxy started separately listens there)."""
-        self.dir = Path(tempfile.mkdtemp(prefix="chspawner-hub-"))
-        self.port, self.token, self.user = port or free_port(), secrets.token_hex(16), user
-        self.url = f"http://127.0.0.1:{self.port}"
-        (self.dir / "jupyterhub_config.py").write_text(textwrap.dedent(f"""
-            c.JupyterHub.ip = "127.0.0.1"
-            c.JupyterHub.port = {self.port}
-            c.JupyterHub.hub_ip = "127.0.0.1"
-            c.JupyterHub.hub_port = {free_port()}
-            c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
-            c.ConfigurableHTTPProxy.pid_file = "{self.dir}/proxy.pid"
-            c.JupyterHub.db_url = "sqlite:///{self.dir}/hub.sqlite"
-            # Answer a spawn request at once (202), so the progress stream
-            # is followed while the spawn goes on, as the spawn page does.
-            c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-            c.JupyterHub.cookie_secret_file = "{self.dir}/cookie_secret"
-            c.JupyterHub.authenticator_class = "dummy"
-            c.Authenticator.allowed_users = {{"{user}"}}
-            c.JupyterHub.spawner_class = "chspawner"
-            c.ChSpawner.images = {[{"name": i, "description": DESCRIPTIONS[i]}
-                                   for i in images]!r}
-            c.ChSpawner.site_storage = "{store}"
-            c.Spawner.cmd = ["{VENV_BIN}/jupyterhub-singleuser"]
-            c.Spawner.start_timeout = 120
-            c.Spawner.http_timeout = 120
-            c.Spawner.poll_interval = 1            # notice a lost server quickly
-            c.JupyterHub.cleanup_servers = False   # a hub restart keeps them
-            c.JupyterHub.services = [{{"name": "tester", "api_token": "{self.token}"}}]
-            c.JupyterHub.load_roles = [{{"name": "tester", "services": ["tester"],
-                "scopes": ["admin:users", "admin:servers", "access:servers", "read:users",
-                           "tokens"]}}]
-        """) + extra_config)
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "jupyterhub"), "-f", "jupyterhub_config.py"], cwd=self.dir,
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "hub.log", "ab"),
-            env={"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"})
-        deadline = time.monotonic() + 90
-        while asyncio.run(self._status("/hub/api/")) != 200:
-            assert self.proc.poll() is None, self.log()[-3000:]
-            assert time.monotonic() < deadline, "hub did not start: " + self.log()[-3000:]
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return (self.dir / "hub.log").read_text(errors="replace")
-
-    async def _status(self, path: str) -> int | None:
-        try:
-            async with aiohttp.ClientSession() as http:
-                async with http.get(self.url + path) as r:
-                    return r.status
-        except aiohttp.ClientError:
-            return None
-
-    def session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(headers={"Authorization": f"token {self.token}"})
-
-    def restart(self, wait_checked: bool = True) -> None:
-        """Stop the hub process alone (servers keep running), start again,
-        and (unless told not to) wait for it to finish checking the servers
-        it finds."""
-        self._terminate()
-        self.start()
-        if not wait_checked:
-            return
-
-        async def checking() -> bool:
-            async with self.session() as http:
-                async with http.get(f"{self.url}/hub/api/users/{self.user}") as r:
-                    return r.status != 200 or (await r.json()).get("pending") is not None
-        deadline = time.monotonic() + 60
-        while asyncio.run(checking()):
-            assert time.monotonic() < deadline, "the hub is still checking servers"
-            time.sleep(0.2)
-
-    def _terminate(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        try:
-            asyncio.run(stop_server(self))  # cleanup_servers is off: do it here
-        except aiohttp.ClientError:
-            pass  # the hub is going already (a Ctrl-C reaches it too)
-        finally:
-            self._terminate()
-            # Kept for a look after a failure; the next run replaces it.
-            Path("/tmp/chspawner-last-hub.log").write_text(self.log())
-            remove_tree(self.dir)
+from tests.harness.env import REPO
+from tests.harness.hub import Hub, kernel_in_server, spawn, stop_server, user_server
+from tests.harness.wait import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -135,62 +27,6 @@ def hub(user, kernel_store):
     hub = Hub(kernel_store, user.pw_name)
     yield hub
     hub.stop()
-
-
-async def spawn(hub: Hub, options: dict) -> dict:
-    """POST the server with ``options``; follow the progress stream to the
-    end. Returns the status, the reply and the progress messages."""
-    api = f"{hub.url}/hub/api/users/{hub.user}"
-    async with hub.session() as http:
-        async with http.post(f"{api}", json={}) as r:
-            assert r.status in (201, 409), await r.text()  # the user exists
-        async with http.post(f"{api}/server", json=options) as r:
-            result = {"status": r.status, "reply": await r.text(), "events": []}
-        if r.status >= 400:
-            return result
-        async with asyncio.timeout(180):
-            async with http.get(f"{api}/server/progress") as stream:
-                async for line in stream.content:
-                    if line.startswith(b"data:"):
-                        event = json.loads(line[5:])
-                        result["events"].append(event.get("message", ""))
-                        if event.get("ready") or event.get("failed"):
-                            result["ready"] = event.get("ready", False)
-                            break
-    return result
-
-
-async def stop_server(hub: Hub) -> None:
-    async with hub.session() as http:
-        async with http.delete(f"{hub.url}/hub/api/users/{hub.user}/server") as r:
-            assert r.status in (202, 204, 400), await r.text()
-        async with asyncio.timeout(60):
-            while True:
-                async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
-                    if not (await r.json())["servers"]:
-                        return
-                await asyncio.sleep(0.2)
-
-
-def kernels_url(hub: Hub) -> str:
-    """The user's server's kernels API, through the proxy."""
-    return f"{hub.url}/user/{hub.user}/api/kernels"
-
-
-async def start_kernel(http: aiohttp.ClientSession, hub: Hub, name: str = KERNEL) -> str:
-    """A new kernel in the user's server, through the proxy: its id."""
-    async with http.post(kernels_url(hub), json={"name": name}) as r:
-        assert r.status == 201, (await r.text()) + hub.log()[-4000:]
-        return (await r.json())["id"]
-
-
-async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
-    base = kernels_url(hub)
-    async with hub.session() as http:
-        kernel = await start_kernel(http, hub, kernel)
-        async with http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws")) as ws:
-            await warm_up(ws)
-            return await execute(ws, "print(open('/etc/chspawner-test-image').read().strip())")
 
 
 def test_kernels_mode_spawn_through_the_rest_api(hub):
@@ -561,19 +397,6 @@ def test_slurm_form_refuses_what_is_not_a_whole_number_clearly(slurm_hub, cpus):
 
 
 # ------------------------------------------------- restarts and losses ----
-
-async def user_server(hub: Hub) -> dict:
-    async with hub.session() as http:
-        async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
-            return (await r.json())["servers"].get("", {})
-
-
-def wait_until(condition, what: str, deadline_s: float = 60):
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
 
 @pytest.mark.parametrize("which", ["local", "slurm"])
 def test_hub_restart_reattaches_and_lost_servers_are_noticed(request, which, slurm):

@@ -16,16 +16,17 @@ import os
 import pwd
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from chspawner.spawners.listening import MINE, NONE, TAKEN, port_owner, read_report, write_report
-from conftest import AS_USER, VENV_BIN
 from chspawner.persist.records import state_dir_name
-from test_kernel_server import execute, free_port, warm_up
-from test_spawner import KERNEL, Hub, spawn, user_server, wait_until
+from chspawner.spawners.listening import MINE, NONE, TAKEN, port_owner, read_report, write_report
+from tests.harness.env import AS_USER, VENV_BIN
+from tests.harness.hub import Hub, spawn, user_server
+from tests.harness.kernel_client import KERNEL, execute, warm_up
+from tests.harness.net import free_port
+from tests.harness.wait import wait_until
 
 SQUAT = r"""
 import socket, sys

@@ -1,7 +1,6 @@
 """RunSpec and to_argv: one description, one command line, both backends."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,9 @@ import pytest
 from chspawner.runtime import Bind, RunSpec, to_argv
 from chspawner.runtime import launcher  # noqa: I001
 from chspawner.runtime.spec import LAUNCH_SCRIPT
+
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
 
 
 def full_spec(**overrides):
@@ -119,19 +121,3 @@ def test_launcher_env_expansion_rules():
 
 def test_image_names_map_to_store_directories():
     assert launcher.image_name_to_dir("example.com:5000/a/b:1") == "example.com+5000%a%b+1"
-
-
-
-def test_a_runspec_runs_on_both_backends(rt, user, user_dir, busybox):
-    """The API path: what to_argv builds starts the same container on both."""
-    from conftest import AS_USER, as_user, user_file
-    data = user_dir / "data"
-    as_user(user.pw_name, "mkdir", str(data))
-    user_file(user, data / "f", "bound\n")
-    spec = RunSpec(str(busybox), ["sh", "-c", 'cat /mnt/f; echo "$GREETING"; pwd; id -u'],
-                   binds=[Bind(str(data), "/mnt")], env={"GREETING": "'hi there'"},
-                   cwd="/etc", uid=0, unset_env=["LANG"])
-    result = subprocess.run([str(AS_USER), user.pw_name, *to_argv(spec, rt.backend)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["bound", "'hi there'", "/etc", "0"]

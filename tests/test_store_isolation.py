@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from chspawner.images.trees import remove_tree
-from conftest import CHSPAWNER, as_user
+from tests.harness.env import CHSPAWNER
+from tests.harness.users import as_user
 
 EXIT_FAILED, EXIT_RUNTIME = 1, 31
 

@@ -10,6 +10,9 @@ import pytest
 from chspawner.persist import upstream_jupyter_client, upstream_jupyter_server
 from chspawner.persist.upstream import Private, UpstreamChanged, missing, require
 
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 PARTS = [*upstream_jupyter_client.PRIVATE, *upstream_jupyter_server.PRIVATE]
 
 

@@ -20,6 +20,9 @@ from session_proxy.proxy.tornado_internals import (
     KeepAliveConnection, accept_handler, add_listening_socket, chunk_output, connection_params,
     connections, read_buffer, request_context)
 
+# No root, no services: part of the fast unit layer (pytest -m unit).
+pytestmark = pytest.mark.unit
+
 TORNADO = f"tornado {tornado.version}"
 DEADLINE_S = 10.0
 

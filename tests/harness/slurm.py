@@ -7,9 +7,8 @@ directory.  Nothing of the host's Slurm or MUNGE setup is read or changed, so
 a second harness (or a leftover of a crashed one) never collides with this
 one, and a MUNGE daemon the machine already runs is left alone.
 
-Used from pytest through the session fixture ``slurm`` at the bottom (import
-it into a conftest, or register this module: ``pytest_plugins = ["slurm"]``),
-or directly::
+Used from pytest through the session fixture ``slurm`` at the bottom (which
+tests/conftest.py imports), or directly (bench/slurm_spawn.py)::
 
     with Slurm() as cluster:
         print(cluster.run("srun", "hostname", user="chtest").stdout)
@@ -26,9 +25,6 @@ Why foreground daemons: this machine's PID 1 reaps no orphans, so a daemon
 that forks into the background stays a zombie after it exits, and "is it
 gone yet?" can't be answered by signalling its PID.  As our own children we
 wait() for them, and we see at once when one dies while starting.
-
-PYTEST_DONT_REWRITE: it is both imported and loaded as a plugin, in either
-order, and has no test assertions to rewrite.
 """
 from __future__ import annotations
 
@@ -36,7 +32,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -46,10 +41,12 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["Slurm", "SlurmError", "TERMINAL_STATES", "slurm"]
+# A module attribute, not a copy: tests replace it (a port taken on purpose).
+from tests.harness import net, procs
+from tests.harness.env import AS_USER
+from tests.harness.text import tail
 
-REPO = Path(__file__).resolve().parents[1]
-AS_USER = REPO / "scripts" / "as-user.sh"
+__all__ = ["Slurm", "SlurmError", "TERMINAL_STATES", "slurm"]
 
 START_TIMEOUT = 30.0    # seconds for all three daemons to be up and the node idle
 STOP_TIMEOUT = 15.0     # seconds a daemon gets after SIGTERM, and jobs after scancel
@@ -78,19 +75,6 @@ class _PortClash(Exception):
 
 # --- small helpers -----------------------------------------------------------
 
-def _tail(text: str, lines: int = 5) -> str:
-    """The last lines of a log, joined into one line for an error message."""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-
-
-def _free_port() -> int:
-    """A port the kernel just had free.  Racy by nature (it is released
-    before the daemon binds it), so Slurm.start retries on a clash."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _short_hostname() -> str:
     """What slurmd takes as its node name (``hostname -s``)."""
     return socket.gethostname().split(".")[0]
@@ -101,7 +85,7 @@ def _node_hardware() -> dict[str, str]:
     out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True,
                          timeout=CLIENT_TIMEOUT)
     if out.returncode != 0:
-        raise SlurmError(f"slurmd -C exited {out.returncode}: {_tail(out.stderr)}")
+        raise SlurmError(f"slurmd -C exited {out.returncode}: {tail(out.stderr)}")
     first = out.stdout.splitlines()[0]
     return dict(field.split("=", 1) for field in first.split() if "=" in field)
 
@@ -169,7 +153,7 @@ class _Daemon:
         for path in (self.log_path, self.out_path):
             text = _read(path)
             if text.strip():
-                return _tail(text)
+                return tail(text)
         return "(no log)"
 
     def failure(self, what: str) -> SlurmError:
@@ -178,14 +162,8 @@ class _Daemon:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, wait, SIGKILL: the daemon is gone (and reaped) after."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            procs.stop(self.process, timeout)
 
 
 def _read(path: Path) -> str:
@@ -290,7 +268,7 @@ class Slurm:
             (self.workdir / sub).mkdir()
         for log in ("slurmctld.log", "slurmd.log"):
             (self.workdir / log).unlink(missing_ok=True)
-        self.ports = (_free_port(), _free_port())
+        self.ports = (net.free_port(), net.free_port())
         self.conf.write_text(self._config(hardware))
         self.conf.chmod(0o644)
         daemon_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **self.env}
@@ -437,7 +415,7 @@ class Slurm:
                 return None
             if _remaining(deadline) <= 0:
                 return (f"slurm: jobs left {STOP_TIMEOUT:.0f} s after scancel: "
-                        f"{_tail(result.stdout + result.stderr)}")
+                        f"{tail(result.stdout + result.stderr)}")
             time.sleep(POLL)
 
     def _stop_slurm_daemons(self) -> None:
@@ -489,10 +467,10 @@ class Slurm:
                                     env=_client_env(self.env), **kwargs)
         except subprocess.TimeoutExpired:
             raise SlurmError(f"{' '.join(argv)} timed out after {timeout:.0f} s; "
-                             f"slurmctld: {_tail(self.log('slurmctld'))}") from None
+                             f"slurmctld: {tail(self.log('slurmctld'))}") from None
         if check and result.returncode != 0:
             raise SlurmError(f"{' '.join(argv)} exited {result.returncode}: "
-                             f"{_tail(result.stderr or result.stdout)}")
+                             f"{tail(result.stderr or result.stdout)}")
         return result
 
     def popen(self, *argv: str, user: str | None = None, **kwargs) -> subprocess.Popen:
@@ -525,7 +503,7 @@ class Slurm:
         while (state := self.node_state()) != "idle":
             if _remaining(deadline) <= 0:
                 raise SlurmError(f"node {self.node} still {state or '?'} after "
-                                 f"{timeout:.0f} s; slurmd: {_tail(self.log('slurmd'))}")
+                                 f"{timeout:.0f} s; slurmd: {tail(self.log('slurmd'))}")
             time.sleep(POLL)
 
     def job_info(self, job_id: int) -> dict[str, str]:
@@ -537,7 +515,7 @@ class Slurm:
             if "Invalid job id" in result.stderr:
                 return {}
             raise SlurmError(f"scontrol show job {job_id} exited "
-                             f"{result.returncode}: {_tail(result.stderr)}")
+                             f"{result.returncode}: {tail(result.stderr)}")
         # Split only before " Key=": a value may hold "=" (TRES=cpu=1,node=1)
         # or, in a few (Command=, WorkDir=), a space.
         fields = re.split(r" (?=[^\s=]+=)", result.stdout.strip())

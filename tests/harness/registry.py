@@ -7,9 +7,8 @@ Docker bearer-token server.  Nothing is mocked, so a pull client that passes
 against this harness speaks the protocol the way registries do.
 
 Used from pytest through the session fixtures at the bottom (``registry``,
-``basic_registry``, ``token_registry``, ``test_images``), which the top
-conftest imports (or registers: ``pytest_plugins = ["registry"]``), or
-directly::
+``basic_registry``, ``token_registry``, ``test_images``), which
+tests/conftest.py imports, or directly (bench/images.py, scripts/demo.py)::
 
     images = build_images(workdir, busybox_rootfs)
     with TokenServer(anonymous_pull=True) as tokens, \
@@ -18,9 +17,6 @@ directly::
 
 Must run as root (pytest does): ``umoci unpack`` without ``--rootless`` keeps
 the layers' root ownership.
-
-PYTEST_DONT_REWRITE: it is both imported and loaded as a plugin, in either
-order, and has no test assertions to rewrite.
 """
 from __future__ import annotations
 
@@ -33,7 +29,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -52,11 +47,16 @@ from typing import Any, Literal
 
 import pytest
 
+from tests.harness import procs
+from tests.harness.net import free_port
+from tests.harness.text import tail
+
 __all__ = [
     "Registry", "TokenServer", "TokenRequest", "Image", "PlatformImage",
     "ImageSet", "build_images", "push", "push_images", "export_oci_layout",
     "export_oci_archive", "export_docker_archive", "MEDIA_TYPES", "ACCEPT_ALL",
-    "DIRECT", "registry", "basic_registry", "token_registry", "test_images",
+    "DIRECT", "Layout", "skopeo", "sha256",
+    "registry", "basic_registry", "token_registry", "test_images",
 ]
 
 START_TIMEOUT = 15.0   # seconds a server gets to answer its first request
@@ -79,11 +79,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 
 # --- small process helpers -------------------------------------------------
 
-def _tail(text: str, lines: int = 5) -> str:
-    """The last lines of a log, joined into one line for an error message."""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-
-
 def _log_summary(text: str) -> str:
     """The line of a docker-registry log that says why it stopped: a Go
     panic's message or the last fatal/error entry (the tail of a panic is
@@ -93,7 +88,7 @@ def _log_summary(text: str) -> str:
         hits = [line.strip() for line in lines if marker in line]
         if hits:
             return hits[-1]
-    return _tail(text)
+    return tail(text)
 
 
 def _tool(*argv: str, env: Mapping[str, str] | None = None) -> str:
@@ -106,16 +101,8 @@ def _tool(*argv: str, env: Mapping[str, str] | None = None) -> str:
                            f"{' '.join(argv)}") from None
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: "
-                           f"{_tail(result.stderr or result.stdout)}")
+                           f"{tail(result.stderr or result.stdout)}")
     return result.stdout
-
-
-def _free_port() -> int:
-    """A port the kernel just had free.  Racy by nature (the port is released
-    before the server binds it), so Registry.start retries on a clash."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # Loopback servers only: never through a proxy from http_proxy & co.
@@ -133,7 +120,7 @@ def _http_status(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
-def _sha256(data: bytes) -> str:
+def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -481,10 +468,10 @@ class Registry:
                 self.token_server.start()
             self.token_server.add_user(self.user, self.password)
         try:
-            # Another process may grab the port between _free_port and bind;
+            # Another process may grab the port between free_port and bind;
             # that shows as "address already in use", and a new port cures it.
             for _ in range(3):
-                self.port = _free_port()
+                self.port = free_port()
                 self._write_config()
                 try:
                     self._spawn_and_wait()
@@ -528,14 +515,8 @@ class Registry:
                 f"at start; log: {_log_summary(self.log())}")
 
     def _kill(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            procs.stop(self.process, timeout=5)
 
     def stop(self) -> None:
         self._kill()
@@ -628,7 +609,7 @@ class ImageSet:
 
 # --- building images with umoci ---------------------------------------------
 
-class _Layout:
+class Layout:
     """One OCI image layout that umoci builds into, plus the by-hand edits
     umoci can't make (an index, a rewritten layer)."""
 
@@ -679,7 +660,7 @@ class _Layout:
         return json.loads(self.blob(digest))
 
     def put_blob(self, data: bytes, media_type: str) -> dict:
-        digest = _sha256(data)
+        digest = sha256(data)
         (self.path / "blobs" / "sha256" / digest.removeprefix("sha256:")).write_bytes(data)
         return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
@@ -704,7 +685,7 @@ class _Layout:
         config descriptor, manifest, index entry."""
         manifest = self.manifest(tag)
         config = self.json_blob(manifest["config"]["digest"])
-        config["rootfs"]["diff_ids"][-1] = _sha256(layer_tar)
+        config["rootfs"]["diff_ids"][-1] = sha256(layer_tar)
         manifest["layers"][-1] = self.put_blob(
             gzip.compress(layer_tar, mtime=0), MEDIA_TYPES["oci_layer_gzip"])
         manifest["config"] = self.put_blob(json.dumps(config).encode(),
@@ -766,7 +747,7 @@ def _make_opaque(layer: bytes, directory: str) -> bytes:
     return out.getvalue()
 
 
-def _layout_image(layout: _Layout, name: str, repo: str, tag: str,
+def _layout_image(layout: Layout, name: str, repo: str, tag: str,
                   layout_tag: str, **details: Any) -> Image:
     desc = layout.descriptor(layout_tag)
     layers = details.pop("layers", None)
@@ -784,7 +765,7 @@ def _as_v2s2(image: Image, name: str, repo: str, tag: str,
     once here, so the pushed digest is known before any push)."""
     target = workdir / f"dir-{name}"
     args = ["--all"] if image.is_index else []
-    _skopeo("copy", *args, "--format", "v2s2", image.source, f"dir:{target}")
+    skopeo("copy", *args, "--format", "v2s2", image.source, f"dir:{target}")
     manifest = (target / "manifest.json").read_bytes()
     media_type = json.loads(manifest)["mediaType"]
     platforms = {}
@@ -795,13 +776,13 @@ def _as_v2s2(image: Image, name: str, repo: str, tag: str,
             platforms[key] = PlatformImage(key, entry["digest"],
                                            image.platforms[key].files)
     return Image(name=name, repo=repo, tag=tag, source=f"dir:{target}",
-                 media_type=media_type, digest=_sha256(manifest),
+                 media_type=media_type, digest=sha256(manifest),
                  layers=image.layers, files=image.files, absent=image.absent,
                  whiteouts=image.whiteouts, config=image.config,
                  cmd_output=image.cmd_output, platforms=platforms)
 
 
-def _build_one(layout: _Layout) -> Image:
+def _build_one(layout: Layout) -> Image:
     with layout.edit("empty", "one") as rootfs:
         layout.add_base(rootfs)
         (rootfs / "hello.txt").write_text("one layer\n")
@@ -812,7 +793,7 @@ def _build_one(layout: _Layout) -> Image:
 MULTI_ENV = ("PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello")
 
 
-def _build_multi(layout: _Layout) -> tuple[Image, Image]:
+def _build_multi(layout: Layout) -> tuple[Image, Image]:
     """Three layers: base + /data; add and change; delete and replace."""
     with layout.edit("empty", "multi-1") as rootfs:
         layout.add_base(rootfs)
@@ -861,7 +842,7 @@ def _build_multi(layout: _Layout) -> tuple[Image, Image]:
 ARCHES = ("amd64", "arm64")
 
 
-def _build_multiarch(layout: _Layout) -> Image:
+def _build_multiarch(layout: Layout) -> Image:
     """Two images (busybox x86 both: only /arch.txt and the config's
     architecture differ) under one OCI index with their platforms."""
     with layout.edit("empty", "base") as rootfs:
@@ -889,7 +870,7 @@ def build_images(workdir: Path, base_rootfs: Path) -> ImageSet:
     only: umoci keeps root ownership).  ``base_rootfs`` is copied, not
     changed.  Everything is made world-readable, so the unprivileged test
     user can import straight from the layout."""
-    layout = _Layout(workdir, base_rootfs)
+    layout = Layout(workdir, base_rootfs)
     one = _build_one(layout)
     multi, multi_perfile = _build_multi(layout)
     multiarch = _build_multiarch(layout)
@@ -905,7 +886,7 @@ def build_images(workdir: Path, base_rootfs: Path) -> ImageSet:
 
 # --- pushing and exporting with skopeo --------------------------------------
 
-def _skopeo(*args: str) -> str:
+def skopeo(*args: str) -> str:
     # --insecure-policy: the host's policy.json is no business of a test.
     return _tool("skopeo", "--insecure-policy", *args)
 
@@ -916,8 +897,8 @@ def push(image: Image, registry: Registry) -> str:
     creds = (["--dest-creds", registry.creds] if registry.creds
              else ["--dest-no-creds"])
     multi = ["--all"] if image.is_index else []
-    _skopeo("copy", "--dest-tls-verify=false", *creds, *multi,
-            image.source, f"docker://{image.at(registry)}")
+    skopeo("copy", "--dest-tls-verify=false", *creds, *multi,
+           image.source, f"docker://{image.at(registry)}")
     return image.at(registry)
 
 
@@ -940,7 +921,7 @@ def export_oci_layout(image: Image, dest: Path, tag: str | None = None,
     """Copy ``image`` into an OCI layout dir ``dest`` under ``tag`` (default
     the image's tag); returns skopeo's reference ``oci:DEST:TAG``."""
     ref = f"oci:{dest}:{tag or image.tag}"
-    _skopeo("copy", *(["--all"] if image.is_index else []), image.source, ref)
+    skopeo("copy", *(["--all"] if image.is_index else []), image.source, ref)
     _chown(dest, owner)
     return ref
 
@@ -948,8 +929,8 @@ def export_oci_layout(image: Image, dest: Path, tag: str | None = None,
 def export_oci_archive(image: Image, path: Path, tag: str | None = None,
                        owner: Any | None = None) -> Path:
     """Write ``image`` as an OCI archive (a tar of an OCI layout)."""
-    _skopeo("copy", *(["--all"] if image.is_index else []), image.source,
-            f"oci-archive:{path}:{tag or image.tag}")
+    skopeo("copy", *(["--all"] if image.is_index else []), image.source,
+           f"oci-archive:{path}:{tag or image.tag}")
     _chown(path, owner)
     return path
 
@@ -960,8 +941,8 @@ def export_docker_archive(image: Image, path: Path, name: str | None = None,
     its repo:tag).  A docker archive holds one platform: ``arch`` picks it
     from an index (default: the host's)."""
     override = ["--override-arch", arch] if arch else []
-    _skopeo(*override, "copy", image.source,
-            f"docker-archive:{path}:{name or image.ref}")
+    skopeo(*override, "copy", image.source,
+           f"docker-archive:{path}:{name or image.ref}")
     _chown(path, owner)
     return path
 
