@@ -11,6 +11,7 @@ import pytest
 
 from tests.harness.env import CHSPAWNER, VENV_BIN
 from tests.harness.users import as_user
+from tests.harness.wait import wait_until
 
 # Runs as the test user: start a kernel by name through a KernelManager that
 # uses the discovery, then do what a notebook user does, and report.
@@ -266,8 +267,11 @@ def test_kernel_on_a_compute_node(user, user_dir, kernel_store, slurm, launcher)
     assert report["interrupt"] == "KeyboardInterrupt"
     assert report["after_restart"] == ["ok", "False\n"]
     assert report["dead_after"] < 15
-    left = slurm.run("squeue", "-h", "-u", user.pw_name, "-o", "%i %j").stdout
-    assert "chspawner-kernel" not in left
+    # Its job ends with it (a job just cancelled may be listed a moment
+    # longer, COMPLETING, while Slurm tidies up after it).
+    wait_until(lambda: "chspawner-kernel" not in slurm.run(
+        "squeue", "-h", "-u", user.pw_name, "-o", "%i %j").stdout,
+        "the kernel's job to leave the queue", timeout=30)
 
 
 START_ONLY = textwrap.dedent('''

@@ -194,7 +194,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         settings = self.settings
         if settings.launcher == "local":
             return LocalProcess(self.log)
-        self._job_name = f"chspawner-kernel-{self._staging.name}"
+        self._job_name = self._staging.name  # "chspawner-kernel-XXXXXXXX"
         client = SlurmClient(env=job_environment())
         if settings.launcher == "srun":
             return SrunStep(self.log, client, self._job_name, _username(),
