@@ -39,7 +39,7 @@ def test_kernels_mode_spawn_through_the_rest_api(hub):
             ("ok", "chspawner test image: Debian bookworm\n", None)
     finally:
         asyncio.run(stop_server(hub))
-    # Kernels outlive a server that dies (session_proxy's kernel manager),
+    # Kernels outlive a server that dies (chspawner.persist's kernel manager),
     # but one stopped on purpose takes them along: no record left.
     records = Path(pwd.getpwnam(hub.user).pw_dir, ".local/share/jupyter/runtime",
                    "chspawner-kernels")

@@ -96,7 +96,7 @@ class ChSpawner(LocalProcessSpawner):
              "found on the image's PATH.",
     ).tag(config=True)
     persistent_kernels = Bool(
-        True, help="Kernels mode: kernels outlive their server (session_proxy's "
+        True, help="Kernels mode: kernels outlive their server (chspawner.persist's "
                    "kernel manager): a server started again (by the session manager, "
                    "after a loss) takes them over, and replays the output its "
                    "clients missed.",
