@@ -24,8 +24,10 @@ Only addresses inside the namespaces the setup makes are used.  Names are
 unique per run (``TAG``: five hex digits, in the node names ``cTAG-nodeI``,
 the namespaces ``chs-TAG-NODE``, the bridge ``chsbTAG`` and the veths
 ``chsvTAGI``), and each run holds a lock file, /run/chspawner-cluster/TAG.lock,
-while it lives: a start first removes what runs whose lock nobody holds
-(crashed ones) left behind: processes, namespaces, bridge, hosts lines.
+while it lives, naming its workdir: a start first removes what runs whose
+lock nobody holds (crashed ones) left behind: processes on their nodes,
+their slurmctld and munged (found by the workdir in their command lines),
+namespaces, bridge, veths, hosts lines, workdir (``remove_stale_runs()``).
 
 Usage (as root; pytest's session fixture ``cluster`` in tests/conftest.py)::
 
@@ -173,9 +175,28 @@ def _kill_namespace(netns: str) -> None:
         time.sleep(POLL)
 
 
-def _remove_run(tag: str) -> None:
+def _kill_using(workdir: str) -> None:
+    """SIGKILL the processes whose command line names workdir: a crashed
+    run's slurmctld and munged (its own sessions, so they outlived it)."""
+    needle = (workdir.rstrip("/") + "/").encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):  # it exited while we looked
+            continue
+
+
+def _remove_run(tag: str, stale: bool = False) -> None:
     """Everything of run TAG: its processes, namespaces, links, hosts lines
-    and lock file.  Idempotent."""
+    and lock file; a stale (crashed) run's daemons and workdir too, which
+    its lock file names.  Idempotent."""
+    lock = LOCK_DIR / f"{tag}.lock"
+    workdir = lock.read_text().strip() if stale and lock.exists() else ""
+    # Only a directory Slurm's own default would have made, never "/".
+    if re.fullmatch(r"/tmp/chspawner-slurm-[^/]+", workdir):
+        _kill_using(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     for netns in _our_namespaces():
         if netns.startswith(f"{PREFIX}-{tag}-"):
             _kill_namespace(netns)
@@ -185,7 +206,7 @@ def _remove_run(tag: str) -> None:
         if link[len(PREFIX) + 1:].startswith(tag):
             _ip("link", "delete", link, check=False)
     _remove_hosts(tag)
-    (LOCK_DIR / f"{tag}.lock").unlink(missing_ok=True)
+    lock.unlink(missing_ok=True)
 
 
 def remove_stale_runs() -> list[str]:
@@ -194,7 +215,7 @@ def remove_stale_runs() -> list[str]:
     with _setup_lock():
         stale = sorted(tag for tag in _tags_present() if not _held(tag))
         for tag in stale:
-            _remove_run(tag)
+            _remove_run(tag, stale=True)
     return stale
 
 
@@ -260,6 +281,9 @@ class Cluster(Slurm):
         with _setup_lock():
             self._lock = open(LOCK_DIR / f"{self.tag}.lock", "w")
             fcntl.flock(self._lock, fcntl.LOCK_EX)
+            # For the cleanup after a crash: whose daemons to kill.
+            self._lock.write(f"{self.workdir}\n")
+            self._lock.flush()
             self.subnet = _free_subnet()
             hosts = list(self.subnet.hosts())
             self.service_address = str(hosts[0])
