@@ -49,8 +49,7 @@ def _links() -> str:
 def _leftovers(tag: str) -> list[str]:
     """What of run TAG is still here."""
     found = [f"netns {line}" for line in _namespaces().splitlines() if f"-{tag}-" in line]
-    found += [f"link {line}" for line in _links().splitlines() if f"chsb{tag}" in line
-              or f"chsv{tag}" in line]
+    found += [f"link {line}" for line in _links().splitlines() if f"chsv{tag}" in line]
     found += [f"hosts {line}" for line in HOSTS.read_text().splitlines() if tag in line]
     if (LOCK_DIR / f"{tag}.lock").exists():
         found.append("lock file")
@@ -123,6 +122,17 @@ def test_a_server_is_reached_at_its_nodes_address_only(cluster: Cluster,
         server.wait()
 
 
+def test_the_service_node_is_reached_from_every_node(cluster: Cluster):
+    """A server on this host's cluster address (a hub's, a proxy's) is
+    reached from each node, by name and by address."""
+    with socket.create_server((cluster.service_address, 0)) as server:
+        port = server.getsockname()[1]
+        for node in cluster.nodes:
+            for host in (cluster.service, cluster.service_address):
+                assert cluster.run_on(node, sys.executable, "-c", CONNECT, host,
+                                      str(port)).stdout.strip() == "ok"
+
+
 def test_lose_takes_a_node_down_and_restore_brings_it_back(cluster: Cluster,
                                                           user: pwd.struct_passwd):
     c = cluster.nodes[2]
@@ -186,7 +196,10 @@ def _connects(host: str, port: int) -> bool:
 def test_teardown_leaves_nothing(user: pwd.struct_passwd):
     with Cluster(nodes=1) as small:
         tag, workdir = small.tag, small.workdir
-        assert len(_leftovers(tag)) == 1 + 2 + 2 + 1  # netns, bridge+veth, 2 hosts, lock
+        made = _leftovers(tag)
+        # The node's and the switch's namespaces, this host's veth, 2 hosts lines, lock.
+        assert [thing.split()[0] for thing in made] == \
+            ["netns", "netns", "link", "hosts", "hosts", "lock"], made
         daemons = list(small.processes.values())
         node = small.nodes[0]
         assert small.run("srun", "hostname", user=user.pw_name).stdout.strip() == node

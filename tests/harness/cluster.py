@@ -5,10 +5,15 @@ MUNGE, configuration and clients this reuses) with its compute nodes apart:
 
 - the **service node** is this host's own network namespace: slurmctld (and
   whatever a test adds: a hub, a proxy, a session manager) on the address
-  of a bridge the setup creates, ``10.251.N.1/24`` (N: the first subnet no
-  interface here uses);
+  the setup gives this host on the cluster's network, ``10.251.N.1/24`` (N:
+  the first subnet no interface here uses);
+- the network is a bridge in a namespace of its own (the "switch"), each
+  node and this host joined to it by a veth pair.  Not a bridge here: on a
+  machine whose firewall drops forwarded packets (Docker's FORWARD policy
+  is DROP) with br_netfilter loaded, traffic between two nodes would be
+  filtered by this host's rules; the switch's namespace has no rules;
 - each **compute node** (three by default) is a network namespace of its
-  own, joined to the bridge by a veth pair, with its own address
+  own, with its own address
   (``10.251.N.11``, ``.12``, ...), its own loopback, and its own hostname
   (a UTS namespace per process started on it), running its own ``slurmd -N
   NODE`` (``NodeName=NODE NodeAddr=ADDRESS`` in slurm.conf);
@@ -16,18 +21,18 @@ MUNGE, configuration and clients this reuses) with its compute nodes apart:
   the same paths on every node, as on a parallel file system, and so is
   the one munged's socket;
 - **names resolve** everywhere: the node names (and ``SERVICE``, the
-  service node's name on the bridge) go into /etc/hosts, one line each
+  service node's name on the cluster's network) go into /etc/hosts, one line each
   marked ``# chspawner-cluster:TAG``, removed at the end.  /etc/hosts is
   edited in place (in a container it is a bind mount).
 
 Only addresses inside the namespaces the setup makes are used.  Names are
 unique per run (``TAG``: five hex digits, in the node names ``cTAG-nodeI``,
-the namespaces ``chs-TAG-NODE``, the bridge ``chsbTAG`` and the veths
-``chsvTAGI``), and each run holds a lock file, /run/chspawner-cluster/TAG.lock,
+the namespaces ``chs-TAG-NODE`` and ``chs-TAG-switch``, this host's end
+of its veth ``chsvTAG0``, the switch's ends ``chsvTAGI``), and each run holds a lock file, /run/chspawner-cluster/TAG.lock,
 while it lives, naming its workdir: a start first removes what runs whose
 lock nobody holds (crashed ones) left behind: processes on their nodes,
 their slurmctld and munged (found by the workdir in their command lines),
-namespaces, bridge, veths, hosts lines, workdir (``remove_stale_runs()``).
+namespaces, switch, veths, hosts lines, workdir (``remove_stale_runs()``).
 
 Usage (as root; pytest's session fixture ``cluster`` in tests/conftest.py)::
 
@@ -43,7 +48,7 @@ Usage (as root; pytest's session fixture ``cluster`` in tests/conftest.py)::
         cluster.restore(b)       # slurmd back, b idle again
         cluster.lose(c, how="cut")  # c's link down: c lives on, unreachable
 
-Everything (jobs, daemons, processes on the nodes, namespaces, bridge,
+Everything (jobs, daemons, processes on the nodes, namespaces, switch,
 veths, hosts lines, the workdir) is gone after ``stop()``/the with-block,
 also when starting fails halfway.
 """
@@ -127,7 +132,7 @@ def _our_namespaces() -> list[str]:
 def _our_links() -> list[str]:
     out = _ip("-o", "link", "show", check=False).stdout
     names = (line.split(":")[1].strip().split("@")[0] for line in out.splitlines())
-    return [name for name in names if re.fullmatch(rf"{PREFIX}[bv][0-9a-f]{{5}}\d*", name)]
+    return [name for name in names if re.fullmatch(rf"{PREFIX}v[0-9a-f]{{5}}\d+", name)]
 
 
 def _hosts_lines() -> list[str]:
@@ -236,7 +241,7 @@ class Cluster(Slurm):
     """slurmctld on this host, ``nodes`` slurmds in network namespaces.
 
     ``nodes``: the node names, in order; ``address``: {node: its address};
-    ``service_address``: the bridge's (slurmctld's) address; ``service``:
+    ``service_address``: this host's (slurmctld's) address; ``service``:
     its name in /etc/hosts; ``netns``: {node: its namespace's name};
     ``lost``: {node: how} for nodes lose() took away.  Everything of
     ``Slurm`` (run, submit, wait_job, node_state, ...) works as there.
@@ -256,8 +261,9 @@ class Cluster(Slurm):
         self.node = self.nodes[0]
         self.service = f"c{self.tag}-service"
         self.netns = {node: f"{PREFIX}-{self.tag}-{node}" for node in self.nodes}
-        self.bridge = f"{PREFIX}b{self.tag}"
-        self._veth = {node: f"{PREFIX}v{self.tag}{i}"
+        self.switch = f"{PREFIX}-{self.tag}-switch"
+        self.uplink = f"{PREFIX}v{self.tag}0"     # this host's end; the switch's: up0
+        self._veth = {node: f"{PREFIX}v{self.tag}{i}"  # the switch's ends
                       for i, node in enumerate(self.nodes, 1)}
         self.subnet: ipaddress.IPv4Network | None = None
         self.address: dict[str, str] = {}
@@ -291,15 +297,21 @@ class Cluster(Slurm):
                             for i, node in enumerate(self.nodes, 1)}
             self.controller = (self.controller[0], self.service_address)
             prefix = self.subnet.prefixlen
-            _ip("link", "add", self.bridge, "type", "bridge")
-            _ip("addr", "add", f"{self.service_address}/{prefix}", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
+            switch = self.switch
+            _ip("netns", "add", switch)
+            _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+            _ip("-n", switch, "link", "set", "br0", "up")
+            _ip("link", "add", self.uplink, "type", "veth", "peer", "name", "up0",
+                "netns", switch)
+            _ip("-n", switch, "link", "set", "up0", "master", "br0", "up")
+            _ip("addr", "add", f"{self.service_address}/{prefix}", "dev", self.uplink)
+            _ip("link", "set", self.uplink, "up")
             for node in self.nodes:
                 netns, veth = self.netns[node], self._veth[node]
                 _ip("netns", "add", netns)
-                _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0",
-                    "netns", netns)
-                _ip("link", "set", veth, "master", self.bridge, "up")
+                _ip("link", "add", veth, "netns", switch, "type", "veth",
+                    "peer", "name", "eth0", "netns", netns)
+                _ip("-n", switch, "link", "set", veth, "master", "br0", "up")
                 _ip("-n", netns, "link", "set", "lo", "up")
                 _ip("-n", netns, "addr", "add", f"{self.address[node]}/{prefix}",
                     "dev", "eth0")
@@ -393,7 +405,7 @@ class Cluster(Slurm):
             daemon.kill()
             _kill_namespace(self.netns[node])
         elif how == "cut":
-            _ip("link", "set", self._veth[node], "down")
+            _ip("-n", self.switch, "link", "set", self._veth[node], "down")
         else:
             raise SlurmError(f"lose: how is 'kill' or 'cut', not {how!r}")
         self.lost[node] = how
@@ -406,7 +418,7 @@ class Cluster(Slurm):
         if how == "kill":
             self._start_slurmd(node)
         else:
-            _ip("link", "set", self._veth[node], "up")
+            _ip("-n", self.switch, "link", "set", self._veth[node], "up")
         # A node slurmctld set DOWN returns on registering (ReturnToService=2);
         # one only NOT_RESPONDING, on its next ping.
         self._poll(self._daemons[self._slurmd_name(node)],
@@ -429,7 +441,7 @@ class Cluster(Slurm):
 
     def stop(self) -> None:
         """Slurm.stop (jobs, daemons, workdir), then the network: processes
-        on the nodes, namespaces, bridge, veths, hosts lines, lock."""
+        on the nodes, namespaces, switch, veths, hosts lines, lock."""
         try:
             # Jobs on a lost node would wait for SlurmdTimeout: end them now.
             if self.lost and "slurmctld" in self._daemons:
