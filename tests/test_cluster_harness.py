@@ -194,18 +194,28 @@ def _connects(host: str, port: int) -> bool:
 
 
 def test_teardown_leaves_nothing(user: pwd.struct_passwd):
-    with Cluster(nodes=1) as small:
+    """Even with a job running on a node that was cut off: the job's
+    processes go with the rest."""
+    command = "sleep 3029"
+    with Cluster(nodes=2) as small:
         tag, workdir = small.tag, small.workdir
         made = _leftovers(tag)
-        # The node's and the switch's namespaces, this host's veth, 2 hosts lines, lock.
-        assert [thing.split()[0] for thing in made] == \
-            ["netns", "netns", "link", "hosts", "hosts", "lock"], made
+        # 2 nodes' and the switch's namespaces, this host's veth, 3 hosts lines, lock.
+        assert sorted(thing.split()[0] for thing in made) == \
+            ["hosts"] * 3 + ["link", "lock"] + ["netns"] * 3, made
         daemons = list(small.processes.values())
-        node = small.nodes[0]
-        assert small.run("srun", "hostname", user=user.pw_name).stdout.strip() == node
+        a, b = small.nodes
+        assert small.run("srun", "-w", a, "hostname", user=user.pw_name).stdout.strip() == a
+        job = small.submit(f"--nodelist={b}", "--output=/dev/null", "--wrap", command,
+                           user=user.pw_name)
+        small.wait_job(job, "RUNNING", timeout=30)
+        steps = wait_until(lambda: live_processes(user.pw_uid, command), "the job to run",
+                           10, every=0.05)
+        small.lose(b, how="cut")
     assert _leftovers(tag) == []
     assert not workdir.exists()
     assert all(process.returncode is not None for process in daemons)
+    assert not any(running(pid) for pid in steps)
 
 
 def test_a_crashed_runs_leftovers_are_removed():
