@@ -13,26 +13,31 @@ MUNGE, configuration and clients this reuses) with its compute nodes apart:
   is DROP) with br_netfilter loaded, traffic between two nodes would be
   filtered by this host's rules; the switch's namespace has no rules;
 - each **compute node** (three by default) is a network namespace of its
-  own, with its own address
-  (``10.251.N.11``, ``.12``, ...), its own loopback, and its own hostname
-  (a UTS namespace per process started on it), running its own ``slurmd -N
-  NODE`` (``NodeName=NODE NodeAddr=ADDRESS`` in slurm.conf);
+  own, with its own address (``10.251.N.11``, ``.12``, ...), its own
+  loopback, and its own hostname (a UTS namespace per process started on
+  it), running its own ``slurmd -N NODE`` (``NodeName=NODE
+  NodeAddr=ADDRESS`` in slurm.conf);
 - the **mount namespace is shared**: homes, /tmp and the image store are at
   the same paths on every node, as on a parallel file system, and so is
   the one munged's socket;
 - **names resolve** everywhere: the node names (and ``SERVICE``, the
-  service node's name on the cluster's network) go into /etc/hosts, one line each
-  marked ``# chspawner-cluster:TAG``, removed at the end.  /etc/hosts is
-  edited in place (in a container it is a bind mount).
+  service node's name on the cluster's network) go into /etc/hosts, one
+  line each marked ``# chspawner-cluster:TAG``, removed at the end.
+  /etc/hosts is edited in place (in a container it is a bind mount).
 
 Only addresses inside the namespaces the setup makes are used.  Names are
 unique per run (``TAG``: five hex digits, in the node names ``cTAG-nodeI``,
-the namespaces ``chs-TAG-NODE`` and ``chs-TAG-switch``, this host's end
-of its veth ``chsvTAG0``, the switch's ends ``chsvTAGI``), and each run holds a lock file, /run/chspawner-cluster/TAG.lock,
-while it lives, naming its workdir: a start first removes what runs whose
-lock nobody holds (crashed ones) left behind: processes on their nodes,
-their slurmctld and munged (found by the workdir in their command lines),
-namespaces, switch, veths, hosts lines, workdir (``remove_stale_runs()``).
+the namespaces ``chs-TAG-NODE`` and ``chs-TAG-switch``, this host's end of
+its veth ``chsvTAG0``, the switch's ends ``chsvTAGI``), and each run holds
+a lock file, /run/chspawner-cluster/TAG.lock, while it lives, naming its
+workdir: a start first removes what runs whose lock nobody holds (crashed
+ones) left behind: processes on their nodes, their slurmctld and munged
+(found by the workdir in their command lines), namespaces, switch, veths,
+hosts lines, workdir (``remove_stale_runs()``).
+
+Starting takes well under a second; Slurm sees a lost node (``idle*``,
+``allocated*``: not responding; then ``down``) some 10-20 s after
+``lose()`` (SlurmdTimeout=12).
 
 Usage (as root; pytest's session fixture ``cluster`` in tests/conftest.py)::
 
