@@ -13,7 +13,8 @@ packages=(
     python3-ipykernel           # the native kernel image kernels are compared with
     docker-registry skopeo umoci apache2-utils  # a real registry for pull tests
     zstd xz-utils               # compressed test tarballs
-    util-linux                  # setpriv, to drop to the test user
+    util-linux                  # setpriv, to drop to the test user; unshare, nsenter
+    iproute2                    # ip netns, a bridge, veths: the multi-node cluster (tests/harness/cluster.py)
     slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/harness/slurm.py)
     chromium                    # the browser test (tests/test_browser.py); Playwright drives it
     ca-certificates

@@ -147,3 +147,8 @@ def drained(slurm):
             resumed.append(True)
     yield resume
     resume()
+
+
+# The multi-node cluster's session fixture (tests/harness/cluster.py): its
+# own daemons, apart from `slurm`'s.
+from tests.harness.cluster import cluster  # noqa: E402,F401

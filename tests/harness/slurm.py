@@ -182,7 +182,13 @@ class Slurm:
     environment (``SLURM_CONF``); ``partition``, ``node``: names to ask for;
     ``cpus``: how many CPUs the node claims (at least MIN_CPUS, so several
     one-CPU jobs run at once even on a two-core machine).
+
+    tests/harness/cluster.py's ``Cluster`` is this class with several nodes
+    in network namespaces: it overrides the hooks marked "cluster hook".
     """
+
+    # cluster hook: the slurmd files' stem (Slurm expands %n to the node).
+    SLURMD_FILES = "slurmd"
 
     def __init__(self, workdir: Path | None = None, *, cpus: int | None = None,
                  partition: str = "debug", cluster_name: str = "chspawner-test"):
@@ -196,6 +202,10 @@ class Slurm:
         self.partition = partition
         self.cluster_name = cluster_name
         self.node = _short_hostname()
+        self.nodes = [self.node]
+        # Where slurmctld is reached: a name slurmctld takes for its own
+        # (this host's) and an address for everyone else.
+        self.controller = (self.node, "127.0.0.1")
         self.cpus = cpus
         self.munge_dir = self.workdir / "munge"
         self.munge_socket = self.munge_dir / "munge.socket"
@@ -266,8 +276,8 @@ class Slurm:
         for sub in ("state", "spool"):
             shutil.rmtree(self.workdir / sub, ignore_errors=True)
             (self.workdir / sub).mkdir()
-        for log in ("slurmctld.log", "slurmd.log"):
-            (self.workdir / log).unlink(missing_ok=True)
+        for log in (self.workdir / "slurmctld.log", *self.workdir.glob("slurmd*.log")):
+            log.unlink(missing_ok=True)
         self.ports = (net.free_port(), net.free_port())
         self.conf.write_text(self._config(hardware))
         self.conf.chmod(0o644)
@@ -276,22 +286,46 @@ class Slurm:
         ctld = self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)],
                            log_path=self.workdir / "slurmctld.log", env=daemon_env)
         self._poll(ctld, self._controller_up, deadline, "did not answer ping")
+        self._start_nodes(daemon_env, deadline)
+
+    def _start_nodes(self, env: Mapping[str, str], deadline: float) -> None:
+        """cluster hook: every node's slurmd, each node idle after."""
         slurmd = self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)],
-                             log_path=self.workdir / "slurmd.log", env=daemon_env)
+                             log_path=self.workdir / "slurmd.log", env=env)
         self._poll(slurmd, self._node_idle, deadline,
                    f"did not bring node {self.node} to idle")
 
     def _config(self, hardware: Mapping[str, str]) -> str:
+        return "\n".join([*self._common_config(), *self._nodes_config(hardware), ""])
+
+    def _node_size(self, hardware: Mapping[str, str]) -> str:
+        """A NodeName line's CPUs and RealMemory."""
         cpus = self.cpus or max(int(hardware["CPUs"]), MIN_CPUS)
         # Below the real memory, so the node is never drained for claiming
         # more than it has (memory isn't a consumable here anyway).
         memory = int(int(hardware["RealMemory"]) * 0.9)
+        return f"CPUs={cpus} RealMemory={memory}"
+
+    def _nodes_config(self, hardware: Mapping[str, str]) -> list[str]:
+        """cluster hook: the NodeName and PartitionName lines."""
+        return [
+            f"NodeName={self.node} NodeAddr=127.0.0.1 {self._node_size(hardware)} "
+            "State=UNKNOWN",
+            f"PartitionName={self.partition} Nodes={self.node} Default=YES "
+            "MaxTime=INFINITE State=UP"]
+
+    def _extra_config(self) -> list[str]:
+        """cluster hook: more slurm.conf lines."""
+        return []
+
+    def _common_config(self) -> list[str]:
         ctld_port, slurmd_port = self.ports
         work = self.workdir
-        return "\n".join([
+        slurmd = self.SLURMD_FILES
+        return [
             f"ClusterName={self.cluster_name}",
-            # Explicit loopback addresses: no name lookup to go wrong.
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            # Explicit addresses: no name lookup to go wrong.
+            "SlurmctldHost={}({})".format(*self.controller),
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             # Root throughout: no ownership dance for state and pid files.
@@ -302,11 +336,11 @@ class Slurm:
             # Daemons, stepds and clients all use our munged, not the host's.
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={work / 'state'}",
-            f"SlurmdSpoolDir={work / 'spool'}",
+            f"SlurmdSpoolDir={work / 'spool' / slurmd}",
             f"SlurmctldPidFile={work / 'slurmctld.pid'}",
-            f"SlurmdPidFile={work / 'slurmd.pid'}",
+            f"SlurmdPidFile={work / f'{slurmd}.pid'}",
             f"SlurmctldLogFile={work / 'slurmctld.log'}",
-            f"SlurmdLogFile={work / 'slurmd.log'}",
+            f"SlurmdLogFile={work / f'{slurmd}.log'}",
             # No cgroups and no accounting: neither works (nor is needed) here.
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
@@ -324,11 +358,7 @@ class Slurm:
             # ~1 s, not ~3 s (srun's allocations are immediate either way).
             "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
             f"KillWait={KILL_WAIT}",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} "
-            f"RealMemory={memory} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.node} Default=YES "
-            "MaxTime=INFINITE State=UP",
-            ""])
+            *self._extra_config()]
 
     def _spawn(self, name: str, argv: list[str], *, log_path: Path,
                env: Mapping[str, str] | None = None, user: str | None = None
@@ -419,9 +449,10 @@ class Slurm:
             time.sleep(POLL)
 
     def _stop_slurm_daemons(self) -> None:
-        # The reverse of starting: the controller outlives its node.
-        self._stop_daemon("slurmd")
-        self._stop_daemon("slurmctld")
+        # The reverse of starting: the controller outlives its nodes.
+        for name in reversed(list(self._daemons)):
+            if name != "munged":
+                self._stop_daemon(name)
 
     def _stop_daemon(self, name: str) -> None:
         daemon = self._daemons.pop(name, None)
@@ -431,8 +462,10 @@ class Slurm:
     def _remove_files(self) -> None:
         # slurmctld under a non-root SlurmUser can't unlink its pid file,
         # and a SIGKILLed daemon never does: remove them whatever happened.
-        for pid_file in ("slurmctld.pid", "slurmd.pid", "munge/munged.pid"):
+        for pid_file in ("slurmctld.pid", "munge/munged.pid"):
             (self.workdir / pid_file).unlink(missing_ok=True)
+        for pid_file in self.workdir.glob("slurmd*.pid"):
+            pid_file.unlink(missing_ok=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -444,7 +477,8 @@ class Slurm:
         return {name: d.process for name, d in self._daemons.items() if d.process}
 
     def log(self, name: str) -> str:
-        """A daemon's log: "slurmctld", "slurmd" or "munged" ("" if none)."""
+        """A daemon's log: "slurmctld", "slurmd" (a cluster's:
+        "slurmd-NODE") or "munged" ("" if none)."""
         if name == "munged":
             return _read(self.munge_dir / "munged.log")
         return _read(self.workdir / f"{name}.log")
@@ -491,20 +525,28 @@ class Slurm:
                 (line.split(" ", 2) for line in out.splitlines())
                 if name.startswith(name_prefix)}
 
-    def node_state(self) -> str:
-        """sinfo's state of the node (idle, mixed, allocated, down*, ...)."""
-        result = self.run("sinfo", "--noheader", f"--nodes={self.node}",
+    def node_state(self, node: str | None = None) -> str:
+        """sinfo's state of a node (idle, mixed, allocated, down*, ...);
+        the first node's by default."""
+        node = node or self.nodes[0]
+        result = self.run("sinfo", "--noheader", f"--nodes={node}",
                           "--format=%T", check=False)
         return result.stdout.strip() if result.returncode == 0 else ""
 
-    def wait_idle(self, timeout: float = STOP_TIMEOUT) -> None:
+    def wait_idle(self, timeout: float = STOP_TIMEOUT, node: str | None = None) -> None:
         """Wait until the node is idle again (no job holds any of it)."""
+        node = node or self.nodes[0]
         deadline = time.monotonic() + timeout
-        while (state := self.node_state()) != "idle":
+        while (state := self.node_state(node)) != "idle":
             if _remaining(deadline) <= 0:
-                raise SlurmError(f"node {self.node} still {state or '?'} after "
-                                 f"{timeout:.0f} s; slurmd: {tail(self.log('slurmd'))}")
+                raise SlurmError(f"node {node} still {state or '?'} after "
+                                 f"{timeout:.0f} s; slurmd: "
+                                 f"{tail(self.log(self._slurmd_name(node)))}")
             time.sleep(POLL)
+
+    def _slurmd_name(self, node: str) -> str:
+        """cluster hook: the name of the node's slurmd daemon and log."""
+        return "slurmd"
 
     def job_info(self, job_id: int) -> dict[str, str]:
         """``scontrol show job -o``'s fields; {} once slurmctld forgot the job
