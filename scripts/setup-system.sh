@@ -15,6 +15,7 @@ packages=(
     zstd xz-utils               # compressed test tarballs
     util-linux                  # setpriv, to drop to the test user
     slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/harness/slurm.py)
+    postgresql                  # the session manager's records on PostgreSQL (tests/harness/postgres.py)
     chromium                    # the browser test (tests/test_browser.py); Playwright drives it
     ca-certificates
 )

@@ -45,7 +45,7 @@ from tornado import web
 from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Application
 
-from session_proxy.manager.records import SessionRecord, SessionStore
+from session_proxy.manager.records import SessionRecord, SessionStore, StoreError
 
 RouteKey = tuple[str, ...]
 
@@ -141,7 +141,9 @@ class SessionManager(Application):
     proxy_auth_token = Unicode(help="The proxy's token (default: "
                                "$CONFIGPROXY_AUTH_TOKEN).").tag(config=True)
     db_url = Unicode("sqlite:///chspawner-sessions.sqlite",
-                     help="Where the records live (any SQLAlchemy URL).").tag(config=True)
+                     help="Where the records live: an SQLAlchemy URL, sqlite:///PATH or "
+                     "postgresql+psycopg://USER@HOST/DB (the chspawner[postgres] extra). "
+                     "Its schema is upgraded at start.").tag(config=True)
     interval = Float(1.0, help="Seconds between checks of every session.").tag(config=True)
     probe_timeout = Float(2.0, help="Seconds a server gets to answer a check.").tag(
         config=True)
@@ -186,7 +188,11 @@ class SessionManager(Application):
 
     def initialize(self, argv=None) -> None:
         super().initialize(argv)
-        self.store = SessionStore(self.db_url)
+        try:
+            self.store = SessionStore(self.db_url)
+        except (StoreError, PermissionError) as err:
+            # One line and a failed start: not a traceback.
+            raise SystemExit(f"{self.name}: {err}") from None
         self.failures: dict[tuple[str, str], int] = {}
         self.stalled_since: dict[tuple[str, str], float] = {}
         self.recovering: set[tuple[str, str]] = set()
@@ -218,6 +224,9 @@ class SessionManager(Application):
                 else:  # the hub noticed the loss before we did
                     self._start_recovery(record, "the hub found the server gone")
             targets: dict[tuple[str, str], str] = {}
+            newest = self.store.newest(db, {key for key, model in servers.items()
+                                            if key not in self.recovering
+                                            and model.get("ready")})
             for key, model in servers.items():
                 if model.get("pending") == "stop":
                     # The hub stopping it is what a stop by request looks
@@ -225,7 +234,7 @@ class SessionManager(Application):
                     self.seen.add(key)
                 if key in self.recovering or not model.get("ready"):
                     continue
-                record = self.store.find(db, *key)
+                record = newest.get(key)
                 if record is not None and record.state != "stopped" \
                         and record.instance != model.get("started"):
                     # Stopped and started again between two checks, not by us.
