@@ -229,3 +229,19 @@ def test_a_round_over_a_thousand_sessions_costs_a_few_queries(records_url):
     # the records, then their histories 500 at a time (selectinload's batches)
     assert len(selects) <= 3, selects
     store.engine.dispose()
+
+
+@pytest.mark.unit
+def test_the_database_url_can_come_from_a_config_file(tmp_path):
+    """So a PostgreSQL password stays out of the hub's service list."""
+    from session_proxy.manager.app import SessionManager
+    url = f"sqlite:///{tmp_path}/from-file.sqlite"
+    config = tmp_path / "manager_config.py"
+    config.write_text(f"c.SessionManager.db_url = {url!r}\nc.SessionManager.interval = 5\n")
+    app = SessionManager()
+    app.initialize([f"--config={config}", "--interval=2"])
+    try:
+        assert app.db_url == url and (tmp_path / "from-file.sqlite").exists()
+        assert app.interval == 2  # the command line wins
+    finally:
+        app.store.engine.dispose()

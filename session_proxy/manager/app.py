@@ -144,6 +144,9 @@ class SessionManager(Application):
                      help="Where the records live: an SQLAlchemy URL, sqlite:///PATH or "
                      "postgresql+psycopg://USER@HOST/DB (the chspawner[postgres] extra). "
                      "Its schema is upgraded at start.").tag(config=True)
+    config_file = Unicode(help="A Python config file (c.SessionManager.db_url = ...): "
+                          "settings, such as a database URL with its password, "
+                          "kept out of the hub's service list.").tag(config=True)
     interval = Float(1.0, help="Seconds between checks of every session.").tag(config=True)
     probe_timeout = Float(2.0, help="Seconds a server gets to answer a check.").tag(
         config=True)
@@ -163,7 +166,8 @@ class SessionManager(Application):
     service_url = Unicode(help="Where the manager's API listens (default: "
                           "$JUPYTERHUB_SERVICE_URL).").tag(config=True)
 
-    aliases = {"db-url": "SessionManager.db_url", "proxy-api-url":
+    aliases = {"config": "SessionManager.config_file",
+               "db-url": "SessionManager.db_url", "proxy-api-url":
                "SessionManager.proxy_api_url", "interval": "SessionManager.interval",
                "max-recoveries": "SessionManager.max_recoveries",
                "log-level": "Application.log_level"}
@@ -188,6 +192,13 @@ class SessionManager(Application):
 
     def initialize(self, argv=None) -> None:
         super().initialize(argv)
+        if self.config_file:
+            try:
+                self.load_config_file(self.config_file)
+            except Exception as err:  # a missing file, a syntax error in it
+                raise SystemExit(f"{self.name}: {self.config_file}: {err}") from None
+            # The command line wins over the file.
+            self.update_config(self.cli_config)
         try:
             self.store = SessionStore(self.db_url)
         except (StoreError, PermissionError) as err:
