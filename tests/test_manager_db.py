@@ -5,8 +5,14 @@ database newer than the code refused; the queries of a round of checks
 counted per round, not per session."""
 from __future__ import annotations
 
+import asyncio
 import datetime
+import os
+import secrets
+import signal
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -15,9 +21,13 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
+from chspawner.images.trees import remove_tree
 from session_proxy.manager import schema
 from session_proxy.manager.records import Base, SessionRecord, SessionStore, StoreError
 from tests.harness.env import VENV_BIN
+from tests.harness.hub import Hub, manager_config, server_state, spawn, stop_server
+from tests.harness.net import free_port
+from tests.harness.wait import wait_until
 
 # Each test that takes records_url runs on both; on SQLite it needs no
 # root and no services (the unit layer).
@@ -245,3 +255,41 @@ def test_the_database_url_can_come_from_a_config_file(tmp_path):
         assert app.interval == 2  # the command line wins
     finally:
         app.store.engine.dispose()
+
+
+# ------------------------------------------------- under a real JupyterHub --
+
+def test_the_manager_keeps_its_records_on_postgresql_under_a_real_hub(
+        user, kernel_store, postgres):
+    """chspawner-session-manager as the hub's service with its records on
+    PostgreSQL: a server killed comes back, a stop is recorded, and the
+    history is in the database."""
+    url = postgres.database()
+    state = Path(tempfile.mkdtemp(prefix="chspawner-manager-"))
+    hub = Hub(kernel_store, user.pw_name, extra_config=manager_config(
+        state, secrets.token_hex(16), free_port(), db_url=url))
+    reader = None
+    try:
+        result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+        assert result.get("ready"), (result, hub.log()[-3000:])
+        # The manager made the schema at start: the test reads what it wrote.
+        reader = SessionStore(url)
+
+        def history() -> list[str]:
+            found = reader.all(user=user.pw_name)
+            return [e["kind"] for e in found[-1]["history"]] if found else []
+        wait_until(lambda: history() == ["started"],
+                   f"the manager to record it: {hub.log()[-3000:]}", 30)
+        os.kill(asyncio.run(server_state(hub))["pid"], signal.SIGKILL)
+        wait_until(lambda: "recovered" in history(),
+                   f"the session to come back: {history()}", 90)
+        assert history() == ["started", "lost", "recovering", "recovered"]
+        asyncio.run(stop_server(hub))
+        wait_until(lambda: history()[-1:] == ["stopped"], "the stop to be recorded", 30)
+        assert [s["state"] for s in reader.all(user=user.pw_name)][-1] == "stopped"
+        assert not (state / "sessions.sqlite").exists()  # nothing went to SQLite
+    finally:
+        if reader is not None:
+            reader.engine.dispose()
+        hub.stop()
+        remove_tree(state)
