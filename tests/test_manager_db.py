@@ -293,3 +293,15 @@ def test_the_manager_keeps_its_records_on_postgresql_under_a_real_hub(
             reader.engine.dispose()
         hub.stop()
         remove_tree(state)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("url, says", [
+    ("not a url", "Could not parse"),
+    ("postgresql+psycopg2://u@127.0.0.1:1/db", "postgres extra"),  # not installed
+    ("nosuchdb://x/y", "nosuchdb"),
+])
+def test_a_bad_url_is_one_line(url, says):
+    with pytest.raises(StoreError, match=says) as caught:
+        SessionStore(url)
+    assert "\n" not in str(caught.value)

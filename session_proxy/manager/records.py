@@ -110,11 +110,19 @@ class SessionStore:
     def __init__(self, url: str):
         # Imported here: env.py imports this module's Base.
         from session_proxy.manager.schema import SchemaError, upgrade_to_head
-        private_sqlite_file(url)
         try:
-            self.engine = create_engine(url, pool_pre_ping=True)
-        except (ArgumentError, ImportError) as err:
+            private_sqlite_file(url)
+            # A database server restarted under a running manager: its
+            # pooled connections are tested before use (an SQLite file's
+            # never go stale).
+            self.engine = create_engine(url, pool_pre_ping=make_url(url)
+                                        .get_backend_name() != "sqlite")
+        except ArgumentError as err:
             raise StoreError(f"session records at {_safe(url)}: {err}") from None
+        except ImportError as err:
+            raise StoreError(f"session records at {_safe(url)}: no driver ({err}): for "
+                             f"PostgreSQL, postgresql+psycopg://... with chspawner's "
+                             f"postgres extra installed") from None
         try:
             upgrade_to_head(self.engine)
         except SchemaError as err:

@@ -16,13 +16,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
 # The revision whose schema the pre-migration manager's create_all made.
 FIRST = "0001"
 PRE_MIGRATION_TABLES = {"sessions", "events"}
+# pg_advisory_xact_lock's key for the migrations (any constant of our own).
+MIGRATION_LOCK = 0x63687370  # "chsp"
 
 
 class SchemaError(Exception):
@@ -49,6 +51,11 @@ def upgrade_to_head(engine: Engine) -> None:
     cfg = config()
     script = ScriptDirectory.from_config(cfg)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Two managers starting at once (several hubs on one database):
+            # one migrates, the other waits, then finds nothing to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         revision = current(connection)
         if revision is None:
