@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,38 @@ def test_a_records_file_made_before_migrations_is_adopted_not_made_again(tmp_pat
         assert [e["kind"] for e in sessions[0]["history"]] == ["started"]
         assert sessions[0]["created"].startswith("2026-01-01")
     finally:
+        store.engine.dispose()
+    assert revision(url) == schema.head()
+
+
+def test_a_postgresql_database_made_before_migrations_is_adopted(postgres):
+    """A center already on PostgreSQL: the tables the pre-migration
+    manager's create_all made there (its models are today's), a record."""
+    url = postgres.database()
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(SessionRecord.__table__.insert().values(
+            user="alice", server_name="", state="running", image="deb", mode="",
+            user_options={}, url="/user/alice/", target="", instance="", kernels=[],
+            recoveries=0, created=datetime.datetime.now(datetime.timezone.utc),
+            updated=datetime.datetime.now(datetime.timezone.utc)))
+    engine.dispose()
+    store = SessionStore(url)
+    assert [s["user"] for s in store.all()] == ["alice"]
+    assert differences(store) == []
+    store.engine.dispose()
+    assert revision(url) == schema.head()
+
+
+def test_managers_starting_together_on_one_new_database_both_start(postgres):
+    """Several hubs' managers on one PostgreSQL database, started at once:
+    one makes the schema, the others wait for it (an advisory lock)."""
+    url = postgres.database()
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: SessionStore(url), range(4)))
+    for store in stores:
+        assert store.all() == []
         store.engine.dispose()
     assert revision(url) == schema.head()
 
