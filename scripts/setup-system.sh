@@ -16,6 +16,7 @@ packages=(
     util-linux                  # setpriv, to drop to the test user; unshare, nsenter
     iproute2                    # ip netns, a bridge, veths: the multi-node cluster (tests/harness/cluster.py)
     slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/harness/slurm.py)
+    postgresql                  # the session manager's records on PostgreSQL (tests/harness/postgres.py)
     chromium                    # the browser test (tests/test_browser.py); Playwright drives it
     ca-certificates
 )

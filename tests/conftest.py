@@ -23,6 +23,7 @@ pytest.register_assert_rewrite("tests.harness")
 from chspawner.images.trees import remove_tree  # noqa: E402
 from tests.harness.env import CHSPAWNER, OTHER_USER, TEST_USER  # noqa: E402
 from tests.harness.images import image_path, tarball  # noqa: E402
+from tests.harness.postgres import Postgres  # noqa: E402
 from tests.harness.puller import Puller  # noqa: E402
 # The real-registry harness's session fixtures (registry, basic_registry,
 # token_registry, test_images).
@@ -147,6 +148,23 @@ def drained(slurm):
             resumed.append(True)
     yield resume
     resume()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session manager's records (started on
+    first use, stopped at the end)."""
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records_url(request, tmp_path) -> str:
+    """An empty database for the session records: an SQLite file, or a
+    fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sessions.sqlite"
+    return request.getfixturevalue("postgres").database()
 
 
 # The multi-node cluster's session fixture (tests/harness/cluster.py): its

@@ -149,13 +149,14 @@ async def add_route(proxy: tuple[str, str], user: str, target: str) -> None:
 
 
 @asynccontextmanager
-async def running_manager(tmp_path: Path, proxy: tuple[str, str],
+async def running_manager(tmp_path: Path, proxy: tuple[str, str], db_url: str = "",
                           **settings) -> AsyncIterator[tuple[SessionManager, FakeHub]]:
     """The manager's own loop (SessionManager.run, with its own HTTP
-    sessions) against the fake hub and the real proxy."""
+    sessions) against the fake hub and the real proxy; its records at
+    ``db_url``, else in an SQLite file in ``tmp_path``."""
     hub = FakeHub()
     runner, hub.url = await serve_app(hub.app())
-    app = SessionManager(db_url=f"sqlite:///{tmp_path}/sessions.sqlite",
+    app = SessionManager(db_url=db_url or f"sqlite:///{tmp_path}/sessions.sqlite",
                          hub_api_url=f"{hub.url}/hub/api", api_token=HUB_TOKEN,
                          proxy_api_url=proxy[0], proxy_auth_token=proxy[1],
                          service_url="", interval=0.1, probe_timeout=0.3,
@@ -323,9 +324,9 @@ def test_names_that_need_escaping_are_matched_to_their_routes(tmp_path, proxy):
 
 # ------------------------------------------------- a restarted manager --
 
-def left_running(tmp_path: Path) -> None:
+def left_running(records_url: str) -> None:
     """Alice's record as a manager that went down left it: running."""
-    store = SessionStore(f"sqlite:///{tmp_path}/sessions.sqlite")
+    store = SessionStore(records_url)
     with store.transaction() as db:
         record = SessionRecord(user="alice", server_name="", url=server_url("alice"),
                                user_options={"image": "deb"}, target=refused_target())
@@ -335,14 +336,14 @@ def left_running(tmp_path: Path) -> None:
 
 
 def test_a_loss_while_the_manager_was_down_is_recovered_not_taken_for_a_stop(
-        tmp_path, proxy):
+        tmp_path, proxy, records_url):
     """The records say running, the hub no longer lists the server, and
     nothing says it was stopped on purpose: the manager, starting, records
     a loss and starts the server again."""
-    left_running(tmp_path)
+    left_running(records_url)
 
     async def scenario() -> None:
-        async with running_manager(tmp_path, proxy) as (app, hub):
+        async with running_manager(tmp_path, proxy, records_url) as (app, hub):
             await until(lambda: "recovered" in history(app, "alice"),
                         f"alice's session to be recovered: {history(app, 'alice')}")
             assert history(app, "alice") == ["started", "lost", "recovering", "recovered"]
@@ -353,13 +354,14 @@ def test_a_loss_while_the_manager_was_down_is_recovered_not_taken_for_a_stop(
     asyncio.run(scenario())
 
 
-def test_a_stop_the_restarted_manager_sees_under_way_stays_a_stop(tmp_path, proxy):
+def test_a_stop_the_restarted_manager_sees_under_way_stays_a_stop(tmp_path, proxy,
+                                                                 records_url):
     """The hub stopping the server when the manager starts is evidence of
     a stop by request: recorded as one, not started again."""
-    left_running(tmp_path)
+    left_running(records_url)
 
     async def scenario() -> None:
-        async with running_manager(tmp_path, proxy) as (app, hub):
+        async with running_manager(tmp_path, proxy, records_url) as (app, hub):
             hub.add("alice")
             hub.servers["alice"].update(pending="stop", ready=False)
             await until(lambda: hub.listings >= 2, "the manager to see the stop")

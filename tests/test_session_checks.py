@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -15,8 +14,12 @@ from session_proxy.manager.app import SessionManager
 from session_proxy.manager.records import SessionRecord
 from tests.harness.net import refused_target
 
-# No root, no services: part of the fast unit layer (pytest -m unit).
-pytestmark = pytest.mark.unit
+# Every test on each database of the records (tests/conftest.py's
+# records_url): on SQLite no root and no services, part of the fast unit
+# layer (pytest -m unit); on PostgreSQL with tests/harness/postgres.py.
+pytestmark = pytest.mark.parametrize(
+    "records_url", [pytest.param("sqlite", marks=pytest.mark.unit), "postgresql"],
+    indirect=True)
 
 KEY = ("alice", "")
 
@@ -31,8 +34,8 @@ def listener():
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def manager(tmp_path: Path, **settings) -> SessionManager:
-    app = SessionManager(db_url=f"sqlite:///{tmp_path}/sessions.sqlite", recover=False,
+def manager(records_url: str, **settings) -> SessionManager:
+    app = SessionManager(db_url=records_url, recover=False,
                          probe_timeout=0.2, **settings)
     app.initialize([])
     with app.store.transaction() as db:
@@ -49,8 +52,8 @@ async def check(app: SessionManager, target: str, times: int) -> list[str]:
         return [e.kind for e in app.store.find(db, *KEY).events]
 
 
-def test_a_server_refusing_connections_is_lost_after_lost_after_checks(tmp_path):
-    app = manager(tmp_path, lost_after=3)
+def test_a_server_refusing_connections_is_lost_after_lost_after_checks(records_url):
+    app = manager(records_url, lost_after=3)
     target = refused_target()
     assert asyncio.run(check(app, target, 2)) == []
     # recover=False: recorded, and left stopped
@@ -58,8 +61,8 @@ def test_a_server_refusing_connections_is_lost_after_lost_after_checks(tmp_path)
 
 
 def test_a_server_that_accepts_but_does_not_answer_is_busy_until_stall_timeout(
-        tmp_path, listener):
-    app = manager(tmp_path, lost_after=2, stall_timeout=60)
+        records_url, listener):
+    app = manager(records_url, lost_after=2, stall_timeout=60)
     assert asyncio.run(check(app, listener, 4)) == []  # busy, however often asked
     app.stall_timeout = 0  # now it has been stuck long enough
     history = asyncio.run(check(app, listener, 2))
@@ -69,7 +72,7 @@ def test_a_server_that_accepts_but_does_not_answer_is_busy_until_stall_timeout(
     assert "accepted connections but answered nothing" in detail, detail
 
 
-def test_an_answer_clears_the_failures(tmp_path):
+def test_an_answer_clears_the_failures(records_url):
     async def scenario() -> list[str]:
         async def kernels(request: web.Request) -> web.Response:
             return web.json_response([])
@@ -88,5 +91,5 @@ def test_an_answer_clears_the_failures(tmp_path):
         await runner.cleanup()
         with app.store.transaction() as db:
             return [e.kind for e in app.store.find(db, *KEY).events]
-    app = manager(tmp_path, lost_after=2)
+    app = manager(records_url, lost_after=2)
     assert asyncio.run(scenario()) == []  # never two failures in a row

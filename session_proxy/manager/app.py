@@ -45,7 +45,7 @@ from tornado import web
 from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Application
 
-from session_proxy.manager.records import SessionRecord, SessionStore
+from session_proxy.manager.records import SessionRecord, SessionStore, StoreError
 
 RouteKey = tuple[str, ...]
 
@@ -141,7 +141,12 @@ class SessionManager(Application):
     proxy_auth_token = Unicode(help="The proxy's token (default: "
                                "$CONFIGPROXY_AUTH_TOKEN).").tag(config=True)
     db_url = Unicode("sqlite:///chspawner-sessions.sqlite",
-                     help="Where the records live (any SQLAlchemy URL).").tag(config=True)
+                     help="Where the records live: an SQLAlchemy URL, sqlite:///PATH or "
+                     "postgresql+psycopg://USER@HOST/DB (the chspawner[postgres] extra). "
+                     "Its schema is upgraded at start.").tag(config=True)
+    config_file = Unicode(help="A Python config file (c.SessionManager.db_url = ...): "
+                          "settings, such as a database URL with its password, "
+                          "kept out of the hub's service list.").tag(config=True)
     interval = Float(1.0, help="Seconds between checks of every session.").tag(config=True)
     probe_timeout = Float(2.0, help="Seconds a server gets to answer a check.").tag(
         config=True)
@@ -161,7 +166,8 @@ class SessionManager(Application):
     service_url = Unicode(help="Where the manager's API listens (default: "
                           "$JUPYTERHUB_SERVICE_URL).").tag(config=True)
 
-    aliases = {"db-url": "SessionManager.db_url", "proxy-api-url":
+    aliases = {"config": "SessionManager.config_file",
+               "db-url": "SessionManager.db_url", "proxy-api-url":
                "SessionManager.proxy_api_url", "interval": "SessionManager.interval",
                "max-recoveries": "SessionManager.max_recoveries",
                "log-level": "Application.log_level"}
@@ -186,7 +192,18 @@ class SessionManager(Application):
 
     def initialize(self, argv=None) -> None:
         super().initialize(argv)
-        self.store = SessionStore(self.db_url)
+        if self.config_file:
+            try:
+                self.load_config_file(self.config_file)
+            except Exception as err:  # a missing file, a syntax error in it
+                raise SystemExit(f"{self.name}: {self.config_file}: {err}") from None
+            # The command line wins over the file.
+            self.update_config(self.cli_config)
+        try:
+            self.store = SessionStore(self.db_url)
+        except (StoreError, PermissionError) as err:
+            # One line and a failed start: not a traceback.
+            raise SystemExit(f"{self.name}: {err}") from None
         self.failures: dict[tuple[str, str], int] = {}
         self.stalled_since: dict[tuple[str, str], float] = {}
         self.recovering: set[tuple[str, str]] = set()
@@ -218,6 +235,9 @@ class SessionManager(Application):
                 else:  # the hub noticed the loss before we did
                     self._start_recovery(record, "the hub found the server gone")
             targets: dict[tuple[str, str], str] = {}
+            newest = self.store.newest(db, {key for key, model in servers.items()
+                                            if key not in self.recovering
+                                            and model.get("ready")})
             for key, model in servers.items():
                 if model.get("pending") == "stop":
                     # The hub stopping it is what a stop by request looks
@@ -225,7 +245,7 @@ class SessionManager(Application):
                     self.seen.add(key)
                 if key in self.recovering or not model.get("ready"):
                     continue
-                record = self.store.find(db, *key)
+                record = newest.get(key)
                 if record is not None and record.state != "stopped" \
                         and record.instance != model.get("started"):
                     # Stopped and started again between two checks, not by us.

@@ -2,7 +2,12 @@
 
 SQLAlchemy, so a center starts with one SQLite file and moves to
 PostgreSQL when several hubs or processes share the records (as JupyterHub
-itself does): only the URL changes.
+itself does): only the URL changes. The schema is Alembic's
+(session_proxy/manager/schema.py): the store upgrades the database at start.
+
+A round of checks reads every live record at once, and the newest record
+of every listed server at once: queries per round, not per session (a
+center has a thousand).
 
 The records hold every user's options and where each server runs: an
 SQLite file is created readable by its owner alone (0600) before SQLAlchemy
@@ -18,10 +23,12 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, create_engine, select
+from sqlalchemy import (JSON, DateTime, ForeignKey, Integer, String, create_engine, func,
+                        select)
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, relationship,
-                            sessionmaker)
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, object_session,
+                            relationship, selectinload, sessionmaker)
 
 
 log = logging.getLogger(__name__)
@@ -91,13 +98,40 @@ class EventRecord(Base):
         return {"time": self.time.isoformat(), "kind": self.kind, "detail": self.detail}
 
 
+class StoreError(Exception):
+    """The records can't be opened (a one-line reason)."""
+
+
 class SessionStore:
-    """The records behind a database URL (``sqlite:///path`` by default)."""
+    """The records behind a database URL (``sqlite:///path`` by default,
+    or ``postgresql+psycopg://user@host/db`` with the ``postgres`` extra),
+    upgraded to the code's schema when opened."""
 
     def __init__(self, url: str):
-        private_sqlite_file(url)
-        self.engine = create_engine(url)
-        Base.metadata.create_all(self.engine)
+        # Imported here: env.py imports this module's Base.
+        from session_proxy.manager.schema import SchemaError, upgrade_to_head
+        try:
+            private_sqlite_file(url)
+            # A database server restarted under a running manager: its
+            # pooled connections are tested before use (an SQLite file's
+            # never go stale).
+            self.engine = create_engine(url, pool_pre_ping=make_url(url)
+                                        .get_backend_name() != "sqlite")
+        except ArgumentError as err:
+            raise StoreError(f"session records at {_safe(url)}: {err}") from None
+        except ImportError as err:
+            raise StoreError(f"session records at {_safe(url)}: no driver ({err}): for "
+                             f"PostgreSQL, postgresql+psycopg://... with chspawner's "
+                             f"postgres extra installed") from None
+        try:
+            upgrade_to_head(self.engine)
+        except SchemaError as err:
+            self.engine.dispose()
+            raise StoreError(f"session records at {_safe(url)}: {err}") from None
+        except SQLAlchemyError as err:
+            self.engine.dispose()
+            reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            raise StoreError(f"session records at {_safe(url)}: {reason}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -114,20 +148,53 @@ class SessionStore:
                           .order_by(SessionRecord.id.desc())).first()
 
     @staticmethod
+    def newest(db: Session, keys: set[tuple[str, str]]) -> dict[tuple[str, str],
+                                                                 SessionRecord]:
+        """``find`` for many servers in one query: the newest record of
+        each of ``keys`` that has one."""
+        if not keys:
+            return {}
+        users = {user for user, _ in keys}
+        latest = (select(func.max(SessionRecord.id))
+                  .where(SessionRecord.user.in_(users))
+                  .group_by(SessionRecord.user, SessionRecord.server_name))
+        records = db.scalars(select(SessionRecord).where(SessionRecord.id.in_(latest)))
+        return {key: r for r in records if (key := (r.user, r.server_name)) in keys}
+
+    @staticmethod
     def live(db: Session) -> list[SessionRecord]:
         return list(db.scalars(select(SessionRecord)
-                               .where(SessionRecord.state != "stopped")))
+                               .where(SessionRecord.state != "stopped")
+                               .order_by(SessionRecord.id)))
 
     @staticmethod
     def add_event(record: SessionRecord, kind: str, detail: str = "") -> None:
-        record.events.append(EventRecord(kind=kind, detail=detail[:2048]))
+        """Add to the history without loading it (a query per session)."""
+        event = EventRecord(kind=kind, detail=detail[:2048])
+        if "events" in record.__dict__:  # loaded, or a new record's
+            record.events.append(event)
+            return
+        event.session = record
+        db = object_session(record)
+        if db is not None:
+            db.add(event)
 
     def all(self, user: str | None = None) -> list[dict]:
         with self.transaction() as db:
-            query = select(SessionRecord).order_by(SessionRecord.id)
+            # Every history in one more query, not one per session.
+            query = (select(SessionRecord).options(selectinload(SessionRecord.events))
+                     .order_by(SessionRecord.id))
             if user is not None:
                 query = query.where(SessionRecord.user == user)
             return [r.to_dict() for r in db.scalars(query)]
+
+
+def _safe(url: str) -> str:
+    """The URL for messages, its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def sqlite_path(url: str) -> str | None:

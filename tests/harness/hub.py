@@ -211,10 +211,13 @@ MANAGER = "session-manager"
 MANAGER_SCOPES = ["list:users", "servers"]
 
 
-def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
+def manager_config(state_dir: Path, proxy_token: str, manager_port: int,
+                   db_url: str = "") -> str:
     """Hub configuration (extra_config) for sessions that outlive their
     server: chspawner-proxy as the hub's proxy and the session manager as a
-    hub service keeping its records in ``state_dir``."""
+    hub service keeping its records at ``db_url`` (a PostgreSQL database of
+    tests/harness/postgres.py), else in an SQLite file in ``state_dir``."""
+    db_url = db_url or f"sqlite:///{state_dir}/sessions.sqlite"
     return textwrap.dedent(f"""
         c.ConfigurableHTTPProxy.command = ["{VENV_BIN}/chspawner-proxy"]
         c.ConfigurableHTTPProxy.auth_token = "{proxy_token}"
@@ -224,7 +227,7 @@ def manager_config(state_dir: Path, proxy_token: str, manager_port: int) -> str:
         c.JupyterHub.services.append({{
             "name": "{MANAGER}", "url": "http://127.0.0.1:{manager_port}",
             "command": ["{VENV_BIN}/chspawner-session-manager",
-                        "--db-url=sqlite:///{state_dir}/sessions.sqlite",
+                        "--db-url={db_url}",
                         "--proxy-api-url=" + c.ConfigurableHTTPProxy.api_url,
                         "--interval=0.5",
                         # a test's kills in a row count against this
