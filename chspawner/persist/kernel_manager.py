@@ -57,6 +57,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from jupyter_client.kernelspec import NATIVE_KERNEL_NAME
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.services.kernels.kernelmanager import (
@@ -71,6 +72,7 @@ from chspawner.persist.keeper import signed_request
 from chspawner.persist.kernel_connection import close_connections, forget_connections
 from chspawner.persist.records import KernelRecords, state_dir_name
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
+from chspawner.provisioner.sockets import PrivateIpcMixin
 from chspawner.provisioner.transport import secure_client
 from chspawner.slurm import JobState
 
@@ -86,8 +88,15 @@ def in_job(provisioner: Any) -> bool:
     return isinstance(provisioner, Adoptable) and provisioner.in_job
 
 
+class PrivateIpcServerKernelManager(PrivateIpcMixin, ServerKernelManager):
+    """jupyter_server's kernel manager, with the IPC sockets of a kernel on
+    ``transport=ipc`` in the user's short private socket directory (see
+    :mod:`chspawner.provisioner.sockets`): for servers without persistent
+    kernels, as ``MappingKernelManager.kernel_manager_class``."""
+
+
 class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJobHost,
-                                    ServerKernelManager):
+                                    PrivateIpcMixin, ServerKernelManager):
     """One kernel: launched detached when it can be re-attached to, and
     reported to its :class:`PersistentKernelManager` on every (re)start."""
 
