@@ -212,6 +212,14 @@ class PersistentKernelManager(server_private.MappingKernelManagerHooks,
              "SlurmChSpawner sets it with kernel_jobs.",
     ).tag(config=True)
 
+    @default("default_kernel_name")
+    def _default_default_kernel_name(self) -> str:
+        """The chosen image's kernel, when the server offers one (see
+        ContainerKernelSpecManager.image_default_kernel), not the host's."""
+        chosen = getattr(self.kernel_spec_manager, "image_default_kernel", None)
+        name = chosen() if chosen is not None else None
+        return name or NATIVE_KERNEL_NAME
+
     @default("kernel_manager_class")
     def _default_kernel_manager_class(self) -> str:
         return "chspawner.persist.kernel_manager.PersistentServerKernelManager"

@@ -72,7 +72,7 @@ from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, Launcher,
 from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, ipc_prefix
 from chspawner.runtime.launcher import Fail, find_image
-from chspawner.runtime.spec import RunSpec, to_argv
+from chspawner.runtime.spec import Bind, RunSpec, to_argv
 from chspawner.slurm import JobState, SlurmClient, SlurmError, job_environment
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
@@ -298,14 +298,33 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
                                    "(the kernelspec's argv[0])")
 
     def _container_cwd(self, cwd: str | None) -> str | None:
-        """With ``home``, the host's $HOME is /home/$USER inside: a working
-        directory under it maps there; otherwise the container starts in /."""
-        home = os.path.expanduser("~")
-        if cwd and self._home():
-            rel = os.path.relpath(cwd, home)
-            if not rel.startswith(".."):
-                return os.path.normpath(f"/home/{_username()}/{rel}")
-        return None
+        """The notebook's directory (``cwd``, a host path) as the container
+        sees it, so the kernel starts beside the notebook: under $HOME (with
+        ``home``: /home/$USER inside), under a bind's source (its
+        destination), or under the host's TMPDIR (/tmp inside, for a local
+        kernel). The deepest match wins. A directory the container can't
+        see: the home inside if bound, else / (and the log says so)."""
+        if not cwd:
+            return None
+        cwd = os.path.abspath(cwd)
+        inside_home = f"/home/{_username()}"
+        views: list[tuple[str, str]] = []  # (host path, container path)
+        for text in self.settings.binds:
+            bind = Bind.parse(text)
+            views.append((os.path.abspath(bind.src), bind.dst or os.path.abspath(bind.src)))
+        if self._home():
+            views.append((os.path.realpath(os.path.expanduser("~")), inside_home))
+            views.append((os.path.expanduser("~"), inside_home))
+        if not self.on_node:
+            views.append((os.path.abspath(os.environ.get("TMPDIR") or "/tmp"), "/tmp"))
+        for host, inside in sorted(views, key=lambda v: len(v[0]), reverse=True):
+            rel = os.path.relpath(cwd, host)
+            if rel == "." or not rel.startswith(".."):
+                return os.path.normpath(os.path.join(inside, rel))
+        fallback = inside_home if self._home() else None
+        self.log.warning("chspawner: the kernel's directory %s is not visible in the "
+                         "container; it starts in %s", cwd, fallback or "/")
+        return fallback
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
         launcher = self.launcher
