@@ -272,7 +272,8 @@ def test_each_named_server_has_a_state_directory_of_its_own(tmp_path, monkeypatc
     directory it always had; each named one gets its own, whatever its
     name, with keeper socket paths short enough for a Unix socket."""
     from chspawner.persist.kernel_manager import PersistentKernelManager
-    from chspawner.persist.records import state_dir_name
+    from chspawner.persist.records import KernelRecords, state_dir_name
+    from chspawner.provisioner.sockets import socket_dir
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
     monkeypatch.setenv("JUPYTERHUB_SERVER_NAME", name)
     manager = PersistentKernelManager()
@@ -281,9 +282,11 @@ def test_each_named_server_has_a_state_directory_of_its_own(tmp_path, monkeypatc
     assert (state.name == "chspawner-kernels") == (name == "")
     others = {state_dir_name(n) for n in ("", "a", "b", "x" * 200 + " é/..") if n != name}
     assert state.name not in others
-    keeper = manager.records.keeper_address(str(uuid.uuid4())).removeprefix("ipc://")
-    assert Path(keeper).parent == state
-    # A home of 20 characters leaves room in a socket address (107 bytes).
-    home = "/home/" + "u" * 14
-    assert len(f"{home}/.local/share/jupyter/runtime/{state.name}/"
-               f"{Path(keeper).name}") <= 107
+    kernel = str(uuid.uuid4())
+    keeper = manager.records.keeper_address(kernel).removeprefix("ipc://")
+    # In the user's short private socket directory, whatever the depth of
+    # the state directory, and one of its own for each server's kernel.
+    assert Path(keeper).parent == socket_dir() and len(keeper.encode()) <= 107
+    others = {KernelRecords(tmp_path / state_dir_name(n)).keeper_address(kernel)
+              for n in ("", "a", "b", "x" * 200 + " é/..") if n != name}
+    assert f"ipc://{keeper}" not in others

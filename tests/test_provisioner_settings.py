@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 
 def test_defaults():
     s = ProvisionerSettings.from_config(None)
-    assert (s.image, s.storage, s.binds, s.env, s.home) == ("", None, [], {}, False)
+    assert (s.image, s.storage, s.binds, s.env, s.home) == ("", None, [], {}, True)
     assert (s.backend, s.launcher, s.jobid, s.job_log_dir) == ("builtin", "local", None, "")
     assert s.timeout() == 60 and not s.on_node
     assert ProvisionerSettings.from_config({"launcher": "sbatch"}).timeout() == 600

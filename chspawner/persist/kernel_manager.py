@@ -57,6 +57,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from jupyter_client.kernelspec import NATIVE_KERNEL_NAME
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.services.kernels.kernelmanager import (
@@ -71,6 +72,7 @@ from chspawner.persist.keeper import signed_request
 from chspawner.persist.kernel_connection import close_connections, forget_connections
 from chspawner.persist.records import KernelRecords, state_dir_name
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
+from chspawner.provisioner.sockets import PrivateIpcMixin
 from chspawner.provisioner.transport import secure_client
 from chspawner.slurm import JobState
 
@@ -86,8 +88,15 @@ def in_job(provisioner: Any) -> bool:
     return isinstance(provisioner, Adoptable) and provisioner.in_job
 
 
+class PrivateIpcServerKernelManager(PrivateIpcMixin, ServerKernelManager):
+    """jupyter_server's kernel manager, with the IPC sockets of a kernel on
+    ``transport=ipc`` in the user's short private socket directory (see
+    :mod:`chspawner.provisioner.sockets`): for servers without persistent
+    kernels, as ``MappingKernelManager.kernel_manager_class``."""
+
+
 class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJobHost,
-                                    ServerKernelManager):
+                                    PrivateIpcMixin, ServerKernelManager):
     """One kernel: launched detached when it can be re-attached to, and
     reported to its :class:`PersistentKernelManager` on every (re)start."""
 
@@ -202,6 +211,14 @@ class PersistentKernelManager(server_private.MappingKernelManagerHooks,
              "hub stops a server on request) still shuts them down. "
              "SlurmChSpawner sets it with kernel_jobs.",
     ).tag(config=True)
+
+    @default("default_kernel_name")
+    def _default_default_kernel_name(self) -> str:
+        """The chosen image's kernel, when the server offers one (see
+        ContainerKernelSpecManager.image_default_kernel), not the host's."""
+        chosen = getattr(self.kernel_spec_manager, "image_default_kernel", None)
+        name = chosen() if chosen is not None else None
+        return name or NATIVE_KERNEL_NAME
 
     @default("kernel_manager_class")
     def _default_kernel_manager_class(self) -> str:

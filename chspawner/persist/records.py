@@ -6,7 +6,8 @@ Each JupyterHub server of a user has its own state directory (see
 ``<state dir>/<kernel id>.json``, written
 atomically (a reader never sees half a record) and readable only by the
 user: it holds the kernel's HMAC key. The same directory holds each
-kernel's keeper socket and logs (see :mod:`chspawner.persist.keeper`).
+kernel's logs (its keeper's socket is in a short private directory:
+see :meth:`KernelRecords.keeper_address`) (see :mod:`chspawner.persist.keeper`).
 
 Beside each record, ``<kernel id>.acks/`` holds, per client session, the
 sequence number of the last kernel message the session's client was sent
@@ -29,6 +30,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from chspawner.provisioner.sockets import socket_dir, socket_name
 
 #: jupyter_server kernel ids are UUIDs; anything else in the directory is
 #: not a record (and a crafted name can't reach outside it).
@@ -76,12 +79,14 @@ class KernelRecords:
         return self.directory / f"{kernel_id}.json"
 
     def keeper_address(self, kernel_id: str) -> str:
-        """Where the kernel's keeper listens: a Unix socket beside the record,
-        named by a hash of the kernel id, short enough for a socket address
-        (the record keeps the address: older, longer ones are still found)."""
+        """Where the kernel's keeper listens: a Unix socket in the user's
+        short private socket directory (:mod:`chspawner.provisioner.sockets`),
+        not beside the record, whose directory is as deep as the user's
+        home; named by a hash of this directory and the kernel id. (The
+        record keeps the address: older ones, beside it, are still found.)"""
         self.path(kernel_id)  # (checks the id)
-        name = hashlib.sha256(kernel_id.encode()).hexdigest()[:16]
-        return f"ipc://{self.directory / (name + '.keeper')}"
+        name = socket_name(str(self.directory.resolve()), kernel_id)
+        return f"ipc://{socket_dir() / (name + '.keeper')}"
 
     def acks_dir(self, kernel_id: str) -> Path:
         return self.directory / f"{kernel_id}.acks"

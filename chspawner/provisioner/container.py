@@ -17,10 +17,13 @@ this host uses ZeroMQ IPC: its Unix sockets are in a private (0700)
 staging directory under the host's temporary directory, which the
 container sees at /tmp, so no bind is needed; its connection file, there
 too, names them by their path inside the container, the server by theirs
-here. Rather than choosing ports, the kernel gets a connection file whose
-ports are 0, binds ports of its own choosing and writes them back (ipykernel
-does), and we read them from there. A restart reuses the ports the clients
-already know.
+here. IPC "ports" are names in that directory, chosen by jupyter_client
+(1-5), so any kernel can be given them: nothing relies on a kernel writing
+its ports back (ipykernel does, IRkernel doesn't). The kernel is up once
+its five sockets exist; one that names them PREFIX:PORT (IRkernel) gets
+the PREFIX-PORT jupyter_client connects to as a symlink (see
+:func:`chspawner.provisioner.transport.ipc_bound`). A restart reuses the
+ports the clients already know.
 
 Launcher ``srun`` runs the kernel on a compute node, inside the image, as a
 Slurm job step (in a new allocation, or ``jobid``'s). Then the connection
@@ -70,9 +73,9 @@ from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, Launcher, LocalProcess,
                                              SrunStep)
 from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
-from chspawner.provisioner.transport import TransportError, ipc_prefix
+from chspawner.provisioner.transport import TransportError, clear_ipc, ipc_bound, ipc_prefix
 from chspawner.runtime.launcher import Fail, find_image
-from chspawner.runtime.spec import RunSpec, to_argv
+from chspawner.runtime.spec import Bind, RunSpec, to_argv
 from chspawner.slurm import JobState, SlurmClient, SlurmError, job_environment
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
@@ -92,6 +95,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         self._settings: ProvisionerSettings | None = None
         self._staging: Path | None = None
         self._program = ""
+        self._ipc_ports: dict[str, int] = {}
         self._job_name: str | None = None
         self.launcher: Launcher | None = None
 
@@ -276,7 +280,16 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         base, inside = self._staging_base()
         info = json.loads(connection_file.read_text())
         for port in PORTS:
-            info[port] = self.connection_info.get(port, 0) if keep_ports else 0
+            if keep_ports:
+                info[port] = self.connection_info.get(port, 0)
+            elif self.on_node:
+                info[port] = 0  # the relay's business (it picks them on the node)
+            # else: IPC "ports" are names in the private staging directory,
+            # which jupyter_client chose (1-5): any kernel can bind them,
+            # whether or not it writes its ports back.
+        if not self.on_node:
+            self._ipc_ports = {p: int(info[p]) for p in PORTS}
+            clear_ipc(ipc_prefix(self._staging), self._ipc_ports)  # a previous run's, dead
         if self.on_node:
             # What the last run's job wrote (its relay; a KernelJobHost's
             # program, the keeper) must not pass for the new one's.
@@ -298,14 +311,33 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
                                    "(the kernelspec's argv[0])")
 
     def _container_cwd(self, cwd: str | None) -> str | None:
-        """With ``home``, the host's $HOME is /home/$USER inside: a working
-        directory under it maps there; otherwise the container starts in /."""
-        home = os.path.expanduser("~")
-        if cwd and self._home():
-            rel = os.path.relpath(cwd, home)
-            if not rel.startswith(".."):
-                return os.path.normpath(f"/home/{_username()}/{rel}")
-        return None
+        """The notebook's directory (``cwd``, a host path) as the container
+        sees it, so the kernel starts beside the notebook: under $HOME (with
+        ``home``: /home/$USER inside), under a bind's source (its
+        destination), or under the host's TMPDIR (/tmp inside, for a local
+        kernel). The deepest match wins. A directory the container can't
+        see: the home inside if bound, else / (and the log says so)."""
+        if not cwd:
+            return None
+        cwd = os.path.abspath(cwd)
+        inside_home = f"/home/{_username()}"
+        views: list[tuple[str, str]] = []  # (host path, container path)
+        for text in self.settings.binds:
+            bind = Bind.parse(text)
+            views.append((os.path.abspath(bind.src), bind.dst or os.path.abspath(bind.src)))
+        if self._home():
+            views.append((os.path.realpath(os.path.expanduser("~")), inside_home))
+            views.append((os.path.expanduser("~"), inside_home))
+        if not self.on_node:
+            views.append((os.path.abspath(os.environ.get("TMPDIR") or "/tmp"), "/tmp"))
+        for host, inside in sorted(views, key=lambda v: len(v[0]), reverse=True):
+            rel = os.path.relpath(cwd, host)
+            if rel == "." or not rel.startswith(".."):
+                return os.path.normpath(os.path.join(inside, rel))
+        fallback = inside_home if self._home() else None
+        self.log.warning("chspawner: the kernel's directory %s is not visible in the "
+                         "container; it starts in %s", cwd, fallback or "/")
+        return fallback
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):
         launcher = self.launcher
@@ -333,9 +365,15 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
             self.ip = self.connection_info["ip"]
         return self.connection_info
 
+    def _ipc_bound(self) -> dict | None:
+        """The kernel's IPC ports once it has bound all five sockets (see
+        transport.ipc_bound), else None."""
+        prefix = ipc_prefix(self._staging)
+        return dict(self._ipc_ports) if ipc_bound(prefix, self._ipc_ports) else None
+
     async def _read_back_ports(self) -> dict:
-        """Wait for the kernel to write the ports it bound; fail fast if it
-        dies first."""
+        """Wait for the kernel to bind its sockets (here) or for its relay
+        to say where it is (on a node); fail fast if it dies first."""
         # On a node, the relay says where the kernel is, once it is.
         staged = self._staging / ("relay.json" if self.on_node else "kernel.json")
         # A kernel on a node may first wait in the queue.
@@ -343,11 +381,15 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                info = json.loads(staged.read_text())
-                if self.on_node:
+                if not self.on_node:
+                    info = self._ipc_bound()
+                    if info is not None:
+                        return info
+                else:
+                    info = json.loads(staged.read_text())
                     info = {**info["ports"], "node": info["node"]}
-                if all(info.get(p) for p in PORTS):
-                    return info
+                    if all(info.get(p) for p in PORTS):
+                        return info
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # being rewritten: read again
             status = await self.launcher.poll()

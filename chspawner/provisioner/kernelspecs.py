@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
-from traitlets import Bool, Dict, List, Unicode
+from traitlets import Bool, Dict, List, Unicode, default
 
 from chspawner.images.store import Store, StoreError
 
@@ -49,10 +49,21 @@ class ContainerKernelSpecManager(KernelSpecManager):
         None, allow_none=True,
         help="The image store (default: $CH_IMAGE_STORAGE or /var/tmp/$USER.ch).",
     ).tag(config=True)
-    include_native = Bool(True, help="Also list the kernels installed natively.").tag(
-        config=True)
+    include_native = Bool(
+        help="Also list the kernels installed natively (on the server's host). "
+             "Default: yes, unless ``only_images`` names the image(s) chosen for "
+             "the server: then only their kernels are offered, so that nobody "
+             "runs on the host by mistake; an admin who wants the host's kernels "
+             "beside them sets this.",
+    ).tag(config=True)
     only_images = List(
         Unicode(), help="Offer only these images' kernels (default: every image).",
+    ).tag(config=True)
+    preferred_kernels = List(
+        Unicode(), ["python3", "ir"],
+        help="The kernel (by its directory name in the image) that is the "
+             "default when ``only_images`` names an image: the first of these "
+             "the image has, else its first kernel by name.",
     ).tag(config=True)
     provisioner_config = Dict(
         help="Provisioner settings for every image kernel (binds, env, home, backend, "
@@ -62,6 +73,24 @@ class ContainerKernelSpecManager(KernelSpecManager):
         "{display_name} — image {image}",
         help="Display name of an image kernel; fields: display_name, image, kernel.",
     ).tag(config=True)
+
+    @default("include_native")
+    def _default_include_native(self) -> bool:
+        return not self.only_images
+
+    def image_default_kernel(self) -> str | None:
+        """The kernelspec name that should be the server's default kernel:
+        the chosen image's (``only_images``, first image), by
+        ``preferred_kernels``; None when no image was chosen or it has none."""
+        if not self.only_images:
+            return None
+        image = self.only_images[0]
+        mine = {kernel_dir.name: name for name, (found, kernel_dir, _k)
+                in self.image_kernels().items() if found == image}
+        for wanted in self.preferred_kernels:
+            if wanted in mine:
+                return mine[wanted]
+        return mine[min(mine)] if mine else None
 
     def image_kernels(self) -> dict[str, tuple[str, Path, dict]]:
         """{spec name: (image, kernel dir, kernel.json content)}."""

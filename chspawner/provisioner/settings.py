@@ -42,7 +42,9 @@ class ProvisionerSettings(HasTraits):
         value_trait=Unicode(), key_trait=Unicode(),
         help="Environment variables set in the container, over the image's.")
     home = Bool(
-        False, help="Bind the user's $HOME at /home/$USER (always, on a compute node).")
+        True, help="Bind the user's $HOME at /home/$USER (always, on a compute node), "
+                   "so that a notebook's kernel sees the files beside it. False: the "
+                   "container has no view of the home.")
     backend = Enum(
         BACKENDS, "builtin",
         help="The container runtime: chspawner's own (builtin), or Charliecloud's ch-run.")

@@ -21,7 +21,9 @@ The relay, ``python -m chspawner.provisioner.transport --connection-file FILE --
 KERNEL COMMAND``, reads FILE (the staged connection file, in the shared
 $HOME), rewrites it for the kernel (transport ipc in a new private
 directory under the node's $TMPDIR, which the container sees at /tmp),
-starts the kernel, waits for the ports it binds, binds one TCP port per
+starts the kernel on IPC "ports" chosen here (1-5: names in that
+directory, so any kernel can be given them, whether or not it writes its
+ports back), waits until it has bound them, binds one TCP port per
 channel (those FILE asked for when it can: a restart keeps them) and writes
 ``relay.json`` beside FILE: the node's name, the TCP ports, and where the
 kernel's IPC sockets are on the node (for the keeper of a kernel in a job of
@@ -216,20 +218,52 @@ def _write_private(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _wait_kernel_ports(path: Path, kernel: subprocess.Popen,
-                       timeout: float) -> dict | None:
-    """The connection file once the kernel has written its ports back
-    (None: it exited first, or took longer than ``timeout``)."""
+#: The IPC "ports" a kernel is given: names in its private directory, so
+#: they are chosen here and need no hand-back (see ipc_bound).
+IPC_PORTS = dict(zip(PORTS, range(1, 6)))
+
+
+def socket_names(prefix: str, number: int) -> tuple[str, str]:
+    """Kernel IPC socket ``number`` as jupyter_client names it (PREFIX-N),
+    and as a kernel that formats endpoints like TCP ones names it
+    (PREFIX:N; IRkernel does)."""
+    return f"{prefix}-{number}", f"{prefix}:{number}"
+
+
+def ipc_bound(prefix: str, ports: dict[str, int]) -> bool:
+    """Whether the kernel has bound all its IPC sockets PREFIX-N (a path
+    on this host). A kernel that bound PREFIX:N instead gets PREFIX-N as a
+    symlink to it, where jupyter_client connects: in the kernel's private
+    (0700) directory, which nobody else can write to."""
+    for number in ports.values():
+        dash, colon = (Path(name) for name in socket_names(prefix, number))
+        if dash.is_socket():
+            continue
+        if not colon.is_socket():
+            return False
+        if not dash.is_symlink():
+            dash.symlink_to(colon.name)
+    return True
+
+
+def clear_ipc(prefix: str, ports: dict[str, int]) -> None:
+    """Remove a previous run's sockets (and links), so that only the new
+    kernel's count as bound."""
+    for number in ports.values():
+        for name in socket_names(prefix, number):
+            Path(name).unlink(missing_ok=True)
+
+
+def _wait_kernel_sockets(prefix: str, kernel: subprocess.Popen,
+                         timeout: float) -> bool:
+    """Whether the kernel bound its sockets (False: it exited first, or took
+    longer than ``timeout``)."""
     deadline = time.monotonic() + timeout
     while kernel.poll() is None and time.monotonic() < deadline:
-        try:
-            info = json.loads(path.read_text())
-            if all(info.get(p) for p in PORTS):
-                return info
-        except (OSError, ValueError):
-            pass  # not yet, or being rewritten
-        time.sleep(0.02)  # a polling interval: nothing signals the write
-    return None
+        if ipc_bound(prefix, IPC_PORTS):
+            return True
+        time.sleep(0.02)  # a polling interval: nothing signals the bind
+    return False
 
 
 def run_relay(connection_file: Path, command: list[str], timeout: float = 600.0) -> int:
@@ -249,19 +283,19 @@ def run_relay(connection_file: Path, command: list[str], timeout: float = 600.0)
     try:
         host_ipc = ipc_prefix(private)
         inside_ipc = ipc_prefix(Path("/tmp") / private.name)
-        # The kernel's view: IPC, ports of its choosing; no CURVE (IPC in a
-        # private directory needs none, and its ipykernel may know none).
+        # The kernel's view: IPC, ports chosen here (any kernel binds what
+        # it is given; not every one writes back what it chose); no CURVE
+        # (IPC in a private directory needs none, and its kernel may know none).
         for_kernel = {k: v for k, v in requested.items() if not k.startswith("curve_")}
-        for_kernel.update({p: 0 for p in PORTS}, transport="ipc", ip=inside_ipc)
+        for_kernel.update(IPC_PORTS, transport="ipc", ip=inside_ipc)
         _write_private(connection_file, for_kernel)
         kernel = subprocess.Popen(command)
         # scancel signals every process of the job: the kernel gets its own.
         signal.signal(signal.SIGTERM, lambda *_: kernel.terminate())
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts go as messages
-        bound = _wait_kernel_ports(connection_file, kernel, timeout)
-        if bound is None:
+        if not _wait_kernel_sockets(host_ipc, kernel, timeout):
             return kernel.wait() if kernel.poll() is not None else _stop(kernel)
-        kernel_ports = {p: int(bound[p]) for p in PORTS}
+        kernel_ports = dict(IPC_PORTS)
         relay = Relay(keys, host_ipc, kernel_ports,
                       {p: int(requested.get(p) or 0) for p in PORTS})
         relay.start()

@@ -996,7 +996,7 @@ def join_namespaces(libc, pid):
             os.close(fd)
 
 
-def _private_dir(path, create):
+def private_dir(path, create):
     """An O_RDONLY fd for directory ``path`` if it is the caller's own and
     closed to others (made 0700 first with ``create``), else None. Never
     follows a symlink: in /dev/shm anyone can plant one."""
@@ -1030,12 +1030,12 @@ def join_dir():
     guessable name to fall back on."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if runtime.startswith("/"):
-        fd = _private_dir(runtime, create=False)
+        fd = private_dir(runtime, create=False)
         if fd is not None:
             return fd, runtime
     base = os.environ.get("CHSPAWNER_JOIN_DIR", DEFAULT_JOIN_DIR)
     path = os.path.join(base, f"chspawner-{os.getuid()}")
-    fd = _private_dir(path, create=True)
+    fd = private_dir(path, create=True)
     if fd is None:
         try:
             st = os.lstat(path)
