@@ -54,13 +54,15 @@ def make(tmp_path: Path, kind: type = ChSpawner, groups: tuple[str, ...] = (),
 
 
 def spawn_checks(spawner: ChSpawner, options: dict) -> None:
-    """What the hub does before start()'s launch: JupyterHub runs the
-    admin's hook on the user's options, then start() checks them."""
+    """What the hub does before start(): JupyterHub runs the admin's hook
+    on the user's options, then the pre-spawn step checks them."""
     spawner.user_options = options
 
     async def steps():
         await spawner._run_apply_user_options(spawner.user_options)
-        await spawner.check_options()
+        result = spawner.run_pre_spawn_hook()
+        if asyncio.iscoroutine(result):
+            await result
     asyncio.run(steps())
 
 

@@ -16,8 +16,9 @@ The admin lists the images users may pick (``images``, in the site store
 and the modes it may run in) and may allow users' own stored images. User
 options come from the form or the REST API; JupyterHub's
 ``apply_user_options`` hook is the admin's (by default it does nothing),
-and whatever it did, the spawn's first step (``check_options``) validates
-what will run before anything changes: a bad option is a 400
+and whatever it did, ``check_options`` validates what will run before
+anything changes (right after the hook, and again as the spawn's first
+step, after the admin's ``pre_spawn_hook``): a bad option is a 400
 (``OptionError``) whose one-line message JupyterHub shows to the user.
 
 ``start()`` is a recipe of named steps, each a method that
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from inspect import isawaitable
 import os
 import pwd
 import shlex
@@ -182,7 +184,33 @@ class ChSpawner(LocalProcessSpawner):
     #: The options a user may give, and their JSON types.
     OPTION_TYPES: dict[str, type] = {"image": str, "mode": str}
 
-    async def check_options(self) -> None:
+    def run_pre_spawn_hook(self):
+        """JupyterHub's step after the admin's apply_user_options: the
+        options are checked here already, so that a mistake is the spawn
+        request's own answer (400), then again as start()'s first step,
+        after the admin's pre_spawn_hook too. Synchronous unless Slurm must
+        be asked (JupyterHub waits for a coroutine in a task: the request
+        would be answered 202 before the check ends)."""
+        if self.options_need_asking():
+            return self._asked_pre_spawn_hook()
+        self.check_options()
+        return super().run_pre_spawn_hook()
+
+    async def _asked_pre_spawn_hook(self) -> None:
+        await self.ask_for_options()
+        self.check_options()
+        result = super().run_pre_spawn_hook()
+        if isawaitable(result):
+            await result
+
+    def options_need_asking(self) -> bool:
+        """Whether what a user may choose must be asked for (ask_for_options)."""
+        return False
+
+    async def ask_for_options(self) -> None:
+        """Learn what a user may choose, where it takes asking (Slurm)."""
+
+    def check_options(self) -> None:
         """The spawn's first step: validate what will run, whatever the
         admin's ``apply_user_options`` did. Its input: the user's options as
         the hook left them (it gets the dict itself), with the image and
@@ -340,7 +368,8 @@ class ChSpawner(LocalProcessSpawner):
         subclass overrides a step, not the recipe."""
         self._events = asyncio.Queue()
         if not await self.reattach():
-            await self.check_options()
+            await self.ask_for_options()
+            self.check_options()
             await self.ensure_image()
             self.pick_port()
             await self.launch()

@@ -175,15 +175,17 @@ class SlurmChSpawner(ChSpawner):
                              self.user.name, e)
             self._slurm_accounts = []
 
-    async def check_options(self) -> None:
+    def options_need_asking(self) -> bool:
+        return self.accounts_from_slurm
+
+    async def ask_for_options(self) -> None:
         await self.refresh_accounts()
-        if self.accounts_from_slurm and not self.offered("account"):
-            raise OptionError("you have no Slurm account this hub may use; ask your "
-                              "site's admins for one")
-        await super().check_options()
 
     def validate_user_options(self, options: dict) -> None:
         self.check_option_types(options)
+        if self.accounts_from_slurm and not self.offered("account"):
+            raise OptionError("you have no Slurm account this hub may use; ask your "
+                              "site's admins for one")
         slurm = {k: options[k] for k in self.RESOURCES if k in options}
         request = self.default_request()
         for key, value in slurm.items():
