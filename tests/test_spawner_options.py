@@ -144,11 +144,20 @@ def test_a_users_mistake_is_one_line_and_changes_nothing(tmp_path, options, word
     assert words in refused(make(tmp_path), options)
 
 
-def test_the_error_is_what_jupyterhub_shows_the_user():
-    error = OptionError("image 'x' is not offered here")
-    assert error.jupyterhub_message == "image 'x' is not offered here"
-    assert error.status_code == 400 and error.log_message % error.args == \
-        "image 'x' is not offered here"
+def test_the_errors_are_jupyterhubs_spawn_exceptions():
+    """JupyterHub logs a SpawnException in one line, no traceback, and shows
+    its message (``jupyterhub_message`` on the spawn page)."""
+    from jupyterhub.spawner import SpawnException
+
+    from chspawner.spawners import SpawnFailed
+    error = OptionError("partition '50%' is not offered")
+    assert isinstance(error, SpawnException) and error.status_code == 400
+    assert error.jupyterhub_message == error.message == str(error) == \
+        "partition '50%' is not offered"
+    assert error.log_message % () == "partition '50%' is not offered"  # (as tornado logs it)
+    failed = SpawnFailed("the server exited with status 3 before it answered")
+    assert isinstance(failed, SpawnException) and failed.status_code == 500
+    assert failed.reason == "start" and failed.jupyterhub_message == str(failed)
 
 
 # ------------------------------------------- per-image groups and modes ---

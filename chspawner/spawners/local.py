@@ -50,8 +50,8 @@ from chspawner.images import ImageError
 from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
-from chspawner.spawners.options import (MODES, OptionError, check_images, check_plain,
-                                        json_type, render_form)
+from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_images,
+                                        check_plain, json_type, render_form)
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
                     "opt/conda/bin/jupyterhub-singleuser")
 
@@ -548,9 +548,9 @@ class ChSpawner(LocalProcessSpawner):
         self.image = self.mode = ""
 
 
-class SpawnFailed(RuntimeError):
-    """A spawn that can't go on; the hub shows its message as it is."""
+class SpawnFailed(SpawnerError):
+    """A spawn that can't go on once started (the server or its job ended
+    first, a port taken, a pull failed): the hub shows its message as it is."""
 
-    @property
-    def jupyterhub_message(self) -> str:
-        return str(self)
+    REASON = "start"
+    STATUS = 500

@@ -27,14 +27,42 @@ MODES = ("kernels", "server")
 UNSAFE = frozenset(";&|$`<>()\\\"'*?[]{}!#~")
 
 
-class OptionError(web.HTTPError):
-    """A mistake in a user's options: a 400 whose one-line message JupyterHub
-    shows as it is (``jupyterhub_message``) on the spawn form and page, and
-    in the REST API's reply; the hub logs it in one line, no traceback."""
+try:
+    from jupyterhub.spawner import SpawnException  # JupyterHub 6
+except ImportError:  # JupyterHub 5: the same contract, here
+    class SpawnException(web.HTTPError):  # type: ignore[no-redef]
+        """JupyterHub 6's policy failure of a spawn, for JupyterHub 5."""
+
+        def __init__(self, message: str, *, reason: str, log_message: str = "",
+                     message_html: str = "", status_code: int = 400):
+            super().__init__(status_code, None, reason=reason)
+            self.message, self.message_html = message, message_html
+            self.log_message = log_message or message
+
+
+class SpawnerError(SpawnException):
+    """A spawn that can't go on, as JupyterHub's SpawnException: a one-line
+    message that JupyterHub shows the user as it is (on the spawn form and
+    page: ``jupyterhub_message``; in the REST API's reply) and logs in one
+    line, without a traceback."""
+
+    REASON = "error"
+    STATUS = 400
 
     def __init__(self, message: str):
-        super().__init__(400, "%s", message)
+        super().__init__(message, reason=self.REASON, status_code=self.STATUS)
+        # (tornado formats log_message with %: a literal one is doubled.)
+        self.log_message = message.replace("%", "%%")
         self.jupyterhub_message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class OptionError(SpawnerError):
+    """A mistake in a user's options: a 400."""
+
+    REASON = "user_options"
 
 
 def check_plain(key: str, value: str) -> None:
