@@ -105,9 +105,20 @@ class Resources:
     hours: int | None = None
     partition: str = ""
     gpus: int = 0
+    # The site's choices (the admin's, or the user's among the admin's).
+    account: str = ""
+    qos: str = ""
+    reservation: str = ""
+    constraint: str = ""
 
     def sbatch_options(self) -> list[str]:
-        """sbatch options for this request, each one argument."""
+        """sbatch options for this request, each one argument. A value
+        with a newline or other control character is refused (ValueError):
+        it could only be a mistake, and sbatch would read it as two."""
+        for value in (self.partition, self.account, self.qos, self.reservation,
+                      self.constraint):
+            if any(not c.isprintable() for c in value):
+                raise ValueError(f"sbatch option value {value!r} has a control character")
         options = []
         if self.cpus is not None:
             options.append(f"--cpus-per-task={self.cpus}")
@@ -119,12 +130,16 @@ class Resources:
             options.append(f"--partition={self.partition}")
         if self.gpus:
             options.append(f"--gpus={self.gpus}")
+        for name in ("account", "qos", "reservation", "constraint"):
+            if getattr(self, name):
+                options.append(f"--{name}={getattr(self, name)}")
         return options
 
 
 def sbatch_argv(command: Sequence[str], *, job_name: str, output: str, chdir: str,
                 resources: Resources | None = None, extra: Sequence[str] = (),
-                background: Sequence[str] | None = None) -> list[str]:
+                background: Sequence[str] | None = None,
+                setup: Sequence[str] = ()) -> list[str]:
     """The sbatch command line of a one-task job that runs ``command``.
 
     ``output``: the job's log (Slurm's filename patterns apply: %j is the
@@ -132,6 +147,8 @@ def sbatch_argv(command: Sequence[str], *, job_name: str, output: str, chdir: st
     admin's may override it). ``background``: a command started beside
     ``command``, before it, with no input or output. ``command`` is then
     exec'd: it stays the job's script, which ``scancel --batch`` signals.
+    ``setup``: shell lines (the site admin's, written as given, one a line)
+    run first, in the job's shell: ``module load ...``, ``source ...``.
 
     The commands travel as the batch script's text (``--wrap``), quoted
     once, here, with shlex: no other layer quotes or splits them."""
@@ -140,6 +157,8 @@ def sbatch_argv(command: Sequence[str], *, job_name: str, output: str, chdir: st
     script = "exec " + shlex.join(command)
     if background:
         script = shlex.join(background) + " </dev/null >/dev/null 2>&1 & " + script
+    if setup:
+        script = "\n".join([*setup, script])
     return ["sbatch", "--parsable", f"--job-name={job_name}", "--nodes=1", "--ntasks=1",
             "--export=ALL", f"--output={output}", f"--chdir={chdir}",
             *(resources.sbatch_options() if resources else []), *map(str, extra),
@@ -231,6 +250,13 @@ class SlurmClient:
         """Cancel ``user``'s jobs called ``job_name`` (one whose id we never
         learnt: its sbatch or srun was cut short)."""
         await self.run("scancel", f"--name={job_name}", f"--user={user}")
+
+    async def associations(self, user: str) -> list[str]:
+        """The accounts ``user`` may charge, from their Slurm associations
+        (sacctmgr: needs slurmdbd), each once, in sacctmgr's order."""
+        out = await self.run("sacctmgr", "--noheader", "--parsable2", "show", "assoc",
+                             f"user={user}", "format=account")
+        return list(dict.fromkeys(line.strip() for line in out.splitlines() if line.strip()))
 
     async def queue_place(self, job_id: str, partition: str = "") -> tuple[int, int] | None:
         """(place, of how many) of a pending job in the queue of pending jobs

@@ -19,6 +19,21 @@ pytestmark = pytest.mark.unit
 
 # ------------------------------------------------------------ sbatch_argv --
 
+def test_sbatch_argv_runs_the_site_setup_lines_first_as_given():
+    """The admin's set-up lines are the --wrap script's first lines, as
+    written (they are shell); the background command and the exec after."""
+    argv = sbatch_argv(["server", "--a b"], job_name="j", output="o", chdir="/",
+                       background=["watch"], setup=["module load x/1", "export A='b c'"])
+    assert argv[-1] == ("--wrap=module load x/1\nexport A='b c'\n"
+                        "watch </dev/null >/dev/null 2>&1 & exec server '--a b'")
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "reservation", "constraint"])
+def test_resources_refuse_a_newline_in_any_value(field):
+    with pytest.raises(ValueError, match="control character"):
+        Resources(**{field: "a\nb"}).sbatch_options()
+
+
 
 def test_sbatch_argv_has_the_fixed_options_then_the_request_then_extra():
     argv = sbatch_argv(["python", "-m", "x"], job_name="j", output="/logs/j-%j.log",
@@ -60,6 +75,8 @@ def test_sbatch_argv_refuses_an_empty_command():
     (Resources(mem_gb=2, hours=1), ["--mem=2G", "--time=1:00:00"]),
     (Resources(partition="gpu", gpus=0), ["--partition=gpu"]),
     (Resources(gpus=4), ["--gpus=4"]),
+    (Resources(account="lab", qos="short", reservation="course", constraint="intel&ib"),
+     ["--account=lab", "--qos=short", "--reservation=course", "--constraint=intel&ib"]),
 ])
 def test_resources_give_one_option_each_and_none_for_slurms_defaults(resources, options):
     assert resources.sbatch_options() == options
@@ -130,7 +147,7 @@ class FakeSlurm:
             [ -f {root}/$name.out ] && cat {root}/$name.out
             exit 0
         """
-        for name in ("squeue", "scancel", "sbatch"):
+        for name in ("squeue", "scancel", "sbatch", "sacctmgr"):
             (self.bin / name).write_text("\n".join(line.strip() for line in
                                                    script.splitlines()).lstrip())
             (self.bin / name).chmod(0o755)
@@ -224,3 +241,17 @@ def test_queue_place(fake):
         "squeue --noheader --states=PENDING --sort=-p,i --format=%i --partition=short ",
         "squeue --noheader --states=PENDING --sort=-p,i --format=%i "]
 
+
+
+def test_associations_are_the_users_accounts_once_each(fake):
+    fake.answers("sacctmgr", "lab\nphysics\nlab\n\n")
+    assert asyncio.run(fake.client.associations("alice")) == ["lab", "physics"]
+    assert fake.calls() == ["sacctmgr --noheader --parsable2 show assoc user=alice "
+                            "format=account "]
+
+
+def test_associations_without_slurmdbd_is_one_line_slurm_error(fake):
+    fake.answers("sacctmgr", err="sacctmgr: error: Problem talking to the database: "
+                                 "Connection refused\n")
+    with pytest.raises(SlurmError, match="^sacctmgr: error: Problem talking to the database"):
+        asyncio.run(fake.client.associations("alice"))

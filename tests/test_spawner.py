@@ -128,6 +128,8 @@ def test_a_server_exiting_at_once_ends_the_spawn_with_its_status(broken_hub):
     assert result["events"][-1] == ("Spawn failed: the server exited with status 3 "
                                     "before it answered (image jupyter, server mode)"), \
         result["events"]
+    # JupyterHub's SpawnException: one line in the hub's log, no traceback.
+    assert "Traceback" not in broken_hub.log(), broken_hub.log()[-3000:]
 
 
 def test_options_form_lists_the_admins_images():

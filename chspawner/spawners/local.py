@@ -12,13 +12,19 @@ the server as the user's own account) with a choice of image and mode:
   through the one RunSpec (the image must provide jupyterhub-singleuser).
 
 The admin lists the images users may pick (``images``, in the site store
-``site_storage``) and may allow users' own stored images. User options come
-from the form or the REST API and are validated before anything changes:
-a bad one is a 400 with a message that says what is wrong.
+``site_storage``; an entry may name the JupyterHub groups it is offered to
+and the modes it may run in) and may allow users' own stored images. User
+options come from the form or the REST API; JupyterHub's
+``apply_user_options`` hook is the admin's (by default it does nothing),
+and whatever it did, ``check_options`` validates what will run before
+anything changes (right after the hook, and again as the spawn's first
+step, after the admin's ``pre_spawn_hook``): a bad option is a 400
+(``OptionError``) whose one-line message JupyterHub shows to the user.
 
 ``start()`` is a recipe of named steps, each a method that
 SlurmChSpawner overrides where a job differs from a local process:
 ``reattach`` (a server still starting from before a hub restart),
+``check_options`` (the user's options, as the admin's hook left them),
 ``ensure_image`` (pull the admin's image on its first use), ``pick_port``,
 ``launch`` (run ``get_command()``: the native server, or the container
 running it) and ``wait_ready`` (until the user's own process answers).
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from inspect import isawaitable
 import os
 import pwd
 import shlex
@@ -37,16 +44,14 @@ from subprocess import Popen
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
-from tornado import web
 from traitlets import Bool, Dict, List, Unicode, default, validate
 
 from chspawner.images import ImageError
 from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
-from chspawner.spawners.options import check_images, json_type, render_form
-
-MODES = ("kernels", "server")
+from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_images,
+                                        check_plain, json_type, render_form)
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
                     "opt/conda/bin/jupyterhub-singleuser")
 
@@ -62,7 +67,10 @@ class ChSpawner(LocalProcessSpawner):
         its first spawn, on the hub's host, as the site store's owner (never
         as root), with its progress on the spawn page; later spawns, by any
         user, use it from the store. "insecure": true allows a registry
-        without TLS. Checked when the hub starts: an unknown key or a bad
+        without TLS. "groups": ["physics", ...] offers the image only to
+        members of those JupyterHub groups (default: to everyone).
+        "modes": ["kernels"] lets it run only in those of ``modes`` (the
+        form says so). Checked when the hub starts: an unknown key or a bad
         name stops it with a message that says which entry.""",
     ).tag(config=True)
     chspawner_cmd = List(
@@ -101,6 +109,11 @@ class ChSpawner(LocalProcessSpawner):
                    "after a loss) takes them over, and replays the output its "
                    "clients missed.",
     ).tag(config=True)
+    extra_options = List(
+        Unicode(), help="Names of user options that the admin's own apply_user_options "
+                        "hook handles: accepted (as plain text, if strings) rather than "
+                        "refused as unknown. What they mean is the hook's business.",
+    ).tag(config=True)
     user_storage = Unicode(
         "/var/tmp/{username}.ch",
         help="Each user's own store ({username} is filled in), for allow_user_images.",
@@ -119,13 +132,24 @@ class ChSpawner(LocalProcessSpawner):
 
     @default("apply_user_options")
     def _default_apply_user_options(self):
-        return lambda spawner, options: spawner.validate_user_options(options)
+        # The admin's hook. The default does nothing (and keeps JupyterHub
+        # from warning about unhandled options): the options are applied
+        # and validated by start()'s check_options, after any hook, so no
+        # hook can turn the validation off.
+        return lambda spawner, options: None
 
     # ---------------------------------------------------- user options ---
 
+    def user_groups(self) -> set[str]:
+        """The names of the user's JupyterHub groups."""
+        return {getattr(g, "name", g) for g in getattr(self.user, "groups", None) or []}
+
     def offered_images(self) -> dict[str, str]:
-        """{name: description} a user may choose from."""
-        offered = {i["name"]: i.get("description", "") for i in self.images}
+        """{name: description} a user may choose from: the admin's images
+        (those with "groups" only to their members), then the user's own."""
+        groups = self.user_groups()
+        offered = {i["name"]: i.get("description", "") for i in self.images
+                   if "groups" not in i or groups & set(i["groups"])}
         if self.allow_user_images:
             try:
                 images = self.user_store().images()
@@ -151,8 +175,55 @@ class ChSpawner(LocalProcessSpawner):
     def site_entry(self, image: str) -> dict | None:
         return next((i for i in self.images if i.get("name") == image), None)
 
+    def image_modes(self, image: str) -> list[str]:
+        """The modes ``image`` may run in: the admin's ``modes``, less those
+        its entry leaves out."""
+        allowed = (self.site_entry(image) or {}).get("modes")
+        return [m for m in self.modes if allowed is None or m in allowed]
+
     #: The options a user may give, and their JSON types.
     OPTION_TYPES: dict[str, type] = {"image": str, "mode": str}
+
+    def run_pre_spawn_hook(self):
+        """JupyterHub's step after the admin's apply_user_options: the
+        options are checked here already, so that a mistake is the spawn
+        request's own answer (400), then again as start()'s first step,
+        after the admin's pre_spawn_hook too. Synchronous unless Slurm must
+        be asked (JupyterHub waits for a coroutine in a task: the request
+        would be answered 202 before the check ends)."""
+        if self.options_need_asking():
+            return self._asked_pre_spawn_hook()
+        self.check_options()
+        return super().run_pre_spawn_hook()
+
+    async def _asked_pre_spawn_hook(self) -> None:
+        await self.ask_for_options()
+        self.check_options()
+        result = super().run_pre_spawn_hook()
+        if isawaitable(result):
+            await result
+
+    def options_need_asking(self) -> bool:
+        """Whether what a user may choose must be asked for (ask_for_options)."""
+        return False
+
+    async def ask_for_options(self) -> None:
+        """Learn what a user may choose, where it takes asking (Slurm)."""
+
+    def check_options(self) -> None:
+        """The spawn's first step: validate what will run, whatever the
+        admin's ``apply_user_options`` did. Its input: the user's options as
+        the hook left them (it gets the dict itself), with the image and
+        mode the hook set on the spawner, if any, in place of the user's;
+        nothing changes unless all of it is good (OptionError)."""
+        options = self.user_options
+        if isinstance(options, dict):
+            options = dict(options)
+            for key in ("image", "mode"):
+                if getattr(self, key):  # (set by the hook: cleared after each run)
+                    options[key] = getattr(self, key)
+            self.image = self.mode = ""  # (until they are found good)
+        self.validate_user_options(options)
 
     def validate_user_options(self, options: dict) -> None:
         """Check the options, then set ``image`` and ``mode``: nothing
@@ -163,16 +234,17 @@ class ChSpawner(LocalProcessSpawner):
         # An option left out (or left empty, as the form leaves a choice
         # it doesn't offer) takes its default.
         image = options.get("image") or next(iter(offered), "")
-        mode = options.get("mode") or (self.modes[0] if self.modes else "")
+        modes = self.image_modes(image)
+        mode = options.get("mode") or (modes[0] if modes else "")
         try:
             check_name(image)
         except ImageError as e:
-            raise web.HTTPError(400, str(e)) from None
+            raise OptionError(str(e)) from None
         if image not in offered:
-            raise web.HTTPError(400, f"image {image!r} is not offered here")
-        if mode not in self.modes:
-            raise web.HTTPError(400, f"mode {mode!r} is not offered "
-                                     f"(offered: {', '.join(self.modes)})")
+            raise OptionError(f"image {image!r} is not offered here")
+        if mode not in modes:
+            raise OptionError(f"mode {mode!r} is not offered for image {image} "
+                              f"(offered: {', '.join(modes) or 'none'})")
         store = self.store_for(image)
         try:
             if not store.exists(image) and (self.site_entry(image) or {}).get("pull"):
@@ -180,9 +252,9 @@ class ChSpawner(LocalProcessSpawner):
             else:
                 problem = self.server_mode_problem(image, mode, store.require(image))
         except ImageError as e:  # missing, or a store that must be refused
-            raise web.HTTPError(400, str(e)) from None
+            raise OptionError(str(e)) from None
         if problem:
-            raise web.HTTPError(400, problem)
+            raise OptionError(problem)
         self.image, self.mode = image, mode
 
     def check_option_types(self, options: object) -> None:
@@ -191,16 +263,19 @@ class ChSpawner(LocalProcessSpawner):
         would otherwise spawn the defaults without a word."""
         self._refuse_non_object_body()
         if not isinstance(options, dict):
-            raise web.HTTPError(400, f"the options must be a JSON object, not "
-                                     f"{json_type(options)}")
-        unknown = set(options) - set(self.OPTION_TYPES)
+            raise OptionError(f"the options must be a JSON object, not "
+                              f"{json_type(options)}")
+        unknown = set(options) - set(self.OPTION_TYPES) - set(self.extra_options)
         if unknown:
-            raise web.HTTPError(400, f"unknown options: {', '.join(sorted(map(str, unknown)))}")
+            raise OptionError(f"unknown options: {', '.join(sorted(map(str, unknown)))}")
         for key, kind in self.OPTION_TYPES.items():
             value = options.get(key)
             if key in options and not (isinstance(value, kind)
                                        and not isinstance(value, bool)):
-                raise web.HTTPError(400, self.type_problem(key, value))
+                raise OptionError(self.type_problem(key, value))
+        for key, value in options.items():
+            if isinstance(value, str):
+                check_plain(key, value)
 
     def type_problem(self, key: str, value: object) -> str:
         """The one-line message for an option of the wrong type."""
@@ -220,8 +295,8 @@ class ChSpawner(LocalProcessSpawner):
         except ValueError:
             return  # (JupyterHub refused it already)
         if body is not None and not isinstance(body, dict):
-            raise web.HTTPError(400, f"the request body must be a JSON object, not "
-                                     f"{json_type(body)}")
+            raise OptionError(f"the request body must be a JSON object, not "
+                              f"{json_type(body)}")
 
     @staticmethod
     def server_mode_problem(image: str, mode: str, path) -> str | None:
@@ -241,8 +316,14 @@ class ChSpawner(LocalProcessSpawner):
 
     def options_form_context(self) -> dict:
         """What the form offers (see chspawner.spawners.options.render_form)."""
-        return {"images": list(self.offered_images().items()), "modes": list(self.modes),
-                "partitions": [], "numbers": []}
+        return {"images": [(name, description, self._restricted_modes(name))
+                           for name, description in self.offered_images().items()],
+                "modes": list(self.modes), "choices": [], "numbers": []}
+
+    def _restricted_modes(self, image: str) -> list[str]:
+        """The image's modes, if fewer than all offered ([] if all)."""
+        modes = self.image_modes(image)
+        return [] if modes == list(self.modes) else modes
 
     def options_from_form(self, formdata: dict) -> dict:
         return {key: formdata[key][0] for key in ("image", "mode") if formdata.get(key)}
@@ -287,6 +368,8 @@ class ChSpawner(LocalProcessSpawner):
         subclass overrides a step, not the recipe."""
         self._events = asyncio.Queue()
         if not await self.reattach():
+            await self.ask_for_options()
+            self.check_options()
             await self.ensure_image()
             self.pick_port()
             await self.launch()
@@ -465,9 +548,9 @@ class ChSpawner(LocalProcessSpawner):
         self.image = self.mode = ""
 
 
-class SpawnFailed(RuntimeError):
-    """A spawn that can't go on; the hub shows its message as it is."""
+class SpawnFailed(SpawnerError):
+    """A spawn that can't go on once started (the server or its job ended
+    first, a port taken, a pull failed): the hub shows its message as it is."""
 
-    @property
-    def jupyterhub_message(self) -> str:
-        return str(self)
+    REASON = "start"
+    STATUS = 500

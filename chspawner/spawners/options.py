@@ -7,13 +7,71 @@ from functools import cache
 from typing import Any
 
 import jinja2
+from tornado import web
 from traitlets import TraitError
 
 from chspawner.images import ImageError
 from chspawner.images.store import check_name
 
 #: The keys of an entry of ``images``, and their JSON types.
-IMAGE_KEYS: dict[str, type] = {"name": str, "description": str, "pull": str, "insecure": bool}
+IMAGE_KEYS: dict[str, type] = {"name": str, "description": str, "pull": str, "insecure": bool,
+                               "modes": list, "groups": list}
+
+#: The modes a server may run in.
+MODES = ("kernels", "server")
+
+#: Characters refused in any option a user gives: a shell's, whitespace
+#: and control characters. Options reach sbatch and the container as
+#: separate arguments, never through a shell; refusing these anyway keeps
+#: a later change from making one a command.
+UNSAFE = frozenset(";&|$`<>()\\\"'*?[]{}!#~")
+
+
+try:
+    from jupyterhub.spawner import SpawnException  # JupyterHub 6
+except ImportError:  # JupyterHub 5: the same contract, here
+    class SpawnException(web.HTTPError):  # type: ignore[no-redef]
+        """JupyterHub 6's policy failure of a spawn, for JupyterHub 5."""
+
+        def __init__(self, message: str, *, reason: str, log_message: str = "",
+                     message_html: str = "", status_code: int = 400):
+            super().__init__(status_code, None, reason=reason)
+            self.message, self.message_html = message, message_html
+            self.log_message = log_message or message
+
+
+class SpawnerError(SpawnException):
+    """A spawn that can't go on, as JupyterHub's SpawnException: a one-line
+    message that JupyterHub shows the user as it is (on the spawn form and
+    page: ``jupyterhub_message``; in the REST API's reply) and logs in one
+    line, without a traceback."""
+
+    REASON = "error"
+    STATUS = 400
+
+    def __init__(self, message: str):
+        super().__init__(message, reason=self.REASON, status_code=self.STATUS)
+        # (tornado formats log_message with %: a literal one is doubled.)
+        self.log_message = message.replace("%", "%%")
+        self.jupyterhub_message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class OptionError(SpawnerError):
+    """A mistake in a user's options: a 400."""
+
+    REASON = "user_options"
+
+
+def check_plain(key: str, value: str) -> None:
+    """OptionError unless ``value`` is plain text: no shell metacharacter,
+    no whitespace, no control character (a newline would be a second line
+    of a job's script)."""
+    bad = next((c for c in value if c in UNSAFE or not c.isprintable() or c.isspace()), None)
+    if bad is not None:
+        raise OptionError(f"{key} may not contain {bad!r}")
 
 
 def check_images(entries: Any, trait: str = "images") -> list[dict]:
@@ -41,6 +99,13 @@ def check_images(entries: Any, trait: str = "images") -> list[dict]:
             check_name(entry["name"])
         except ImageError as e:
             raise TraitError(f"{where}: {e}") from None
+        for key in ("modes", "groups"):
+            if not all(isinstance(v, str) for v in entry.get(key, [])):
+                raise TraitError(f"{where}: {key!r} must be a list of strings")
+        wrong = sorted(set(entry.get("modes", [])) - set(MODES))
+        if wrong:
+            raise TraitError(f"{where}: unknown mode(s) {', '.join(wrong)} "
+                             f"(known: {', '.join(MODES)})")
         if entry["name"] in seen:
             raise TraitError(f"{where}: image {entry['name']!r} is listed twice")
         seen.add(entry["name"])
@@ -71,7 +136,9 @@ def _templates() -> jinja2.Environment:
 def render_form(context: dict[str, Any], template: str = "options_form.html") -> str:
     """The spawn form's HTML.
 
-    ``context``: ``images`` [(name, description)], ``modes`` [mode] (the
-    first checked), ``partitions`` [name] (none: no partition field) and
+    ``context``: ``images`` [(name, description, modes)] (modes: the
+    image's own, [] for all), ``modes`` [mode] (the first checked),
+    ``choices`` [{name, label, values}] (select fields: partition,
+    account, QOS; a field with one value or none is not shown) and
     ``numbers`` [{name, label, min, max, value}], number fields."""
     return _templates().get_template(template).render(context)

@@ -22,13 +22,13 @@ import secrets
 import sys
 from pathlib import Path
 
-from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from chspawner.slurm import Job, JobState, Resources, SlurmClient, SlurmError, sbatch_argv
 from chspawner.spawners import joblog
 from chspawner.spawners.listening import MINE, NONCE_ENV, TAKEN, read_report
 from chspawner.spawners.local import ChSpawner, SpawnFailed
+from chspawner.spawners.options import OptionError
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -43,9 +43,11 @@ class SlurmChSpawner(ChSpawner):
     the moment sbatch answers, so a hub restarted during the queue wait
     knows the job: it is stopped (cancelled) rather than orphaned, or taken
     over by the next spawn request while still queued. User options for Slurm
-    (partition, time, CPUs, memory) are checked against the admin's bounds
-    and reach sbatch as separate arguments, never through a shell or the
-    batch script's text.
+    (partition, account, QOS, time, CPUs, memory) are checked against what
+    the admin offers and reach sbatch as separate arguments, never through
+    a shell or the batch script's text; the admin's site options
+    (reservation, constraint, extra sbatch arguments, set-up lines) are
+    added to every server's job.
     """
 
     partitions = List(Unicode(), help="Partitions users may choose (the first is the "
@@ -56,6 +58,43 @@ class SlurmChSpawner(ChSpawner):
         config=True)
     max_gpus = Integer(0, help="Most GPUs a user may ask for (0: the form offers "
                        "none; asked for with sbatch --gpus).").tag(config=True)
+    accounts = List(
+        Unicode(), help="Slurm accounts users may charge their server's job (and its "
+                        "kernels' jobs) to: the first is the default; the form offers a "
+                        "choice when there are several; any other is refused. Empty: no "
+                        "--account (Slurm's default account), unless accounts_from_slurm.",
+    ).tag(config=True)
+    accounts_from_slurm = Bool(
+        False, help="Offer each user the accounts of their own Slurm associations "
+                    "(sacctmgr show assoc user=NAME, asked as the user; needs slurmdbd), "
+                    "in sacctmgr's order; with ``accounts`` set too, only those of them. "
+                    "A user with none can't spawn, and is told why.",
+    ).tag(config=True)
+    qos = List(
+        Unicode(), help="Slurm QOS users may choose (--qos): the first is the default; "
+                        "the form offers a choice when there are several; any other is "
+                        "refused. Empty: Slurm's default QOS.",
+    ).tag(config=True)
+    reservation = Unicode(
+        "", help="The Slurm reservation every server's job (and kernel's job) runs in "
+                 "(--reservation); empty: none.",
+    ).tag(config=True)
+    constraint = Unicode(
+        "", help="Node features every server's job (and kernel's job) needs "
+                 "(--constraint, Slurm's syntax, e.g. 'intel&ib'); empty: none.",
+    ).tag(config=True)
+    extra_sbatch_args = List(
+        Unicode(), help="More sbatch options for the server's job, after the user's "
+                        "request (so they may override it), each one argument, e.g. "
+                        "['--exclusive', '--licenses=matlab']. Kernels' jobs have "
+                        "kernel_sbatch_args.",
+    ).tag(config=True)
+    job_setup = List(
+        Unicode(), help="Shell lines the server's job runs before the server starts, "
+                        "one a line, as given (the admin's, never a user's), e.g. "
+                        "['module load cuda/12', 'source /etc/profile.d/site.sh']. A "
+                        "failing line doesn't stop the job (sh, no -e): add '|| exit 1'.",
+    ).tag(config=True)
     slurm_env = Dict(Unicode(), help="Extra environment for Slurm commands "
                      "(e.g. SLURM_CONF).").tag(config=True)
     # (Not "poll_interval": that is JupyterHub's, for polling running servers.)
@@ -102,7 +141,9 @@ class SlurmChSpawner(ChSpawner):
     node = Unicode("", help="Where it runs (state).")
     request = Dict(help="The validated Slurm request of this spawn.")
 
-    RESOURCES = ("partition", "cpus", "mem_gb", "hours", "gpus")
+    RESOURCES = ("partition", "account", "qos", "cpus", "mem_gb", "hours", "gpus")
+    #: The Slurm options a user chooses from the admin's lists, by trait.
+    CHOICES = {"partition": "partitions", "account": "accounts", "qos": "qos"}
 
     @default("ip")
     def _default_ip(self):
@@ -110,22 +151,52 @@ class SlurmChSpawner(ChSpawner):
 
     # ---------------------------------------------------- user options ---
 
-    OPTION_TYPES = {**ChSpawner.OPTION_TYPES, "partition": str, "cpus": int,
-                    "mem_gb": int, "hours": int, "gpus": int}
+    OPTION_TYPES = {**ChSpawner.OPTION_TYPES, "partition": str, "account": str, "qos": str,
+                    "cpus": int, "mem_gb": int, "hours": int, "gpus": int}
+
+    _slurm_accounts: list[str] | None = None  # (the user's associations, once asked)
+
+    def offered(self, key: str) -> list[str]:
+        """What a user may choose for ``key`` (partition, account, qos)."""
+        values = list(getattr(self, self.CHOICES[key]))
+        if key == "account" and self.accounts_from_slurm:
+            mine = self._slurm_accounts or []
+            values = [a for a in mine if not values or a in values]
+        return values
+
+    async def refresh_accounts(self) -> None:
+        """Ask Slurm for the user's accounts (accounts_from_slurm)."""
+        if not self.accounts_from_slurm:
+            return
+        try:
+            self._slurm_accounts = await self.slurm().associations(self.user.name)
+        except SlurmError as e:
+            self.log.warning("chspawner: can't list %s's Slurm accounts: %s",
+                             self.user.name, e)
+            self._slurm_accounts = []
+
+    def options_need_asking(self) -> bool:
+        return self.accounts_from_slurm
+
+    async def ask_for_options(self) -> None:
+        await self.refresh_accounts()
 
     def validate_user_options(self, options: dict) -> None:
         self.check_option_types(options)
+        if self.accounts_from_slurm and not self.offered("account"):
+            raise OptionError("you have no Slurm account this hub may use; ask your "
+                              "site's admins for one")
         slurm = {k: options[k] for k in self.RESOURCES if k in options}
         request = self.default_request()
         for key, value in slurm.items():
-            if key == "partition":
-                if value not in self.partitions:
-                    raise web.HTTPError(400, f"partition {value!r} is not offered "
-                                             f"(offered: {', '.join(self.partitions)})")
+            if key in self.CHOICES:
+                if value not in self.offered(key):
+                    raise OptionError(f"{key} {value!r} is not offered (offered: "
+                                      f"{', '.join(self.offered(key)) or 'none'})")
             else:
                 low, high = self.bounds()[key]
                 if not low <= value <= high:
-                    raise web.HTTPError(400, self.type_problem(key, value))
+                    raise OptionError(self.type_problem(key, value))
             request[key] = value
         super().validate_user_options({k: v for k, v in options.items()
                                        if k not in slurm})
@@ -138,7 +209,7 @@ class SlurmChSpawner(ChSpawner):
         return super().type_problem(key, value)
 
     def default_request(self) -> dict:
-        return {"partition": self.partitions[0] if self.partitions else "",
+        return {**{key: next(iter(self.offered(key)), "") for key in self.CHOICES},
                 "cpus": 1, "mem_gb": min(2, self.max_mem_gb), "hours": 1, "gpus": 0}
 
     def bounds(self) -> dict[str, tuple[int, int]]:
@@ -154,8 +225,17 @@ class SlurmChSpawner(ChSpawner):
                     "value": default_[key]}
                    for key, (low, high) in self.bounds().items()
                    if high >= max(low, 1)]  # (no GPUs offered: no field)
-        return {**super().options_form_context(), "partitions": list(self.partitions),
-                "numbers": numbers}
+        labels = {"partition": "Partition", "account": "Account", "qos": "QOS"}
+        choices = [{"name": key, "label": labels[key], "values": self.offered(key)}
+                   for key in self.CHOICES]
+        return {**super().options_form_context(), "choices": choices, "numbers": numbers}
+
+    @default("options_form")
+    def _default_options_form(self):
+        async def form(spawner=None) -> str:
+            await self.refresh_accounts()  # (the user's accounts, if from Slurm)
+            return self.render_options_form()
+        return form
 
     def options_from_form(self, formdata: dict) -> dict:
         options = super().options_from_form(formdata)
@@ -175,7 +255,8 @@ class SlurmChSpawner(ChSpawner):
 
     def resources(self) -> Resources:
         """The user's request (for the server's job, or each kernel's)."""
-        return Resources(**(self.request or self.default_request()))
+        return Resources(**(self.request or self.default_request()),
+                         reservation=self.reservation, constraint=self.constraint)
 
     def server_resources(self) -> Resources:
         """What the server's own job asks for: the user's request; or, when
@@ -210,7 +291,8 @@ class SlurmChSpawner(ChSpawner):
         log = str(self.log_dir()).replace("%", "%%") + f"/{self.server_stem()}-%j.log"
         return sbatch_argv(self.get_command(), job_name=f"jupyterhub-{self.user.name}",
                            output=log, chdir=self._home_dir(),
-                           resources=self.server_resources(), background=watch)
+                           resources=self.server_resources(), extra=self.extra_sbatch_args,
+                           background=watch, setup=self.job_setup)
 
     # ------------------------------------------------------------ Slurm --
 

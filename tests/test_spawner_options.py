@@ -1,0 +1,277 @@
+"""The spawners' user options without a hub: whatever the admin's
+``apply_user_options`` hook does, start()'s ``check_options`` step validates
+what will run; a user's mistake is an OptionError (a 400 whose one-line
+``jupyterhub_message`` JupyterHub shows) and changes nothing; per-image
+modes and groups; the Slurm site options (accounts, QOS, reservation,
+constraint, extra arguments, set-up lines) reach the one sbatch builder.
+
+The image store is the one collaborator faked (no images needed), and
+Slurm's client where a test asks Slurm for a user's associations."""
+from __future__ import annotations
+
+import asyncio
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from chspawner.slurm import SlurmClient
+from chspawner.spawners import ChSpawner, SlurmChSpawner
+from chspawner.spawners.options import OptionError
+
+pytestmark = pytest.mark.unit
+
+IMAGES = [{"name": "deb", "description": "Debian"},
+          {"name": "phys", "groups": ["physics"], "modes": ["kernels"]}]
+
+
+class FakeStore:
+    """Every image present, with a jupyterhub-singleuser."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+        (root / "usr/bin/jupyterhub-singleuser").touch()
+
+    def exists(self, image: str) -> bool:
+        return True
+
+    def require(self, image: str) -> Path:
+        return self.root
+
+
+def make(tmp_path: Path, kind: type = ChSpawner, groups: tuple[str, ...] = (),
+         hook=None, **config) -> ChSpawner:
+    spawner = kind(images=IMAGES, **config)
+    if hook is not None:
+        spawner.apply_user_options = hook
+    spawner.user = SimpleNamespace(name="alice",
+                                   groups=[SimpleNamespace(name=g) for g in groups])
+    store = FakeStore(tmp_path)
+    spawner.store_for = lambda image: store
+    return spawner
+
+
+def spawn_checks(spawner: ChSpawner, options: dict) -> None:
+    """What the hub does before start(): JupyterHub runs the admin's hook
+    on the user's options, then the pre-spawn step checks them."""
+    spawner.user_options = options
+
+    async def steps():
+        await spawner._run_apply_user_options(spawner.user_options)
+        result = spawner.run_pre_spawn_hook()
+        if asyncio.iscoroutine(result):
+            await result
+    asyncio.run(steps())
+
+
+def refused(spawner: ChSpawner, options: dict) -> str:
+    """The one-line message of a refusal; nothing was set."""
+    before = dict(getattr(spawner, "request", {}))
+    with pytest.raises(OptionError) as e:
+        spawn_checks(spawner, options)
+    message = e.value.jupyterhub_message
+    assert e.value.status_code == 400 and message and "\n" not in message
+    assert (spawner.image, spawner.mode) == ("", "")
+    assert dict(getattr(spawner, "request", {})) == before
+    return message
+
+
+# ------------------------------------------------ the admin's own hook ---
+
+def test_the_default_hook_does_nothing_and_start_validates(tmp_path):
+    spawner = make(tmp_path)
+    spawn_checks(spawner, {"image": "deb", "mode": "server"})
+    assert (spawner.image, spawner.mode) == ("deb", "server")
+
+
+@pytest.mark.parametrize("hook", [
+    lambda spawner, options: None,
+    lambda spawner, options: {},
+    lambda spawner, options: setattr(spawner, "mode", "server"),
+])
+def test_a_hook_that_does_nothing_of_ours_leaves_the_validation_on(tmp_path, hook):
+    spawner = make(tmp_path, hook=hook)
+    assert "is not offered" in refused(spawner, {"image": "secret"})
+    assert "may not contain ';'" in refused(spawner, {"image": "deb;rm"})
+
+
+@pytest.mark.parametrize("image, words", [
+    ("../../etc", "invalid image name '../../etc'"),
+    ("secret", "image 'secret' is not offered here"),
+    ("phys", "image 'phys' is not offered here"),  # (the physics group's)
+])
+def test_an_image_set_by_the_admins_hook_is_checked_too(tmp_path, image, words):
+    async def hook(spawner, options):  # (hooks may be async)
+        spawner.image = image
+    spawner = make(tmp_path, hook=hook)
+    assert words in refused(spawner, {"image": "deb"})
+
+
+def test_a_hook_may_change_the_options_it_is_given(tmp_path):
+    def hook(spawner, options):
+        options["mode"] = "kernels"
+    spawner = make(tmp_path, hook=hook)
+    spawn_checks(spawner, {"image": "deb", "mode": "server"})
+    assert (spawner.image, spawner.mode) == ("deb", "kernels")
+    assert spawner.user_options == {"image": "deb", "mode": "kernels"}
+
+
+def test_options_the_admins_hook_handles_are_accepted_when_named(tmp_path):
+    def hook(spawner, options):
+        spawner.environment = {"COURSE": options.get("course", "")}
+    assert "unknown options: course" in refused(make(tmp_path, hook=hook),
+                                                {"image": "deb", "course": "phys101"})
+    spawner = make(tmp_path, hook=hook, extra_options=["course"])
+    spawn_checks(spawner, {"image": "deb", "course": "phys101"})
+    assert spawner.image == "deb" and spawner.environment == {"COURSE": "phys101"}
+    assert "may not contain '$'" in refused(spawner, {"image": "deb", "course": "$(id)"})
+
+
+# --------------------------------------------------- the user's mistakes --
+
+@pytest.mark.parametrize("options, words", [
+    ({"image": "deb\nrm -rf ~"}, "image may not contain '\\n'"),
+    ({"image": "deb", "mode": "server;id"}, "mode may not contain ';'"),
+    ({"image": "deb", "mode": "kernels server"}, "mode may not contain ' '"),
+    ({"image": "deb", "mode": "bogus"}, "mode 'bogus' is not offered for image deb"),
+    ({"image": "../etc"}, "invalid image name '../etc'"),
+    ({"image": 3}, "image must be a string, not a number"),
+    ({"image": "deb", "extra": "x"}, "unknown options: extra"),
+])
+def test_a_users_mistake_is_one_line_and_changes_nothing(tmp_path, options, words):
+    assert words in refused(make(tmp_path), options)
+
+
+def test_the_errors_are_jupyterhubs_spawn_exceptions():
+    """JupyterHub logs a SpawnException in one line, no traceback, and shows
+    its message (``jupyterhub_message`` on the spawn page)."""
+    from jupyterhub.spawner import SpawnException
+
+    from chspawner.spawners import SpawnFailed
+    error = OptionError("partition '50%' is not offered")
+    assert isinstance(error, SpawnException) and error.status_code == 400
+    assert error.jupyterhub_message == error.message == str(error) == \
+        "partition '50%' is not offered"
+    assert error.log_message % () == "partition '50%' is not offered"  # (as tornado logs it)
+    failed = SpawnFailed("the server exited with status 3 before it answered")
+    assert isinstance(failed, SpawnException) and failed.status_code == 500
+    assert failed.reason == "start" and failed.jupyterhub_message == str(failed)
+
+
+# ------------------------------------------- per-image groups and modes ---
+
+def test_an_image_with_groups_is_offered_to_their_members_only(tmp_path):
+    outsider, member = make(tmp_path), make(tmp_path, groups=("physics", "x"))
+    assert "phys" not in outsider.offered_images()
+    assert 'value="phys"' not in outsider.render_options_form()
+    spawn_checks(member, {"image": "phys"})
+    assert (member.image, member.mode) == ("phys", "kernels")  # its first mode
+
+
+def test_an_images_modes_limit_the_choice_and_the_form_says_so(tmp_path):
+    spawner = make(tmp_path, groups=("physics",))
+    assert "mode 'server' is not offered for image phys (offered: kernels)" in \
+        refused(spawner, {"image": "phys", "mode": "server"})
+    text = spawner.render_options_form()
+    assert '<option value="phys" data-modes="kernels">phys (kernels only)</option>' in text
+    assert '<option value="deb">deb — Debian</option>' in text
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"name": "x", "modes": ["gui"]}, "unknown mode(s) gui"),
+    ({"name": "x", "modes": "kernels"}, "'modes' must be list, not str"),
+    ({"name": "x", "groups": [3]}, "'groups' must be a list of strings"),
+])
+def test_the_image_entrys_modes_and_groups_are_checked(entry, words):
+    from traitlets import TraitError
+    with pytest.raises(TraitError, match=None) as e:
+        ChSpawner(images=[entry])
+    assert words in str(e.value)
+
+
+# ------------------------------------------------- Slurm: site options ---
+
+SITE = dict(partitions=["short", "long"], accounts=["lab", "physics"], qos=["normal"],
+            reservation="course", constraint="intel&ib",
+            extra_sbatch_args=["--exclusive"], cmd=["/venv/bin/jupyterhub-singleuser"],
+            job_setup=["module load cuda/12", "export SITE='a b'"], port=8123)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"image": "deb", "account": "other"}, "account 'other' is not offered (offered: lab, "
+                                           "physics)"),
+    ({"image": "deb", "qos": "high"}, "qos 'high' is not offered (offered: normal)"),
+    ({"image": "deb", "partition": "gpu"}, "partition 'gpu' is not offered"),
+    ({"image": "deb", "account": "lab;id"}, "account may not contain ';'"),
+    ({"image": "deb", "qos": "normal\n--wrap=id"}, "qos may not contain '\\n'"),
+    ({"image": "deb", "partition": "short`id`"}, "partition may not contain '`'"),
+    ({"image": "deb", "account": "lab", "cpus": 99}, "cpus must be a whole number"),
+])
+def test_slurm_choices_not_offered_are_refused_and_change_nothing(tmp_path, options, words):
+    spawner = make(tmp_path, SlurmChSpawner, **SITE)
+    spawner.request = {"partition": "long", "account": "physics"}
+    assert words in refused(spawner, options)
+
+
+def test_slurm_job_gets_the_site_options_through_the_one_builder(tmp_path):
+    spawner = make(tmp_path, SlurmChSpawner, **SITE)
+    spawner.user = SimpleNamespace(name="root", groups=[])  # (a home dir to chdir to)
+    spawn_checks(spawner, {"image": "deb", "mode": "server", "account": "physics"})
+    assert spawner.request["account"] == "physics" and spawner.request["qos"] == "normal"
+    argv = spawner.job_argv()
+    options = argv[:-1]
+    for option in ("--partition=short", "--account=physics", "--qos=normal",
+                   "--reservation=course", "--constraint=intel&ib"):
+        assert option in options
+    assert options.index("--exclusive") > options.index("--qos=normal")  # (after: overrides)
+    script = argv[-1].removeprefix("--wrap=").split("\n")
+    assert script[:2] == ["module load cuda/12", "export SITE='a b'"]
+    assert len(script) == 3 and script[2].endswith(" & exec " + shlex.join(spawner.get_command()))
+
+
+def test_slurm_form_offers_account_and_qos_when_there_is_a_choice(tmp_path):
+    text = make(tmp_path, SlurmChSpawner, **SITE).render_options_form()
+    assert ('<select class="form-control" name="account" id="account">'
+            '<option value="lab">lab</option><option value="physics">physics</option>') in text
+    assert 'name="qos"' not in text  # (one QOS: nothing to choose)
+    assert 'name="partition"' in text
+
+
+class FakeSacctmgr:
+    """sacctmgr on a PATH of its own, printing the given accounts."""
+
+    def __init__(self, root: Path, accounts: list[str]):
+        (root / "bin").mkdir()
+        script = root / "bin/sacctmgr"
+        script.write_text("#!/bin/sh\necho \"$@\" > %s/args\nprintf '%s'\n"
+                          % (root, "".join(a + "\\n" for a in accounts)))
+        script.chmod(0o755)
+        self.client = SlurmClient(env={"PATH": f"{root}/bin:/usr/bin:/bin"})
+        self.args = root / "args"
+
+
+@pytest.mark.parametrize("accounts, mine, offered", [
+    ([], ["lab", "chem"], ["lab", "chem"]),
+    (["chem", "bio"], ["lab", "chem"], ["chem"]),
+])
+def test_accounts_from_the_users_slurm_associations(tmp_path, accounts, mine, offered):
+    fake = FakeSacctmgr(tmp_path, mine)
+    spawner = make(tmp_path, SlurmChSpawner, accounts=accounts, accounts_from_slurm=True)
+    spawner.slurm = lambda: fake.client
+    text = asyncio.run(spawner.options_form(spawner))
+    assert fake.args.read_text().split() == ["--noheader", "--parsable2", "show", "assoc",
+                                             "user=alice", "format=account"]
+    assert (f'<option value="{offered[0]}">' in text) == (len(offered) > 1)
+    spawn_checks(spawner, {"image": "deb"})
+    assert spawner.request["account"] == offered[0]
+    assert "account 'bio' is not offered" in refused(spawner, {"image": "deb",
+                                                               "account": "bio"})
+
+
+def test_a_user_without_slurm_accounts_is_told_why(tmp_path):
+    fake = FakeSacctmgr(tmp_path, [])
+    spawner = make(tmp_path, SlurmChSpawner, accounts_from_slurm=True)
+    spawner.slurm = lambda: fake.client
+    assert "you have no Slurm account this hub may use" in refused(spawner, {"image": "deb"})
