@@ -1,0 +1,88 @@
+# A center's JupyterHub configuration for chspawner: the hub, the session
+# proxy and the session manager on a service node; users' servers and their
+# kernels as Slurm jobs on compute nodes; images in a shared store on the
+# parallel file system; PostgreSQL for the hub and the session manager.
+#
+# Site values come first; everything below them is the same for every
+# center. The multi-node tests run with this very file (the values from
+# their environment), so what it says works.
+import os
+import secrets
+
+# ---------------------------------------------------------- site values ---
+SITE = os.environ.get
+HUB_IP = SITE("CHSPAWNER_HUB_IP", "10.1.0.1")          # the service node, as nodes reach it
+PUBLIC_URL = SITE("CHSPAWNER_PUBLIC_URL", "https://jupyter.example.org")
+STORE = SITE("CHSPAWNER_SITE_STORE", "/gpfs/apps/chspawner/store")  # shared, read-only to users
+STATE = SITE("CHSPAWNER_STATE_DIR", "/var/lib/jupyterhub")
+HUB_DB = SITE("CHSPAWNER_HUB_DB", "postgresql+psycopg://jupyterhub@/jupyterhub")
+SESSIONS_DB = SITE("CHSPAWNER_SESSIONS_DB", "postgresql+psycopg://chspawner@/sessions")
+VENV = SITE("CHSPAWNER_VENV", "/opt/chspawner/venv")   # the same path on every node
+PARTITIONS = SITE("CHSPAWNER_PARTITIONS", "interactive").split(",")
+PROXY_TOKEN = SITE("CONFIGPROXY_AUTH_TOKEN") or secrets.token_hex(32)
+
+c = get_config()  # noqa: F821 (JupyterHub defines it)
+
+# ------------------------------------------------------------------ hub ---
+# The hub listens where compute nodes can reach it: a server on a node
+# calls back to the hub's API (at start, and for every login). With the
+# default (127.0.0.1) servers on nodes never become ready.
+c.JupyterHub.hub_bind_url = "http://0.0.0.0:8081"
+c.JupyterHub.hub_connect_ip = HUB_IP
+c.JupyterHub.db_url = HUB_DB
+c.JupyterHub.cookie_secret_file = f"{STATE}/jupyterhub_cookie_secret"
+c.JupyterHub.bind_url = PUBLIC_URL
+c.JupyterHub.cleanup_servers = False    # a hub restart leaves users' servers running
+
+# ---------------------------------------------------- the session proxy ---
+# chspawner-proxy in configurable-http-proxy's place: it holds a lost
+# server's route while the session manager brings it back.
+c.JupyterHub.proxy_class = "jupyterhub.proxy.ConfigurableHTTPProxy"
+c.ConfigurableHTTPProxy.command = [f"{VENV}/bin/chspawner-proxy"]
+c.ConfigurableHTTPProxy.auth_token = PROXY_TOKEN
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:8001"
+c.ConfigurableHTTPProxy.should_start = True
+
+# ---------------------------------------------------------- the spawner ---
+c.JupyterHub.spawner_class = "slurmchspawner"
+c.ChSpawner.site_storage = STORE
+c.ChSpawner.images = [
+    {"name": "python", "description": "Debian bookworm, Python 3.11 and ipykernel"},
+    {"name": "jupyter", "description": "JupyterLab inside the image (server mode)"},
+]
+c.ChSpawner.modes = ["kernels", "server"]
+c.SlurmChSpawner.partitions = PARTITIONS
+c.SlurmChSpawner.max_cpus = 16
+c.SlurmChSpawner.max_mem_gb = 64
+c.SlurmChSpawner.max_hours = 12
+c.SlurmChSpawner.kernel_jobs = True     # each kernel a job of its own, outliving the server's
+c.SlurmChSpawner.job_log_dir = "{home}/.local/state/chspawner/logs"
+c.Spawner.start_timeout = 600           # a job may wait in the queue
+c.Spawner.http_timeout = 120
+# JupyterHub's own poll stays at its default or longer: the session
+# manager notices a loss first, which is how it tells a loss from a stop.
+c.Spawner.poll_interval = 30
+
+# ------------------------------------------------- the session manager ---
+c.JupyterHub.services = [
+    {
+        "name": "chspawner-sessions",
+        "url": "http://127.0.0.1:8090",
+        "command": [f"{VENV}/bin/chspawner-session-manager",
+                    f"--db-url={SESSIONS_DB}",
+                    "--proxy-api-url=http://127.0.0.1:8001"],
+        "environment": {"CONFIGPROXY_AUTH_TOKEN": PROXY_TOKEN},
+    },
+    {
+        "name": "idle-culler",
+        "command": [f"{VENV}/bin/python", "-m", "jupyterhub_idle_culler", "--timeout=3600"],
+    },
+]
+c.JupyterHub.load_roles = [
+    # The least the manager needs: list users' servers with their options,
+    # read one, stop and start it. Its checks of servers carry no credential.
+    {"name": "chspawner-sessions", "services": ["chspawner-sessions"],
+     "scopes": ["list:users", "servers"]},
+    {"name": "idle-culler", "services": ["idle-culler"],
+     "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]},
+]
