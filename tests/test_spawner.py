@@ -199,6 +199,82 @@ def test_get_command_is_the_native_server_or_the_container(tmp_path):
     assert spawner.args == [] and spawner.get_args() == spawner.get_args()
 
 
+@pytest.mark.unit
+def test_kernels_mode_args_are_the_same_for_both_spawners(tmp_path):
+    """Kernels mode: the chosen image's kernels only (the host's with
+    offer_host_kernels), the admin's binds in every kernel's provisioner
+    config, persistent kernels or kernels that end with the server; a job
+    adds its own settings to the same config (kernel_jobs)."""
+    from types import SimpleNamespace
+
+    from chspawner.spawners import ChSpawner, SlurmChSpawner
+
+    def kernels_args(cls, **traits) -> list[str]:
+        spawner = cls(images=[{"name": "deb"}], binds=["/scratch", "/data:/mnt/data"],
+                      **traits)
+        spawner.user = SimpleNamespace(name="alice")
+        spawner.store_for = lambda image: SimpleNamespace(root=tmp_path)  # (faked)
+        spawner.log_dir = lambda: tmp_path / "logs"                       # (Slurm's)
+        spawner.image, spawner.mode = "deb", "kernels"
+        return spawner.get_args()
+
+    def flag(args: list[str], name: str) -> list[str]:
+        return [a.partition("=")[2] for a in args if a.partition("=")[0] == name]
+
+    local = kernels_args(ChSpawner)
+    assert flag(local, "--ContainerKernelSpecManager.only_images") == ["deb"]
+    assert flag(local, "--ContainerKernelSpecManager.include_native") == ["False"]
+    assert flag(local, "--ContainerKernelSpecManager.storage") == [str(tmp_path)]
+    assert [json.loads(c) for c in
+            flag(local, "--ContainerKernelSpecManager.provisioner_config")] == \
+        [{"binds": ["/scratch", "/data:/mnt/data"]}]
+    assert flag(local, "--ServerApp.kernel_manager_class") == \
+        ["chspawner.persist.kernel_manager.PersistentKernelManager"]
+    assert "--KernelManager.transport=ipc" in local
+    # Slurm without kernel jobs: the very same server (on a compute node).
+    assert kernels_args(SlurmChSpawner, kernel_jobs=False) == local
+
+    plain = kernels_args(ChSpawner, persistent_kernels=False, offer_host_kernels=True)
+    assert flag(plain, "--ContainerKernelSpecManager.include_native") == ["True"]
+    assert flag(plain, "--ServerApp.kernel_manager_class") == \
+        ["chspawner.persist.kernel_manager.EphemeralKernelManager"]
+    assert not [a for a in plain if "Persistent" in a or "Replaying" in a]
+    assert kernels_args(SlurmChSpawner, persistent_kernels=False,
+                        offer_host_kernels=True, kernel_jobs=True) == plain
+
+    jobs = kernels_args(SlurmChSpawner)  # (kernel_jobs: the default)
+    [config] = flag(jobs, "--ContainerKernelSpecManager.provisioner_config")
+    assert json.loads(config)["binds"] == ["/scratch", "/data:/mnt/data"]
+    assert json.loads(config)["launcher"] == "sbatch"
+    assert "--PersistentKernelManager.keep_kernels_on_sigterm=True" in jobs
+    # Without binds, no config: the provisioner's defaults (home on).
+    spawner = ChSpawner(images=[{"name": "deb"}])
+    assert spawner.kernel_provisioner_config() == {}
+
+
+@pytest.mark.unit
+def test_the_kernel_managers_make_the_chosen_images_kernel_the_default(tmp_path):
+    """Both kernel managers of kernels mode ask the kernelspec manager for
+    the image's kernel; without an image chosen, the host's python3 stays."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from chspawner.persist.kernel_manager import (EphemeralKernelManager,
+                                                  PrivateIpcServerKernelManager)
+
+    class Chosen(KernelSpecManager):
+        def image_default_kernel(self) -> str:
+            return "chspawner-deb--python3"
+
+    km = EphemeralKernelManager(kernel_spec_manager=Chosen(), root_dir=str(tmp_path))
+    assert km.default_kernel_name == "chspawner-deb--python3"
+    assert km.kernel_manager_class == \
+        "chspawner.persist.kernel_manager.PrivateIpcServerKernelManager"
+    assert isinstance(km.kernel_manager_factory(), PrivateIpcServerKernelManager)
+    km = EphemeralKernelManager(kernel_spec_manager=KernelSpecManager(),
+                                root_dir=str(tmp_path))
+    assert km.default_kernel_name == "python3"
+
+
 # ------------------------------------------------------------ on Slurm ----
 
 def test_slurm_form_offers_resources_within_the_admins_bounds():

@@ -96,8 +96,19 @@ class ChSpawner(LocalProcessSpawner):
                  ).tag(config=True)
     backend = Unicode("builtin", help="Container runtime: builtin or ch-run.").tag(
         config=True)
-    binds = List(Unicode(), help="Host paths bound into every container (SRC[:DST]).",
-                 ).tag(config=True)
+    binds = List(
+        Unicode(),
+        help="Host paths bound into every container (SRC[:DST]): the server's in "
+             "server mode, each kernel's in kernels mode (with the user's home, at "
+             "/home/$USER, in both).",
+    ).tag(config=True)
+    offer_host_kernels = Bool(
+        False,
+        help="Kernels mode: also offer the kernels installed on the server's host "
+             "(its python3...) beside the chosen image's. Off by default: the "
+             "image's kernel is the only one, and the default, so nobody runs on "
+             "the host by mistake.",
+    ).tag(config=True)
     image_cmd = List(
         Unicode(), ["jupyterhub-singleuser"],
         help="The single-user server's command inside an image (server mode), "
@@ -347,21 +358,46 @@ class ChSpawner(LocalProcessSpawner):
         # directory, not on TCP ports other users could read (both modes).
         args += ["--KernelManager.transport=ipc"]
         if self.mode == "kernels":
-            store = self.store_for(self.image)
-            args += ["--ServerApp.kernel_spec_manager_class="
-                     "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
-                     f"--ContainerKernelSpecManager.storage={store.root}",
-                     # One item per flag: the server doesn't know this class
-                     # up front, so a list literal would stay one string.
-                     f"--ContainerKernelSpecManager.only_images={self.image}"]
-            if self.persistent_kernels:
-                args += ["--ServerApp.kernel_manager_class="
-                         "chspawner.persist.kernel_manager.PersistentKernelManager",
-                         "--ServerApp.kernel_websocket_connection_class="
-                         "chspawner.persist.kernel_connection.ReplayingKernelConnection",
-                         "--ServerApp.session_manager_class="
-                         "chspawner.persist.notebook_sessions.PersistentSessionManager"]
+            args += self.kernels_mode_args()
         return args
+
+    def kernels_mode_args(self) -> list[str]:
+        """The native server's arguments that offer the chosen image's
+        kernels: only that image's (the host's too with
+        ``offer_host_kernels``), its kernel the default (the kernel manager
+        asks the kernelspec manager for it), each kernel with the admin's
+        binds and the user's home, started in its notebook's directory
+        (jupyter_server passes it; the provisioner maps it into the
+        container)."""
+        store = self.store_for(self.image)
+        args = ["--ServerApp.kernel_spec_manager_class="
+                "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
+                f"--ContainerKernelSpecManager.storage={store.root}",
+                # One item per flag: the server doesn't know this class
+                # up front, so a list literal would stay one string.
+                f"--ContainerKernelSpecManager.only_images={self.image}",
+                f"--ContainerKernelSpecManager.include_native={self.offer_host_kernels}"]
+        config = self.kernel_provisioner_config()
+        if config:
+            args.append(f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}")
+        if self.persistent_kernels:
+            args += ["--ServerApp.kernel_manager_class="
+                     "chspawner.persist.kernel_manager.PersistentKernelManager",
+                     "--ServerApp.kernel_websocket_connection_class="
+                     "chspawner.persist.kernel_connection.ReplayingKernelConnection",
+                     "--ServerApp.session_manager_class="
+                     "chspawner.persist.notebook_sessions.PersistentSessionManager"]
+        else:
+            # Kernels that end with their server, still on private IPC and
+            # still with the image's kernel as the default.
+            args += ["--ServerApp.kernel_manager_class="
+                     "chspawner.persist.kernel_manager.EphemeralKernelManager"]
+        return args
+
+    def kernel_provisioner_config(self) -> dict:
+        """The chspawner provisioner's settings for every image kernel
+        (chspawner.provisioner.settings: its ``home`` is on by default)."""
+        return {"binds": list(self.binds)} if self.binds else {}
 
     async def start(self) -> tuple[str, int]:
         """The spawn: the same steps for every spawner of chspawner; a

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import pwd
 import secrets
 import sys
@@ -267,17 +266,23 @@ class SlurmChSpawner(ChSpawner):
             return dataclasses.replace(r, cpus=1, mem_gb=min(r.mem_gb, 2), gpus=0)
         return r
 
+    def kernel_provisioner_config(self) -> dict:
+        """ChSpawner's (the admin's binds), and with kernel_jobs each
+        kernel in a batch job of its own, with the user's request."""
+        config = super().kernel_provisioner_config()
+        if self.kernels_in_jobs():
+            config.update({"launcher": "sbatch",
+                           "sbatch_args": [*self.resources().sbatch_options(),
+                                           *self.kernel_sbatch_args],
+                           "job_log_dir": str(self.log_dir())})
+        return config
+
     def get_args(self) -> list[str]:
         args = super().get_args()
         if self.kernels_in_jobs():
-            config = {"launcher": "sbatch",
-                      "sbatch_args": [*self.resources().sbatch_options(),
-                                      *self.kernel_sbatch_args],
-                      "job_log_dir": str(self.log_dir())}
-            args += [f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}",
-                     # A job's end (scancel, its time limit, a preemption)
-                     # sends SIGTERM: that is a loss, not the user's stop.
-                     "--PersistentKernelManager.keep_kernels_on_sigterm=True"]
+            # A job's end (scancel, its time limit, a preemption) sends
+            # SIGTERM: that is a loss, not the user's stop.
+            args += ["--PersistentKernelManager.keep_kernels_on_sigterm=True"]
         return args
 
     def job_argv(self) -> list[str]:
