@@ -207,6 +207,8 @@ def test_kernels_mode_args_are_the_same_for_both_spawners(tmp_path):
     adds its own settings to the same config (kernel_jobs)."""
     from types import SimpleNamespace
 
+    from traitlets import TraitError
+
     from chspawner.spawners import ChSpawner, SlurmChSpawner
 
     def kernels_args(cls, **traits) -> list[str]:
@@ -250,6 +252,12 @@ def test_kernels_mode_args_are_the_same_for_both_spawners(tmp_path):
     # Without binds, no config: the provisioner's defaults (home on).
     spawner = ChSpawner(images=[{"name": "deb"}])
     assert spawner.kernel_provisioner_config() == {}
+    # A bind the runtime would refuse stops the hub, naming the entry.
+    for binds, words in ((["/ok", "scratch"], "binds[1]: bind source must be an absolute"),
+                         (["/a:b"], "binds[0]: bind destination must be an absolute")):
+        with pytest.raises(TraitError) as refused:
+            ChSpawner(binds=binds)
+        assert f"ChSpawner.{words}" in str(refused.value)
 
 
 @pytest.mark.unit

@@ -50,8 +50,8 @@ from chspawner.images import ImageError
 from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
-from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_images,
-                                        check_plain, json_type, render_form)
+from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_binds,
+                                        check_images, check_plain, json_type, render_form)
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
                     "opt/conda/bin/jupyterhub-singleuser")
 
@@ -140,6 +140,10 @@ class ChSpawner(LocalProcessSpawner):
     @validate("images")
     def _check_images(self, proposal) -> list[dict]:
         return check_images(proposal["value"], f"{type(self).__name__}.images")
+
+    @validate("binds")
+    def _check_binds(self, proposal) -> list[str]:
+        return check_binds(proposal["value"], f"{type(self).__name__}.binds")
 
     @default("apply_user_options")
     def _default_apply_user_options(self):

@@ -12,6 +12,7 @@ from traitlets import TraitError
 
 from chspawner.images import ImageError
 from chspawner.images.store import check_name
+from chspawner.runtime.spec import Bind
 
 #: The keys of an entry of ``images``, and their JSON types.
 IMAGE_KEYS: dict[str, type] = {"name": str, "description": str, "pull": str, "insecure": bool,
@@ -72,6 +73,21 @@ def check_plain(key: str, value: str) -> None:
     bad = next((c for c in value if c in UNSAFE or not c.isprintable() or c.isspace()), None)
     if bad is not None:
         raise OptionError(f"{key} may not contain {bad!r}")
+
+
+def check_binds(entries: list[str], trait: str = "binds") -> list[str]:
+    """``entries`` if each is ``SRC[:DST]`` with absolute paths, else a
+    TraitError naming the entry: a relative source would be read from
+    wherever the server or kernel happens to start."""
+    for i, text in enumerate(entries):
+        try:
+            bind = Bind.parse(text)
+        except ValueError as e:
+            raise TraitError(f"{trait}[{i}]: {e}") from None
+        if not bind.src.startswith("/"):
+            raise TraitError(f"{trait}[{i}]: bind source must be an absolute path: "
+                             f"{bind.src!r}")
+    return entries
 
 
 def check_images(entries: Any, trait: str = "images") -> list[dict]:
