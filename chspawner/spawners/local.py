@@ -7,7 +7,10 @@ the server as the user's own account) with a choice of image and mode:
 
 * ``kernels``: the single-user server runs natively and offers the image's
   kernels in its kernel picker (they run in the image through the
-  chspawner kernel provisioner);
+  chspawner kernel provisioner, with the user's home and the admin's
+  ``binds``, in the notebook's directory); the image's kernel is the
+  default, and the host's kernels are offered only with
+  ``offer_host_kernels`` (see kernels_mode_args);
 * ``server``: the single-user server itself runs inside the image, started
   through the one RunSpec (the image must provide jupyterhub-singleuser).
 
