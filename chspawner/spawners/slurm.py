@@ -241,11 +241,16 @@ class SlurmChSpawner(ChSpawner):
         options = super().options_from_form(formdata)
         for key in self.RESOURCES:
             value = (formdata.get(key) or [""])[0]
-            if value:
-                # ASCII digits alone: "²" and "٣" are digits to str.isdigit()
-                # but not to int(); anything else stays text, for
-                # validate_user_options to refuse with the field's bounds.
-                options[key] = int(value) if value.isascii() and value.isdigit() else value
+            if not value:
+                continue
+            # A number field's ASCII digits alone: "²" and "٣" are digits to
+            # str.isdigit() but not to int(); and not too many (int() refuses
+            # over 4300); anything else stays text, for validate_user_options
+            # to refuse with the field's bounds. A choice (an account "1234")
+            # stays text.
+            number = key in self.bounds() and value.isascii() and value.isdigit() \
+                and len(value) <= 18
+            options[key] = int(value) if number else value
         return options
 
     # ------------------------------------------------------ the request --
