@@ -24,7 +24,8 @@ step, after the admin's ``pre_spawn_hook``): a bad option is a 400
 ``start()`` is a recipe of named steps, each a method that
 SlurmChSpawner overrides where a job differs from a local process:
 ``reattach`` (a server still starting from before a hub restart),
-``check_options`` (the user's options, as the admin's hook left them),
+``ask_once`` (what a user may choose, where Slurm must be asked: once a
+spawn), ``check_options`` (the user's options, as the admin's hook left them),
 ``ensure_image`` (pull the admin's image on its first use), ``pick_port``,
 ``launch`` (run ``get_command()``: the native server, or the container
 running it) and ``wait_ready`` (until the user's own process answers).

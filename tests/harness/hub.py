@@ -1,6 +1,7 @@
 """A real JupyterHub with ChSpawner (and its real proxy) on 127.0.0.1,
 driven through its REST API with a service token: spawning and stopping the
-test user's server, reading its state, and the hub configuration that adds
+test user's server (or spawning it from the form, as a browser does: ``spawn_page``),
+reading its state, and the hub configuration that adds
 the session proxy and the session manager (docs/admin/sessions.md)."""
 from __future__ import annotations
 

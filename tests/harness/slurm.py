@@ -15,6 +15,11 @@ tests/conftest.py imports), or directly (bench/slurm_spawn.py)::
         job = cluster.submit("--wrap", "sleep 60", user="chtest")
         cluster.wait_job(job, {"RUNNING"})
 
+For tests of what a job asks for: ``features(node, ...)`` and
+``reservation(node, user)`` (context managers, set on the running
+slurmctld) and ``submissions()`` (what slurmctld received, QOS included,
+which Slurm drops without accounting).
+
 Clients as the unprivileged test user go through scripts/as-user.sh with
 ``env SLURM_CONF=...``; other programs that call Slurm clients (spawners)
 need ``cluster.env`` in their environment.
