@@ -314,3 +314,22 @@ def test_the_form_makes_numbers_of_number_fields_only(tmp_path):
     assert "cpus must be a whole number from 1 to 4" in refused(spawner, options)
     spawn_checks(spawner, {**options, "cpus": 2})
     assert spawner.request["account"] == "1234"
+
+
+def test_a_site_option_with_a_newline_fails_the_spawn_in_one_line(tmp_path):
+    """An admin's hook that puts text into a site option (here a newline,
+    which sbatch would read as a second line): refused before anything is
+    made or submitted, in one line, not a traceback."""
+    from chspawner.spawners import SpawnFailed
+
+    def hook(spawner, options):
+        spawner.reservation = "course\n#SBATCH --qos=high"
+    spawner = make(tmp_path, SlurmChSpawner, hook=hook, **SITE)
+    spawner.user = SimpleNamespace(name="root", groups=[])  # (a home dir)
+    spawner.slurm = lambda: pytest.fail("nothing may be submitted")
+    spawn_checks(spawner, {"image": "deb"})
+    with pytest.raises(SpawnFailed) as failed:
+        asyncio.run(spawner.launch())
+    assert str(failed.value) == ("can't submit the server's job: sbatch option value "
+                                 "'course\\n#SBATCH --qos=high' has a control character")
+    assert spawner.job_id == ""

@@ -327,12 +327,15 @@ class SlurmChSpawner(ChSpawner):
         already: compute nodes never talk to a registry."""
         self.spawn_nonce = secrets.token_hex(16)
         try:
+            # (A site option with a newline, say one an admin's hook set from
+            # user input, is refused here: ValueError, told in one line.)
+            argv = self.job_argv()
             await joblog.make_dir(str(self.log_dir()), self.make_preexec_fn(self.user.name))
-        except joblog.JobLogError as e:
+        except (ValueError, joblog.JobLogError) as e:
             raise SpawnFailed(f"can't submit the server's job: {e}") from None
         env = {**self.get_env(), NONCE_ENV: self.spawn_nonce, **self.slurm_env}
         try:
-            self.job_id = await self.slurm().submit(self.job_argv(), env=env)
+            self.job_id = await self.slurm().submit(argv, env=env)
         except SlurmError as e:
             raise SpawnFailed(f"can't submit the server's job: {e}") from None
         self._save_state()
