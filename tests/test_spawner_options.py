@@ -333,3 +333,20 @@ def test_a_site_option_with_a_newline_fails_the_spawn_in_one_line(tmp_path):
     assert str(failed.value) == ("can't submit the server's job: sbatch option value "
                                  "'course\\n#SBATCH --qos=high' has a control character")
     assert spawner.job_id == ""
+
+
+def test_the_kernels_jobs_get_the_site_options_too(tmp_path):
+    """Kernels mode with a job per kernel: each kernel's job asks for the
+    user's account and QOS and the admin's reservation and constraint (not
+    extra_sbatch_args: the kernels' are kernel_sbatch_args)."""
+    import json
+    spawner = make(tmp_path, SlurmChSpawner, kernel_sbatch_args=["--comment=k"], **SITE)
+    spawner.user = SimpleNamespace(name="root", groups=[])
+    spawn_checks(spawner, {"image": "deb", "mode": "kernels", "account": "physics"})
+    [config] = [a.partition("=")[2] for a in spawner.get_args()
+                if a.startswith("--ContainerKernelSpecManager.provisioner_config=")]
+    args = json.loads(config)["sbatch_args"]
+    for option in ("--account=physics", "--qos=normal", "--reservation=course",
+                   "--constraint=intel&ib", "--partition=short"):
+        assert option in args
+    assert args[-1] == "--comment=k" and "--exclusive" not in args
