@@ -18,8 +18,9 @@ The test clusters have no accounting (AccountingStorageType=none): Slurm
 keeps any account as given and drops the QOS ("(null)" in ``scontrol show
 job``), so the QOS a job was submitted with is read from slurmctld's
 job_submit/logging lines (the harness's ``submissions()``). Accounts from
-users' associations need slurmdbd: tests/test_spawner_options.py covers
-them with a fake sacctmgr.
+users' associations need slurmdbd: here, only that sacctmgr failing (no
+slurmdbd) counts as no account, in one line; tests/test_spawner_options.py
+covers the associations with a fake sacctmgr.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ from types import SimpleNamespace
 import pytest
 from jupyterhub.objects import Hub as HubObject
 
+from chspawner.slurm import SlurmError
 from chspawner.spawners import SlurmChSpawner
 from chspawner.spawners.local import SpawnFailed
+from chspawner.spawners.options import OptionError
 from tests.harness.hub import Hub, spawn, spawn_page, stop_server, user_server
 from tests.harness.wait import wait_until
 
@@ -58,9 +61,9 @@ def cluster_spawner(cluster, user, store: str, marker: Path, **site) -> SlurmChS
     accounts and QOS and ``site`` (constraint, reservation)."""
     spawner = SlurmChSpawner(
         images=[{"name": "deb"}], site_storage=store, slurm_env=cluster.env,
-        partitions=[cluster.partition], accounts=["lab", "physics"], qos=["normal", "high"],
-        cmd=[*SERVER, str(marker)], queue_poll_interval=0.1,
-        job_setup=[f'echo "setup $(hostname) $SLURM_JOB_ID" >> {marker}'], **site)
+        partitions=[cluster.partition], cmd=[*SERVER, str(marker)], queue_poll_interval=0.1,
+        job_setup=[f'echo "setup $(hostname) $SLURM_JOB_ID" >> {marker}'],
+        **{"accounts": ["lab", "physics"], "qos": ["normal", "high"], **site})
     spawner.user = SimpleNamespace(name=user.pw_name, escaped_name=user.pw_name,
                                    url=f"/user/{user.pw_name}/", groups=[])
     spawner.hub = HubObject()
@@ -116,6 +119,22 @@ def test_a_site_option_slurm_refuses_fails_the_spawn_in_one_line(cluster, user,
     assert str(failed.value) == ("can't submit the server's job: sbatch: error: Batch job "
                                  "submission failed: Requested reservation is invalid")
     assert spawner.job_id == ""
+    assert not cluster.jobs(user.pw_name, "jupyterhub-")
+
+
+def test_accounts_from_slurm_without_slurmdbd_is_no_account_in_one_line(
+        cluster, user, kernel_store, marker):
+    """sacctmgr needs slurmdbd, which the test cluster lacks: it fails at
+    once, which counts as no account (a warning in the hub's log)."""
+    spawner = cluster_spawner(cluster, user, kernel_store, marker, accounts=[],
+                              accounts_from_slurm=True)
+    with pytest.raises(SlurmError, match="accounting_storage/slurmdbd"):
+        asyncio.run(spawner.slurm().associations(user.pw_name))
+    spawner.user_options = {"image": "deb"}
+    with pytest.raises(OptionError) as refused:
+        asyncio.run(spawner.run_pre_spawn_hook())
+    assert str(refused.value) == ("you have no Slurm account this hub may use; ask your "
+                                  "site's admins for one")
     assert not cluster.jobs(user.pw_name, "jupyterhub-")
 
 
