@@ -3,7 +3,6 @@ the hub (as root) spawns the test user's server, through the REST API."""
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import pwd
 import re
@@ -18,7 +17,8 @@ import pytest
 
 from chspawner.images.trees import remove_tree
 from tests.harness.env import REPO
-from tests.harness.hub import Hub, kernel_in_server, spawn, stop_server, user_server
+from tests.harness.hub import (Hub, kernel_in_server, spawn, spawn_page, stop_server,
+                                user_server)
 from tests.harness.wait import wait_until
 
 
@@ -453,29 +453,11 @@ def test_slurm_options_within_bounds(slurm_hub, options, words):
     assert not Path("/tmp/pwned").exists()
 
 
-async def spawn_from_form(hub: Hub, fields: dict) -> tuple[int, str]:
-    """Log in as the user (the dummy authenticator) and submit the spawn
-    form with ``fields``, as a browser does: the status and the page."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        async with http.get(f"{hub.url}/hub/login") as r:
-            xsrf = re.search(r'name="_xsrf" value="([^"]+)"', await r.text())[1]
-        async with http.post(f"{hub.url}/hub/login", data={
-                "username": hub.user, "password": "", "_xsrf": xsrf}) as r:
-            assert r.status == 200, await r.text()
-        async with http.get(f"{hub.url}/hub/spawn/{hub.user}") as r:
-            page = await r.text()
-            assert 'name="cpus"' in page, page[-2000:]
-            # (The form's action carries the token, as ?_xsrf=...)
-            action = html.unescape(re.search(r'action="([^"]+)"', page)[1])
-        async with http.post(hub.url + action, data=fields) as r:
-            return r.status, await r.text()
-
-
 @pytest.mark.parametrize("cpus", ["²", "٣", "1.5", "-1"])
 def test_slurm_form_refuses_what_is_not_a_whole_number_clearly(slurm_hub, cpus):
     """A superscript two passed str.isdigit() and failed int() with a
     Python message; now every non-number gets the field's bounds."""
-    status, page = asyncio.run(spawn_from_form(slurm_hub, {"image": "deb", "cpus": cpus}))
+    status, page = asyncio.run(spawn_page(slurm_hub, {"image": "deb", "cpus": cpus}))
     assert status == 400, page[-2000:]
     assert "cpus must be a whole number from 1 to 2" in page
     assert "invalid literal" not in page

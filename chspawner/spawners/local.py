@@ -27,7 +27,8 @@ step, after the admin's ``pre_spawn_hook``): a bad option is a 400
 ``start()`` is a recipe of named steps, each a method that
 SlurmChSpawner overrides where a job differs from a local process:
 ``reattach`` (a server still starting from before a hub restart),
-``check_options`` (the user's options, as the admin's hook left them),
+``ask_once`` (what a user may choose, where Slurm must be asked: once a
+spawn), ``check_options`` (the user's options, as the admin's hook left them),
 ``ensure_image`` (pull the admin's image on its first use), ``pick_port``,
 ``launch`` (run ``get_command()``: the native server, or the container
 running it) and ``wait_ready`` (until the user's own process answers).
@@ -54,7 +55,8 @@ from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
 from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_binds,
-                                        check_images, check_plain, json_type, render_form)
+                                        check_images, check_plain, json_type, render_form,
+                                        shown)
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
                     "opt/conda/bin/jupyterhub-singleuser")
 
@@ -217,6 +219,7 @@ class ChSpawner(LocalProcessSpawner):
     async def _asked_pre_spawn_hook(self) -> None:
         await self.ask_for_options()
         self.check_options()
+        self._asked_for_spawn = True  # (start() uses this answer: see ask_once)
         result = super().run_pre_spawn_hook()
         if isawaitable(result):
             await result
@@ -227,6 +230,17 @@ class ChSpawner(LocalProcessSpawner):
 
     async def ask_for_options(self) -> None:
         """Learn what a user may choose, where it takes asking (Slurm)."""
+
+    _asked_for_spawn = False  # (whether this spawn's pre-spawn step asked already)
+
+    async def ask_once(self) -> None:
+        """start()'s ask_for_options: once a spawn. The pre-spawn step, which
+        JupyterHub runs right before start(), asked already when its options
+        passed: its answer stands (one sacctmgr a spawn, not two); a start()
+        without that step (or after it failed) asks."""
+        asked, self._asked_for_spawn = self._asked_for_spawn, False
+        if not asked:
+            await self.ask_for_options()
 
     def check_options(self) -> None:
         """The spawn's first step: validate what will run, whatever the
@@ -285,7 +299,9 @@ class ChSpawner(LocalProcessSpawner):
                               f"{json_type(options)}")
         unknown = set(options) - set(self.OPTION_TYPES) - set(self.extra_options)
         if unknown:
-            raise OptionError(f"unknown options: {', '.join(sorted(map(str, unknown)))}")
+            names = sorted(map(shown, unknown))
+            raise OptionError(f"unknown options: {', '.join(names[:5])}"
+                              + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
         for key, kind in self.OPTION_TYPES.items():
             value = options.get(key)
             if key in options and not (isinstance(value, kind)
@@ -411,7 +427,7 @@ class ChSpawner(LocalProcessSpawner):
         subclass overrides a step, not the recipe."""
         self._events = asyncio.Queue()
         if not await self.reattach():
-            await self.ask_for_options()
+            await self.ask_once()
             self.check_options()
             await self.ensure_image()
             self.pick_port()
