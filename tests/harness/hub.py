@@ -181,15 +181,19 @@ async def stop_server(hub: Hub) -> None:
                 await asyncio.sleep(0.2)
 
 
-async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
-    """Start ``kernel`` in the user's server and run code that reads the
-    test image's marker file: (status, output, ename)."""
+#: Code that prints the test image's marker file.
+READ_MARKER = "print(open('/etc/chspawner-test-image').read().strip())"
+
+
+async def kernel_in_server(hub: Hub, kernel: str = KERNEL, code: str = READ_MARKER) -> tuple:
+    """Start ``kernel`` in the user's server and run ``code`` in it (by
+    default: read the test image's marker file): (status, output, ename)."""
     base = kernels_url(hub)
     async with hub.session() as http:
         kernel = await start_kernel(http, hub, kernel)
         async with http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws")) as ws:
             await warm_up(ws)
-            return await execute(ws, "print(open('/etc/chspawner-test-image').read().strip())")
+            return await execute(ws, code)
 
 
 async def user_server(hub: Hub) -> dict:
