@@ -2,6 +2,7 @@
 the hub (as root) spawns the test user's server, through the REST API."""
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import pwd
@@ -227,7 +228,7 @@ def test_kernels_mode_args_are_the_same_for_both_spawners(tmp_path):
     assert flag(local, "--ContainerKernelSpecManager.only_images") == ["deb"]
     assert flag(local, "--ContainerKernelSpecManager.include_native") == ["False"]
     assert flag(local, "--ContainerKernelSpecManager.storage") == [str(tmp_path)]
-    assert [json.loads(c) for c in
+    assert [ast.literal_eval(c) for c in
             flag(local, "--ContainerKernelSpecManager.provisioner_config")] == \
         [{"binds": ["/scratch", "/data:/mnt/data"]}]
     assert flag(local, "--ServerApp.kernel_manager_class") == \
@@ -246,8 +247,9 @@ def test_kernels_mode_args_are_the_same_for_both_spawners(tmp_path):
 
     jobs = kernels_args(SlurmChSpawner)  # (kernel_jobs: the default)
     [config] = flag(jobs, "--ContainerKernelSpecManager.provisioner_config")
-    assert json.loads(config)["binds"] == ["/scratch", "/data:/mnt/data"]
-    assert json.loads(config)["launcher"] == "sbatch"
+    assert ast.literal_eval(config)["binds"] == ["/scratch", "/data:/mnt/data"]
+    assert ast.literal_eval(config)["launcher"] == "sbatch"
+    assert ast.literal_eval(config)["away_from_server"] is False
     assert "--PersistentKernelManager.keep_kernels_on_sigterm=True" in jobs
     # Without binds, no config: the provisioner's defaults (home on).
     spawner = ChSpawner(images=[{"name": "deb"}])
@@ -320,18 +322,19 @@ def test_slurm_job_argv_is_one_builders(user, tmp_path):
     logs = f"{user.pw_dir}/logs/{user.pw_name}%"
     config = {"launcher": "sbatch",
               "sbatch_args": [*Resources(3, 4, 2, "short").sbatch_options(), "--account=lab"],
-              "job_log_dir": logs}
-    assert f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}" \
-        in spawner.get_args()
+              "job_log_dir": logs, "away_from_server": False}
+    assert f"--ContainerKernelSpecManager.provisioner_config={config!r}" in spawner.get_args()
     argv = spawner.job_argv()
-    watch = shlex.split(argv[-1].removeprefix("--wrap=").partition(" </dev/null")[0])
+    script = argv[-1].removeprefix("--wrap=").split("\n")
+    assert script[:-1] == spawner.bind_lines()  # (the server on its node's address)
+    watch = shlex.split(script[-1].partition(" </dev/null")[0])
     assert watch[1:] == ["-m", "chspawner.spawners.listening", "--port", "8123", "--report",
                          str(spawner.report_path()), "--timeout", str(spawner.start_timeout)]
     assert argv == sbatch_argv(
         spawner.get_command(), job_name=f"jupyterhub-{user.pw_name}",
         output=f"{logs}%/server-%j.log",  # (a literal % doubled for sbatch)
         chdir=user.pw_dir, resources=Resources(cpus=1, mem_gb=2, hours=2, partition="short"),
-        background=watch)
+        background=watch, setup=spawner.bind_lines())
     spawner.job_id = "77"
     assert spawner.job_log_path() == Path(logs, "server-77.log")
 

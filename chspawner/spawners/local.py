@@ -402,7 +402,9 @@ class ChSpawner(LocalProcessSpawner):
                 f"--ContainerKernelSpecManager.include_native={self.offer_host_kernels}"]
         config = self.kernel_provisioner_config()
         if config:
-            args.append(f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}")
+            # A Python literal: traitlets reads a Dict from the command line
+            # with ast.literal_eval (JSON's true would stay a string).
+            args.append(f"--ContainerKernelSpecManager.provisioner_config={config!r}")
         if self.persistent_kernels:
             args += ["--ServerApp.kernel_manager_class="
                      "chspawner.persist.kernel_manager.PersistentKernelManager",

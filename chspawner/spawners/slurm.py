@@ -107,6 +107,20 @@ class SlurmChSpawner(ChSpawner):
                    "its node is started again and takes its kernels over. False: "
                    "kernels run inside the server's job and end with it.",
     ).tag(config=True)
+    kernel_jobs_elsewhere = Bool(
+        False, help="With kernel_jobs: keep each kernel's job off the node its server "
+                    "runs on (sbatch --exclude=that node), so that losing one node loses "
+                    "the server (which the session manager starts again elsewhere, and "
+                    "which takes its kernels over) or a kernel, never both. Needs "
+                    "at least two nodes in the partition.",
+    ).tag(config=True)
+    bind_node_address = Bool(
+        True, help="The server listens on its node's own address only (the one its "
+                   "Slurm node name resolves to on the node, where the hub connects), not "
+                   "on every address of the node (ip, 0.0.0.0), loopback included. Where "
+                   "the name resolves to no address or a loopback one, the server listens "
+                   "on ip.",
+    ).tag(config=True)
     kernel_sbatch_args = List(
         Unicode(), help="More sbatch options for each kernel's job (kernel_jobs), "
                         "e.g. --account=...; they come after the user's request.",
@@ -279,7 +293,8 @@ class SlurmChSpawner(ChSpawner):
             config.update({"launcher": "sbatch",
                            "sbatch_args": [*self.resources().sbatch_options(),
                                            *self.kernel_sbatch_args],
-                           "job_log_dir": str(self.log_dir())})
+                           "job_log_dir": str(self.log_dir()),
+                           "away_from_server": self.kernel_jobs_elsewhere})
         return config
 
     def get_args(self) -> list[str]:
@@ -302,7 +317,21 @@ class SlurmChSpawner(ChSpawner):
         return sbatch_argv(self.get_command(), job_name=f"jupyterhub-{self.user.name}",
                            output=log, chdir=self._home_dir(),
                            resources=self.server_resources(), extra=self.extra_sbatch_args,
-                           background=watch, setup=self.job_setup)
+                           background=watch, setup=[*self.job_setup, *self.bind_lines()])
+
+    def bind_lines(self) -> list[str]:
+        """The job script's lines that make the server listen on its node's
+        own address (``bind_node_address``): the host of JUPYTERHUB_SERVICE_URL,
+        which the single-user server binds (the hub's ``ip``), replaced by
+        the address the node's name resolves to there, unless that is none
+        or a loopback one. Constant text: nothing of a user's."""
+        if not self.bind_node_address or ":" in self.ip:  # (IPv6: [::] has colons)
+            return []
+        url = "JUPYTERHUB_SERVICE_URL"
+        return ['chspawner_ip=$(getent ahostsv4 "$SLURMD_NODENAME" | '
+                "awk 'NR == 1 {print $1}')",
+                'case "$chspawner_ip" in ""|127.*) ;; *) export '
+                f'{url}="${{{url}%%://*}}://$chspawner_ip:${{{url}#*://*:}}" ;; esac']
 
     # ------------------------------------------------------------ Slurm --
 

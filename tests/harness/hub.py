@@ -33,6 +33,9 @@ DESCRIPTIONS = {"deb": "Debian 12 with ipykernel (kernels mode)",
 class Hub:
     """jupyterhub with ChSpawner, on 127.0.0.1, driven by a service token."""
 
+    #: More environment for the hub (a subclass's site values).
+    env: dict[str, str] = {}
+
     def __init__(self, store: str, user: str, extra_config: str = "",
                  images: tuple[str, ...] = ("deb", "nopython", "jupyter"),
                  port: int | None = None):
@@ -74,7 +77,7 @@ class Hub:
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "jupyterhub"), "-f", "jupyterhub_config.py"], cwd=self.dir,
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "hub.log", "ab"),
-            env={"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"})
+            env={"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", **self.env})
         deadline = time.monotonic() + 90
         while asyncio.run(self._status("/hub/api/")) != 200:
             assert self.proc.poll() is None, self.log()[-3000:]
@@ -200,15 +203,19 @@ async def stop_server(hub: Hub) -> None:
                 await asyncio.sleep(0.2)
 
 
-async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
-    """Start ``kernel`` in the user's server and run code that reads the
-    test image's marker file: (status, output, ename)."""
+#: Code that prints the test image's marker file.
+READ_MARKER = "print(open('/etc/chspawner-test-image').read().strip())"
+
+
+async def kernel_in_server(hub: Hub, kernel: str = KERNEL, code: str = READ_MARKER) -> tuple:
+    """Start ``kernel`` in the user's server and run ``code`` in it (by
+    default: read the test image's marker file): (status, output, ename)."""
     base = kernels_url(hub)
     async with hub.session() as http:
         kernel = await start_kernel(http, hub, kernel)
         async with http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws")) as ws:
             await warm_up(ws)
-            return await execute(ws, "print(open('/etc/chspawner-test-image').read().strip())")
+            return await execute(ws, code)
 
 
 async def user_server(hub: Hub) -> dict:
