@@ -340,13 +340,13 @@ def test_the_kernels_jobs_get_the_site_options_too(tmp_path):
     """Kernels mode with a job per kernel: each kernel's job asks for the
     user's account and QOS and the admin's reservation and constraint (not
     extra_sbatch_args: the kernels' are kernel_sbatch_args)."""
-    import json
+    import ast
     spawner = make(tmp_path, SlurmChSpawner, kernel_sbatch_args=["--comment=k"], **SITE)
     spawner.user = SimpleNamespace(name="root", groups=[])
     spawn_checks(spawner, {"image": "deb", "mode": "kernels", "account": "physics"})
     [config] = [a.partition("=")[2] for a in spawner.get_args()
                 if a.startswith("--ContainerKernelSpecManager.provisioner_config=")]
-    args = json.loads(config)["sbatch_args"]
+    args = ast.literal_eval(config)["sbatch_args"]
     for option in ("--account=physics", "--qos=normal", "--reservation=course",
                    "--constraint=intel&ib", "--partition=short"):
         assert option in args
