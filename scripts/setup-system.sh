@@ -51,5 +51,18 @@ id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
 # tests where one user attacks another (tests/test_isolation.py and others).
 other=${CHSPAWNER_OTHER_USER:-chtest2}
 id "$other" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$other"
+# A third, with a home as a center gives it: 120 characters deep, on another
+# file system than the image stores (tmpfs here), for the whole session
+# through the hub in tests/test_deep_paths.py. Made again after a reboot
+# empties /dev/shm.
+deep=${CHSPAWNER_DEEP_USER:-chdeep}
+deep_home=/dev/shm/chspawner-homes/gpfs/home/projects/astrophysics-simulations-2026/cosmology-large-scale-structure/members/$deep
+id "$deep" >/dev/null 2>&1 || useradd --no-create-home --home-dir "$deep_home" --shell /bin/bash "$deep"
+deep_home=$(getent passwd "$deep" | cut -d: -f6)
+if [[ ! -d $deep_home ]]; then
+    mkdir -p "$deep_home"
+    chown "$deep:$deep" "$deep_home"
+fi
 # Homes are private to their owners (Debian's useradd makes them 0755).
-chmod 0750 "$(getent passwd "$user" | cut -d: -f6)" "$(getent passwd "$other" | cut -d: -f6)"
+chmod 0750 "$(getent passwd "$user" | cut -d: -f6)" "$(getent passwd "$other" | cut -d: -f6)" \
+    "$deep_home"

@@ -6,12 +6,18 @@ websocket works and its output replays after a server kill.
 Real parts: jupyter_server as the test user with the persistent-kernel
 plugins (tests/harness/servers.py), HOME and JUPYTER_RUNTIME_DIR in a
 user-owned directory 120 characters deep, the container kernel and the
-host's own python3 kernel on IPC transport.
+host's own python3 kernel on IPC transport; and the whole session through
+the hub and the session manager for an account whose home is 120
+characters deep on another file system than the store (``chdeep``, made by
+scripts/setup-system.sh).
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import secrets
+import signal
 import shutil
 import tempfile
 import time
@@ -22,8 +28,13 @@ import aiohttp
 import pytest
 
 from chspawner.provisioner.sockets import socket_dir
-from tests.harness.kernel_client import (connect, count_to, execute, read, send,
-                                         start_kernel, warm_up, without_the_copy)
+from chspawner.images.trees import remove_tree
+from tests.harness.env import DEEP_USER
+from tests.harness.hub import Hub, manager_config, server_state, spawn, stop_server, user_server
+from tests.harness.kernel_client import (connect, count_to, execute, kernels_url, read,
+                                         reconnect, send, start_cell, start_kernel, warm_up,
+                                         without_the_copy)
+from tests.harness.net import free_port
 from tests.harness.servers import Servers
 
 DEPTH = 120
@@ -105,6 +116,64 @@ def test_the_servers_own_kernel_on_ipc_works_with_a_deep_runtime_dir(deep_server
     uid = s.user.pw_uid
     assert any(p.is_socket() and p.name.startswith("kernel-") and p.owner() == s.user.pw_name
                for p in Path(f"/dev/shm/chspawner-{uid}").iterdir())
+
+
+@pytest.fixture(scope="module")
+def deep_hub(kernel_store):
+    """The hub with the session manager, for the account whose home is a
+    center's: 120 characters deep, on another file system than the store."""
+    try:
+        deep = pwd.getpwnam(DEEP_USER)
+    except KeyError:
+        pytest.fail(f"no account {DEEP_USER}: run scripts/setup-system.sh")
+    assert len(deep.pw_dir) >= DEPTH, deep.pw_dir
+    assert os.stat(deep.pw_dir).st_dev != os.stat(kernel_store).st_dev
+    state = Path(tempfile.mkdtemp(prefix="chspawner-manager-"))
+    hub = Hub(kernel_store, DEEP_USER, extra_config=manager_config(
+        state, secrets.token_hex(16), free_port()))
+    yield hub
+    hub.stop()
+    remove_tree(state)
+
+
+def test_a_whole_session_through_the_hub_with_a_deep_home(deep_hub):
+    """The whole session, as a user of a center with a deep home meets it:
+    the spawn (kernels mode), a kernel in the image that starts at once in
+    the home's notebook directory, a cell counting while the server is
+    killed, the session brought back at the same URL by the session
+    manager, every number once."""
+    hub = deep_hub
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+
+    async def scenario():
+        async with hub.session() as http:
+            began = time.monotonic()
+            kernel, url, ws, t = await start_cell(http, hub, count_to(12, 0.5))
+            took = time.monotonic() - began
+            await read(ws, t, lambda t: len(t.numbers) >= 2)
+            pid = (await server_state(hub))["pid"]
+            os.kill(pid, signal.SIGKILL)
+            await read(ws, t, lambda t: False)  # what was on its way, till it closes
+            ws = await reconnect(http, url)
+            await read(ws, t, lambda t: t.reply and t.idle, timeout=90)
+            status, where, _ = await execute(ws, "import os; print(os.getcwd())")
+            await ws.close()
+            async with http.delete(f"{kernels_url(hub)}/{kernel}") as r:
+                assert r.status == 204
+            return took, t, status, where.strip()
+
+    try:
+        assert result.get("ready"), (result, hub.log()[-3000:])
+        took, t, status, where = asyncio.run(scenario())
+        assert took < QUICK_START, f"the kernel took {took:.1f} s to start"
+        assert t.numbers == list(range(1, 13)), t.numbers
+        assert t.reply and t.stderr == []
+        # Started without a notebook path: in the server's directory, the
+        # home, as the container sees it.
+        assert (status, where) == ("ok", f"/home/{DEEP_USER}")
+        assert asyncio.run(user_server(hub))["ready"]
+    finally:
+        asyncio.run(stop_server(hub))
 
 
 @pytest.mark.unit

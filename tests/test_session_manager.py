@@ -11,7 +11,6 @@ import subprocess
 import tempfile
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +21,7 @@ from tests.harness.env import VENV_BIN
 from tests.harness.hub import (MANAGER, Hub, manager_config, server_state, spawn,
                                stop_server, user_server)
 from tests.harness.kernel_client import (N, Transcript, count_to, kernels_url, read,
-                                         reconnect, send, start_kernel, warm_up)
+                                         reconnect, send, start_cell, start_kernel, warm_up)
 from tests.harness.net import free_port
 from tests.harness.wait import wait_until
 
@@ -182,18 +181,6 @@ def test_a_loss_while_the_manager_is_down_is_recovered(managed_hub):
         assert asyncio.run(answers(hub)) == 200
     finally:
         asyncio.run(stop_server(hub))
-
-
-async def start_cell(http: aiohttp.ClientSession, hub: Hub, code: str):
-    """A new kernel in the user's server, a websocket to it at the session's
-    URL with a client session id of its own, and ``code`` running in it:
-    (kernel, the websocket's URL, the websocket, the transcript)."""
-    kernel = await start_kernel(http, hub)
-    url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
-    url = url.replace("http", "ws", 1)
-    ws = await http.ws_connect(url)
-    await warm_up(ws)
-    return kernel, url, ws, await send(ws, code)
 
 
 @pytest.mark.parametrize("which, browser", [("local", "connected"),

@@ -316,10 +316,10 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         ``home``: /home/$USER inside), under a bind's source (its
         destination), or under the host's TMPDIR (/tmp inside, for a local
         kernel). The deepest match wins. A directory the container can't
-        see: the home inside if bound, else / (and the log says so)."""
-        if not cwd:
-            return None
-        cwd = os.path.abspath(cwd)
+        see: the home inside if bound, else / (and the log says so). No
+        directory (a kernel started through the REST API without a path):
+        the server's own, where a native kernel would start."""
+        cwd = os.path.abspath(cwd or os.getcwd())
         inside_home = f"/home/{_username()}"
         views: list[tuple[str, str]] = []  # (host path, container path)
         for text in self.settings.binds:

@@ -16,3 +16,6 @@ IMAGE_CACHE = Path(os.environ.get("CHSPAWNER_IMAGE_CACHE", "/var/cache/chspawner
 TEST_USER = os.environ.get("CHSPAWNER_USER", "chtest")
 # The other ordinary account on the same machine: the attacker in isolation tests.
 OTHER_USER = os.environ.get("CHSPAWNER_OTHER_USER", "chtest2")
+# An account whose home is 120 characters deep, on another file system than
+# the stores (scripts/setup-system.sh): a center's paths.
+DEEP_USER = os.environ.get("CHSPAWNER_DEEP_USER", "chdeep")

@@ -167,3 +167,18 @@ async def reconnect(http: aiohttp.ClientSession, url: str, deadline_s: float = 6
         except aiohttp.ClientError:
             assert time.monotonic() < end, "the session did not come back"
             await asyncio.sleep(0.2)  # (a client's retry pace, not a wait for an event)
+
+
+async def start_cell(http: aiohttp.ClientSession, server, code: str, name: str = KERNEL):
+    """A new kernel ``name`` in ``server`` (a hub: the user's server), a
+    websocket to it at the session's URL with a client session id of its
+    own, and ``code`` running in it: (kernel, the websocket's URL, the
+    websocket, the transcript)."""
+    kernel, session = await start_kernel(http, server, name), uuid.uuid4().hex
+    url = f"{kernels_url(server)}/{kernel}/channels?session_id={session}"
+    url = url.replace("http", "ws", 1)
+    ws = await http.ws_connect(url)
+    await warm_up(ws)
+    # As JupyterLab sends it: the request names the client's session, so
+    # the reply to a cell that ends while the client is away is kept for it.
+    return kernel, url, ws, await send(ws, code, session)
