@@ -11,6 +11,7 @@ scripts/setup.sh busybox bookworm jupyter irkernel
 "$CHSPAWNER_VENV/bin/lint-imports" --no-cache
 # The venv's pytest, not "python -m pytest": tests must import the installed
 # package, not this checkout.
-"$CHSPAWNER_VENV/bin/pytest" "$@"
+# The slowest tests are listed at the end: where the suite's time goes.
+"$CHSPAWNER_VENV/bin/pytest" --durations=25 "$@"
 "$CHSPAWNER_VENV/bin/sphinx-build" -W --keep-going -q -b html docs build/docs
 echo "docs: built in build/docs"
