@@ -5,10 +5,12 @@ in a job of its own on another, each listening at its node's address."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
-from tests.harness.center import CenterHub, listening
+from tests.harness.center import CenterHub, history, listening
 from tests.harness.hub import server_state, spawn, stop_server
-from tests.harness.kernel_client import execute, kernels_url, start_kernel, warm_up
+from tests.harness.kernel_client import (N, Transcript, count_to, execute, kernels_url, read,
+                                         reconnect, send, start_kernel, warm_up)
 from tests.harness.wait import wait_until
 
 KERNEL = "chspawner-python--python3"   # the center's "python" image's kernel
@@ -66,3 +68,57 @@ def test_server_on_one_node_kernel_on_another(center_hub, user):
         asyncio.run(stop_server(hub))
     # Stopping the server on purpose ends its kernels' jobs.
     wait_until(lambda: not kernel_jobs(hub), "the kernel's job to end", 30)
+
+
+async def start_cell(http, hub: CenterHub, code: str):
+    """A new kernel, a websocket to it at the session's URL with a client
+    session id of its own, and ``code`` running in it:
+    (kernel, the websocket's URL, the websocket, the transcript)."""
+    kernel = await start_kernel(http, hub, KERNEL)
+    url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
+    url = url.replace("http", "ws", 1)
+    ws = await http.ws_connect(url)
+    await warm_up(ws)
+    return kernel, url, ws, await send(ws, code)
+
+
+def test_a_session_moves_off_a_lost_node(center_hub, user):
+    """A cell prints 1..N in a kernel on node B while the server's node A is
+    lost: the session manager brings the session back on another node at
+    the same URL by itself, the new server re-attaches the kernel on B, and
+    the client, reconnecting with its session id, gets every number once."""
+    hub, cluster = center_hub, center_hub.cluster
+    result = asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
+    lost: list[str] = []
+
+    async def scenario() -> Transcript:
+        async with hub.session() as http:
+            kernel, url, ws, t = await start_cell(http, hub, count_to(N, 0.5))
+            await read(ws, t, lambda t: len(t.numbers) >= 3)
+            state = await server_state(hub)
+            jobs = await asyncio.to_thread(kernel_jobs, hub)
+            lost.append(state["node"])
+            await asyncio.to_thread(cluster.lose, state["node"])
+            await read(ws, t, lambda t: False)  # what was on its way, till it closes
+            assert len(t.numbers) < N
+            ws = await reconnect(http, url, deadline_s=120)
+            await read(ws, t, lambda t: t.reply and t.idle, timeout=120)
+            # Where the code runs now: still the kernel on B.
+            status, output, _ = await execute(ws, WHERE)
+            assert (status, output.strip()) == ("ok", list(jobs.values())[0])
+            await ws.close()
+            assert await asyncio.to_thread(kernel_jobs, hub) == jobs  # the same job
+            new = await server_state(hub)
+            assert new["node"] not in (state["node"], "") and new["job_id"] != state["job_id"]
+            return t
+    try:
+        assert result.get("ready"), (result, hub.log()[-4000:])
+        wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+        t = asyncio.run(scenario())
+        assert t.numbers == list(range(1, N + 1)), t.numbers
+        assert t.reply and t.stderr == []
+        assert history(hub)[-3:] == ["lost", "recovering", "recovered"]
+    finally:
+        asyncio.run(stop_server(hub))
+        for node in lost:
+            cluster.restore(node)
