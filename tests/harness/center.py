@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import aiohttp
 
+from chspawner.images.trees import remove_tree
 from tests.harness.cluster import Cluster
 from tests.harness.env import REPO, VENV_BIN
 from tests.harness.hub import Hub
@@ -80,6 +82,8 @@ class CenterHub(Hub):
     """JupyterHub as docs/admin/center_jupyterhub_config.py sets it up, on
     ``cluster``'s service node; the public URL on 127.0.0.1 (``url``)."""
 
+    last_log = Path("/tmp/chspawner-last-center-hub.log")
+
     def __init__(self, cluster: Cluster, store: str, user: str, hub_db: str,
                  sessions_db: str, manager_interval: float = 0.5):
         """``store``: the site store (see site_store); ``hub_db``,
@@ -89,6 +93,9 @@ class CenterHub(Hub):
         self.dir = Path(tempfile.mkdtemp(prefix="chspawner-center-"))
         self.port, self.token, self.user = free_port(), secrets.token_hex(16), user
         self.url = f"http://127.0.0.1:{self.port}"
+        #: The user's servers' Jupyter runtime directory (their kernels' records).
+        self.runtime_dir = Path(pwd.getpwnam(user).pw_dir, ".local", "share",
+                                f"chspawner-center-{self.token[:8]}", "runtime")
         state = self.dir / "state"
         state.mkdir(mode=0o700)
         self.hub_port = free_port()
@@ -113,6 +120,10 @@ class CenterHub(Hub):
             c.JupyterHub.authenticator_class = "dummy"
             c.Authenticator.allowed_users = {{{user!r}}}
             c.SlurmChSpawner.slurm_env = {dict(cluster.env)!r}
+            # This hub's servers keep their kernels' records apart: another
+            # hub of the same test user (another module, another run at the
+            # same time) must neither adopt them nor drop them as dead.
+            c.Spawner.environment = {{"JUPYTER_RUNTIME_DIR": {str(self.runtime_dir)!r}}}
             # Answer a spawn request at once (202); the progress stream is
             # followed, as the spawn page does.
             c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
@@ -131,6 +142,13 @@ class CenterHub(Hub):
             self._terminate()
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            if self.runtime_dir.parent.exists():
+                remove_tree(self.runtime_dir.parent)
 
     def __enter__(self) -> CenterHub:
         return self
