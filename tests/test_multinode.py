@@ -140,7 +140,8 @@ def test_a_session_moves_off_a_lost_node(center_hub, user):
         asyncio.run(stop_server(hub))
         end_kernel_jobs(hub)
         for node in lost:
-            cluster.restore(node)
+            # (Slurm ends the jobs it had there first: slow on a busy machine.)
+            cluster.restore(node, timeout=120)
 
 
 def test_a_kernel_lost_with_its_node_is_told_and_replaced(center_hub, user):
@@ -181,4 +182,5 @@ def test_a_kernel_lost_with_its_node_is_told_and_replaced(center_hub, user):
         asyncio.run(stop_server(hub))
         end_kernel_jobs(hub)
         for node in lost:
-            cluster.restore(node)
+            # (Slurm ends the jobs it had there first: slow on a busy machine.)
+            cluster.restore(node, timeout=120)

@@ -21,9 +21,13 @@ the one-node hub. No pytest needed: ``bench/`` and ``scripts/`` use it as a
 context manager::
 
     with Cluster() as cluster, Postgres() as pg:
-        store = site_store(kernel_store, workdir)   # python, jupyter
+        store = center_store(images.site_store(), workdir)   # python, jupyter
         with CenterHub(cluster, store, "chtest", pg.database(), pg.database()) as hub:
             asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
+            hub.cluster.lose(asyncio.run(server_state(hub))["node"])
+
+(``workdir``: a directory on the store's file system, /var/tmp there, that
+the test user can traverse.)
 """
 from __future__ import annotations
 
@@ -56,11 +60,13 @@ TESTER_SCOPES = ["admin:users", "admin:servers", "access:servers", "read:users",
                  "tokens", "admin:server_state"]
 
 
-def site_store(test_store: str, into: Path) -> str:
-    """The center's site store, under ``into``: the test store's images
-    (tests/conftest.py's kernel_store) under the names the center's
-    configuration gives them, as hard links (no copy: instant, no space).
-    Owned as the test store is, whose owner the spawner trusts."""
+def center_store(test_store: str, into: Path) -> str:
+    """The center's site store, under ``into``: a test store's images
+    (tests/conftest.py's kernel_store, or images.site_store() outside
+    pytest: both have ``deb`` and ``jupyter``) under the names the center's
+    configuration gives them, as hard links where they can be (no copy:
+    instant, no space), else copied. Owned as the test store is, whose
+    owner the spawner trusts."""
     src, store = Path(test_store), into / "site-store"
     store.mkdir(parents=True)
     owner = src.stat()
@@ -71,8 +77,10 @@ def site_store(test_store: str, into: Path) -> str:
     (store / "img").mkdir(mode=(src / "img").stat().st_mode & 0o7777)
     os.chown(store / "img", owner.st_uid, owner.st_gid)
     for name, test_name in SITE_IMAGES.items():
-        subprocess.run(["cp", "-a", "-l", str(src / "img" / test_name),
-                        str(store / "img" / name)], check=True)
+        argv = ["cp", "-a", str(src / "img" / test_name), str(store / "img" / name)]
+        if subprocess.run([*argv[:2], "-l", *argv[2:]], capture_output=True).returncode:
+            shutil.rmtree(store / "img" / name, ignore_errors=True)  # (another file system)
+            subprocess.run(argv, check=True)
     os.chown(store, owner.st_uid, owner.st_gid)
     os.chmod(store, owner.st_mode & 0o7777)
     return str(store)
@@ -86,7 +94,7 @@ class CenterHub(Hub):
 
     def __init__(self, cluster: Cluster, store: str, user: str, hub_db: str,
                  sessions_db: str, manager_interval: float = 0.5):
-        """``store``: the site store (see site_store); ``hub_db``,
+        """``store``: the site store (see center_store); ``hub_db``,
         ``sessions_db``: the hub's and the session manager's database URLs
         (tests/harness/postgres.py's ``database()``)."""
         self.cluster = cluster
