@@ -56,6 +56,8 @@ def test_server_on_one_node_kernel_on_another(center_hub, user):
     own on node B (kernel_jobs_elsewhere), both listening at their node's
     address (not on loopback, nor on every address), and the kernel answers."""
     hub, cluster = center_hub, center_hub.cluster
+    # The center's other services run: the idle culler asks the hub.
+    wait_until(lambda: "(idle-culler@" in hub.log(), "the idle culler to ask the hub", 60)
     result = asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
     try:
         assert result.get("ready"), (result, hub.log()[-4000:])
