@@ -302,13 +302,21 @@ def test_the_server_job_listens_on_its_nodes_own_address(tmp_path):
 
 
 def test_a_lost_servers_node_is_left_out_of_its_next_job(tmp_path):
-    """A server that does not answer when it is stopped was lost: it is not
-    asked to shut its kernels down (only its job is cancelled), and the
-    user's next server job excludes its node for ``avoid_lost_node`` s."""
+    """A server that does not answer when it is stopped, while Slurm still
+    runs its job, was lost with its node: it is not asked to shut its
+    kernels down (only its job is cancelled), and the user's next server
+    job excludes the node for ``avoid_lost_node`` s. A job that ended
+    (cancelled, its server exited) says nothing of its node."""
     import socket
+
+    from chspawner.slurm import Job, JobState
 
     class Slurm:
         calls: list = []
+        state = JobState.RUNNING  # (Slurm has yet to notice the node is gone)
+
+        async def job(self, job_id):
+            return Job(job_id, self.state)
 
         async def cancel(self, job_id, **kw):
             self.calls.append((job_id, kw))
@@ -326,3 +334,8 @@ def test_a_lost_servers_node_is_left_out_of_its_next_job(tmp_path):
     assert "--exclude=127.0.0.1" in spawner.job_argv()
     spawner.avoid_lost_node = 0
     assert not any(a.startswith("--exclude") for a in spawner.job_argv())
+    spawner.avoid_lost_node, spawner._lost_node, slurm.state = 600, None, JobState.GONE
+    spawner.job_id, spawner.node = "6", "127.0.0.1"
+    asyncio.run(spawner.stop())
+    assert not any(a.startswith("--exclude") for a in spawner.job_argv()), \
+        (spawner._lost_node, spawner.port, [a for a in spawner.job_argv() if "exclu" in a])

@@ -133,11 +133,11 @@ class SlurmChSpawner(ChSpawner):
 
     avoid_lost_node = Float(
         600.0, help="Seconds for which the user's next server jobs leave out (sbatch "
-                    "--exclude) the node where their server stopped answering before it "
-                    "was stopped (a lost server, which the session manager starts again "
-                    "within seconds: long before Slurm notices that a node crashed, after "
-                    "its SlurmdTimeout, and would send the new job to the dead node). "
-                    "0: never.",
+                    "--exclude) the node of a server stopped while Slurm still ran its "
+                    "job but the server did not answer: a node lost, which Slurm notices "
+                    "only after its SlurmdTimeout, while the session manager starts the "
+                    "server again within seconds (and Slurm would send the new job to the "
+                    "dead node). 0: never.",
     ).tag(config=True)
 
     report_dir = Unicode(
@@ -540,11 +540,15 @@ class SlurmChSpawner(ChSpawner):
         that keeps its kernels for its successor."""
         if self.job_id:
             answering = bool(self.node) and await _answers(self.node, self.port)
+            running = await self._job_running()
             if self.node and not answering:
-                # Lost (its node gone, say): nothing there to shut kernels
-                # down, and the next job goes elsewhere.
-                self._lost_node = (self.node, time.monotonic())
-            elif not now and await self._job_running():
+                # Nothing there to shut kernels down. A job Slurm still runs
+                # whose server does not answer: its node is gone (Slurm has
+                # yet to notice), so the next job goes elsewhere. (A server
+                # that ended, or a cancelled job, says nothing of its node.)
+                if running:
+                    self._lost_node = (self.node, time.monotonic())
+            elif not now and running:
                 await self._interrupt_and_wait()
             try:
                 await self.slurm().cancel(self.job_id)
