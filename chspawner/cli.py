@@ -91,8 +91,11 @@ def _parser():
     a.add_argument("--display-name", help="name in the kernel picker")
     a.add_argument("--bind", "-b", action="append", default=[], metavar="SRC[:DST]",
                    help="bind a host directory into the kernel's container")
-    a.add_argument("--home", action="store_true",
-                   help="bind your $HOME at /home/$USER in the container")
+    a.add_argument("--home", action=argparse.BooleanOptionalAction, default=True,
+                   help="bind your $HOME at /home/$USER in the container, so that a "
+                        "notebook's kernel sees the files beside it (--no-home: no "
+                        "view of it, except on a compute node, where the kernel's "
+                        "files live there)")
     a.add_argument("--backend", choices=("builtin", "ch-run"), default="builtin")
     a.add_argument("--launcher", choices=("local", "srun", "sbatch"), default="local",
                    help="where the kernel runs: here, or on a compute node via srun, "

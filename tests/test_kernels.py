@@ -169,6 +169,12 @@ def test_kernel_install_writes_a_provisioned_kernelspec(user, user_dir, kernel_s
     assert provisioner["provisioner_name"] == "chspawner"
     assert provisioner["config"]["image"] == "deb"
     assert provisioner["config"]["binds"] == ["/scratch"]
+    # The home is bound unless refused: a notebook's kernel sees its files.
+    assert provisioner["config"]["home"] is True
+    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+            "--prefix", str(prefix), "--no-home", "--name", "nohome", "deb")
+    spec = json.loads((prefix / "share/jupyter/kernels/nohome/kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"]["home"] is False
     result = as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s",
                      kernel_store, "missing-image", check=False)
     assert result.returncode == 1 and "no image missing-image" in result.stderr

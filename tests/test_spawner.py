@@ -2,8 +2,8 @@
 the hub (as root) spawns the test user's server, through the REST API."""
 from __future__ import annotations
 
+import ast
 import asyncio
-import html
 import json
 import pwd
 import re
@@ -18,7 +18,8 @@ import pytest
 
 from chspawner.images.trees import remove_tree
 from tests.harness.env import REPO
-from tests.harness.hub import Hub, kernel_in_server, spawn, stop_server, user_server
+from tests.harness.hub import (Hub, kernel_in_server, spawn, spawn_page, stop_server,
+                                user_server)
 from tests.harness.wait import wait_until
 
 
@@ -199,6 +200,91 @@ def test_get_command_is_the_native_server_or_the_container(tmp_path):
     assert spawner.args == [] and spawner.get_args() == spawner.get_args()
 
 
+@pytest.mark.unit
+def test_kernels_mode_args_are_the_same_for_both_spawners(tmp_path):
+    """Kernels mode: the chosen image's kernels only (the host's with
+    offer_host_kernels), the admin's binds in every kernel's provisioner
+    config, persistent kernels or kernels that end with the server; a job
+    adds its own settings to the same config (kernel_jobs)."""
+    from types import SimpleNamespace
+
+    from traitlets import TraitError
+
+    from chspawner.spawners import ChSpawner, SlurmChSpawner
+
+    def kernels_args(cls, **traits) -> list[str]:
+        spawner = cls(images=[{"name": "deb"}], binds=["/scratch", "/data:/mnt/data"],
+                      **traits)
+        spawner.user = SimpleNamespace(name="alice")
+        spawner.store_for = lambda image: SimpleNamespace(root=tmp_path)  # (faked)
+        spawner.log_dir = lambda: tmp_path / "logs"                       # (Slurm's)
+        spawner.image, spawner.mode = "deb", "kernels"
+        return spawner.get_args()
+
+    def flag(args: list[str], name: str) -> list[str]:
+        return [a.partition("=")[2] for a in args if a.partition("=")[0] == name]
+
+    local = kernels_args(ChSpawner)
+    assert flag(local, "--ContainerKernelSpecManager.only_images") == ["deb"]
+    assert flag(local, "--ContainerKernelSpecManager.include_native") == ["False"]
+    assert flag(local, "--ContainerKernelSpecManager.storage") == [str(tmp_path)]
+    assert [ast.literal_eval(c) for c in
+            flag(local, "--ContainerKernelSpecManager.provisioner_config")] == \
+        [{"binds": ["/scratch", "/data:/mnt/data"]}]
+    assert flag(local, "--ServerApp.kernel_manager_class") == \
+        ["chspawner.persist.kernel_manager.PersistentKernelManager"]
+    assert "--KernelManager.transport=ipc" in local
+    # Slurm without kernel jobs: the very same server (on a compute node).
+    assert kernels_args(SlurmChSpawner, kernel_jobs=False) == local
+
+    plain = kernels_args(ChSpawner, persistent_kernels=False, offer_host_kernels=True)
+    assert flag(plain, "--ContainerKernelSpecManager.include_native") == ["True"]
+    assert flag(plain, "--ServerApp.kernel_manager_class") == \
+        ["chspawner.persist.kernel_manager.EphemeralKernelManager"]
+    assert not [a for a in plain if "Persistent" in a or "Replaying" in a]
+    assert kernels_args(SlurmChSpawner, persistent_kernels=False,
+                        offer_host_kernels=True, kernel_jobs=True) == plain
+
+    jobs = kernels_args(SlurmChSpawner)  # (kernel_jobs: the default)
+    [config] = flag(jobs, "--ContainerKernelSpecManager.provisioner_config")
+    assert ast.literal_eval(config)["binds"] == ["/scratch", "/data:/mnt/data"]
+    assert ast.literal_eval(config)["launcher"] == "sbatch"
+    assert ast.literal_eval(config)["away_from_server"] is False
+    assert "--PersistentKernelManager.keep_kernels_on_sigterm=True" in jobs
+    # Without binds, no config: the provisioner's defaults (home on).
+    spawner = ChSpawner(images=[{"name": "deb"}])
+    assert spawner.kernel_provisioner_config() == {}
+    # A bind the runtime would refuse stops the hub, naming the entry.
+    for binds, words in ((["/ok", "scratch"], "binds[1]: bind source must be an absolute"),
+                         (["/a:b"], "binds[0]: bind destination must be an absolute")):
+        with pytest.raises(TraitError) as refused:
+            ChSpawner(binds=binds)
+        assert f"ChSpawner.{words}" in str(refused.value)
+
+
+@pytest.mark.unit
+def test_the_kernel_managers_make_the_chosen_images_kernel_the_default(tmp_path):
+    """Both kernel managers of kernels mode ask the kernelspec manager for
+    the image's kernel; without an image chosen, the host's python3 stays."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from chspawner.persist.kernel_manager import (EphemeralKernelManager,
+                                                  PrivateIpcServerKernelManager)
+
+    class Chosen(KernelSpecManager):
+        def image_default_kernel(self) -> str:
+            return "chspawner-deb--python3"
+
+    km = EphemeralKernelManager(kernel_spec_manager=Chosen(), root_dir=str(tmp_path))
+    assert km.default_kernel_name == "chspawner-deb--python3"
+    assert km.kernel_manager_class == \
+        "chspawner.persist.kernel_manager.PrivateIpcServerKernelManager"
+    assert isinstance(km.kernel_manager_factory(), PrivateIpcServerKernelManager)
+    km = EphemeralKernelManager(kernel_spec_manager=KernelSpecManager(),
+                                root_dir=str(tmp_path))
+    assert km.default_kernel_name == "python3"
+
+
 # ------------------------------------------------------------ on Slurm ----
 
 def test_slurm_form_offers_resources_within_the_admins_bounds():
@@ -370,29 +456,11 @@ def test_slurm_options_within_bounds(slurm_hub, options, words):
     assert not Path("/tmp/pwned").exists()
 
 
-async def spawn_from_form(hub: Hub, fields: dict) -> tuple[int, str]:
-    """Log in as the user (the dummy authenticator) and submit the spawn
-    form with ``fields``, as a browser does: the status and the page."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        async with http.get(f"{hub.url}/hub/login") as r:
-            xsrf = re.search(r'name="_xsrf" value="([^"]+)"', await r.text())[1]
-        async with http.post(f"{hub.url}/hub/login", data={
-                "username": hub.user, "password": "", "_xsrf": xsrf}) as r:
-            assert r.status == 200, await r.text()
-        async with http.get(f"{hub.url}/hub/spawn/{hub.user}") as r:
-            page = await r.text()
-            assert 'name="cpus"' in page, page[-2000:]
-            # (The form's action carries the token, as ?_xsrf=...)
-            action = html.unescape(re.search(r'action="([^"]+)"', page)[1])
-        async with http.post(hub.url + action, data=fields) as r:
-            return r.status, await r.text()
-
-
 @pytest.mark.parametrize("cpus", ["²", "٣", "1.5", "-1"])
 def test_slurm_form_refuses_what_is_not_a_whole_number_clearly(slurm_hub, cpus):
     """A superscript two passed str.isdigit() and failed int() with a
     Python message; now every non-number gets the field's bounds."""
-    status, page = asyncio.run(spawn_from_form(slurm_hub, {"image": "deb", "cpus": cpus}))
+    status, page = asyncio.run(spawn_page(slurm_hub, {"image": "deb", "cpus": cpus}))
     assert status == 400, page[-2000:]
     assert "cpus must be a whole number from 1 to 2" in page
     assert "invalid literal" not in page

@@ -6,15 +6,12 @@ nothing."""
 from __future__ import annotations
 
 import asyncio
-import html
 import json
-import re
 import textwrap
 
-import aiohttp
 import pytest
 
-from tests.harness.hub import Hub, spawn, user_server
+from tests.harness.hub import Hub, spawn, spawn_page, user_server
 
 # The admin's hook: it reads an option of its own ("course"), and for the
 # course "evil" sets the image itself, to a path out of the store.
@@ -64,24 +61,6 @@ def test_the_admins_hook_cant_skip_the_validation(hook_hub, options, words):
     assert asyncio.run(user_server(hook_hub)) == {}
     # The user's mistake is one line in the hub's log, no traceback.
     assert "Traceback" not in hook_hub.log()[before:], hook_hub.log()[before:]
-
-
-async def spawn_page(hub: Hub, fields: dict | None = None) -> tuple[int, str]:
-    """Log in as the user (the dummy authenticator) and open the spawn
-    form, or submit it with ``fields`` as a browser does: status and page."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        async with http.get(f"{hub.url}/hub/login") as r:
-            xsrf = re.search(r'name="_xsrf" value="([^"]+)"', await r.text())[1]
-        async with http.post(f"{hub.url}/hub/login", data={
-                "username": hub.user, "password": "", "_xsrf": xsrf}) as r:
-            assert r.status == 200, await r.text()
-        async with http.get(f"{hub.url}/hub/spawn/{hub.user}") as r:
-            page = await r.text()
-            if fields is None:
-                return r.status, page
-            action = html.unescape(re.search(r'action="([^"]+)"', page)[1])
-        async with http.post(hub.url + action, data=fields) as r:
-            return r.status, await r.text()
 
 
 @pytest.mark.parametrize("fields, words", [

@@ -139,6 +139,10 @@ def test_options_the_admins_hook_handles_are_accepted_when_named(tmp_path):
     ({"image": "../etc"}, "invalid image name '../etc'"),
     ({"image": 3}, "image must be a string, not a number"),
     ({"image": "deb", "extra": "x"}, "unknown options: extra"),
+    ({"image": "deb", "a\nb": "x"}, "unknown options: 'a\\nb'"),
+    ({"image": "deb", **{f"k{i}": "x" for i in range(7)}},
+     "unknown options: k0, k1, k2, k3, k4 and 2 more"),
+    ({"image": "d" * 201}, "image is too long (201 characters; at most 200)"),
 ])
 def test_a_users_mistake_is_one_line_and_changes_nothing(tmp_path, options, words):
     assert words in refused(make(tmp_path), options)
@@ -246,11 +250,16 @@ class FakeSacctmgr:
     def __init__(self, root: Path, accounts: list[str]):
         (root / "bin").mkdir()
         script = root / "bin/sacctmgr"
-        script.write_text("#!/bin/sh\necho \"$@\" > %s/args\nprintf '%s'\n"
+        script.write_text("#!/bin/sh\necho \"$@\" >> %s/args\nprintf '%s'\n"
                           % (root, "".join(a + "\\n" for a in accounts)))
         script.chmod(0o755)
         self.client = SlurmClient(env={"PATH": f"{root}/bin:/usr/bin:/bin"})
         self.args = root / "args"
+
+    def calls(self) -> list[list[str]]:
+        """Each call's arguments, in order."""
+        return [line.split() for line in self.args.read_text().splitlines()] \
+            if self.args.exists() else []
 
 
 @pytest.mark.parametrize("accounts, mine, offered", [
@@ -262,8 +271,8 @@ def test_accounts_from_the_users_slurm_associations(tmp_path, accounts, mine, of
     spawner = make(tmp_path, SlurmChSpawner, accounts=accounts, accounts_from_slurm=True)
     spawner.slurm = lambda: fake.client
     text = asyncio.run(spawner.options_form(spawner))
-    assert fake.args.read_text().split() == ["--noheader", "--parsable2", "show", "assoc",
-                                             "user=alice", "format=account"]
+    assert fake.calls() == [["--noheader", "--parsable2", "show", "assoc", "user=alice",
+                             "format=account"]]
     assert (f'<option value="{offered[0]}">' in text) == (len(offered) > 1)
     spawn_checks(spawner, {"image": "deb"})
     assert spawner.request["account"] == offered[0]
@@ -276,6 +285,72 @@ def test_a_user_without_slurm_accounts_is_told_why(tmp_path):
     spawner = make(tmp_path, SlurmChSpawner, accounts_from_slurm=True)
     spawner.slurm = lambda: fake.client
     assert "you have no Slurm account this hub may use" in refused(spawner, {"image": "deb"})
+
+
+def test_slurm_is_asked_for_the_accounts_once_a_spawn(tmp_path):
+    """The pre-spawn step asks sacctmgr; start()'s check uses its answer
+    (JupyterHub runs the two in a row); the next spawn asks again."""
+    fake = FakeSacctmgr(tmp_path, ["lab", "chem"])
+    spawner = make(tmp_path, SlurmChSpawner, accounts_from_slurm=True)
+    spawner.slurm = lambda: fake.client
+    for spawns in (1, 2):
+        spawn_checks(spawner, {"image": "deb", "account": "chem"})
+        asyncio.run(spawner.ask_once())  # (start()'s)
+        spawner.check_options()
+        assert len(fake.calls()) == spawns and spawner.request["account"] == "chem"
+    # start() without the pre-spawn step (or after it refused) asks itself.
+    refused(spawner, {"image": "deb", "account": "bio"})
+    asyncio.run(spawner.ask_once())
+    assert len(fake.calls()) == 4
+
+
+def test_the_form_makes_numbers_of_number_fields_only(tmp_path):
+    """An account named by digits stays text (it was made a number, then
+    refused as one); 5000 digits stay text, for the field's bounds to refuse
+    (int() refuses over 4300 digits with a Python message)."""
+    spawner = make(tmp_path, SlurmChSpawner, accounts=["1234"], max_cpus=4)
+    options = spawner.options_from_form({"image": ["deb"], "account": ["1234"],
+                                         "cpus": ["9" * 5000], "hours": ["2"]})
+    assert options == {"image": "deb", "account": "1234", "cpus": "9" * 5000, "hours": 2}
+    assert "cpus must be a whole number from 1 to 4" in refused(spawner, options)
+    spawn_checks(spawner, {**options, "cpus": 2})
+    assert spawner.request["account"] == "1234"
+
+
+def test_a_site_option_with_a_newline_fails_the_spawn_in_one_line(tmp_path):
+    """An admin's hook that puts text into a site option (here a newline,
+    which sbatch would read as a second line): refused before anything is
+    made or submitted, in one line, not a traceback."""
+    from chspawner.spawners import SpawnFailed
+
+    def hook(spawner, options):
+        spawner.reservation = "course\n#SBATCH --qos=high"
+    spawner = make(tmp_path, SlurmChSpawner, hook=hook, **SITE)
+    spawner.user = SimpleNamespace(name="root", groups=[])  # (a home dir)
+    spawner.slurm = lambda: pytest.fail("nothing may be submitted")
+    spawn_checks(spawner, {"image": "deb"})
+    with pytest.raises(SpawnFailed) as failed:
+        asyncio.run(spawner.launch())
+    assert str(failed.value) == ("can't submit the server's job: sbatch option value "
+                                 "'course\\n#SBATCH --qos=high' has a control character")
+    assert spawner.job_id == ""
+
+
+def test_the_kernels_jobs_get_the_site_options_too(tmp_path):
+    """Kernels mode with a job per kernel: each kernel's job asks for the
+    user's account and QOS and the admin's reservation and constraint (not
+    extra_sbatch_args: the kernels' are kernel_sbatch_args)."""
+    import ast
+    spawner = make(tmp_path, SlurmChSpawner, kernel_sbatch_args=["--comment=k"], **SITE)
+    spawner.user = SimpleNamespace(name="root", groups=[])
+    spawn_checks(spawner, {"image": "deb", "mode": "kernels", "account": "physics"})
+    [config] = [a.partition("=")[2] for a in spawner.get_args()
+                if a.startswith("--ContainerKernelSpecManager.provisioner_config=")]
+    args = ast.literal_eval(config)["sbatch_args"]
+    for option in ("--account=physics", "--qos=normal", "--reservation=course",
+                   "--constraint=intel&ib", "--partition=short"):
+        assert option in args
+    assert args[-1] == "--comment=k" and "--exclusive" not in args
 
 
 # ------------------------------------------------ the job on its node ----

@@ -88,11 +88,37 @@ def in_job(provisioner: Any) -> bool:
     return isinstance(provisioner, Adoptable) and provisioner.in_job
 
 
+def image_default_kernel_name(kernel_spec_manager: Any) -> str:
+    """The server's default kernel: the chosen image's, when the kernelspec
+    manager offers one (see ContainerKernelSpecManager.image_default_kernel),
+    else jupyter_client's (the host's python3)."""
+    chosen = getattr(kernel_spec_manager, "image_default_kernel", None)
+    name = chosen() if chosen is not None else None
+    return name or NATIVE_KERNEL_NAME
+
+
 class PrivateIpcServerKernelManager(PrivateIpcMixin, ServerKernelManager):
     """jupyter_server's kernel manager, with the IPC sockets of a kernel on
     ``transport=ipc`` in the user's short private socket directory (see
     :mod:`chspawner.provisioner.sockets`): for servers without persistent
     kernels, as ``MappingKernelManager.kernel_manager_class``."""
+
+
+class EphemeralKernelManager(AsyncMappingKernelManager):
+    """jupyter_server's own kernel manager (kernels end with their server),
+    for a server without persistent kernels that still offers the chosen
+    image's kernels as :class:`PersistentKernelManager` does: the image's
+    kernel is the default, and a kernel on ``transport=ipc`` binds in the
+    short private socket directory (:class:`PrivateIpcServerKernelManager`).
+    ChSpawner's kernels mode with ``persistent_kernels = False``."""
+
+    @default("default_kernel_name")
+    def _default_default_kernel_name(self) -> str:
+        return image_default_kernel_name(self.kernel_spec_manager)
+
+    @default("kernel_manager_class")
+    def _default_kernel_manager_class(self) -> str:
+        return "chspawner.persist.kernel_manager.PrivateIpcServerKernelManager"
 
 
 class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJobHost,
@@ -235,9 +261,7 @@ class PersistentKernelManager(server_private.MappingKernelManagerHooks,
     def _default_default_kernel_name(self) -> str:
         """The chosen image's kernel, when the server offers one (see
         ContainerKernelSpecManager.image_default_kernel), not the host's."""
-        chosen = getattr(self.kernel_spec_manager, "image_default_kernel", None)
-        name = chosen() if chosen is not None else None
-        return name or NATIVE_KERNEL_NAME
+        return image_default_kernel_name(self.kernel_spec_manager)
 
     @default("kernel_manager_class")
     def _default_kernel_manager_class(self) -> str:

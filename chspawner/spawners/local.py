@@ -7,7 +7,10 @@ the server as the user's own account) with a choice of image and mode:
 
 * ``kernels``: the single-user server runs natively and offers the image's
   kernels in its kernel picker (they run in the image through the
-  chspawner kernel provisioner);
+  chspawner kernel provisioner, with the user's home and the admin's
+  ``binds``, in the notebook's directory); the image's kernel is the
+  default, and the host's kernels are offered only with
+  ``offer_host_kernels`` (see kernels_mode_args);
 * ``server``: the single-user server itself runs inside the image, started
   through the one RunSpec (the image must provide jupyterhub-singleuser).
 
@@ -24,7 +27,8 @@ step, after the admin's ``pre_spawn_hook``): a bad option is a 400
 ``start()`` is a recipe of named steps, each a method that
 SlurmChSpawner overrides where a job differs from a local process:
 ``reattach`` (a server still starting from before a hub restart),
-``check_options`` (the user's options, as the admin's hook left them),
+``ask_once`` (what a user may choose, where Slurm must be asked: once a
+spawn), ``check_options`` (the user's options, as the admin's hook left them),
 ``ensure_image`` (pull the admin's image on its first use), ``pick_port``,
 ``launch`` (run ``get_command()``: the native server, or the container
 running it) and ``wait_ready`` (until the user's own process answers).
@@ -50,8 +54,9 @@ from chspawner.images import ImageError
 from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
-from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_images,
-                                        check_plain, json_type, render_form)
+from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_binds,
+                                        check_images, check_plain, json_type, render_form,
+                                        shown)
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
                     "opt/conda/bin/jupyterhub-singleuser")
 
@@ -96,8 +101,19 @@ class ChSpawner(LocalProcessSpawner):
                  ).tag(config=True)
     backend = Unicode("builtin", help="Container runtime: builtin or ch-run.").tag(
         config=True)
-    binds = List(Unicode(), help="Host paths bound into every container (SRC[:DST]).",
-                 ).tag(config=True)
+    binds = List(
+        Unicode(),
+        help="Host paths bound into every container (SRC[:DST]): the server's in "
+             "server mode, each kernel's in kernels mode (with the user's home, at "
+             "/home/$USER, in both).",
+    ).tag(config=True)
+    offer_host_kernels = Bool(
+        False,
+        help="Kernels mode: also offer the kernels installed on the server's host "
+             "(its python3...) beside the chosen image's. Off by default: the "
+             "image's kernel is the only one, and the default, so nobody runs on "
+             "the host by mistake.",
+    ).tag(config=True)
     image_cmd = List(
         Unicode(), ["jupyterhub-singleuser"],
         help="The single-user server's command inside an image (server mode), "
@@ -129,6 +145,10 @@ class ChSpawner(LocalProcessSpawner):
     @validate("images")
     def _check_images(self, proposal) -> list[dict]:
         return check_images(proposal["value"], f"{type(self).__name__}.images")
+
+    @validate("binds")
+    def _check_binds(self, proposal) -> list[str]:
+        return check_binds(proposal["value"], f"{type(self).__name__}.binds")
 
     @default("apply_user_options")
     def _default_apply_user_options(self):
@@ -199,6 +219,7 @@ class ChSpawner(LocalProcessSpawner):
     async def _asked_pre_spawn_hook(self) -> None:
         await self.ask_for_options()
         self.check_options()
+        self._asked_for_spawn = True  # (start() uses this answer: see ask_once)
         result = super().run_pre_spawn_hook()
         if isawaitable(result):
             await result
@@ -209,6 +230,17 @@ class ChSpawner(LocalProcessSpawner):
 
     async def ask_for_options(self) -> None:
         """Learn what a user may choose, where it takes asking (Slurm)."""
+
+    _asked_for_spawn = False  # (whether this spawn's pre-spawn step asked already)
+
+    async def ask_once(self) -> None:
+        """start()'s ask_for_options: once a spawn. The pre-spawn step, which
+        JupyterHub runs right before start(), asked already when its options
+        passed: its answer stands (one sacctmgr a spawn, not two); a start()
+        without that step (or after it failed) asks."""
+        asked, self._asked_for_spawn = self._asked_for_spawn, False
+        if not asked:
+            await self.ask_for_options()
 
     def check_options(self) -> None:
         """The spawn's first step: validate what will run, whatever the
@@ -267,7 +299,9 @@ class ChSpawner(LocalProcessSpawner):
                               f"{json_type(options)}")
         unknown = set(options) - set(self.OPTION_TYPES) - set(self.extra_options)
         if unknown:
-            raise OptionError(f"unknown options: {', '.join(sorted(map(str, unknown)))}")
+            names = sorted(map(shown, unknown))
+            raise OptionError(f"unknown options: {', '.join(names[:5])}"
+                              + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
         for key, kind in self.OPTION_TYPES.items():
             value = options.get(key)
             if key in options and not (isinstance(value, kind)
@@ -347,28 +381,55 @@ class ChSpawner(LocalProcessSpawner):
         # directory, not on TCP ports other users could read (both modes).
         args += ["--KernelManager.transport=ipc"]
         if self.mode == "kernels":
-            store = self.store_for(self.image)
-            args += ["--ServerApp.kernel_spec_manager_class="
-                     "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
-                     f"--ContainerKernelSpecManager.storage={store.root}",
-                     # One item per flag: the server doesn't know this class
-                     # up front, so a list literal would stay one string.
-                     f"--ContainerKernelSpecManager.only_images={self.image}"]
-            if self.persistent_kernels:
-                args += ["--ServerApp.kernel_manager_class="
-                         "chspawner.persist.kernel_manager.PersistentKernelManager",
-                         "--ServerApp.kernel_websocket_connection_class="
-                         "chspawner.persist.kernel_connection.ReplayingKernelConnection",
-                         "--ServerApp.session_manager_class="
-                         "chspawner.persist.notebook_sessions.PersistentSessionManager"]
+            args += self.kernels_mode_args()
         return args
+
+    def kernels_mode_args(self) -> list[str]:
+        """The native server's arguments that offer the chosen image's
+        kernels: only that image's (the host's too with
+        ``offer_host_kernels``), its kernel the default (the kernel manager
+        asks the kernelspec manager for it), each kernel with the admin's
+        binds and the user's home, started in its notebook's directory
+        (jupyter_server passes it; the provisioner maps it into the
+        container)."""
+        store = self.store_for(self.image)
+        args = ["--ServerApp.kernel_spec_manager_class="
+                "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager",
+                f"--ContainerKernelSpecManager.storage={store.root}",
+                # One item per flag: the server doesn't know this class
+                # up front, so a list literal would stay one string.
+                f"--ContainerKernelSpecManager.only_images={self.image}",
+                f"--ContainerKernelSpecManager.include_native={self.offer_host_kernels}"]
+        config = self.kernel_provisioner_config()
+        if config:
+            # A Python literal: traitlets reads a Dict from the command line
+            # with ast.literal_eval (JSON's true would stay a string).
+            args.append(f"--ContainerKernelSpecManager.provisioner_config={config!r}")
+        if self.persistent_kernels:
+            args += ["--ServerApp.kernel_manager_class="
+                     "chspawner.persist.kernel_manager.PersistentKernelManager",
+                     "--ServerApp.kernel_websocket_connection_class="
+                     "chspawner.persist.kernel_connection.ReplayingKernelConnection",
+                     "--ServerApp.session_manager_class="
+                     "chspawner.persist.notebook_sessions.PersistentSessionManager"]
+        else:
+            # Kernels that end with their server, still on private IPC and
+            # still with the image's kernel as the default.
+            args += ["--ServerApp.kernel_manager_class="
+                     "chspawner.persist.kernel_manager.EphemeralKernelManager"]
+        return args
+
+    def kernel_provisioner_config(self) -> dict:
+        """The chspawner provisioner's settings for every image kernel
+        (chspawner.provisioner.settings: its ``home`` is on by default)."""
+        return {"binds": list(self.binds)} if self.binds else {}
 
     async def start(self) -> tuple[str, int]:
         """The spawn: the same steps for every spawner of chspawner; a
         subclass overrides a step, not the recipe."""
         self._events = asyncio.Queue()
         if not await self.reattach():
-            await self.ask_for_options()
+            await self.ask_once()
             self.check_options()
             await self.ensure_image()
             self.pick_port()

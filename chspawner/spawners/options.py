@@ -12,6 +12,7 @@ from traitlets import TraitError
 
 from chspawner.images import ImageError
 from chspawner.images.store import check_name
+from chspawner.runtime.spec import Bind
 
 #: The keys of an entry of ``images``, and their JSON types.
 IMAGE_KEYS: dict[str, type] = {"name": str, "description": str, "pull": str, "insecure": bool,
@@ -25,6 +26,10 @@ MODES = ("kernels", "server")
 #: separate arguments, never through a shell; refusing these anyway keeps
 #: a later change from making one a command.
 UNSAFE = frozenset(";&|$`<>()\\\"'*?[]{}!#~")
+
+#: The longest option a user may give (characters): far above any image,
+#: partition, account or QOS name, and it keeps every message one short line.
+MAX_LENGTH = 200
 
 
 try:
@@ -68,10 +73,39 @@ class OptionError(SpawnerError):
 def check_plain(key: str, value: str) -> None:
     """OptionError unless ``value`` is plain text: no shell metacharacter,
     no whitespace, no control character (a newline would be a second line
-    of a job's script)."""
+    of a job's script), at most MAX_LENGTH characters."""
+    if len(value) > MAX_LENGTH:
+        raise OptionError(f"{key} is too long ({len(value)} characters; at most "
+                          f"{MAX_LENGTH})")
     bad = next((c for c in value if c in UNSAFE or not c.isprintable() or c.isspace()), None)
     if bad is not None:
         raise OptionError(f"{key} may not contain {bad!r}")
+
+
+def check_binds(entries: list[str], trait: str = "binds") -> list[str]:
+    """``entries`` if each is ``SRC[:DST]`` with absolute paths, else a
+    TraitError naming the entry: a relative source would be read from
+    wherever the server or kernel happens to start."""
+    for i, text in enumerate(entries):
+        try:
+            bind = Bind.parse(text)
+        except ValueError as e:
+            raise TraitError(f"{trait}[{i}]: {e}") from None
+        if not bind.src.startswith("/"):
+            raise TraitError(f"{trait}[{i}]: bind source must be an absolute path: "
+                             f"{bind.src!r}")
+    return entries
+
+
+def shown(name: object) -> str:
+    """An option's name as a message shows it: as it is if plain and short,
+    else quoted and cut (a user's key with a newline, or of a megabyte, must
+    not make the message two lines, or a long one)."""
+    text = str(name)
+    if len(text) <= 40 and text.isprintable() and not any(c.isspace() for c in text):
+        return text
+    quoted = repr(text)
+    return quoted if len(quoted) <= 40 else quoted[:37] + "..."
 
 
 def check_images(entries: Any, trait: str = "images") -> list[dict]:

@@ -264,11 +264,16 @@ class SlurmChSpawner(ChSpawner):
         options = super().options_from_form(formdata)
         for key in self.RESOURCES:
             value = (formdata.get(key) or [""])[0]
-            if value:
-                # ASCII digits alone: "²" and "٣" are digits to str.isdigit()
-                # but not to int(); anything else stays text, for
-                # validate_user_options to refuse with the field's bounds.
-                options[key] = int(value) if value.isascii() and value.isdigit() else value
+            if not value:
+                continue
+            # A number field's ASCII digits alone: "²" and "٣" are digits to
+            # str.isdigit() but not to int(); and not too many (int() refuses
+            # over 4300); anything else stays text, for validate_user_options
+            # to refuse with the field's bounds. A choice (an account "1234")
+            # stays text.
+            number = key in self.bounds() and value.isascii() and value.isdigit() \
+                and len(value) <= 18
+            options[key] = int(value) if number else value
         return options
 
     # ------------------------------------------------------ the request --
@@ -290,20 +295,24 @@ class SlurmChSpawner(ChSpawner):
             return dataclasses.replace(r, cpus=1, mem_gb=min(r.mem_gb, 2), gpus=0)
         return r
 
+    def kernel_provisioner_config(self) -> dict:
+        """ChSpawner's (the admin's binds), and with kernel_jobs each
+        kernel in a batch job of its own, with the user's request."""
+        config = super().kernel_provisioner_config()
+        if self.kernels_in_jobs():
+            config.update({"launcher": "sbatch",
+                           "sbatch_args": [*self.resources().sbatch_options(),
+                                           *self.kernel_sbatch_args],
+                           "job_log_dir": str(self.log_dir()),
+                           "away_from_server": self.kernel_jobs_elsewhere})
+        return config
+
     def get_args(self) -> list[str]:
         args = super().get_args()
         if self.kernels_in_jobs():
-            config = {"launcher": "sbatch",
-                      "sbatch_args": [*self.resources().sbatch_options(),
-                                      *self.kernel_sbatch_args],
-                      "job_log_dir": str(self.log_dir()),
-                      "away_from_server": self.kernel_jobs_elsewhere}
-            # A Python literal: traitlets reads a Dict from the command line
-            # with ast.literal_eval (JSON's true would stay a string).
-            args += [f"--ContainerKernelSpecManager.provisioner_config={config!r}",
-                     # A job's end (scancel, its time limit, a preemption)
-                     # sends SIGTERM: that is a loss, not the user's stop.
-                     "--PersistentKernelManager.keep_kernels_on_sigterm=True"]
+            # A job's end (scancel, its time limit, a preemption) sends
+            # SIGTERM: that is a loss, not the user's stop.
+            args += ["--PersistentKernelManager.keep_kernels_on_sigterm=True"]
         return args
 
     def job_argv(self) -> list[str]:
@@ -375,12 +384,15 @@ class SlurmChSpawner(ChSpawner):
         already: compute nodes never talk to a registry."""
         self.spawn_nonce = secrets.token_hex(16)
         try:
+            # (A site option with a newline, say one an admin's hook set from
+            # user input, is refused here: ValueError, told in one line.)
+            argv = self.job_argv()
             await joblog.make_dir(str(self.log_dir()), self.make_preexec_fn(self.user.name))
-        except joblog.JobLogError as e:
+        except (ValueError, joblog.JobLogError) as e:
             raise SpawnFailed(f"can't submit the server's job: {e}") from None
         env = {**self.get_env(), NONCE_ENV: self.spawn_nonce, **self.slurm_env}
         try:
-            self.job_id = await self.slurm().submit(self.job_argv(), env=env)
+            self.job_id = await self.slurm().submit(argv, env=env)
         except SlurmError as e:
             raise SpawnFailed(f"can't submit the server's job: {e}") from None
         self._save_state()

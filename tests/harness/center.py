@@ -93,10 +93,11 @@ class CenterHub(Hub):
     last_log = Path("/tmp/chspawner-last-center-hub.log")
 
     def __init__(self, cluster: Cluster, store: str, user: str, hub_db: str,
-                 sessions_db: str, manager_interval: float = 0.5):
+                 sessions_db: str, manager_interval: float = 0.5, extra_config: str = ""):
         """``store``: the site store (see center_store); ``hub_db``,
         ``sessions_db``: the hub's and the session manager's database URLs
-        (tests/harness/postgres.py's ``database()``)."""
+        (tests/harness/postgres.py's ``database()``); ``extra_config``: more
+        hub configuration after the test's (the demo's password)."""
         self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="chspawner-center-"))
         self.port, self.token, self.user = free_port(), secrets.token_hex(16), user
@@ -143,7 +144,7 @@ class CenterHub(Hub):
                     service["command"] += ["--interval={manager_interval}",
                                            # a test's losses in a row count against this
                                            "--max-recoveries=50"]
-        """))
+        """) + extra_config)
         try:
             self.start()
         except BaseException:

@@ -1,11 +1,14 @@
 """A real JupyterHub with ChSpawner (and its real proxy) on 127.0.0.1,
 driven through its REST API with a service token: spawning and stopping the
-test user's server, reading its state, and the hub configuration that adds
+test user's server (or spawning it from the form, as a browser does: ``spawn_page``),
+reading its state, and the hub configuration that adds
 the session proxy and the session manager (docs/admin/sessions.md)."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -158,6 +161,25 @@ async def spawn(hub: Hub, options: dict) -> dict:
     return result
 
 
+async def spawn_page(hub: Hub, fields: dict | None = None) -> tuple[int, str]:
+    """Log in as the user (the dummy authenticator) and open the spawn
+    form, or submit it with ``fields`` as a browser does: status and page."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.get(f"{hub.url}/hub/login") as r:
+            xsrf = re.search(r'name="_xsrf" value="([^"]+)"', await r.text())[1]
+        async with http.post(f"{hub.url}/hub/login", data={
+                "username": hub.user, "password": "", "_xsrf": xsrf}) as r:
+            assert r.status == 200, await r.text()
+        async with http.get(f"{hub.url}/hub/spawn/{hub.user}") as r:
+            page = await r.text()
+            if fields is None:
+                return r.status, page
+            # (The form's action carries the token, as ?_xsrf=...)
+            action = html.unescape(re.search(r'action="([^"]+)"', page)[1])
+        async with http.post(hub.url + action, data=fields) as r:
+            return r.status, await r.text()
+
+
 def timed_spawn(hub: Hub, options: dict, what: str = "spawn") -> float:
     """For the benchmarks: seconds from the spawn request to the server
     ready, then stop it; a failed spawn exits, with the hub log's tail."""
@@ -183,15 +205,19 @@ async def stop_server(hub: Hub) -> None:
                 await asyncio.sleep(0.2)
 
 
-async def kernel_in_server(hub: Hub, kernel: str = KERNEL) -> tuple:
-    """Start ``kernel`` in the user's server and run code that reads the
-    test image's marker file: (status, output, ename)."""
+#: Code that prints the test image's marker file.
+READ_MARKER = "print(open('/etc/chspawner-test-image').read().strip())"
+
+
+async def kernel_in_server(hub: Hub, kernel: str = KERNEL, code: str = READ_MARKER) -> tuple:
+    """Start ``kernel`` in the user's server and run ``code`` in it (by
+    default: read the test image's marker file): (status, output, ename)."""
     base = kernels_url(hub)
     async with hub.session() as http:
         kernel = await start_kernel(http, hub, kernel)
         async with http.ws_connect(f"{base}/{kernel}/channels".replace("http", "ws")) as ws:
             await warm_up(ws)
-            return await execute(ws, "print(open('/etc/chspawner-test-image').read().strip())")
+            return await execute(ws, code)
 
 
 async def user_server(hub: Hub) -> dict:

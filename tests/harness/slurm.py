@@ -15,6 +15,11 @@ tests/conftest.py imports), or directly (bench/slurm_spawn.py)::
         job = cluster.submit("--wrap", "sleep 60", user="chtest")
         cluster.wait_job(job, {"RUNNING"})
 
+For tests of what a job asks for: ``features(node, ...)`` and
+``reservation(node, user)`` (context managers, set on the running
+slurmctld) and ``submissions()`` (what slurmctld received, QOS included,
+which Slurm drops without accounting).
+
 Clients as the unprivileged test user go through scripts/as-user.sh with
 ``env SLURM_CONF=...``; other programs that call Slurm clients (spawners)
 need ``cluster.env`` in their environment.
@@ -347,6 +352,10 @@ class Slurm:
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
+            # slurmctld logs what each job was submitted with (submissions()):
+            # the QOS asked for among it, which without accounting Slurm
+            # drops (scontrol show job says "(null)").
+            "JobSubmitPlugins=logging",
             "MpiDefault=none",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
@@ -524,6 +533,64 @@ class Slurm:
         return {job: state for job, state, name in
                 (line.split(" ", 2) for line in out.splitlines())
                 if name.startswith(name_prefix)}
+
+    @contextlib.contextmanager
+    def features(self, node: str, *features: str) -> Iterator[None]:
+        """``node`` has ``features`` (what a job's --constraint asks for)
+        inside the block, none after: set on the running slurmctld, as an
+        admin's ``scontrol update`` would, so no restart and no other test's
+        cluster configuration."""
+        self._set_features(node, ",".join(features))
+        try:
+            yield
+        finally:
+            self._set_features(node, "")
+
+    def _set_features(self, node: str, features: str) -> None:
+        self.run("scontrol", "update", f"nodename={node}", f"AvailableFeatures={features}",
+                 f"ActiveFeatures={features}")
+
+    @contextlib.contextmanager
+    def reservation(self, node: str, user: str) -> Iterator[str]:
+        """A reservation of ``node`` for ``user``, from now, inside the
+        block: its name. Only jobs submitted with --reservation=NAME run on
+        the node meanwhile. At the end its jobs are cancelled (Slurm keeps
+        a reservation that has some) and it is deleted."""
+        name = f"chs-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        self.run("scontrol", "create", "reservation", f"reservationname={name}",
+                 "starttime=now", "duration=60", f"nodes={node}", f"users={user}",
+                 "flags=ignore_jobs")  # (jobs already on the node don't stop it)
+        try:
+            yield name
+        finally:
+            self.run("scancel", f"--reservation={name}", check=False)
+            deadline = time.monotonic() + 3 * STOP_TIMEOUT
+            while True:
+                result = self.run("scontrol", "delete", f"reservationname={name}",
+                                  check=False)
+                if result.returncode == 0 or "Invalid reservation" in result.stderr:
+                    break
+                if _remaining(deadline) <= 0:
+                    raise SlurmError(f"reservation {name} not deleted: "
+                                     f"{tail(result.stderr)}")
+                time.sleep(POLL)
+
+    def submissions(self, name: str = "") -> list[dict[str, str]]:
+        """What jobs (called ``name``, if given) were submitted with, in
+        order, as slurmctld got them (JobSubmitPlugins=logging): account,
+        qos, partition, name, user_id, ... as text ("(null)": not given)."""
+        found = []
+        for line in self.log("slurmctld").splitlines():
+            _, marker, fields = line.partition("job_submit: Job submit request: ")
+            if not marker:
+                continue
+            # "account:A begin_time:0 ... name:N partition:P qos:Q ...": a
+            # job's name may hold spaces, so split before each " key:".
+            request = dict(field.split(":", 1) for field in
+                           re.split(r" (?=[a-z_]+:)", fields.strip()))
+            if not name or request.get("name") == name:
+                found.append(request)
+        return found
 
     def node_state(self, node: str | None = None) -> str:
         """sinfo's state of a node (idle, mixed, allocated, down*, ...);
