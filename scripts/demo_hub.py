@@ -28,8 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.harness.center import CenterHub
-from tests.harness.center import site_store as center_store
+from tests.harness.center import CenterHub, center_store
 from tests.harness.cluster import Cluster
 from tests.harness.env import TEST_USER
 from tests.harness.hub import kernel_in_server, server_state, spawn, stop_server
