@@ -64,6 +64,8 @@ def test_server_on_one_node_kernel_on_another(center_hub, user):
         state = asyncio.run(server_state(hub))
         a = state["node"]
         assert a in cluster.nodes
+        # The site's options reached Slurm: the QOS offered (the only one).
+        assert cluster.submissions(f"jupyterhub-{user.pw_name}")[-1]["qos"] == "normal"
         assert listening(cluster, a, user.pw_uid) >= {(cluster.address[a], state["port"])}
         assert {address for address, _ in listening(cluster, a, user.pw_uid)} == \
             {cluster.address[a]}

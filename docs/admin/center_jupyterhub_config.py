@@ -23,6 +23,13 @@ PROXY_TOKEN = SITE("CONFIGPROXY_AUTH_TOKEN") or secrets.token_hex(32)
 HUB_PORT = int(SITE("CHSPAWNER_HUB_PORT", "8081"))           # the hub's API, for the nodes
 PROXY_API_PORT = int(SITE("CHSPAWNER_PROXY_API_PORT", "8001"))   # on 127.0.0.1
 SESSIONS_PORT = int(SITE("CHSPAWNER_SESSIONS_PORT", "8090"))     # on 127.0.0.1
+# The Slurm side of a spawn: each user charges an account of their own
+# associations (needs slurmdbd; "no": Slurm's default account), picks one of
+# the QOS offered; every job may need a reservation or node features.
+ACCOUNTS_FROM_SLURM = SITE("CHSPAWNER_ACCOUNTS_FROM_SLURM", "yes") == "yes"
+QOS = [q for q in SITE("CHSPAWNER_QOS", "normal,long").split(",") if q]
+RESERVATION = SITE("CHSPAWNER_RESERVATION", "")
+CONSTRAINT = SITE("CHSPAWNER_CONSTRAINT", "")
 
 c = get_config()  # noqa: F821 (JupyterHub defines it)
 
@@ -63,6 +70,13 @@ c.SlurmChSpawner.max_hours = 12
 c.SlurmChSpawner.kernel_jobs = True     # each kernel a job of its own, outliving the server's
 c.SlurmChSpawner.kernel_jobs_elsewhere = True  # ... on another node than the server's
 c.SlurmChSpawner.job_log_dir = "{home}/.local/state/chspawner/logs"
+c.SlurmChSpawner.accounts_from_slurm = ACCOUNTS_FROM_SLURM
+c.SlurmChSpawner.qos = QOS
+c.SlurmChSpawner.reservation = RESERVATION
+c.SlurmChSpawner.constraint = CONSTRAINT
+# The site's set-up before every server starts, in its job (the admin's
+# lines, never a user's; a failing line doesn't stop the job).
+c.SlurmChSpawner.job_setup = ["[ -r /etc/profile.d/site.sh ] && . /etc/profile.d/site.sh"]
 c.Spawner.start_timeout = 600           # a job may wait in the queue
 c.Spawner.http_timeout = 120
 # JupyterHub's own poll stays at its default or longer: the session

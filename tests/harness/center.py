@@ -119,6 +119,10 @@ class CenterHub(Hub):
             "CHSPAWNER_SESSIONS_DB": sessions_db,
             "CHSPAWNER_VENV": str(VENV_BIN.parent),
             "CHSPAWNER_PARTITIONS": cluster.partition,
+            # No slurmdbd on the test cluster: no associations to offer
+            # (QOS is passed to sbatch; Slurm without accounting ignores it).
+            "CHSPAWNER_ACCOUNTS_FROM_SLURM": "no",
+            "CHSPAWNER_QOS": "normal",
             "CHSPAWNER_PROXY_API_PORT": str(free_port()),
             "CHSPAWNER_SESSIONS_PORT": str(free_port()),
             "CONFIGPROXY_AUTH_TOKEN": secrets.token_hex(16),
