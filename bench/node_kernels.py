@@ -14,12 +14,15 @@ start request to the first kernel_info reply, per launcher:
   and reached at its address; both through ``KernelManager``;
 * sbatch: chspawner's kernelspec with launcher ``sbatch`` (the kernel as a
   batch job of its own, as SlurmChSpawner's kernel jobs run, without the
-  persist keeper) against the same native ipykernel submitted with the
-  same sbatch command-line builder, its connection file written here.
+  persist keeper) against a plain kernelspec whose argv is the same
+  native ipykernel's batch job, built by the same sbatch command-line
+  builder, submitted with ``--wait`` (so that jupyter_client has a
+  process to follow: sbatch, until the job ends).
 
-Rounds alternate between the four, each on an idle node; one warm-up
-round is not counted. Medians, and the ratio chspawner / native (target
-<= 1.1x each).
+All four go through jupyter_client's ``KernelManager``, as a Jupyter
+server starts kernels. Rounds alternate between them, each on an idle
+node; one warm-up round is not counted. Medians, and the ratio chspawner /
+native (target <= 1.1x each).
 
 Run as root (it drops to the test user): ``bench/run.sh`` or, from the
 repository root, ``python -m bench.node_kernels [--rounds N] [--check]``.
@@ -39,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 from chspawner.provisioner.launchers import SrunStep
-from chspawner.slurm import SlurmClient
+from chspawner.slurm import SlurmClient, sbatch_argv
 from tests.harness.cluster import Cluster
 from tests.harness.env import CHSPAWNER, TEST_USER, VENV_BIN
 from tests.harness.images import site_store  # the demo's store: deb
@@ -102,24 +105,27 @@ def measure(cluster: Cluster, node: str, store: str, home: Path, worker: Path,
                         "--prefix", str(prefix), "--launcher", launcher,
                         *(f"--{launcher}-arg={arg}" for arg in where),
                         "--name", f"chspawner-{launcher}", "deb", env=env)
-    # The native one: the srun line chspawner's srun launcher builds, around
-    # the host's ipykernel.
+    # The native ones: the host's ipykernel in the srun line chspawner's srun
+    # launcher builds, and in the batch job its sbatch builder writes.
     srun = SrunStep(logging.getLogger(__name__), SlurmClient(), "native-kernel", TEST_USER,
                     srun_args=where)
-    spec = prefix / "share/jupyter/kernels/native-srun"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": srun.command(NATIVE_ARGV), "display_name": "Python 3 (native, srun)",
-        "language": "python"}))
+    sbatch = sbatch_argv(NATIVE_ARGV, job_name="native-kernel",
+                         output=str(home / "native-%j.log"), chdir=str(home),
+                         extra=["--wait", *where])
+    for launcher, argv in (("srun", srun.command(NATIVE_ARGV)), ("sbatch", sbatch)):
+        spec = prefix / f"share/jupyter/kernels/native-{launcher}"
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(json.dumps({
+            "argv": argv, "display_name": f"Python 3 (native, {launcher})",
+            "language": "python"}))
     subprocess.run(["chown", "-R", f"{TEST_USER}:", str(prefix)], check=True)
     address = cluster.address[node]
     python = str(VENV_BIN / "python")
     runs = {
-        "native srun": ["manager", "native-srun", address],
-        "chspawner srun": ["manager", "chspawner-srun"],
-        "native sbatch": ["sbatch", address, "native-kernel", str(home / "native-%j.log"),
-                          *where],
-        "chspawner sbatch": ["manager", "chspawner-sbatch"],
+        "native srun": ["native-srun", address],
+        "chspawner srun": ["chspawner-srun"],
+        "native sbatch": ["native-sbatch", address],
+        "chspawner sbatch": ["chspawner-sbatch"],
     }
     times: dict[str, list[float]] = {label: [] for label in runs}
     for n in range(rounds + 1):
@@ -127,7 +133,8 @@ def measure(cluster: Cluster, node: str, store: str, home: Path, worker: Path,
             out = as_user_or_exit(TEST_USER, python, str(worker), *argv, env=env)
             cluster.wait_idle(timeout=60, node=node)  # the next start finds it idle
             if n:  # round 0 warms the page cache on both sides
-                times[label].append(json.loads(out)["seconds"])
+                # (the last line: sbatch and the kernels print to the same stdout)
+                times[label].append(json.loads(out.splitlines()[-1])["seconds"])
     return times
 
 
