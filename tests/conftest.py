@@ -21,6 +21,7 @@ import pytest
 pytest.register_assert_rewrite("tests.harness")
 
 from chspawner.images.trees import remove_tree  # noqa: E402
+from tests.harness.center import CenterHub, site_store  # noqa: E402
 from tests.harness.env import CHSPAWNER, OTHER_USER, TEST_USER  # noqa: E402
 from tests.harness.images import image_path, tarball  # noqa: E402
 from tests.harness.postgres import Postgres  # noqa: E402
@@ -170,3 +171,22 @@ def records_url(request, tmp_path) -> str:
 # The multi-node cluster's session fixture (tests/harness/cluster.py): its
 # own daemons, apart from `slurm`'s.
 from tests.harness.cluster import cluster  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def center_store(kernel_store) -> str:
+    """The site store of docs/admin/center_jupyterhub_config.py: the test
+    images under the names it offers (python, jupyter)."""
+    work = Path(tempfile.mkdtemp(prefix="chspawner-center-store-", dir="/tmp"))
+    os.chmod(work, 0o755)
+    yield site_store(kernel_store, work)
+    remove_tree(work)
+
+
+@pytest.fixture(scope="module")
+def center_hub(cluster, postgres, center_store, user):
+    """JupyterHub as a center runs it (docs/admin/center_jupyterhub_config.py),
+    on the multi-node cluster's service node, its records on PostgreSQL."""
+    with CenterHub(cluster, center_store, user.pw_name, postgres.database(),
+                   postgres.database()) as hub:
+        yield hub

@@ -236,18 +236,19 @@ def test_slurm_job_argv_is_one_builders(user, tmp_path):
     logs = f"{user.pw_dir}/logs/{user.pw_name}%"
     config = {"launcher": "sbatch",
               "sbatch_args": [*Resources(3, 4, 2, "short").sbatch_options(), "--account=lab"],
-              "job_log_dir": logs}
-    assert f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}" \
-        in spawner.get_args()
+              "job_log_dir": logs, "away_from_server": False}
+    assert f"--ContainerKernelSpecManager.provisioner_config={config!r}" in spawner.get_args()
     argv = spawner.job_argv()
-    watch = shlex.split(argv[-1].removeprefix("--wrap=").partition(" </dev/null")[0])
+    script = argv[-1].removeprefix("--wrap=").split("\n")
+    assert script[:-1] == spawner.bind_lines()  # (the server on its node's address)
+    watch = shlex.split(script[-1].partition(" </dev/null")[0])
     assert watch[1:] == ["-m", "chspawner.spawners.listening", "--port", "8123", "--report",
                          str(spawner.report_path()), "--timeout", str(spawner.start_timeout)]
     assert argv == sbatch_argv(
         spawner.get_command(), job_name=f"jupyterhub-{user.pw_name}",
         output=f"{logs}%/server-%j.log",  # (a literal % doubled for sbatch)
         chdir=user.pw_dir, resources=Resources(cpus=1, mem_gb=2, hours=2, partition="short"),
-        background=watch)
+        background=watch, setup=spawner.bind_lines())
     spawner.job_id = "77"
     assert spawner.job_log_path() == Path(logs, "server-77.log")
 

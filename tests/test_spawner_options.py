@@ -228,7 +228,8 @@ def test_slurm_job_gets_the_site_options_through_the_one_builder(tmp_path):
     assert options.index("--exclusive") > options.index("--qos=normal")  # (after: overrides)
     script = argv[-1].removeprefix("--wrap=").split("\n")
     assert script[:2] == ["module load cuda/12", "export SITE='a b'"]
-    assert len(script) == 3 and script[2].endswith(" & exec " + shlex.join(spawner.get_command()))
+    assert script[2:4] == spawner.bind_lines()  # (ours, after the admin's)
+    assert len(script) == 5 and script[4].endswith(" & exec " + shlex.join(spawner.get_command()))
 
 
 def test_slurm_form_offers_account_and_qos_when_there_is_a_choice(tmp_path):

@@ -83,7 +83,7 @@ from pathlib import Path
 
 import zmq
 
-from chspawner.provisioner.transport import CurveKeys, secure_client
+from chspawner.provisioner.transport import CurveKeys, node_address, secure_client
 from chspawner.persist.records import KernelRecords, read_ack, read_record
 from chspawner.persist.missed_replies import KINDS, Executions
 
@@ -426,6 +426,8 @@ class Keeper:
             return self._end(kernel)
         # The kernel's own IOPub socket, on this node: no network involved.
         self.sub.connect(f"ipc://{relay['kernel_ipc']}-{relay['kernel_ports']['iopub_port']}")
+        if self.address == "tcp://*:*":  # (the default) this node's address, as the relay
+            self.address = f"tcp://{node_address()}:*"
         self.bind()
         port = self.address.rpartition(":")[2]
         tmp = address_file.with_name(f".{address_file.name}.tmp")

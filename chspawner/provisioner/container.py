@@ -206,7 +206,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         prefix = km.kernel_job_command(self._staging) if isinstance(km, KernelJobHost) else []
         return BatchJob(self.log, client, job_name=self._job_name, output=self._job_log(),
                         chdir=str(kwargs.get("cwd") or Path.home()),
-                        sbatch_args=settings.sbatch_args,
+                        sbatch_args=[*settings.sbatch_args, *_away_from_server(settings)],
                         env=job_environment(kwargs.get("env")), prefix=prefix)
 
     def _job_log(self) -> Path:
@@ -493,6 +493,13 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
 
 def _jobid(settings: ProvisionerSettings) -> str | None:
     return str(settings.jobid) if settings.jobid not in (None, "") else None
+
+
+def _away_from_server(settings: ProvisionerSettings) -> list[str]:
+    """The sbatch option that keeps a kernel's job off the server's node
+    (``away_from_server``): the node of the job this server runs in."""
+    node = os.environ.get("SLURMD_NODENAME", "")
+    return [f"--exclude={node}"] if settings.away_from_server and node else []
 
 
 def _username() -> str:

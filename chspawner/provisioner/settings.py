@@ -59,6 +59,11 @@ class ProvisionerSettings(HasTraits):
     srun_args = List(Unicode(), help="launcher srun: more srun options (--partition=...).")
     sbatch_args = List(
         Unicode(), help="launcher sbatch: more sbatch options (--time=..., --partition=...).")
+    away_from_server = Bool(
+        False, help="launcher sbatch, for a server that runs in a Slurm job itself: keep "
+                    "the kernel's job off the server's node (sbatch --exclude=NODE, NODE "
+                    "the server job's $SLURMD_NODENAME), so that losing one node loses "
+                    "the server or its kernels, never both. Outside a job: no effect.")
     launch_timeout = Float(
         None, allow_none=True,
         help="Seconds the kernel has to bind its ports, queueing included "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import json
 import os
 import shutil
@@ -130,6 +131,20 @@ class CurveKeys:
 
 def _bytes(value: str | bytes) -> bytes:
     return value.encode() if isinstance(value, str) else value
+
+
+def node_address() -> str:
+    """This node's own address, to bind a kernel's TCP sockets to on a
+    compute node (the relay's, the keeper's in a kernel's job): the address
+    its hostname resolves to here, which is where the server, resolving the
+    same name, connects. "0.0.0.0" (every address) when the name does not
+    resolve, or resolves to a loopback address (Debian's ``127.0.1.1
+    HOSTNAME`` line): nothing on another node could reach that."""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "0.0.0.0"
+    return "0.0.0.0" if ipaddress.ip_address(address).is_loopback else address
 
 
 def secure_client(sock: zmq.Socket, info: dict, address: str) -> None:
@@ -308,7 +323,7 @@ def run_relay(connection_file: Path, command: list[str], timeout: float = 600.0)
             return kernel.wait() if kernel.poll() is not None else _stop(kernel)
         kernel_ports = dict(IPC_PORTS)
         relay = Relay(keys, host_ipc, kernel_ports,
-                      {p: int(requested.get(p) or 0) for p in PORTS})
+                      {p: int(requested.get(p) or 0) for p in PORTS}, node_address())
         relay.start()
         try:
             _write_private(relay_file, {"node": socket.gethostname(), "ports": relay.ports,

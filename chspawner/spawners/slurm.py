@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import pwd
 import secrets
 import sys
@@ -107,6 +106,20 @@ class SlurmChSpawner(ChSpawner):
                    "server's job: a server whose job is cancelled, times out or loses "
                    "its node is started again and takes its kernels over. False: "
                    "kernels run inside the server's job and end with it.",
+    ).tag(config=True)
+    kernel_jobs_elsewhere = Bool(
+        False, help="With kernel_jobs: keep each kernel's job off the node its server "
+                    "runs on (sbatch --exclude=that node), so that losing one node loses "
+                    "the server (which the session manager starts again elsewhere, and "
+                    "which takes its kernels over) or a kernel, never both. Needs "
+                    "at least two nodes in the partition.",
+    ).tag(config=True)
+    bind_node_address = Bool(
+        True, help="The server listens on its node's own address only (the one its "
+                   "Slurm node name resolves to on the node, where the hub connects), not "
+                   "on every address of the node (ip, 0.0.0.0), loopback included. Where "
+                   "the name resolves to no address or a loopback one, the server listens "
+                   "on ip.",
     ).tag(config=True)
     kernel_sbatch_args = List(
         Unicode(), help="More sbatch options for each kernel's job (kernel_jobs), "
@@ -273,8 +286,11 @@ class SlurmChSpawner(ChSpawner):
             config = {"launcher": "sbatch",
                       "sbatch_args": [*self.resources().sbatch_options(),
                                       *self.kernel_sbatch_args],
-                      "job_log_dir": str(self.log_dir())}
-            args += [f"--ContainerKernelSpecManager.provisioner_config={json.dumps(config)}",
+                      "job_log_dir": str(self.log_dir()),
+                      "away_from_server": self.kernel_jobs_elsewhere}
+            # A Python literal: traitlets reads a Dict from the command line
+            # with ast.literal_eval (JSON's true would stay a string).
+            args += [f"--ContainerKernelSpecManager.provisioner_config={config!r}",
                      # A job's end (scancel, its time limit, a preemption)
                      # sends SIGTERM: that is a loss, not the user's stop.
                      "--PersistentKernelManager.keep_kernels_on_sigterm=True"]
@@ -292,7 +308,21 @@ class SlurmChSpawner(ChSpawner):
         return sbatch_argv(self.get_command(), job_name=f"jupyterhub-{self.user.name}",
                            output=log, chdir=self._home_dir(),
                            resources=self.server_resources(), extra=self.extra_sbatch_args,
-                           background=watch, setup=self.job_setup)
+                           background=watch, setup=[*self.job_setup, *self.bind_lines()])
+
+    def bind_lines(self) -> list[str]:
+        """The job script's lines that make the server listen on its node's
+        own address (``bind_node_address``): the host of JUPYTERHUB_SERVICE_URL,
+        which the single-user server binds (the hub's ``ip``), replaced by
+        the address the node's name resolves to there, unless that is none
+        or a loopback one. Constant text: nothing of a user's."""
+        if not self.bind_node_address or ":" in self.ip:  # (IPv6: [::] has colons)
+            return []
+        url = "JUPYTERHUB_SERVICE_URL"
+        return ['chspawner_ip=$(getent ahostsv4 "$SLURMD_NODENAME" | '
+                "awk 'NR == 1 {print $1}')",
+                'case "$chspawner_ip" in ""|127.*) ;; *) export '
+                f'{url}="${{{url}%%://*}}://$chspawner_ip:${{{url}#*://*:}}" ;; esac']
 
     # ------------------------------------------------------------ Slurm --
 

@@ -20,6 +20,9 @@ SESSIONS_DB = SITE("CHSPAWNER_SESSIONS_DB", "postgresql+psycopg://chspawner@/ses
 VENV = SITE("CHSPAWNER_VENV", "/opt/chspawner/venv")   # the same path on every node
 PARTITIONS = SITE("CHSPAWNER_PARTITIONS", "interactive").split(",")
 PROXY_TOKEN = SITE("CONFIGPROXY_AUTH_TOKEN") or secrets.token_hex(32)
+HUB_PORT = int(SITE("CHSPAWNER_HUB_PORT", "8081"))           # the hub's API, for the nodes
+PROXY_API_PORT = int(SITE("CHSPAWNER_PROXY_API_PORT", "8001"))   # on 127.0.0.1
+SESSIONS_PORT = int(SITE("CHSPAWNER_SESSIONS_PORT", "8090"))     # on 127.0.0.1
 
 c = get_config()  # noqa: F821 (JupyterHub defines it)
 
@@ -27,7 +30,7 @@ c = get_config()  # noqa: F821 (JupyterHub defines it)
 # The hub listens where compute nodes can reach it: a server on a node
 # calls back to the hub's API (at start, and for every login). With the
 # default (127.0.0.1) servers on nodes never become ready.
-c.JupyterHub.hub_bind_url = "http://0.0.0.0:8081"
+c.JupyterHub.hub_bind_url = f"http://{HUB_IP}:{HUB_PORT}"
 c.JupyterHub.hub_connect_ip = HUB_IP
 c.JupyterHub.db_url = HUB_DB
 c.JupyterHub.cookie_secret_file = f"{STATE}/jupyterhub_cookie_secret"
@@ -40,11 +43,13 @@ c.JupyterHub.cleanup_servers = False    # a hub restart leaves users' servers ru
 c.JupyterHub.proxy_class = "jupyterhub.proxy.ConfigurableHTTPProxy"
 c.ConfigurableHTTPProxy.command = [f"{VENV}/bin/chspawner-proxy"]
 c.ConfigurableHTTPProxy.auth_token = PROXY_TOKEN
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:8001"
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{PROXY_API_PORT}"
 c.ConfigurableHTTPProxy.should_start = True
 
 # ---------------------------------------------------------- the spawner ---
 c.JupyterHub.spawner_class = "slurmchspawner"
+# The venv's own server (the job's PATH is the hub's, which need not have it).
+c.Spawner.cmd = [f"{VENV}/bin/jupyterhub-singleuser"]
 c.ChSpawner.site_storage = STORE
 c.ChSpawner.images = [
     {"name": "python", "description": "Debian bookworm, Python 3.11 and ipykernel"},
@@ -56,6 +61,7 @@ c.SlurmChSpawner.max_cpus = 16
 c.SlurmChSpawner.max_mem_gb = 64
 c.SlurmChSpawner.max_hours = 12
 c.SlurmChSpawner.kernel_jobs = True     # each kernel a job of its own, outliving the server's
+c.SlurmChSpawner.kernel_jobs_elsewhere = True  # ... on another node than the server's
 c.SlurmChSpawner.job_log_dir = "{home}/.local/state/chspawner/logs"
 c.Spawner.start_timeout = 600           # a job may wait in the queue
 c.Spawner.http_timeout = 120
@@ -67,10 +73,10 @@ c.Spawner.poll_interval = 30
 c.JupyterHub.services = [
     {
         "name": "chspawner-sessions",
-        "url": "http://127.0.0.1:8090",
+        "url": f"http://127.0.0.1:{SESSIONS_PORT}",
         "command": [f"{VENV}/bin/chspawner-session-manager",
                     f"--db-url={SESSIONS_DB}",
-                    "--proxy-api-url=http://127.0.0.1:8001"],
+                    f"--proxy-api-url={c.ConfigurableHTTPProxy.api_url}"],
         "environment": {"CONFIGPROXY_AUTH_TOKEN": PROXY_TOKEN},
     },
     {

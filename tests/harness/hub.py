@@ -30,6 +30,9 @@ DESCRIPTIONS = {"deb": "Debian 12 with ipykernel (kernels mode)",
 class Hub:
     """jupyterhub with ChSpawner, on 127.0.0.1, driven by a service token."""
 
+    #: More environment for the hub (a subclass's site values).
+    env: dict[str, str] = {}
+
     def __init__(self, store: str, user: str, extra_config: str = "",
                  images: tuple[str, ...] = ("deb", "nopython", "jupyter"),
                  port: int | None = None):
@@ -71,7 +74,7 @@ class Hub:
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "jupyterhub"), "-f", "jupyterhub_config.py"], cwd=self.dir,
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "hub.log", "ab"),
-            env={"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"})
+            env={"PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin", **self.env})
         deadline = time.monotonic() + 90
         while asyncio.run(self._status("/hub/api/")) != 200:
             assert self.proc.poll() is None, self.log()[-3000:]

@@ -1,0 +1,178 @@
+"""A center's JupyterHub on the multi-node cluster (tests/harness/cluster.py),
+run with the deployment guide's own configuration file.
+
+``CenterHub`` starts JupyterHub on the cluster's service node (this host's
+namespace: the hub's API at the cluster's service address, where servers
+on the compute nodes reach it) with ``docs/admin/center_jupyterhub_config.py``
+itself: its site values come from the environment (CHSPAWNER_HUB_IP,
+CHSPAWNER_PUBLIC_URL, ...), as a center sets them, so the guide cannot
+drift from what the tests run. A small test file loads it
+(``load_subconfig``) and adds only what a test must have: the dummy
+authenticator and the test user, the tester service's token, the
+cluster's Slurm environment for the spawner, and a short session-manager
+interval. Everything else is the center's: SlurmChSpawner with kernels in
+jobs of their own on other nodes than the server, the session proxy and
+the session manager as hub services, PostgreSQL for the hub's and the
+sessions' records, the idle culler.
+
+It is a ``Hub`` (tests/harness/hub.py): ``spawn``, ``stop_server``,
+``server_state``, ``user_server`` and the kernel client work on it as on
+the one-node hub. No pytest needed: ``bench/`` and ``scripts/`` use it as a
+context manager::
+
+    with Cluster() as cluster, Postgres() as pg:
+        store = site_store(kernel_store, workdir)   # python, jupyter
+        with CenterHub(cluster, store, "chtest", pg.database(), pg.database()) as hub:
+            asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from pathlib import Path
+
+import aiohttp
+
+from tests.harness.cluster import Cluster
+from tests.harness.env import REPO, VENV_BIN
+from tests.harness.hub import Hub
+from tests.harness.net import free_port
+
+CENTER_CONFIG = REPO / "docs" / "admin" / "center_jupyterhub_config.py"
+#: The session manager's service name in the center's configuration.
+SESSIONS = "chspawner-sessions"
+#: The center configuration's images, and the test store's image each is.
+SITE_IMAGES = {"python": "deb", "jupyter": "jupyter"}
+# The least the tests ask of the hub's API (admin:server_state: a server's
+# job id and node).
+TESTER_SCOPES = ["admin:users", "admin:servers", "access:servers", "read:users",
+                 "tokens", "admin:server_state"]
+
+
+def site_store(test_store: str, into: Path) -> str:
+    """The center's site store, under ``into``: the test store's images
+    (tests/conftest.py's kernel_store) under the names the center's
+    configuration gives them, as hard links (no copy: instant, no space).
+    Owned as the test store is, whose owner the spawner trusts."""
+    src, store = Path(test_store), into / "site-store"
+    store.mkdir(parents=True)
+    owner = src.stat()
+    for entry in src.iterdir():  # (the store's layout: img/, dlcache/, tmp/ ...)
+        if entry.is_dir() and entry.name != "img":
+            (store / entry.name).mkdir(mode=entry.stat().st_mode & 0o7777)
+            os.chown(store / entry.name, entry.stat().st_uid, entry.stat().st_gid)
+    (store / "img").mkdir(mode=(src / "img").stat().st_mode & 0o7777)
+    os.chown(store / "img", owner.st_uid, owner.st_gid)
+    for name, test_name in SITE_IMAGES.items():
+        subprocess.run(["cp", "-a", "-l", str(src / "img" / test_name),
+                        str(store / "img" / name)], check=True)
+    os.chown(store, owner.st_uid, owner.st_gid)
+    os.chmod(store, owner.st_mode & 0o7777)
+    return str(store)
+
+
+class CenterHub(Hub):
+    """JupyterHub as docs/admin/center_jupyterhub_config.py sets it up, on
+    ``cluster``'s service node; the public URL on 127.0.0.1 (``url``)."""
+
+    def __init__(self, cluster: Cluster, store: str, user: str, hub_db: str,
+                 sessions_db: str, manager_interval: float = 0.5):
+        """``store``: the site store (see site_store); ``hub_db``,
+        ``sessions_db``: the hub's and the session manager's database URLs
+        (tests/harness/postgres.py's ``database()``)."""
+        self.cluster = cluster
+        self.dir = Path(tempfile.mkdtemp(prefix="chspawner-center-"))
+        self.port, self.token, self.user = free_port(), secrets.token_hex(16), user
+        self.url = f"http://127.0.0.1:{self.port}"
+        state = self.dir / "state"
+        state.mkdir(mode=0o700)
+        self.hub_port = free_port()
+        # The center's site values, as a center's service unit would set them.
+        self.env = {
+            "CHSPAWNER_HUB_IP": cluster.service_address,
+            "CHSPAWNER_HUB_PORT": str(self.hub_port),
+            "CHSPAWNER_PUBLIC_URL": self.url,
+            "CHSPAWNER_SITE_STORE": store,
+            "CHSPAWNER_STATE_DIR": str(state),
+            "CHSPAWNER_HUB_DB": hub_db,
+            "CHSPAWNER_SESSIONS_DB": sessions_db,
+            "CHSPAWNER_VENV": str(VENV_BIN.parent),
+            "CHSPAWNER_PARTITIONS": cluster.partition,
+            "CHSPAWNER_PROXY_API_PORT": str(free_port()),
+            "CHSPAWNER_SESSIONS_PORT": str(free_port()),
+            "CONFIGPROXY_AUTH_TOKEN": secrets.token_hex(16),
+        }
+        # What only a test needs, after the center's file.
+        (self.dir / "jupyterhub_config.py").write_text(textwrap.dedent(f"""
+            load_subconfig({str(CENTER_CONFIG)!r})
+            c.JupyterHub.authenticator_class = "dummy"
+            c.Authenticator.allowed_users = {{{user!r}}}
+            c.SlurmChSpawner.slurm_env = {dict(cluster.env)!r}
+            # Answer a spawn request at once (202); the progress stream is
+            # followed, as the spawn page does.
+            c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
+            c.JupyterHub.services.append({{"name": "tester", "api_token": {self.token!r}}})
+            c.JupyterHub.load_roles.append({{"name": "tester", "services": ["tester"],
+                                             "scopes": {TESTER_SCOPES!r}}})
+            for service in c.JupyterHub.services:
+                if service["name"] == {SESSIONS!r}:
+                    service["command"] += ["--interval={manager_interval}",
+                                           # a test's losses in a row count against this
+                                           "--max-recoveries=50"]
+        """))
+        try:
+            self.start()
+        except BaseException:
+            self._terminate()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def __enter__(self) -> CenterHub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def sessions(hub: Hub, service: str = SESSIONS) -> list[dict]:
+    """The session manager's records of the sessions ([] if it can't say yet)."""
+    async with hub.session() as http:
+        async with http.get(f"{hub.url}/services/{service}/api/sessions") as r:
+            if r.status != 200:
+                return []
+            return (await r.json())["sessions"]
+
+
+def history(hub: Hub, service: str = SESSIONS) -> list[str]:
+    """The kinds of events (started, lost, recovering, ...) of the last session."""
+    found = asyncio.run(sessions(hub, service))
+    return [e["kind"] for e in found[-1]["history"]] if found else []
+
+
+async def answers(hub: Hub) -> int | None:
+    """The user's server's status through the proxy, at the session's URL."""
+    try:
+        async with hub.session() as http:
+            async with http.get(f"{hub.url}/user/{hub.user}/api/status",
+                                allow_redirects=False) as r:
+                return r.status
+    except aiohttp.ClientError:
+        return None
+
+
+def listening(cluster: Cluster, node: str, uid: int) -> set[tuple[str, int]]:
+    """The (address, port) pairs on which uid's processes listen on node (TCP)."""
+    out = cluster.run_on(node, "ss", "-H", "-l", "-t", "-n", "-e").stdout
+    found = set()
+    for line in out.splitlines():
+        fields = line.split()
+        if f"uid:{uid}" not in fields:
+            continue
+        address, _, port = fields[3].rpartition(":")
+        found.add((address.strip("[]"), int(port)))
+    return found
