@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -70,20 +71,20 @@ class SlurmWatch(threading.Thread):
         self.cluster, self.node = cluster, node
         self.reported: float | None = None
         self.state = ""
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             state = self.cluster.node_state(self.node)
             if lost_in_slurm(state):
                 self.reported, self.state = time.perf_counter(), state
                 return
-            self._stop.wait(SLURM_POLL)
+            self._done.wait(SLURM_POLL)
 
     def wait(self, timeout: float) -> float:
         """When Slurm reported the loss; exits if it did not within timeout."""
         self.join(timeout)
-        self._stop.set()
+        self._done.set()
         if self.reported is None:
             sys.exit(f"Slurm did not report node {self.node} lost within {timeout:.0f} s "
                      f"(sinfo: {self.cluster.node_state(self.node) or '?'})")
@@ -122,8 +123,35 @@ async def node_round(hub: CenterHub) -> tuple[float, float]:
         async with http.delete(f"{base}/{kernel}"):
             pass
     reported = await asyncio.to_thread(watch.wait, ROUND_TIMEOUT)
-    await asyncio.to_thread(cluster.restore, node)
+    await asyncio.to_thread(restore, cluster, node)
     return replied - lost, replied - reported
+
+
+def restore(cluster: Cluster, node: str) -> None:
+    """Bring the lost node back for the next round. Set DOWN first, as
+    Cluster.stop does: the old server's job, cancelled while its node was
+    gone, would otherwise stay COMPLETING on it past restore()'s wait."""
+    cluster.run("scontrol", "update", f"nodename={node}", "state=down",
+                "reason=bench-node-loss")
+    cluster.restore(node)
+
+
+class BenchHub(CenterHub):
+    """The center's hub, its servers given a Jupyter runtime directory of
+    their own (``runtime``, shared by the nodes): the persistent kernels'
+    records live there, and another run as the same user on this machine
+    (a test, a benchmark) must neither adopt nor drop this one's kernels."""
+
+    runtime: Path
+
+    def start(self) -> None:
+        config = self.dir / "jupyterhub_config.py"
+        line = (f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': "
+                f"{str(self.runtime)!r}}}\n")
+        if line not in config.read_text():  # (start() runs again on a restart)
+            with config.open("a") as f:
+                f.write(line)
+        super().start()
 
 
 def node_rounds(count: int) -> tuple[list[float], list[float]]:
@@ -133,8 +161,11 @@ def node_rounds(count: int) -> tuple[list[float], list[float]]:
     try:
         os.chmod(work, 0o755)
         store = center_store(site_store(), work)
+        BenchHub.runtime = work / "runtime"
+        BenchHub.runtime.mkdir(mode=0o700)
+        shutil.chown(BenchHub.runtime, TEST_USER, TEST_USER)
         with Cluster() as cluster, Postgres() as pg, \
-                CenterHub(cluster, store, TEST_USER, pg.database(), pg.database()) as hub:
+                BenchHub(cluster, store, TEST_USER, pg.database(), pg.database()) as hub:
             result = asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
             if not result.get("ready"):
                 sys.exit(f"spawn failed: {result}\nhub log:\n{hub.log()[-3000:]}")
