@@ -151,7 +151,12 @@ def sbatch_argv(command: Sequence[str], *, job_name: str, output: str, chdir: st
     run first, in the job's shell: ``module load ...``, ``source ...``.
 
     The commands travel as the batch script's text (``--wrap``), quoted
-    once, here, with shlex: no other layer quotes or splits them."""
+    once, here, with shlex: no other layer quotes or splits them.
+
+    ``--no-requeue``: a job whose node is lost ends (NODE_FAIL) rather than
+    starting again as the same job on another node, where nothing expects
+    it: a server's loss is the session manager's to mend, a kernel's its
+    kernel manager's (a new kernel, a new job)."""
     if not command:
         raise ValueError("sbatch_argv: the job's command is empty")
     script = "exec " + shlex.join(command)
@@ -160,7 +165,7 @@ def sbatch_argv(command: Sequence[str], *, job_name: str, output: str, chdir: st
     if setup:
         script = "\n".join([*setup, script])
     return ["sbatch", "--parsable", f"--job-name={job_name}", "--nodes=1", "--ntasks=1",
-            "--export=ALL", f"--output={output}", f"--chdir={chdir}",
+            "--no-requeue", "--export=ALL", f"--output={output}", f"--chdir={chdir}",
             *(resources.sbatch_options() if resources else []), *map(str, extra),
             "--wrap=" + script]
 

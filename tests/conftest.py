@@ -21,7 +21,8 @@ import pytest
 pytest.register_assert_rewrite("tests.harness")
 
 from chspawner.images.trees import remove_tree  # noqa: E402
-from tests.harness.center import CenterHub, site_store  # noqa: E402
+from tests.harness.center import CenterHub  # noqa: E402
+from tests.harness.center import center_store as make_center_store  # noqa: E402
 from tests.harness.env import CHSPAWNER, OTHER_USER, TEST_USER  # noqa: E402
 from tests.harness.images import image_path, tarball  # noqa: E402
 from tests.harness.postgres import Postgres  # noqa: E402
@@ -179,7 +180,7 @@ def center_store(kernel_store) -> str:
     images under the names it offers (python, jupyter)."""
     work = Path(tempfile.mkdtemp(prefix="chspawner-center-store-", dir="/tmp"))
     os.chmod(work, 0o755)
-    yield site_store(kernel_store, work)
+    yield make_center_store(kernel_store, work)
     remove_tree(work)
 
 

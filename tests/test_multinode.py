@@ -5,11 +5,18 @@ in a job of its own on another, each listening at its node's address."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
-from tests.harness.center import CenterHub, listening
+import pytest
+
+from tests.harness.center import CenterHub, history, listening
 from tests.harness.hub import server_state, spawn, stop_server
-from tests.harness.kernel_client import execute, kernels_url, start_kernel, warm_up
+from tests.harness.kernel_client import (N, Transcript, count_to, execute, kernels_url, read,
+                                         reconnect, send, start_kernel, warm_up)
 from tests.harness.wait import wait_until
+
+# The module's hub starts within the first test's limit.
+pytestmark = pytest.mark.timeout(600)
 
 KERNEL = "chspawner-python--python3"   # the center's "python" image's kernel
 WHERE = "import socket; print(socket.gethostname())"
@@ -21,6 +28,14 @@ def kernel_jobs(hub: CenterHub) -> dict[str, str]:
                           "-o", "%i %N %j").stdout
     return {job: node for job, node, name in (line.split(" ", 2) for line in out.splitlines())
             if name.startswith("chspawner-kernel-")}
+
+
+def end_kernel_jobs(hub: CenterHub) -> None:
+    """After a test: no kernel job of the user's left for the next one (a
+    server stopped after a failure may not have ended them)."""
+    if kernel_jobs(hub):
+        hub.cluster.run("scancel", "-u", hub.user, "-t", "RUNNING,PENDING", check=False)
+    wait_until(lambda: not kernel_jobs(hub), "the kernel jobs to end", 30)
 
 
 async def kernel_node(hub: CenterHub) -> tuple[str, str]:
@@ -41,6 +56,8 @@ def test_server_on_one_node_kernel_on_another(center_hub, user):
     own on node B (kernel_jobs_elsewhere), both listening at their node's
     address (not on loopback, nor on every address), and the kernel answers."""
     hub, cluster = center_hub, center_hub.cluster
+    # The center's other services run: the idle culler asks the hub.
+    wait_until(lambda: "(idle-culler@" in hub.log(), "the idle culler to ask the hub", 60)
     result = asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
     try:
         assert result.get("ready"), (result, hub.log()[-4000:])
@@ -66,3 +83,106 @@ def test_server_on_one_node_kernel_on_another(center_hub, user):
         asyncio.run(stop_server(hub))
     # Stopping the server on purpose ends its kernels' jobs.
     wait_until(lambda: not kernel_jobs(hub), "the kernel's job to end", 30)
+
+
+async def start_cell(http, hub: CenterHub, code: str):
+    """A new kernel, a websocket to it at the session's URL with a client
+    session id of its own, and ``code`` running in it:
+    (kernel, the websocket's URL, the websocket, the transcript)."""
+    kernel = await start_kernel(http, hub, KERNEL)
+    url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
+    url = url.replace("http", "ws", 1)
+    ws = await http.ws_connect(url)
+    await warm_up(ws)
+    return kernel, url, ws, await send(ws, code)
+
+
+def test_a_session_moves_off_a_lost_node(center_hub, user):
+    """A cell prints 1..N in a kernel on node B while the server's node A is
+    lost: the session manager brings the session back on another node at
+    the same URL by itself, the new server re-attaches the kernel on B, and
+    the client, reconnecting with its session id, gets every number once."""
+    hub, cluster = center_hub, center_hub.cluster
+    result = asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
+    lost: list[str] = []
+
+    async def scenario() -> Transcript:
+        async with hub.session() as http:
+            kernel, url, ws, t = await start_cell(http, hub, count_to(N, 0.5))
+            await read(ws, t, lambda t: len(t.numbers) >= 3)
+            state = await server_state(hub)
+            jobs = await asyncio.to_thread(kernel_jobs, hub)
+            lost.append(state["node"])
+            await asyncio.to_thread(cluster.lose, state["node"])
+            await read(ws, t, lambda t: False)  # what was on its way, till it closes
+            assert len(t.numbers) < N
+            ws = await reconnect(http, url, deadline_s=120)
+            await read(ws, t, lambda t: t.reply and t.idle, timeout=120)
+            assert not ws.closed, f"closed ({ws.close_code}): {t.numbers} {t.reply} {t.idle}"
+            # Where the code runs now: still the kernel on B.
+            status, output, _ = await execute(ws, WHERE)
+            assert (status, output.strip()) == ("ok", list(jobs.values())[0])
+            await ws.close()
+            assert await asyncio.to_thread(kernel_jobs, hub) == jobs  # the same job
+            new = await server_state(hub)
+            assert new["node"] not in (state["node"], "") and new["job_id"] != state["job_id"]
+            return t
+    try:
+        assert result.get("ready"), (result, hub.log()[-4000:])
+        wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+        try:
+            t = asyncio.run(scenario())
+        except Exception as e:
+            raise AssertionError(f"{e!r}; history {history(hub)}; slurmctld: "
+                                 f"{cluster.log('slurmctld')[-5000:]}") from e
+        assert t.numbers == list(range(1, N + 1)), t.numbers
+        assert t.reply and t.stderr == []
+        assert history(hub)[-3:] == ["lost", "recovering", "recovered"]
+    finally:
+        asyncio.run(stop_server(hub))
+        end_kernel_jobs(hub)
+        for node in lost:
+            # (Slurm ends the jobs it had there first: slow on a busy machine.)
+            cluster.restore(node, timeout=120)
+
+
+def test_a_kernel_lost_with_its_node_is_told_and_replaced(center_hub, user):
+    """The kernel's own node B is lost while a cell runs: the notebook is
+    told so in words, in that cell's output, and the session goes on with
+    a new kernel on another node (the next cell runs)."""
+    hub, cluster = center_hub, center_hub.cluster
+    result = asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
+    lost: list[str] = []
+
+    async def scenario() -> tuple[Transcript, str, str]:
+        async with hub.session() as http:
+            kernel, url, ws, t = await start_cell(http, hub, count_to(N, 0.5))
+            await read(ws, t, lambda t: len(t.numbers) >= 3)
+            [b] = (await asyncio.to_thread(kernel_jobs, hub)).values()
+            lost.append(b)
+            await asyncio.to_thread(cluster.lose, b)
+            # The server restarts the kernel once Slurm has the job ended
+            # (the node down), and closes the websocket: the client reconnects.
+            await read(ws, t, lambda t: False, timeout=120)
+            ws = await reconnect(http, url)
+            await read(ws, t, lambda t: t.stderr, timeout=60)
+            status, output, _ = await execute(ws, WHERE)
+            await ws.close()
+            return t, status, output.strip()
+    try:
+        assert result.get("ready"), (result, hub.log()[-4000:])
+        server_node = asyncio.run(server_state(hub))["node"]
+        try:
+            t, status, now_on = asyncio.run(scenario())
+        except Exception as e:
+            raise AssertionError(f"{e!r}; hub log:\n{hub.log()[-6000:]}") from e
+        [b] = lost
+        assert f"The kernel's node {b} was lost" in "".join(t.stderr), t.stderr
+        assert status == "ok" and now_on not in (b, server_node) and now_on in cluster.nodes
+        assert len(t.numbers) < N  # the cell did not go on: its kernel is gone
+    finally:
+        asyncio.run(stop_server(hub))
+        end_kernel_jobs(hub)
+        for node in lost:
+            # (Slurm ends the jobs it had there first: slow on a busy machine.)
+            cluster.restore(node, timeout=120)

@@ -126,7 +126,7 @@ def test_batch_job_submits_the_one_sbatch_argv(tmp_path: Path):
     run(job.start(job.command(["relay", "--", "python3", "a b"])))
     [(_, argv)] = client.calls
     assert argv == ["sbatch", "--parsable", "--job-name=chspawner-kernel-x", "--nodes=1",
-                    "--ntasks=1", "--export=ALL",
+                    "--ntasks=1", "--no-requeue", "--export=ALL",
                     f"--output={tmp_path}/chspawner-kernel-x-%j.log", "--chdir=/home/a",
                     "--time=1:00:00", "--wrap=exec keeper -- relay -- python3 'a b'"]
     assert job.job_id == "77" and job.has_process

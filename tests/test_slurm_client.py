@@ -41,7 +41,7 @@ def test_sbatch_argv_has_the_fixed_options_then_the_request_then_extra():
                                                             partition="short", gpus=1),
                        extra=["--account=lab"])
     assert argv == ["sbatch", "--parsable", "--job-name=j", "--nodes=1", "--ntasks=1",
-                    "--export=ALL", "--output=/logs/j-%j.log", "--chdir=/home/u",
+                    "--no-requeue", "--export=ALL", "--output=/logs/j-%j.log", "--chdir=/home/u",
                     "--cpus-per-task=2", "--mem=4G", "--time=3:00:00", "--partition=short",
                     "--gpus=1", "--account=lab", "--wrap=exec python -m x"]
 

@@ -276,3 +276,66 @@ def test_a_user_without_slurm_accounts_is_told_why(tmp_path):
     spawner = make(tmp_path, SlurmChSpawner, accounts_from_slurm=True)
     spawner.slurm = lambda: fake.client
     assert "you have no Slurm account this hub may use" in refused(spawner, {"image": "deb"})
+
+
+# ------------------------------------------------ the job on its node ----
+
+def server_url_in_job(spawner: SlurmChSpawner, node: str) -> str:
+    """JUPYTERHUB_SERVICE_URL as the server's job script leaves it on ``node``."""
+    import subprocess
+    script = "\n".join([*spawner.bind_lines(), 'printf %s "$JUPYTERHUB_SERVICE_URL"'])
+    return subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, check=True, timeout=30,
+        env={"PATH": "/usr/bin:/bin", "SLURMD_NODENAME": node,
+             "JUPYTERHUB_SERVICE_URL": "http://0.0.0.0:8123/user/a%20b/"}).stdout
+
+
+def test_the_server_job_listens_on_its_nodes_own_address(tmp_path):
+    """The address the node's name resolves to on the node; a name that
+    resolves to loopback or to nothing leaves the hub's ip (all addresses)."""
+    spawner = make(tmp_path, SlurmChSpawner)
+    assert server_url_in_job(spawner, "192.0.2.7") == "http://192.0.2.7:8123/user/a%20b/"
+    assert server_url_in_job(spawner, "localhost") == "http://0.0.0.0:8123/user/a%20b/"
+    assert server_url_in_job(spawner, "") == "http://0.0.0.0:8123/user/a%20b/"
+    assert make(tmp_path, SlurmChSpawner, bind_node_address=False).bind_lines() == []
+    assert make(tmp_path, SlurmChSpawner, ip="::").bind_lines() == []  # (IPv6: as set)
+
+
+def test_a_lost_servers_node_is_left_out_of_its_next_job(tmp_path):
+    """A server that does not answer when it is stopped, while Slurm still
+    runs its job, was lost with its node: it is not asked to shut its
+    kernels down (only its job is cancelled), and the user's next server
+    job excludes the node for ``avoid_lost_node`` s. A job that ended
+    (cancelled, its server exited) says nothing of its node."""
+    import socket
+
+    from chspawner.slurm import Job, JobState
+
+    class Slurm:
+        calls: list = []
+        state = JobState.RUNNING  # (Slurm has yet to notice the node is gone)
+
+        async def job(self, job_id):
+            return Job(job_id, self.state)
+
+        async def cancel(self, job_id, **kw):
+            self.calls.append((job_id, kw))
+
+    spawner = make(tmp_path, SlurmChSpawner, partitions=["short"])
+    spawner.user = SimpleNamespace(name="root", groups=[])  # (a home dir to chdir to)
+    slurm = Slurm()
+    spawner.slurm = lambda: slurm
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        spawner.job_id, spawner.node, spawner.port = "5", "127.0.0.1", closed.getsockname()[1]
+    asyncio.run(spawner.stop())
+    assert slurm.calls == [("5", {})]  # no SIGINT first: nothing there to ask
+    spawn_checks(spawner, {"image": "deb", "mode": "server"})
+    assert "--exclude=127.0.0.1" in spawner.job_argv()
+    spawner.avoid_lost_node = 0
+    assert not any(a.startswith("--exclude") for a in spawner.job_argv())
+    spawner.avoid_lost_node, spawner._lost_node, slurm.state = 600, None, JobState.GONE
+    spawner.job_id, spawner.node = "6", "127.0.0.1"
+    asyncio.run(spawner.stop())
+    assert not any(a.startswith("--exclude") for a in spawner.job_argv()), \
+        (spawner._lost_node, spawner.port, [a for a in spawner.job_argv() if "exclu" in a])

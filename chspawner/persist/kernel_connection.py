@@ -122,7 +122,23 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             keeper.connection = self
             _following.setdefault(self.kernel_id, weakref.WeakSet()).add(self)
             self._follow(keeper)
+        self._tell_notice()
         return done
+
+    def _tell_notice(self) -> None:
+        """The kernel's notice (it was lost with its node, see the kernel
+        manager), once to each client session, in the output of the cell
+        it was running."""
+        km = self.kernel_manager
+        notice = getattr(km, "notice", "")
+        session = self.session.session
+        if not notice or session in km.notice_told:
+            return
+        km.notice_told.add(session)
+        try:
+            self.write_stderr(notice, km.running_cell or {})
+        except WebSocketClosedError:
+            km.notice_told.discard(session)  # gone again: the next connection tells it
 
     def nudge(self):
         """The stock nudge waits for an IOPub message on the client's IOPub
@@ -167,6 +183,7 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         if seq <= stream.delivered:
             return  # a duplicate (a follow repeated): already delivered
         frames = outgoing_msg[2:]
+        self._note_running_cell(frames)
         if self._lost:
             self._tell_lost(self._lost, frames)
             self._lost = None
@@ -178,6 +195,18 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         missed = stream.missed_replies.pop(seq, None)
         if missed and timestamp(missed["ended"]) < stream.shell_since:
             self._give_missed_reply(missed)
+
+    def _note_running_cell(self, frames: list[Any]) -> None:
+        """Keep the parent of the kernel's latest execute_input (the cell it
+        runs): a notice that the kernel was lost goes to that cell's output.
+        A byte search first: most messages are not that one."""
+        try:
+            _idents, msg_list = self.session.feed_identities([bytes(f) for f in frames])
+            if b'"execute_input"' in msg_list[1] and \
+                    json.loads(msg_list[1]).get("msg_type") == "execute_input":
+                self.kernel_manager.running_cell = json.loads(msg_list[2])
+        except (ValueError, IndexError):
+            pass
 
     def _give_missed_reply(self, missed: dict) -> None:
         """After the replayed end of an execution whose reply went to a

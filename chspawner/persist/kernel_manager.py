@@ -104,6 +104,25 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     acks_dir = Unicode("", help="Where its connections record what they delivered.")
     #: The kernel moved (a job kernel restarted): websockets must start afresh.
     moved = False
+    #: The node the kernel's job was lost with, until its restart is told.
+    lost_node = ""
+    #: What the notebooks of this kernel are told, in words, after it was
+    #: lost with its node; and the client sessions already told.
+    notice = ""
+    notice_told: set[str]
+    #: The parent header of the last cell the kernel began (its
+    #: execute_input): where a notice shows, in that cell's output.
+    running_cell: dict | None = None
+
+    async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any):
+        """A restart of a kernel whose job ended by itself (jupyter_client's
+        restarter found it dead): its node was lost (a job ends on its own
+        only so, or at its time limit). Noted for the words after the restart."""
+        provisioner = self.provisioner
+        self.lost_node = ""
+        if in_job(provisioner) and await provisioner.poll() is not None:
+            self.lost_node = getattr(provisioner, "node", "") or "?"
+        return await super().restart_kernel(now=now, newports=newports, **kw)
 
     def kernel_job_command(self, staging: Path) -> list[str]:
         """For a kernel in a job of its own: the keeper, which starts it
@@ -298,6 +317,16 @@ class PersistentKernelManager(server_private.MappingKernelManagerHooks,
             # A restart moved it (a new job): its open websockets follow a
             # keeper that is gone and talk to the old node.
             km.moved = True
+            if km.lost_node:
+                km.notice = (f"[chspawner] The kernel's node {km.lost_node} was lost, and "
+                             "the kernel with it: a new kernel was started"
+                             + (f" on {km.provisioner.node}" if getattr(
+                                 km.provisioner, "node", "") else "")
+                             + ". Its variables and imports are gone: run the cells "
+                             "it needs again.")
+                km.notice_told = set()
+                km.lost_node = ""
+                self.log.warning("chspawner: kernel %s: %s", kernel_id, km.notice)
             close_connections(kernel_id, "the kernel restarted elsewhere")
         km.keeper_address = keeper
         km.acks_dir = str(self.records.acks_dir(kernel_id))

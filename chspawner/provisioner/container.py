@@ -98,6 +98,8 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         self._ipc_ports: dict[str, int] = {}
         self._job_name: str | None = None
         self.launcher: Launcher | None = None
+        #: the compute node the kernel runs on (launcher srun or sbatch), once known
+        self.node = ""
 
     # ----------------------------------------------------------- config --
 
@@ -356,7 +358,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
             raise
         self.connection_info.update({p: int(info[p]) for p in PORTS})
         if self.on_node:
-            node = info["node"]
+            node = self.node = info["node"]
             try:
                 self.connection_info["ip"] = socket.gethostbyname(node)
             except OSError as e:
@@ -459,6 +461,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         info["image"] = self.settings.image
         info["job_name"] = self._job_name
         info["job_id"] = self.job_id
+        info["node"] = self.node
         # JSON, so a session manager can store it: the key is bytes here.
         info["connection_info"] = {k: v.decode() if isinstance(v, bytes) else v
                                    for k, v in info.get("connection_info", {}).items()}
@@ -475,6 +478,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         staging = provisioner_info.get("staging")
         self._staging = Path(staging) if staging else None
         self._job_name = provisioner_info.get("job_name")
+        self.node = provisioner_info.get("node") or ""
         self.launcher = self._adopted_launcher(provisioner_info)
 
     def _adopted_launcher(self, info: dict) -> Launcher | None:

@@ -19,6 +19,7 @@ import hashlib
 import pwd
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
@@ -128,6 +129,15 @@ class SlurmChSpawner(ChSpawner):
     stop_timeout = Float(
         10.0, help="Seconds a server asked to stop (SIGINT, as the hub asks a local "
                    "one) gets to shut its kernels down before its job is cancelled.",
+    ).tag(config=True)
+
+    avoid_lost_node = Float(
+        600.0, help="Seconds for which the user's next server jobs leave out (sbatch "
+                    "--exclude) the node of a server stopped while Slurm still ran its "
+                    "job but the server did not answer: a node lost, which Slurm notices "
+                    "only after its SlurmdTimeout, while the session manager starts the "
+                    "server again within seconds (and Slurm would send the new job to the "
+                    "dead node). 0: never.",
     ).tag(config=True)
 
     report_dir = Unicode(
@@ -307,8 +317,21 @@ class SlurmChSpawner(ChSpawner):
         log = str(self.log_dir()).replace("%", "%%") + f"/{self.server_stem()}-%j.log"
         return sbatch_argv(self.get_command(), job_name=f"jupyterhub-{self.user.name}",
                            output=log, chdir=self._home_dir(),
-                           resources=self.server_resources(), extra=self.extra_sbatch_args,
+                           resources=self.server_resources(),
+                           extra=[*self.lost_node_exclusion(), *self.extra_sbatch_args],
                            background=watch, setup=[*self.job_setup, *self.bind_lines()])
+
+    _lost_node: tuple[str, float] | None = None  # (node, when its server stopped answering)
+
+    def lost_node_exclusion(self) -> list[str]:
+        """``--exclude=NODE`` while the node this user's last server was lost
+        on is to be avoided (``avoid_lost_node``)."""
+        if self._lost_node is None:
+            return []
+        node, since = self._lost_node
+        if time.monotonic() - since > self.avoid_lost_node:
+            return []
+        return [f"--exclude={node}"]
 
     def bind_lines(self) -> list[str]:
         """The job script's lines that make the server listen on its node's
@@ -516,7 +539,16 @@ class SlurmChSpawner(ChSpawner):
         its job. A plain cancel would read as a loss (SIGTERM) to a server
         that keeps its kernels for its successor."""
         if self.job_id:
-            if not now and await self._job_running():
+            answering = bool(self.node) and await _answers(self.node, self.port)
+            running = await self._job_running()
+            if self.node and not answering:
+                # Nothing there to shut kernels down. A job Slurm still runs
+                # whose server does not answer: its node is gone (Slurm has
+                # yet to notice), so the next job goes elsewhere. (A server
+                # that ended, or a cancelled job, says nothing of its node.)
+                if running:
+                    self._lost_node = (self.node, time.monotonic())
+            elif not now and running:
                 await self._interrupt_and_wait()
             try:
                 await self.slurm().cancel(self.job_id)

@@ -21,14 +21,19 @@ the one-node hub. No pytest needed: ``bench/`` and ``scripts/`` use it as a
 context manager::
 
     with Cluster() as cluster, Postgres() as pg:
-        store = site_store(kernel_store, workdir)   # python, jupyter
+        store = center_store(images.site_store(), workdir)   # python, jupyter
         with CenterHub(cluster, store, "chtest", pg.database(), pg.database()) as hub:
             asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
+            hub.cluster.lose(asyncio.run(server_state(hub))["node"])
+
+(``workdir``: a directory on the store's file system, /var/tmp there, that
+the test user can traverse.)
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import aiohttp
 
+from chspawner.images.trees import remove_tree
 from tests.harness.cluster import Cluster
 from tests.harness.env import REPO, VENV_BIN
 from tests.harness.hub import Hub
@@ -54,11 +60,13 @@ TESTER_SCOPES = ["admin:users", "admin:servers", "access:servers", "read:users",
                  "tokens", "admin:server_state"]
 
 
-def site_store(test_store: str, into: Path) -> str:
-    """The center's site store, under ``into``: the test store's images
-    (tests/conftest.py's kernel_store) under the names the center's
-    configuration gives them, as hard links (no copy: instant, no space).
-    Owned as the test store is, whose owner the spawner trusts."""
+def center_store(test_store: str, into: Path) -> str:
+    """The center's site store, under ``into``: a test store's images
+    (tests/conftest.py's kernel_store, or images.site_store() outside
+    pytest: both have ``deb`` and ``jupyter``) under the names the center's
+    configuration gives them, as hard links where they can be (no copy:
+    instant, no space), else copied. Owned as the test store is, whose
+    owner the spawner trusts."""
     src, store = Path(test_store), into / "site-store"
     store.mkdir(parents=True)
     owner = src.stat()
@@ -69,8 +77,10 @@ def site_store(test_store: str, into: Path) -> str:
     (store / "img").mkdir(mode=(src / "img").stat().st_mode & 0o7777)
     os.chown(store / "img", owner.st_uid, owner.st_gid)
     for name, test_name in SITE_IMAGES.items():
-        subprocess.run(["cp", "-a", "-l", str(src / "img" / test_name),
-                        str(store / "img" / name)], check=True)
+        argv = ["cp", "-a", str(src / "img" / test_name), str(store / "img" / name)]
+        if subprocess.run([*argv[:2], "-l", *argv[2:]], capture_output=True).returncode:
+            shutil.rmtree(store / "img" / name, ignore_errors=True)  # (another file system)
+            subprocess.run(argv, check=True)
     os.chown(store, owner.st_uid, owner.st_gid)
     os.chmod(store, owner.st_mode & 0o7777)
     return str(store)
@@ -80,15 +90,20 @@ class CenterHub(Hub):
     """JupyterHub as docs/admin/center_jupyterhub_config.py sets it up, on
     ``cluster``'s service node; the public URL on 127.0.0.1 (``url``)."""
 
+    last_log = Path("/tmp/chspawner-last-center-hub.log")
+
     def __init__(self, cluster: Cluster, store: str, user: str, hub_db: str,
                  sessions_db: str, manager_interval: float = 0.5):
-        """``store``: the site store (see site_store); ``hub_db``,
+        """``store``: the site store (see center_store); ``hub_db``,
         ``sessions_db``: the hub's and the session manager's database URLs
         (tests/harness/postgres.py's ``database()``)."""
         self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="chspawner-center-"))
         self.port, self.token, self.user = free_port(), secrets.token_hex(16), user
         self.url = f"http://127.0.0.1:{self.port}"
+        #: The user's servers' Jupyter runtime directory (their kernels' records).
+        self.runtime_dir = Path(pwd.getpwnam(user).pw_dir, ".local", "share",
+                                f"chspawner-center-{self.token[:8]}", "runtime")
         state = self.dir / "state"
         state.mkdir(mode=0o700)
         self.hub_port = free_port()
@@ -113,6 +128,10 @@ class CenterHub(Hub):
             c.JupyterHub.authenticator_class = "dummy"
             c.Authenticator.allowed_users = {{{user!r}}}
             c.SlurmChSpawner.slurm_env = {dict(cluster.env)!r}
+            # This hub's servers keep their kernels' records apart: another
+            # hub of the same test user (another module, another run at the
+            # same time) must neither adopt them nor drop them as dead.
+            c.Spawner.environment = {{"JUPYTER_RUNTIME_DIR": {str(self.runtime_dir)!r}}}
             # Answer a spawn request at once (202); the progress stream is
             # followed, as the spawn page does.
             c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
@@ -131,6 +150,13 @@ class CenterHub(Hub):
             self._terminate()
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            if self.runtime_dir.parent.exists():
+                remove_tree(self.runtime_dir.parent)
 
     def __enter__(self) -> CenterHub:
         return self

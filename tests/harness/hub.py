@@ -32,6 +32,8 @@ class Hub:
 
     #: More environment for the hub (a subclass's site values).
     env: dict[str, str] = {}
+    #: Where the hub's log is kept after stop(), for a look after a failure.
+    last_log = Path("/tmp/chspawner-last-hub.log")
 
     def __init__(self, store: str, user: str, extra_config: str = "",
                  images: tuple[str, ...] = ("deb", "nopython", "jupyter"),
@@ -129,7 +131,7 @@ class Hub:
         finally:
             self._terminate()
             # Kept for a look after a failure; the next run replaces it.
-            Path("/tmp/chspawner-last-hub.log").write_text(self.log())
+            self.last_log.write_text(self.log())
             remove_tree(self.dir)
 
 
