@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -39,8 +38,7 @@ from pathlib import Path
 
 from bench.recovery import rounds as kill_rounds
 from chspawner.images.trees import remove_tree
-from tests.harness.center import CenterHub
-from tests.harness.center import site_store as center_store
+from tests.harness.center import CenterHub, center_store
 from tests.harness.cluster import Cluster
 from tests.harness.env import TEST_USER
 from tests.harness.hub import server_state, spawn, stop_server
@@ -133,39 +131,19 @@ def restore(cluster: Cluster, node: str) -> None:
     gone, would otherwise stay COMPLETING on it past restore()'s wait."""
     cluster.run("scontrol", "update", f"nodename={node}", "state=down",
                 "reason=bench-node-loss")
-    cluster.restore(node)
-
-
-class BenchHub(CenterHub):
-    """The center's hub, its servers given a Jupyter runtime directory of
-    their own (``runtime``, shared by the nodes): the persistent kernels'
-    records live there, and another run as the same user on this machine
-    (a test, a benchmark) must neither adopt nor drop this one's kernels."""
-
-    runtime: Path
-
-    def start(self) -> None:
-        config = self.dir / "jupyterhub_config.py"
-        line = (f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': "
-                f"{str(self.runtime)!r}}}\n")
-        if line not in config.read_text():  # (start() runs again on a restart)
-            with config.open("a") as f:
-                f.write(line)
-        super().start()
+    cluster.restore(node, timeout=120)
 
 
 def node_rounds(count: int) -> tuple[list[float], list[float]]:
     """(from the loss, from Slurm's report) per round, on a fresh cluster."""
-    work = Path(tempfile.mkdtemp(prefix="chspawner-bench-node-loss-", dir="/tmp"))
+    # (on the store's file system, for hard links: see center_store)
+    work = Path(tempfile.mkdtemp(prefix="chspawner-bench-node-loss-", dir="/var/tmp"))
     from_loss, from_report = [], []
     try:
         os.chmod(work, 0o755)
         store = center_store(site_store(), work)
-        BenchHub.runtime = work / "runtime"
-        BenchHub.runtime.mkdir(mode=0o700)
-        shutil.chown(BenchHub.runtime, TEST_USER, TEST_USER)
         with Cluster() as cluster, Postgres() as pg, \
-                BenchHub(cluster, store, TEST_USER, pg.database(), pg.database()) as hub:
+                CenterHub(cluster, store, TEST_USER, pg.database(), pg.database()) as hub:
             result = asyncio.run(spawn(hub, {"image": "python", "mode": "kernels"}))
             if not result.get("ready"):
                 sys.exit(f"spawn failed: {result}\nhub log:\n{hub.log()[-3000:]}")
