@@ -1,9 +1,11 @@
 """Recovery after a node loss, side by side with the single-node
 server-kill recovery of bench/recovery.py, in one run.
 
-* anchor: bench/recovery.py's rounds, as they are: one host, ChSpawner,
-  the session proxy and manager; the server process is killed (SIGKILL);
-  from the kill to the next cell's reply in the same kernel;
+* anchor: bench/recovery.py's rounds: one host, ChSpawner, the session
+  proxy and manager; the server process is killed (SIGKILL); from the kill
+  to the next cell's reply in the same kernel (the servers given a Jupyter
+  runtime directory of their own, as the center hub's are, so that other
+  runs as the same user on this machine leave their kernels alone);
 * node loss: the multi-node test cluster (tests/harness/cluster.py) and a
   center's JupyterHub on its service node, configured by the deployment
   guide's own file (tests/harness/center.py: SlurmChSpawner, kernels in
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -167,7 +170,16 @@ def main() -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if the node loss's median is over its target")
     args = parser.parse_args()
-    killed = kill_rounds(args.rounds, "", kill)
+    # The one-host servers' kernel records in a runtime directory of their
+    # own, as the center hub's (tests/harness/center.py): another run as the
+    # same user on this machine must neither adopt nor drop this one's kernels.
+    runtime = Path(tempfile.mkdtemp(prefix="chspawner-bench-runtime-", dir="/tmp"))
+    try:
+        shutil.chown(runtime, TEST_USER, TEST_USER)
+        killed = kill_rounds(args.rounds, "c.Spawner.environment = "
+                             f"{{'JUPYTER_RUNTIME_DIR': {str(runtime)!r}}}\n", kill)
+    finally:
+        remove_tree(runtime)
     from_loss, from_report = node_rounds(args.rounds)
     anchor, loss = statistics.median(killed), statistics.median(from_loss)
     # A reply before Slurm's report: 0 s after it, for the median and the target.
