@@ -12,6 +12,8 @@ echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"
 "$CHSPAWNER_VENV/bin/python" -m bench.images --check
 echo "== kernels: in an image vs native; many at once"
 "$CHSPAWNER_VENV/bin/python" -m bench.kernels --check
+echo "== kernels on a compute node (multi-node cluster): in an image vs native, srun and sbatch"
+"$CHSPAWNER_VENV/bin/python" -m bench.node_kernels --check
 echo "== spawning through JupyterHub: ChSpawner in an image vs LocalProcessSpawner"
 "$CHSPAWNER_VENV/bin/python" -m bench.spawn --check
 echo "== spawning on Slurm: SlurmChSpawner (kernels mode, server mode) vs batchspawner"
@@ -22,3 +24,5 @@ echo "== recovery: a killed server's session back (hub, session proxy, session m
 "$CHSPAWNER_VENV/bin/python" -m bench.recovery --check
 echo "== recovery on Slurm: the server's job cancelled, its kernel in a job of its own"
 "$CHSPAWNER_VENV/bin/python" -m bench.recovery --slurm
+echo "== recovery after a node loss (multi-node cluster, center hub) vs a killed server on one host"
+"$CHSPAWNER_VENV/bin/python" -m bench.node_loss --check

@@ -56,3 +56,27 @@ def test_recovery_benchmark_runs(user, bookworm):
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"^server killed, same kernel .* [\d.]+s", out.stdout, re.M), out.stdout
+
+
+def test_node_kernels_benchmark_runs(user, bookworm):
+    """One round on a one-node cluster of its own: srun and sbatch, chspawner
+    and native, a ratio each (no target checked)."""
+    out = subprocess.run([sys.executable, "-m", "bench.node_kernels", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = re.findall(r"^(srun|sbatch): start to kernel_info .* ([\d.]+)x +[\d.]+x",
+                        out.stdout, re.M)
+    assert [launcher for launcher, _ in ratios] == ["srun", "sbatch"], out.stdout
+    assert all(float(ratio) > 0 for _, ratio in ratios)
+
+
+def test_node_loss_benchmark_runs(user, bookworm):
+    """One round each: a killed server on one host, and the server's node
+    lost on the multi-node cluster (its own, with PostgreSQL and a center's
+    hub), with the time from Slurm's report."""
+    out = subprocess.run([sys.executable, "-m", "bench.node_loss", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^one host: server killed .* [\d.]+s", out.stdout, re.M), out.stdout
+    assert re.search(r"^cluster: server node lost, kernel on another +[\d.]+s +-?[\d.]+s",
+                     out.stdout, re.M), out.stdout

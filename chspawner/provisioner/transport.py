@@ -46,9 +46,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import zmq
-from zmq.auth.thread import ThreadAuthenticator
+# zmq is imported where it is used: the relay starts its kernel first, so
+# that the kernel's start overlaps the relay's import of zmq (see run_relay).
+if TYPE_CHECKING:
+    import zmq
+    from zmq.auth.thread import ThreadAuthenticator
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 #: Longest path a Unix socket address takes (sun_path, less its NUL).
@@ -110,6 +114,7 @@ class CurveKeys:
     def authenticator(self, context: zmq.Context) -> ThreadAuthenticator:
         """A started ZAP handler for ``context``: the kernel's own key for
         KERNEL_DOMAIN, any CURVE client for HB_DOMAIN."""
+        from zmq.auth.thread import ThreadAuthenticator
         auth = ThreadAuthenticator(context)
         auth.start()
         allowed = self.public
@@ -153,13 +158,13 @@ def secure_client(sock: zmq.Socket, info: dict, address: str) -> None:
 
 # -------------------------------------------------------------- relay ---
 
-#: channel -> (frontend type on TCP, backend type towards the kernel)
+#: channel -> (frontend socket type on TCP, backend type towards the kernel)
 CHANNELS = {
-    "shell_port": (zmq.ROUTER, zmq.DEALER),
-    "control_port": (zmq.ROUTER, zmq.DEALER),
-    "stdin_port": (zmq.ROUTER, zmq.DEALER),
-    "hb_port": (zmq.ROUTER, zmq.DEALER),
-    "iopub_port": (zmq.XPUB, zmq.XSUB),
+    "shell_port": ("ROUTER", "DEALER"),
+    "control_port": ("ROUTER", "DEALER"),
+    "stdin_port": ("ROUTER", "DEALER"),
+    "hb_port": ("ROUTER", "DEALER"),
+    "iopub_port": ("XPUB", "XSUB"),
 }
 
 
@@ -169,6 +174,7 @@ class Relay:
 
     def __init__(self, keys: CurveKeys, kernel_ipc: str, kernel_ports: dict[str, int],
                  ports: dict[str, int], bind_ip: str = "0.0.0.0"):
+        import zmq
         self.context = zmq.Context()
         self.auth = keys.authenticator(self.context)
         # The kernel answers shell and stdin requests to one identity: our
@@ -176,7 +182,8 @@ class Relay:
         identity = os.urandom(8).hex().encode()
         self.ports: dict[str, int] = {}
         self._pairs: list[tuple[zmq.Socket, zmq.Socket]] = []
-        for channel, (front_type, back_type) in CHANNELS.items():
+        for channel, types in CHANNELS.items():
+            front_type, back_type = (getattr(zmq, name) for name in types)
             front = self.context.socket(front_type)
             front.linger = 0
             if channel == "hb_port":
@@ -202,6 +209,7 @@ class Relay:
 
 
 def _proxy(front: zmq.Socket, back: zmq.Socket) -> None:
+    import zmq
     try:
         zmq.proxy(front, back)
     except zmq.ContextTerminated:
@@ -214,6 +222,7 @@ def _proxy(front: zmq.Socket, back: zmq.Socket) -> None:
 def _bind_tcp(sock: zmq.Socket, ip: str, port: int) -> int:
     """Bind ``port`` if asked for and free (a restart keeps its ports),
     else one of the system's choosing."""
+    import zmq
     if port:
         try:
             sock.bind(f"tcp://{ip}:{port}")
@@ -304,6 +313,8 @@ def run_relay(connection_file: Path, command: list[str], timeout: float = 600.0)
         for_kernel = {k: v for k, v in requested.items() if not k.startswith("curve_")}
         for_kernel.update(IPC_PORTS, transport="ipc", ip=inside_ipc)
         _write_private(connection_file, for_kernel)
+        # Before anything imports zmq (the Relay, below): the kernel's start
+        # is the long part, and runs meanwhile.
         kernel = subprocess.Popen(command)
         # scancel signals every process of the job: the kernel gets its own.
         signal.signal(signal.SIGTERM, lambda *_: kernel.terminate())
