@@ -13,9 +13,11 @@ must not pay for importing jupyter_client.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # (typing's, without importing typing: see transport)
 if TYPE_CHECKING:
+    from typing import Any
+
     from chspawner.provisioner.container import ContainerProvisioner, KernelStartError
 
 __all__ = ["ContainerProvisioner", "KernelStartError"]

@@ -44,12 +44,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-# zmq is imported where it is used: the relay starts its kernel first, so
-# that the kernel's start overlaps the relay's import of zmq (see run_relay).
+# The relay starts on the node before every kernel there, in series with
+# it: it imports only what it needs first (not typing or dataclasses, some
+# 30 ms), and zmq where it is used, after it started its kernel, so that
+# the kernel's start overlaps the import of zmq (see run_relay).
+TYPE_CHECKING = False  # (typing's, without importing typing)
 if TYPE_CHECKING:
     import zmq
     from zmq.auth.thread import ThreadAuthenticator
@@ -84,12 +85,13 @@ def ipc_prefix(directory: Path, name: str = "k") -> str:
 
 # -------------------------------------------------------------- CURVE ---
 
-@dataclass(frozen=True)
 class CurveKeys:
     """A kernel's CURVE key pair (z85, as jupyter_client holds it). The
     relay serves with it; its one allowed client uses it too."""
-    public: bytes
-    secret: bytes
+    __slots__ = ("public", "secret")
+
+    def __init__(self, public: bytes, secret: bytes) -> None:
+        self.public, self.secret = public, secret
 
     @classmethod
     def from_info(cls, info: dict) -> CurveKeys | None:
