@@ -74,7 +74,7 @@ from chspawner.persist.records import KernelRecords, state_dir_name
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.sockets import PrivateIpcMixin
 from chspawner.provisioner.transport import secure_client
-from chspawner.slurm import JobState
+from chspawner.slurm import JobState, SlurmError
 
 
 def can_reattach(provisioner: Any) -> bool:
@@ -95,6 +95,31 @@ def image_default_kernel_name(kernel_spec_manager: Any) -> str:
     chosen = getattr(kernel_spec_manager, "image_default_kernel", None)
     name = chosen() if chosen is not None else None
     return name or NATIVE_KERNEL_NAME
+
+
+async def _why_job_ended(provisioner: Adoptable) -> str:
+    """Why a kernel's job ended by itself: "time" when Slurm says it reached
+    its time limit, else "node" (its node lost; Slurm may not know yet:
+    it marks a node down only after SlurmdTimeout)."""
+    try:
+        job = await provisioner.job()
+    except SlurmError:
+        return "node"
+    return "time" if job is not None and job.slurm_state.upper().startswith("TIMEOUT") \
+        else "node"
+
+
+def lost_kernel_notice(lost_node: str, because: str, new_node: str = "") -> str:
+    """What the notebooks of a kernel are told, in words, after its job
+    ended by itself and a new kernel took its place."""
+    if because == "time":
+        what = (f"The kernel's job on node {lost_node} reached its time limit, and the "
+                "kernel ended")
+    else:
+        what = f"The kernel's node {lost_node} was lost, and the kernel with it"
+    where = f" on {new_node}" if new_node else ""
+    return (f"[chspawner] {what}: a new kernel was started{where}. Its variables and "
+            "imports are gone: run the cells it needs again.")
 
 
 class PrivateIpcServerKernelManager(PrivateIpcMixin, ServerKernelManager):
@@ -130,8 +155,10 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     acks_dir = Unicode("", help="Where its connections record what they delivered.")
     #: The kernel moved (a job kernel restarted): websockets must start afresh.
     moved = False
-    #: The node the kernel's job was lost with, until its restart is told.
+    #: The node the kernel's job was lost with, until its restart is told,
+    #: and why the job ended ("time": its time limit; "node": its node).
     lost_node = ""
+    lost_because = ""
     #: What the notebooks of this kernel are told, in words, after it was
     #: lost with its node; and the client sessions already told.
     notice = ""
@@ -142,12 +169,14 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
 
     async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any):
         """A restart of a kernel whose job ended by itself (jupyter_client's
-        restarter found it dead): its node was lost (a job ends on its own
-        only so, or at its time limit). Noted for the words after the restart."""
+        restarter found it dead): its node was lost, or the job reached its
+        time limit (a job ends on its own only so; Slurm's word for its
+        state tells which). Noted for the words after the restart."""
         provisioner = self.provisioner
-        self.lost_node = ""
+        self.lost_node = self.lost_because = ""
         if in_job(provisioner) and await provisioner.poll() is not None:
             self.lost_node = getattr(provisioner, "node", "") or "?"
+            self.lost_because = await _why_job_ended(provisioner)
         return await super().restart_kernel(now=now, newports=newports, **kw)
 
     def kernel_job_command(self, staging: Path) -> list[str]:
@@ -342,12 +371,8 @@ class PersistentKernelManager(server_private.MappingKernelManagerHooks,
             # keeper that is gone and talk to the old node.
             km.moved = True
             if km.lost_node:
-                km.notice = (f"[chspawner] The kernel's node {km.lost_node} was lost, and "
-                             "the kernel with it: a new kernel was started"
-                             + (f" on {km.provisioner.node}" if getattr(
-                                 km.provisioner, "node", "") else "")
-                             + ". Its variables and imports are gone: run the cells "
-                             "it needs again.")
+                km.notice = lost_kernel_notice(km.lost_node, km.lost_because,
+                                               getattr(km.provisioner, "node", ""))
                 km.notice_told = set()
                 km.lost_node = ""
                 self.log.warning("chspawner: kernel %s: %s", kernel_id, km.notice)

@@ -76,7 +76,7 @@ from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, clear_ipc, ipc_bound, ipc_prefix
 from chspawner.runtime.launcher import Fail, find_image
 from chspawner.runtime.spec import Bind, RunSpec, to_argv
-from chspawner.slurm import JobState, SlurmClient, SlurmError, job_environment
+from chspawner.slurm import Job, JobState, SlurmClient, SlurmError, job_environment
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 #: Seconds between looks at the file a starting kernel writes its ports to.
@@ -446,6 +446,12 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         if not isinstance(self.launcher, BatchJob) or not self.launcher.job_id:
             return JobState.GONE
         return await self.launcher.job_state()
+
+    async def job(self) -> Job | None:
+        """The kernel's job as Slurm sees it now (None: not in a job)."""
+        if not isinstance(self.launcher, BatchJob) or not self.launcher.job_id:
+            return None
+        return await self.launcher.job()
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chspawner.slurm import JobState
+from chspawner.slurm import Job, JobState
 
 
 class KernelJobHost:
@@ -52,6 +52,12 @@ class Adoptable:
     async def job_state(self) -> JobState:
         """The state of the kernel's job now (in_job kernels); SlurmError
         when Slurm can't say."""
+        raise NotImplementedError
+
+    async def job(self) -> Job | None:
+        """The kernel's job as Slurm sees it now, with Slurm's own word for
+        its state (TIMEOUT, NODE_FAIL...); None for a kernel not in a job;
+        SlurmError when Slurm can't say."""
         raise NotImplementedError
 
 

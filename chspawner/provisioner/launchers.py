@@ -25,7 +25,7 @@ from typing import Any
 
 from jupyter_client.launcher import launch_kernel
 
-from chspawner.slurm import JobState, SlurmClient, SlurmError, sbatch_argv
+from chspawner.slurm import Job, JobState, SlurmClient, SlurmError, sbatch_argv
 
 #: Seconds between squeue calls while following a kernel's job.
 JOB_POLL_INTERVAL = 1.0
@@ -194,7 +194,11 @@ class BatchJob(Launcher):
 
     async def job_state(self) -> JobState:
         """The job's state now; SlurmError when Slurm can't say."""
-        return (await self.client.job(self.job_id)).state
+        return (await self.job()).state
+
+    async def job(self) -> Job:
+        """The job as squeue sees it now; SlurmError when Slurm can't say."""
+        return await self.client.job(self.job_id)
 
     async def poll(self) -> int | None:
         """None while the job runs or waits (or Slurm can't be asked: the
