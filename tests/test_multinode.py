@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from tests.harness.center import CenterHub, history, listening
-from tests.harness.hub import server_state, spawn, stop_server
+from tests.harness.center import CenterHub, listening
+from tests.harness.hub import history, server_state, spawn, stop_server
 from tests.harness.kernel_client import (N, Transcript, count_to, execute, kernels_url, read,
                                          reconnect, send, start_kernel, warm_up)
 from tests.harness.wait import wait_until

@@ -18,8 +18,8 @@ import pytest
 
 from chspawner.images.trees import remove_tree
 from tests.harness.env import VENV_BIN
-from tests.harness.hub import (MANAGER, Hub, manager_config, server_state, spawn,
-                               stop_server, user_server)
+from tests.harness.hub import (MANAGER, Hub, answers, history, manager_config, server_state,
+                               sessions, spawn, stop_server, user_server)
 from tests.harness.kernel_client import (N, Transcript, count_to, kernels_url, read,
                                          reconnect, send, start_cell, start_kernel, warm_up)
 from tests.harness.net import free_port
@@ -47,30 +47,6 @@ def managed_slurm_hub(user, kernel_store, slurm):
     yield hub
     hub.stop()
     remove_tree(state)
-
-
-async def sessions(hub: Hub) -> list[dict]:
-    async with hub.session() as http:
-        async with http.get(f"{hub.url}/services/{MANAGER}/api/sessions") as r:
-            if r.status != 200:
-                return []
-            return (await r.json())["sessions"]
-
-
-def history(hub: Hub) -> list[str]:
-    found = asyncio.run(sessions(hub))
-    return [e["kind"] for e in found[-1]["history"]] if found else []
-
-
-async def answers(hub: Hub) -> int | None:
-    """The server's status through the proxy, at the session's URL."""
-    try:
-        async with hub.session() as http:
-            async with http.get(f"{hub.url}/user/{hub.user}/api/status",
-                                allow_redirects=False) as r:
-                return r.status
-    except aiohttp.ClientError:
-        return None
 
 
 @pytest.mark.parametrize("which", ["local", "slurm"])

@@ -31,7 +31,6 @@ the test user can traverse.)
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import secrets
@@ -40,8 +39,6 @@ import subprocess
 import tempfile
 import textwrap
 from pathlib import Path
-
-import aiohttp
 
 from chspawner.images.trees import remove_tree
 from tests.harness.cluster import Cluster
@@ -89,6 +86,8 @@ def center_store(test_store: str, into: Path) -> str:
 class CenterHub(Hub):
     """JupyterHub as docs/admin/center_jupyterhub_config.py sets it up, on
     ``cluster``'s service node; the public URL on 127.0.0.1 (``url``)."""
+
+    manager = SESSIONS
 
     last_log = Path("/tmp/chspawner-last-center-hub.log")
 
@@ -168,32 +167,6 @@ class CenterHub(Hub):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-async def sessions(hub: Hub, service: str = SESSIONS) -> list[dict]:
-    """The session manager's records of the sessions ([] if it can't say yet)."""
-    async with hub.session() as http:
-        async with http.get(f"{hub.url}/services/{service}/api/sessions") as r:
-            if r.status != 200:
-                return []
-            return (await r.json())["sessions"]
-
-
-def history(hub: Hub, service: str = SESSIONS) -> list[str]:
-    """The kinds of events (started, lost, recovering, ...) of the last session."""
-    found = asyncio.run(sessions(hub, service))
-    return [e["kind"] for e in found[-1]["history"]] if found else []
-
-
-async def answers(hub: Hub) -> int | None:
-    """The user's server's status through the proxy, at the session's URL."""
-    try:
-        async with hub.session() as http:
-            async with http.get(f"{hub.url}/user/{hub.user}/api/status",
-                                allow_redirects=False) as r:
-                return r.status
-    except aiohttp.ClientError:
-        return None
 
 
 def listening(cluster: Cluster, node: str, uid: int) -> set[tuple[str, int]]:

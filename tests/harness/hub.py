@@ -30,8 +30,15 @@ DESCRIPTIONS = {"deb": "Debian 12 with ipykernel (kernels mode)",
                 "jupyter": "Debian 12 with JupyterLab (server mode)"}
 
 
+#: The session manager's service name in manager_config().
+MANAGER = "session-manager"
+
+
 class Hub:
     """jupyterhub with ChSpawner, on 127.0.0.1, driven by a service token."""
+
+    #: The session manager's service name, when the hub runs one.
+    manager = MANAGER
 
     #: More environment for the hub (a subclass's site values).
     env: dict[str, str] = {}
@@ -236,7 +243,32 @@ async def server_state(hub: Hub) -> dict:
             return server["state"] if server and server["ready"] else {}
 
 
-MANAGER = "session-manager"
+async def sessions(hub: Hub) -> list[dict]:
+    """The session manager's records of the sessions ([] if it can't say yet)."""
+    async with hub.session() as http:
+        async with http.get(f"{hub.url}/services/{hub.manager}/api/sessions") as r:
+            if r.status != 200:
+                return []
+            return (await r.json())["sessions"]
+
+
+def history(hub: Hub) -> list[str]:
+    """The kinds of events (started, lost, recovering, ...) of the last session."""
+    found = asyncio.run(sessions(hub))
+    return [e["kind"] for e in found[-1]["history"]] if found else []
+
+
+async def answers(hub: Hub) -> int | None:
+    """The user's server's status through the proxy, at the session's URL."""
+    try:
+        async with hub.session() as http:
+            async with http.get(f"{hub.url}/user/{hub.user}/api/status",
+                                allow_redirects=False) as r:
+                return r.status
+    except aiohttp.ClientError:
+        return None
+
+
 # As docs/admin/sessions.md gives them ("servers": read:servers,
 # start:servers and delete:servers).
 MANAGER_SCOPES = ["list:users", "servers"]
