@@ -2,10 +2,12 @@
 # Build a test/demo container image from its recipe and cache it outside the repo.
 # Usage: build-image.sh NAME [CACHE_DIR]
 #   Recipe: scripts/images/NAME.sh, run as "NAME.sh TARGET_DIR" (needs root).
-#   Result: CACHE_DIR/NAME-<sha256(recipe)[:12]>, with CACHE_DIR/NAME -> it.
+#   Result: CACHE_DIR/NAME-<sha256(recipe + what it builds on)[:12]>, with
+#   CACHE_DIR/NAME -> it.
 #   CACHE_DIR defaults to ${CHSPAWNER_IMAGE_CACHE:-/var/cache/chspawner/images}.
 # Prints one line on stdout: "image NAME: built|cached at PATH"; recipe output
-# goes to stderr.  Editing a recipe changes its key, so it is rebuilt.
+# goes to stderr.  Editing a recipe (or a recipe or helper it builds on)
+# changes its key, so it is rebuilt.
 # Sourced ("source build-image.sh"), it only defines debian_mirror, for recipes.
 
 # debian_mirror SUITE [APT_DIR]: the first URI of this machine's own apt
@@ -67,7 +69,15 @@ cache=${2:-${CHSPAWNER_IMAGE_CACHE:-/var/cache/chspawner/images}}
 mkdir -p "$cache" || die "cannot create cache directory $cache"
 cache=$(cd "$cache" && pwd)
 
-hash=$(sha256sum "$recipe" | cut -c1-12)
+# The key covers the recipe and what it builds on: the recipes and helpers
+# it runs or sources as "$here/FILE.sh" (scripts/images/FILE.sh). A recipe
+# on its own keys as sha256sum of its file.
+sources=("$recipe")
+for dep in $(grep -o '\$here/[A-Za-z0-9_/.-]*\.sh' "$recipe" | sed 's|^\$here/||' | sort -u); do
+    [[ -f $(dirname "$recipe")/$dep ]] || die "recipe $recipe builds on missing $dep"
+    sources+=("$(dirname "$recipe")/$dep")
+done
+hash=$(cat "${sources[@]}" | sha256sum | cut -c1-12)
 dest=$cache/$name-$hash
 
 # Point CACHE_DIR/NAME at the current version (atomically) and drop old ones.
