@@ -7,6 +7,8 @@ ChSpawner's progress messages on the hub's spawn-pending page, lands in
 JupyterLab, opens a notebook and runs a cell that reads a file only the image
 has. The answer proves that the page, the proxy, the hub, the spawner, the
 containerized server and its kernel all work together as a user sees them.
+And on the multi-node cluster, through a center's hub: a kernel lost with
+its node is told in the notebook, in words, and the next cell runs.
 """
 from __future__ import annotations
 
@@ -42,16 +44,17 @@ def hub(user, kernel_store) -> Iterator[Hub]:
     hub.stop()
 
 
-def log_in_and_spawn(page: Page, hub: Hub) -> None:
+def log_in_and_spawn(page: Page, hub: Hub, password: str = PASSWORD, image: str = "jupyter",
+                     mode: str = "server") -> None:
     page.goto(f"{hub.url}/hub/login")
     page.locator("#username_input").fill(hub.user)
-    page.locator("#password_input").fill(PASSWORD)
+    page.locator("#password_input").fill(password)
     page.locator("#login_submit").click()
     # With no server yet, the hub sends a new login straight to the form.
     expect(page).to_have_url(re.compile(r"/hub/spawn(\?.*)?$"), timeout=PAGE_MS)
     form = page.locator("#spawn_form")
-    form.locator('select[name="image"]').select_option("jupyter")
-    form.locator('input[name="mode"][value="server"]').check()
+    form.locator('select[name="image"]').select_option(image)
+    form.locator(f'input[name="mode"][value="{mode}"]').check()
     form.locator('button[type="submit"]').click()
 
 
@@ -66,33 +69,39 @@ def watch_progress(page: Page) -> None:
         timeout=SPAWN_MS)
 
 
-def open_notebook(page: Page, hub: Hub) -> Locator:
-    """Open a new Python 3 notebook from a Launcher; returns its panel."""
+def open_notebook(page: Page, hub: Hub, kernel: str = "Python 3") -> Locator:
+    """Open a new notebook of ``kernel`` (its launcher card's text) from a
+    Launcher; returns its panel."""
     expect(page).to_have_url(re.compile(rf"/user/{hub.user}/lab"), timeout=SPAWN_MS)
     # A Launcher of our own: JupyterLab restores the user's last layout,
     # which may have none, or several.
     page.get_by_role("menuitem", name="File", exact=True).click(timeout=LAB_MS)
     page.get_by_role("menuitem", name="New Launcher").click()
     page.locator('.jp-LauncherCard[data-category="Notebook"]:visible',
-                 has_text="Python 3").click()
+                 has_text=kernel).click()
     return page.locator(".jp-NotebookPanel:visible")
 
 
-def run_first_cell(page: Page, notebook: Locator, code: str) -> Locator:
-    """Type ``code`` into the notebook's first cell and run it; returns the
-    cell's output area."""
+def run_first_cell(page: Page, notebook: Locator, code: str,
+                   kernel: str = "Python 3 (ipykernel)") -> Locator:
+    """Type ``code`` into the notebook's first cell and run it (once the
+    status bar shows ``kernel`` idle); returns the cell's output area."""
     # Run before the notebook's session has its kernel, a cell is silently
     # not run: wait for the status bar's "Idle", which needs the kernel's
     # websocket up (the toolbar's indicator says idle from the start).
     expect(page.locator("#jp-main-statusbar")).to_contain_text(
-        "Python 3 (ipykernel) | Idle", timeout=KERNEL_MS)
-    cell = notebook.locator(".jp-Cell").first
+        f"{kernel} | Idle", timeout=KERNEL_MS)
+    return run_cell(page, notebook.locator(".jp-Cell").first, code)
+
+
+def run_cell(page: Page, cell: Locator, code: str) -> Locator:
+    """Type ``code`` into ``cell`` and run it; returns its output area."""
     editor = cell.locator(".cm-content")
     editor.click()
     page.keyboard.type(code)
     expect(editor).to_have_text(code, timeout=PAGE_MS)
     page.keyboard.press("Shift+Enter")
-    return cell.locator(".jp-OutputArea-output")
+    return cell.locator(".jp-Cell-outputArea")
 
 
 def test_log_in_spawn_in_the_image_and_run_a_notebook(hub: Hub) -> None:
@@ -118,6 +127,59 @@ def test_log_in_spawn_in_the_image_and_run_a_notebook(hub: Hub) -> None:
         # Outside Playwright's sync API: it keeps an event loop running, and
         # these helpers use asyncio.run.
         asyncio.run(delete_notebooks(hub))  # from the test user's real home
+        asyncio.run(stop_server(hub))
+
+
+def test_a_kernel_lost_with_its_node_is_told_in_the_notebook(center_hub) -> None:
+    """On the multi-node cluster, as a center's hub runs it: the user spawns
+    in kernels mode, opens a notebook (the image's kernel, in a job of its
+    own on another node than the server) and runs a long cell; that node is
+    lost. The notebook says so, in words, where the user is looking, and
+    the next cell runs on a new kernel."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} missing: run scripts/setup-system.sh")
+    hub, cluster = center_hub, center_hub.cluster
+    kernel = "Python 3 (ipykernel) — image python"
+    page: Page | None = None
+    lost: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser: Browser = pw.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(PAGE_MS)
+                log_in_and_spawn(page, hub, hub.password, image="python", mode="kernels")
+                notebook = open_notebook(page, hub, kernel="image python")
+                output = run_first_cell(
+                    page, notebook, "import socket, time; print(socket.gethostname(), "
+                    "flush=True); time.sleep(600)", kernel=kernel)
+                expect(output).to_contain_text(re.compile(r"-node\d"), timeout=KERNEL_MS)
+                node = re.search(r"\S+-node\d+", output.inner_text()).group()
+                assert node in cluster.nodes, (node, cluster.nodes)
+                lost.append(node)
+                cluster.lose(node)
+                # Slurm ends the job once it has the node down (SlurmdTimeout),
+                # then the kernel is restarted as a new job elsewhere.
+                expect(output).to_contain_text(
+                    f"The kernel's node {node} was lost, and the kernel with it",
+                    timeout=KERNEL_MS)
+                for dialog in page.locator(".jp-Dialog").all():  # JupyterLab's own notice
+                    dialog.locator(".jp-mod-accept").click()
+                expect(page.locator("#jp-main-statusbar")).to_contain_text(
+                    f"{kernel} | Idle", timeout=KERNEL_MS)
+                answer = run_cell(page, notebook.locator(".jp-Cell").nth(1),
+                                  "import socket; print(6 * 7, socket.gethostname())")
+                expect(answer).to_contain_text(re.compile(r"42 \S+-node\d"),
+                                               timeout=KERNEL_MS)
+                assert node not in answer.inner_text()
+            except Exception as failure:
+                raise AssertionError(explain(failure, page, hub)) from failure
+            finally:
+                browser.close()
+    finally:
+        for node in lost:
+            cluster.restore(node)
+        asyncio.run(delete_notebooks(hub))
         asyncio.run(stop_server(hub))
 
 

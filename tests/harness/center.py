@@ -100,6 +100,7 @@ class CenterHub(Hub):
         self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="chspawner-center-"))
         self.port, self.token, self.user = free_port(), secrets.token_hex(16), user
+        self.password = secrets.token_hex(8)  # the user's, for a browser's login
         self.url = f"http://127.0.0.1:{self.port}"
         #: The user's servers' Jupyter runtime directory (their kernels' records).
         self.runtime_dir = Path(pwd.getpwnam(user).pw_dir, ".local", "share",
@@ -130,6 +131,7 @@ class CenterHub(Hub):
         (self.dir / "jupyterhub_config.py").write_text(textwrap.dedent(f"""
             load_subconfig({str(CENTER_CONFIG)!r})
             c.JupyterHub.authenticator_class = "dummy"
+            c.DummyAuthenticator.password = {self.password!r}
             c.Authenticator.allowed_users = {{{user!r}}}
             c.SlurmChSpawner.slurm_env = {dict(cluster.env)!r}
             # This hub's servers keep their kernels' records apart: another
