@@ -163,8 +163,10 @@ def test_a_kernel_lost_with_its_node_is_told_in_the_notebook(center_hub) -> None
                 expect(output).to_contain_text(
                     f"The kernel's node {node} was lost, and the kernel with it",
                     timeout=KERNEL_MS)
-                for dialog in page.locator(".jp-Dialog").all():  # JupyterLab's own notice
-                    dialog.locator(".jp-mod-accept").click()
+                # JupyterLab's own notice ("Kernel Restarting"), after ours.
+                accept = page.locator(".jp-Dialog .jp-mod-accept")
+                expect(accept).to_be_visible(timeout=KERNEL_MS)
+                accept.click()
                 expect(page.locator("#jp-main-statusbar")).to_contain_text(
                     f"{kernel} | Idle", timeout=KERNEL_MS)
                 answer = run_cell(page, notebook.locator(".jp-Cell").nth(1),

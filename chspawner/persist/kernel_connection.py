@@ -125,6 +125,21 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         self._tell_notice()
         return done
 
+    def on_kernel_restarted(self) -> None:
+        """Before the client hears "restarting" (JupyterLab then forgets the
+        cell the kernel was running, and shows nothing more in it): a kernel
+        whose job ended by itself is told so, in words, in that cell's
+        output (see the kernel manager's notice_before_restart)."""
+        km = self.kernel_manager
+        before = getattr(km, "notice_before_restart", None)
+        words = before(self.session.session) if before is not None else ""
+        if words:
+            try:
+                self.write_stderr(words, km.running_cell or {})
+            except WebSocketClosedError:
+                km.told_before_restart.discard(self.session.session)
+        super().on_kernel_restarted()
+
     def _tell_notice(self) -> None:
         """The kernel's notice (it was lost with its node, see the kernel
         manager), once to each client session, in the output of the cell

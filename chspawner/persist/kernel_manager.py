@@ -74,7 +74,7 @@ from chspawner.persist.records import KernelRecords, state_dir_name
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.sockets import PrivateIpcMixin
 from chspawner.provisioner.transport import secure_client
-from chspawner.slurm import JobState, SlurmError
+from chspawner.slurm import Job, JobState
 
 
 def can_reattach(provisioner: Any) -> bool:
@@ -97,29 +97,27 @@ def image_default_kernel_name(kernel_spec_manager: Any) -> str:
     return name or NATIVE_KERNEL_NAME
 
 
-async def _why_job_ended(provisioner: Adoptable) -> str:
+def why_job_ended(job: Job | None) -> str:
     """Why a kernel's job ended by itself: "time" when Slurm says it reached
-    its time limit, else "node" (its node lost; Slurm may not know yet:
-    it marks a node down only after SlurmdTimeout)."""
-    try:
-        job = await provisioner.job()
-    except SlurmError:
-        return "node"
+    its time limit, else "node" (its node lost: NODE_FAIL, or a job Slurm
+    has forgotten)."""
     return "time" if job is not None and job.slurm_state.upper().startswith("TIMEOUT") \
         else "node"
 
 
 def lost_kernel_notice(lost_node: str, because: str, new_node: str = "") -> str:
-    """What the notebooks of a kernel are told, in words, after its job
-    ended by itself and a new kernel took its place."""
+    """What the notebooks of a kernel are told, in words, when its job ended
+    by itself: as its restart begins (no ``new_node`` yet), or once a new
+    kernel took its place on ``new_node``."""
     if because == "time":
         what = (f"The kernel's job on node {lost_node} reached its time limit, and the "
                 "kernel ended")
     else:
         what = f"The kernel's node {lost_node} was lost, and the kernel with it"
-    where = f" on {new_node}" if new_node else ""
-    return (f"[chspawner] {what}: a new kernel was started{where}. Its variables and "
-            "imports are gone: run the cells it needs again.")
+    new = f"a new kernel was started on {new_node}" if new_node else \
+        "a new kernel is starting on another node"
+    return (f"[chspawner] {what}: {new}. Its variables and imports are gone: run the "
+            "cells it needs again.")
 
 
 class PrivateIpcServerKernelManager(PrivateIpcMixin, ServerKernelManager):
@@ -163,6 +161,8 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     #: lost with its node; and the client sessions already told.
     notice = ""
     notice_told: set[str]
+    #: The client sessions told before the restart (notice_before_restart).
+    told_before_restart: set[str] | None = None
     #: The parent header of the last cell the kernel began (its
     #: execute_input): where a notice shows, in that cell's output.
     running_cell: dict | None = None
@@ -176,8 +176,24 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
         self.lost_node = self.lost_because = ""
         if in_job(provisioner) and await provisioner.poll() is not None:
             self.lost_node = getattr(provisioner, "node", "") or "?"
-            self.lost_because = await _why_job_ended(provisioner)
+            self.lost_because = why_job_ended(provisioner.last_job)
         return await super().restart_kernel(now=now, newports=newports, **kw)
+
+    def notice_before_restart(self, session: str) -> str:
+        """For a client session, as jupyter_client's restarter found the
+        kernel dead and before the restart: the words for its notebook when
+        the kernel's job ended by itself ("" otherwise). Said then, they
+        reach the cell the kernel was running: JupyterLab forgets that cell
+        once it hears "restarting". Told sessions aren't told again after
+        the restart."""
+        provisioner = self.provisioner
+        job = provisioner.last_job if in_job(provisioner) else None
+        if job is None or job.alive:
+            return ""
+        if self.told_before_restart is None:
+            self.told_before_restart = set()
+        self.told_before_restart.add(session)
+        return lost_kernel_notice(getattr(provisioner, "node", "") or "?", why_job_ended(job))
 
     def kernel_job_command(self, staging: Path) -> list[str]:
         """For a kernel in a job of its own: the keeper, which starts it
@@ -373,7 +389,7 @@ class PersistentKernelManager(server_private.MappingKernelManagerHooks,
             if km.lost_node:
                 km.notice = lost_kernel_notice(km.lost_node, km.lost_because,
                                                getattr(km.provisioner, "node", ""))
-                km.notice_told = set()
+                km.notice_told, km.told_before_restart = km.told_before_restart or set(), None
                 km.lost_node = ""
                 self.log.warning("chspawner: kernel %s: %s", kernel_id, km.notice)
             close_connections(kernel_id, "the kernel restarted elsewhere")

@@ -447,11 +447,11 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
             return JobState.GONE
         return await self.launcher.job_state()
 
-    async def job(self) -> Job | None:
-        """The kernel's job as Slurm sees it now (None: not in a job)."""
-        if not isinstance(self.launcher, BatchJob) or not self.launcher.job_id:
-            return None
-        return await self.launcher.job()
+    @property
+    def last_job(self) -> Job | None:
+        """The kernel's job as Slurm last showed it (None: not in a job, or
+        not asked yet)."""
+        return self.launcher.last_seen if isinstance(self.launcher, BatchJob) else None
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)

@@ -54,10 +54,11 @@ class Adoptable:
         when Slurm can't say."""
         raise NotImplementedError
 
-    async def job(self) -> Job | None:
-        """The kernel's job as Slurm sees it now, with Slurm's own word for
-        its state (TIMEOUT, NODE_FAIL...); None for a kernel not in a job;
-        SlurmError when Slurm can't say."""
+    @property
+    def last_job(self) -> Job | None:
+        """The kernel's job as Slurm last showed it (when its poll asked),
+        with Slurm's own word for its state (TIMEOUT, NODE_FAIL...): why it
+        ended, once it has. None for a kernel not in a job, or not asked yet."""
         raise NotImplementedError
 
 

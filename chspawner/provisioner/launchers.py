@@ -175,6 +175,9 @@ class BatchJob(Launcher):
         #: what runs before the kernel inside the job (a kernel manager's keeper)
         self.prefix = list(prefix)
         self._checked: tuple[float, int | None] = (0.0, None)  # (when, what poll said)
+        #: The job as poll() last saw it, with Slurm's own word for its state
+        #: (TIMEOUT, NODE_FAIL...): why it ended, once it has.
+        self.last_seen: Job | None = None
 
     def command(self, argv: list[str]) -> list[str]:
         return [*self.prefix, *argv]
@@ -209,12 +212,12 @@ class BatchJob(Launcher):
         if time.monotonic() - checked_at < JOB_POLL_INTERVAL:
             return answer
         try:
-            state = await self.job_state()
+            self.last_seen = await self.job()
         except SlurmError as e:
             self.log.warning("chspawner: can't ask Slurm about kernel job %s: %s",
                              self.job_id, e)
             return None
-        answer = None if state is not JobState.GONE else 0
+        answer = None if self.last_seen.state is not JobState.GONE else 0
         self._checked = (time.monotonic(), answer)
         return answer
 
