@@ -114,3 +114,28 @@ def test_persist_talks_to_the_provisioner_through_the_hooks():
     assert in_job(provisioner("sbatch")) and not in_job(provisioner("srun"))
     native = LocalProvisioner(kernel_id="k", kernel_spec=KernelSpec(argv=["x"]), parent=None)
     assert not can_reattach(native) and not in_job(native)
+
+
+def test_a_restart_keeps_the_kernel_on_its_node():
+    """Its clients keep talking to its node's address and ports; but not
+    when Slurm said the node failed, nor onto a node it must stay off."""
+    from jupyter_client.kernelspec import KernelSpec
+
+    from chspawner.provisioner.launchers import BatchJob
+    from chspawner.slurm import Job, JobState
+
+    spec = KernelSpec(argv=["python3"], metadata={"kernel_provisioner": {
+        "provisioner_name": "chspawner", "config": {"image": "deb", "launcher": "sbatch"}}})
+    provisioner = ContainerProvisioner(kernel_id="k", kernel_spec=spec, parent=None)
+    assert provisioner._same_node([]) == []  # never started: no node yet
+    provisioner.node = "n2"
+    provisioner.launcher = BatchJob(logging.getLogger("test"), None, job_id="7")
+    assert provisioner._same_node([]) == ["--nodelist=n2"]  # (not asked yet)
+    for state, kept in (("RUNNING", True), ("COMPLETED", True), ("TIMEOUT", True),
+                        ("CANCELLED by 1000", True), ("NODE_FAIL", False),
+                        ("BOOT_FAIL", False)):
+        provisioner.launcher.last_seen = Job("7", JobState.of(state), state, "n2")
+        assert provisioner._same_node(["--exclude=n1"]) == (["--nodelist=n2"] if kept else []), \
+            state
+    provisioner.launcher.last_seen = None
+    assert provisioner._same_node(["--exclude=n2"]) == []  # the server's node now

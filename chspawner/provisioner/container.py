@@ -43,7 +43,9 @@ outlives the process that started it, and the job is what is followed
 the connection file. A kernel manager may run the kernel under a program
 of its own inside the job (one that is a
 :class:`~chspawner.provisioner.hooks.KernelJobHost`: chspawner.persist's
-keeper does that). A restart is a new job, maybe on another node.
+keeper does that). A restart is a new job, on the same node unless Slurm
+said that node failed (see ``_same_node``); an srun step restarts on its
+node too.
 
 The settings are declared in :mod:`chspawner.provisioner.settings`; each
 mechanism (local process, srun step, batch job, adopted PID) is a class of
@@ -190,26 +192,41 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         cmd = to_argv(spec, settings.backend)
         if self.on_node:
             cmd = [*self._relay_command(), *cmd]
-        self.launcher = self._new_launcher(km, kwargs)
+        self.launcher = self._new_launcher(km, kwargs, restart)
         kwargs["cmd"] = self.launcher.command(cmd)
         self.log.info("chspawner: kernel in image %s: %s", image, " ".join(kwargs["cmd"]))
         return kwargs
 
-    def _new_launcher(self, km: Any, kwargs: dict[str, Any]) -> Launcher:
+    def _new_launcher(self, km: Any, kwargs: dict[str, Any], restart: bool) -> Launcher:
         """The mechanism the kernelspec's ``launcher`` names, for this start."""
         settings = self.settings
         if settings.launcher == "local":
             return LocalProcess(self.log)
         self._job_name = self._staging.name  # "chspawner-kernel-XXXXXXXX"
         client = SlurmClient(env=job_environment())
+        away = _away_from_server(settings)
+        where = self._same_node(away) if restart else []
         if settings.launcher == "srun":
             return SrunStep(self.log, client, self._job_name, _username(),
-                            jobid=_jobid(settings), srun_args=settings.srun_args)
+                            jobid=_jobid(settings), srun_args=[*settings.srun_args, *where])
         prefix = km.kernel_job_command(self._staging) if isinstance(km, KernelJobHost) else []
         return BatchJob(self.log, client, job_name=self._job_name, output=self._job_log(),
                         chdir=str(kwargs.get("cwd") or Path.home()),
-                        sbatch_args=[*settings.sbatch_args, *_away_from_server(settings)],
+                        sbatch_args=[*settings.sbatch_args, *away, *where],
                         env=job_environment(kwargs.get("env")), prefix=prefix)
+
+    def _same_node(self, away: list[str]) -> list[str]:
+        """A restart keeps the kernel on its node: there, its address and
+        the ports its clients already use stay its own (a client of a
+        kernel that moved talks to the old node). Not when Slurm said the
+        node failed (the kernel's job ended NODE_FAIL or BOOT_FAIL), nor on
+        a node the kernel must stay off (the server's, since moved there)."""
+        node = self.node
+        last = getattr(self.launcher, "last_seen", None)
+        if not node or f"--exclude={node}" in away or (
+                last is not None and last.slurm_state.upper().startswith(LOST_NODE_STATES)):
+            return []
+        return [f"--nodelist={node}"]
 
     def _job_log(self) -> Path:
         """Where the kernel's batch job writes its output: the user's log
@@ -503,6 +520,10 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
 
 def _jobid(settings: ProvisionerSettings) -> str | None:
     return str(settings.jobid) if settings.jobid not in (None, "") else None
+
+
+#: Slurm's words for a job whose node failed under it.
+LOST_NODE_STATES = ("NODE_FAIL", "BOOT_FAIL")
 
 
 def _away_from_server(settings: ProvisionerSettings) -> list[str]:
