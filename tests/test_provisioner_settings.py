@@ -2,6 +2,8 @@
 hooks: pure pieces, no root, no images, no Slurm."""
 from __future__ import annotations
 
+import asyncio
+
 import logging
 
 import pytest
@@ -117,25 +119,39 @@ def test_persist_talks_to_the_provisioner_through_the_hooks():
 
 
 def test_a_restart_keeps_the_kernel_on_its_node():
-    """Its clients keep talking to its node's address and ports; but not
-    when Slurm said the node failed, nor onto a node it must stay off."""
+    """A restart asked while the kernel runs keeps it on its node, where its
+    clients talk to it; one of a kernel found dead (its node lost) goes
+    wherever Slurm puts it, and none goes onto a node it must stay off."""
     from jupyter_client.kernelspec import KernelSpec
 
-    from chspawner.provisioner.launchers import BatchJob
-    from chspawner.slurm import Job, JobState
+    from chspawner.provisioner.launchers import Launcher
+
+    class Job(Launcher):  # the one faked collaborator: runs, or not
+        def __init__(self, runs: bool):
+            super().__init__(logging.getLogger("test"))
+            self.runs, self.stopped = runs, False
+
+        async def poll(self):
+            return None if self.runs else 0
+
+        async def stop(self, signum):
+            self.stopped = True
 
     spec = KernelSpec(argv=["python3"], metadata={"kernel_provisioner": {
         "provisioner_name": "chspawner", "config": {"image": "deb", "launcher": "sbatch"}}})
     provisioner = ContainerProvisioner(kernel_id="k", kernel_spec=spec, parent=None)
-    assert provisioner._same_node([]) == []  # never started: no node yet
     provisioner.node = "n2"
-    provisioner.launcher = BatchJob(logging.getLogger("test"), None, job_id="7")
-    assert provisioner._same_node([]) == ["--nodelist=n2"]  # (not asked yet)
-    for state, kept in (("RUNNING", True), ("COMPLETED", True), ("TIMEOUT", True),
-                        ("CANCELLED by 1000", True), ("NODE_FAIL", False),
-                        ("BOOT_FAIL", False)):
-        provisioner.launcher.last_seen = Job("7", JobState.of(state), state, "n2")
-        assert provisioner._same_node(["--exclude=n1"]) == (["--nodelist=n2"] if kept else []), \
-            state
-    provisioner.launcher.last_seen = None
-    assert provisioner._same_node(["--exclude=n2"]) == []  # the server's node now
+
+    def restart(runs: bool, how: str, away: list[str]) -> list[str]:
+        provisioner.launcher = Job(runs)
+        asyncio.run(getattr(provisioner, how)(restart=True))
+        return provisioner._same_node(away)
+
+    for how in ("shutdown_requested", "kill", "terminate"):
+        assert restart(True, how, ["--exclude=n1"]) == ["--nodelist=n2"], how
+        assert restart(False, how, []) == [], how      # found dead: anywhere
+    assert restart(True, "kill", ["--exclude=n2"]) == []  # the server's node now
+    assert provisioner._same_node([]) == []  # once: a later start is a new choice
+    provisioner.launcher = Job(True)
+    asyncio.run(provisioner.kill())  # a shutdown, not a restart
+    assert provisioner._same_node([]) == []

@@ -43,9 +43,9 @@ outlives the process that started it, and the job is what is followed
 the connection file. A kernel manager may run the kernel under a program
 of its own inside the job (one that is a
 :class:`~chspawner.provisioner.hooks.KernelJobHost`: chspawner.persist's
-keeper does that). A restart is a new job, on the same node unless Slurm
-said that node failed (see ``_same_node``); an srun step restarts on its
-node too.
+keeper does that). A restart is a new job: on the same node when it was
+asked while the kernel ran (see ``_same_node``), wherever Slurm puts it
+when the kernel was found dead (its node lost); an srun step alike.
 
 The settings are declared in :mod:`chspawner.provisioner.settings`; each
 mechanism (local process, srun step, batch job, adopted PID) is a class of
@@ -102,6 +102,8 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         self.launcher: Launcher | None = None
         #: the compute node the kernel runs on (launcher srun or sbatch), once known
         self.node = ""
+        #: a restart was asked while the kernel ran: it stays on its node
+        self._restart_in_place = False
 
     # ----------------------------------------------------------- config --
 
@@ -192,12 +194,12 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         cmd = to_argv(spec, settings.backend)
         if self.on_node:
             cmd = [*self._relay_command(), *cmd]
-        self.launcher = self._new_launcher(km, kwargs, restart)
+        self.launcher = self._new_launcher(km, kwargs)
         kwargs["cmd"] = self.launcher.command(cmd)
         self.log.info("chspawner: kernel in image %s: %s", image, " ".join(kwargs["cmd"]))
         return kwargs
 
-    def _new_launcher(self, km: Any, kwargs: dict[str, Any], restart: bool) -> Launcher:
+    def _new_launcher(self, km: Any, kwargs: dict[str, Any]) -> Launcher:
         """The mechanism the kernelspec's ``launcher`` names, for this start."""
         settings = self.settings
         if settings.launcher == "local":
@@ -205,7 +207,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         self._job_name = self._staging.name  # "chspawner-kernel-XXXXXXXX"
         client = SlurmClient(env=job_environment())
         away = _away_from_server(settings)
-        where = self._same_node(away) if restart else []
+        where = self._same_node(away)  # (a restart's)
         if settings.launcher == "srun":
             return SrunStep(self.log, client, self._job_name, _username(),
                             jobid=_jobid(settings), srun_args=[*settings.srun_args, *where])
@@ -216,15 +218,12 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
                         env=job_environment(kwargs.get("env")), prefix=prefix)
 
     def _same_node(self, away: list[str]) -> list[str]:
-        """A restart keeps the kernel on its node: there, its address and
-        the ports its clients already use stay its own (a client of a
-        kernel that moved talks to the old node). Not when Slurm said the
-        node failed (the kernel's job ended NODE_FAIL or BOOT_FAIL), nor on
-        a node the kernel must stay off (the server's, since moved there)."""
-        node = self.node
-        last = getattr(self.launcher, "last_seen", None)
-        if not node or f"--exclude={node}" in away or (
-                last is not None and last.slurm_state.upper().startswith(LOST_NODE_STATES)):
+        """A restart asked while the kernel ran keeps it on its node: there,
+        its address and the ports its clients already use stay its own (a
+        client of a kernel that moved would talk to the old node). Not on a
+        node the kernel must stay off (the server's, since moved there)."""
+        node, self._restart_in_place = self.node if self._restart_in_place else "", False
+        if not node or f"--exclude={node}" in away:
             return []
         return [f"--nodelist={node}"]
 
@@ -450,13 +449,28 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         if self.launcher:
             await self.launcher.signal(signum)
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        await self._note_restart(restart)
+        await super().shutdown_requested(restart)
+
     async def kill(self, restart: bool = False) -> None:
+        await self._note_restart(restart)
         if self.launcher:
             await self.launcher.stop(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
+        await self._note_restart(restart)
         if self.launcher:
             await self.launcher.stop(signal.SIGTERM)
+
+    async def _note_restart(self, restart: bool) -> None:
+        """As a restart begins (jupyter_client asks for the shutdown, or
+        kills, first): whether the kernel still runs. A restart someone asked
+        for keeps the kernel on its node; one of a kernel found dead (its
+        node lost, its job at its time limit) goes wherever Slurm puts it."""
+        if restart and not self._restart_in_place:
+            self._restart_in_place = self.launcher is not None and \
+                await self.launcher.poll() is None
 
     async def job_state(self) -> JobState:
         """The kernel job's state now; SlurmError when Slurm can't say."""
@@ -520,10 +534,6 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
 
 def _jobid(settings: ProvisionerSettings) -> str | None:
     return str(settings.jobid) if settings.jobid not in (None, "") else None
-
-
-#: Slurm's words for a job whose node failed under it.
-LOST_NODE_STATES = ("NODE_FAIL", "BOOT_FAIL")
 
 
 def _away_from_server(settings: ProvisionerSettings) -> list[str]:
