@@ -167,9 +167,14 @@ def test_a_kernel_lost_with_its_node_is_told_in_the_notebook(center_hub) -> None
                 accept = page.locator(".jp-Dialog .jp-mod-accept")
                 expect(accept).to_be_visible(timeout=KERNEL_MS)
                 accept.click()
+                # The open notebook keeps the streams of the kernel that was
+                # lost until the page is loaded again (a known gap: see the
+                # user guide, persistent kernels); then the new kernel answers.
+                page.reload()
                 expect(page.locator("#jp-main-statusbar")).to_contain_text(
                     f"{kernel} | Idle", timeout=KERNEL_MS)
-                answer = run_cell(page, notebook.locator(".jp-Cell").nth(1),
+                cells = notebook.locator(".jp-Cell")  # (as loaded again: the last, fixed)
+                answer = run_cell(page, cells.nth(cells.count() - 1),
                                   "import socket; print(6 * 7, socket.gethostname())")
                 expect(answer).to_contain_text(re.compile(r"42 \S+-node\d"),
                                                timeout=KERNEL_MS)
