@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
+from bench.workdir import user_workdir
 from tests.harness.env import CHSPAWNER, TEST_USER, VENV_BIN
 from tests.harness.images import image_path, tarball
 from tests.harness.users import as_user_or_exit
@@ -40,15 +37,7 @@ def main() -> int:
                              "concurrent kernel failed")
     args = parser.parse_args()
     user = pwd.getpwnam(TEST_USER)
-    work = Path(tempfile.mkdtemp(prefix="chspawner-bench-kernels-", dir="/tmp"))
-    try:
-        os.chmod(work, 0o755)
-        home = work / "user"
-        home.mkdir()
-        os.chown(home, user.pw_uid, user.pw_gid)
-        worker = work / "kernels_worker.py"
-        shutil.copy(Path(__file__).with_name("kernels_worker.py"), worker)
-        os.chmod(worker, 0o644)
+    with user_workdir("kernels", "kernels_worker.py") as (work, home, worker):
         debian = tarball(image_path("bookworm"), work / "debian.tar")
         env = {"TMPDIR": str(home), "CH_IMAGE_STORAGE": str(home / "store"),
                "JUPYTER_PATH": str(home / "share/jupyter"),
@@ -81,8 +70,6 @@ def main() -> int:
               f"{many['median']:.1f} s, last {many['last']:.1f} s); port clash: "
               f"{'yes' if many['port_clash'] else 'none'}"
               + (f"; errors: {many['errors']}" if many["errors"] else ""))
-    finally:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
     failed = ratio > TARGET or many["ready"] != many["count"] or many["port_clash"]
     return 1 if args.check and failed else 0
 

@@ -32,16 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import pwd
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from chspawner.provisioner.launchers import SrunStep
+from bench.workdir import user_workdir
 from chspawner.slurm import SlurmClient, sbatch_argv
 from tests.harness.cluster import Cluster
 from tests.harness.env import CHSPAWNER, TEST_USER, VENV_BIN
@@ -60,22 +57,10 @@ def main() -> int:
                         help="exit 1 if a ratio is over its target")
     args = parser.parse_args()
     store = site_store()
-    user = pwd.getpwnam(TEST_USER)
-    work = Path(tempfile.mkdtemp(prefix="chspawner-bench-node-kernels-", dir="/tmp"))
-    times: dict[str, list[float]] = {}
-    try:
-        os.chmod(work, 0o755)
-        home = work / "user"
-        home.mkdir()
-        os.chown(home, user.pw_uid, user.pw_gid)
-        worker = work / "node_kernels_worker.py"
-        shutil.copy(Path(__file__).with_name("node_kernels_worker.py"), worker)
-        os.chmod(worker, 0o644)
+    with user_workdir("node-kernels", "node_kernels_worker.py") as (_, home, worker):
         # One node: the kernels' own, nothing else running on it.
         with Cluster(nodes=1) as cluster:
             times = measure(cluster, cluster.nodes[0], store, home, worker, args.rounds)
-    finally:
-        subprocess.run(["rm", "-rf", str(work)], check=False)
     print(f"{'kernel on a compute node (median of ' + str(args.rounds) + ')':<40} "
           f"{'native':>8} {'chspawner':>10} {'ratio':>6} {'target':>7}")
     failed = False
