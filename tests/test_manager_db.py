@@ -202,15 +202,23 @@ def test_a_database_newer_than_the_code_is_refused_in_one_line(records_url):
         SessionStore(records_url)
     assert "\n" not in str(caught.value)
     # The program: one line on stderr, a failed start, the database untouched.
+    line = failed_start(records_url)
+    assert "f00dcafe" in line, line
+    password = make_url(records_url).password
+    assert not password or password not in line  # hidden, not echoed
+    assert revision(records_url) == "f00dcafe"
+
+
+def failed_start(url: str) -> str:
+    """The session manager started on ``url``: it must fail, with one line
+    on stderr, which is returned."""
     result = subprocess.run(
-        [str(VENV_BIN / "chspawner-session-manager"), f"--db-url={records_url}"],
+        [str(VENV_BIN / "chspawner-session-manager"), f"--db-url={url}"],
         capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "f00dcafe" in lines[0], result.stderr
-    password = make_url(records_url).password
-    assert not password or password not in lines[0]  # hidden, not echoed
-    assert revision(records_url) == "f00dcafe"
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 @pytest.mark.unit
@@ -226,14 +234,8 @@ def test_tables_that_are_not_the_managers_are_refused(tmp_path):
 
 @pytest.mark.unit
 def test_an_unreachable_database_is_one_line(tmp_path):
-    url = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"
-    result = subprocess.run(
-        [str(VENV_BIN / "chspawner-session-manager"), f"--db-url={url}"],
-        capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "127.0.0.1" in lines[0], result.stderr
-    assert "secret" not in lines[0]
+    line = failed_start("postgresql+psycopg://nobody:secret@127.0.0.1:1/none")
+    assert "127.0.0.1" in line and "secret" not in line, line
 
 
 # --------------------------------------------------------------- scale --
