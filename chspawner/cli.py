@@ -116,7 +116,43 @@ def _parser():
                          ("rm", "remove images")):
         a = sub.add_parser(action, parents=[common], help=text)
         a.add_argument("names", metavar="NAME", nargs="+" if action == "rm" else 1)
+    a = sub.add_parser("refresh", parents=[common],
+                       help="measure images again and record their size, kernels and "
+                            "description (for images made before records, or changed "
+                            "by hand)")
+    a.add_argument("names", metavar="NAME", nargs="*",
+                   help="the images to refresh (default: all)")
+
+    p = commands.add_parser("sessions", help="list the session manager's sessions "
+                                             "(its HTTP API; docs/admin/sessions.md)")
+    p.add_argument("--url", help="the session manager's URL, e.g. "
+                                 "https://hub.example.org/services/session-manager/ "
+                                 "(default $CHSPAWNER_SESSIONS_URL)")
+    p.add_argument("--token", help="a JupyterHub token: an admin's lists everyone's "
+                                   "sessions, a user's their own "
+                                   "(default $JUPYTERHUB_API_TOKEN)")
+    p.add_argument("--user", help="only this user's sessions")
+    p.add_argument("--state", choices=SESSION_STATES, help="only sessions in this state")
+    p.add_argument("--since", metavar="TIME", help="only sessions created or changed "
+                                                   "since TIME (ISO 8601, e.g. "
+                                                   "2026-01-31T08:00:00Z)")
+    p.add_argument("--limit", type=_positive(int), help="at most this many (default: "
+                                                        "the manager's page size)")
+    p.add_argument("--offset", type=_non_negative, default=0,
+                   help="skip this many (the next page's offset is printed)")
+    p.add_argument("--json", action="store_true",
+                   help="the manager's answer as JSON (with each session's history)")
     return parser
+
+
+SESSION_STATES = ("running", "lost", "recovering", "stopped")
+
+
+def _non_negative(text: str) -> int:
+    import argparse
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def _positive(kind: type):
@@ -157,6 +193,8 @@ def _main(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "sessions":  # no image store involved
+        return cmd_sessions(args)
     import signal
 
     from chspawner.images import ImageError
@@ -245,6 +283,10 @@ def cmd_images(args, store) -> int:
     elif action == "rm":
         for name in args.names:
             store.remove(name)
+    elif action == "refresh":
+        from chspawner.images.store import check_name
+        for name in store.refresh([check_name(n) for n in args.names] or None):
+            print(f"recorded {name}")
     return 0
 
 
@@ -278,6 +320,103 @@ def cmd_kernel(args, store) -> int:
     display = args.display_name or f"{kernel.get('display_name', kernel_name)} — image {image}"
     print(install_kernelspec(image, kernel, name, display, config, args.prefix))
     return 0
+
+
+def cmd_sessions(args) -> int:
+    """A page of the session manager's sessions, over its HTTP API
+    (chspawner imports nothing of session_proxy)."""
+    import json
+    import os
+
+    url = args.url or os.environ.get("CHSPAWNER_SESSIONS_URL", "")
+    token = args.token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
+    try:
+        if not url:
+            raise _SessionsError("no session manager URL: give --url or set "
+                                 "CHSPAWNER_SESSIONS_URL")
+        if not token:
+            raise _SessionsError("no token: give --token or set JUPYTERHUB_API_TOKEN")
+        answer = _list_sessions(url, token, user=args.user, state=args.state,
+                                since=args.since, limit=args.limit,
+                                offset=args.offset, history=args.json)
+    except _SessionsError as e:
+        print(f"chspawner sessions: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    rows = [(s["user"], s["server_name"] or "-", s["state"], str(s["recoveries"]),
+             s["image"] or "-", s["target"] or "-", s["updated"][:19])
+            for s in answer["sessions"]]
+    header = ("USER", "SERVER", "STATE", "RECOVERIES", "IMAGE", "TARGET", "UPDATED")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    shown = len(answer["sessions"])
+    more = (f"; --offset {answer['next_offset']} for more"
+            if answer.get("next_offset") is not None else "")
+    first = answer["offset"] + 1 if shown else answer["offset"]
+    print(f"{first}-{answer['offset'] + shown} of {answer['total']}{more}",
+          file=sys.stderr)
+    return 0
+
+
+SESSIONS_TIMEOUT = 30.0
+
+
+class _SessionsError(Exception):
+    """Listing failed (a one-line reason)."""
+
+
+def _list_sessions(url: str, token: str, *, user: str | None = None,
+                   state: str | None = None, since: str | None = None,
+                   limit: int | None = None, offset: int = 0,
+                   history: bool = False) -> dict:
+    """The manager's answer: ``{"sessions", "total", "offset", "limit",
+    "next_offset"}``. Plain HTTP (urllib): chspawner imports nothing of
+    session_proxy (the layers' contract); every failure is one line."""
+    import json
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlencode
+
+    query = {name: value for name, value in (("user", user), ("state", state),
+                                             ("since", since), ("limit", limit))
+             if value is not None}
+    query.update(offset=offset, history=int(history))
+    endpoint = f"{url.rstrip('/')}/api/sessions?{urlencode(query)}"
+    if not endpoint.startswith(("http://", "https://")):
+        raise _SessionsError(f"{url}: not an http:// or https:// URL")
+    request = urllib.request.Request(endpoint, headers={
+        "Authorization": f"token {token}", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=SESSIONS_TIMEOUT) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        raise _SessionsError(f"{endpoint.split('?')[0]}: HTTP {e.code} {e.reason}: "
+                             f"{_reason(e.read())}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise _SessionsError(f"the session manager at {url} is unreachable: "
+                             f"{reason}") from None
+    try:
+        answer = json.loads(body)
+        answer["sessions"], answer["total"]  # noqa: B018 -- the API's shape
+    except (ValueError, KeyError, TypeError):
+        raise _SessionsError(f"{endpoint.split('?')[0]}: not the session manager's "
+                             f"API (its answer: {body[:80]!r})") from None
+    return answer
+
+
+def _reason(body: bytes) -> str:
+    """The manager's (or the hub's) one-line reason, else the body's start."""
+    import json
+
+    try:
+        return str(json.loads(body)["message"]).splitlines()[0]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return body[:120].decode(errors="replace").strip().splitlines()[0] \
+            if body.strip() else "(no reason given)"
 
 
 COMMANDS = {"import": cmd_import, "pull": cmd_pull, "images": cmd_images,

@@ -7,6 +7,8 @@
             ch/metadata.json      config: arch, cwd, env, labels, entrypoint,
                                   cmd, history, source
             ch/environment        the image's Env, one NAME=VALUE per line
+            ch/chspawner.json     its record: size, kernels, description
+                                  (chspawner.images.records)
         dlcache/sha256-<hex>      downloaded blobs, shared between pulls
         tmp/                      imports in progress (never an image)
 
@@ -20,24 +22,30 @@ shared store made 0755 stays readable by all).
 An image appears in ``img/`` only complete: imports are written under
 ``tmp/`` and renamed into place at the end; a failed or interrupted import
 is removed, and one killed outright is swept up by the next store operation.
+
+Listing reads each image's record, a few small files, never its tree; an
+image without a record (made before records, or by hand) is measured once
+per process, with a log line, and recorded if the caller owns it.
 """
 from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from chspawner.images import ImageError
-from chspawner.images.trees import disk_usage, remove_tree
+from chspawner.images import ImageError, records
+from chspawner.images.records import ImageKernel, Record, RecordError, UntrustedRecord
+from chspawner.images.trees import remove_tree
 from chspawner.runtime.launcher import (UntrustedPath, default_storage, image_name_to_dir,
                                         trusted_dir, trusted_store_image, trusted_uids)
 from chspawner.runtime.spec import env_literal
@@ -45,6 +53,13 @@ from chspawner.runtime.spec import env_literal
 # A reference as users write it: [host[:port]/]path[:tag][@sha256:hex].
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$")
 RENAME_EXCHANGE = 2
+
+log = logging.getLogger("chspawner.images")
+
+# Images measured because they had no record to believe: {(dev, inode,
+# mtime of the image directory): record}, so each is walked once per process.
+_measured: dict[tuple[int, int, int], Record] = {}
+MEASURED_MAX = 1000
 
 
 class StoreError(ImageError):
@@ -74,6 +89,9 @@ class ImageInfo:
     size: int            # bytes on disk
     source: str          # where it came from, for people
     created: str
+    description: str = ""                         # its description label, if any
+    kernels: tuple[ImageKernel, ...] = ()         # kernelspecs inside it
+    kernel_dirs: tuple[str, ...] = records.KERNEL_DIRS  # where they were sought
 
 
 class Store:
@@ -91,6 +109,8 @@ class Store:
         self._trusted = trusted_uids(owner)
         self._checked = False   # the store exists and was found trustworthy
         self._prepared = False  # ... and has its directories
+        # Records read, by image directory name: (the record's lstat, record).
+        self._records: dict[str, tuple[tuple, Record]] = {}
 
     @property
     def dlcache(self) -> Path:
@@ -155,7 +175,12 @@ class Store:
 
     # ------------------------------------------------------------ reading --
 
-    def images(self) -> list[ImageInfo]:
+    def images(self, only: Iterable[str] | None = None) -> list[ImageInfo]:
+        """The images (only those named in ``only``, if given), from their
+        records: per image an lstat of its directory and of its record, and
+        the record read only when it changed since this Store last read it;
+        no walk of any tree."""
+        wanted = None if only is None else {image_name_to_dir(n) for n in only}
         if not self.check():
             return []
         self.sweep()
@@ -164,18 +189,77 @@ class Store:
         owners = self._image_owners()
         infos = []
         for entry in sorted(os.scandir(self.img), key=lambda e: e.name):
+            if wanted is not None and entry.name not in wanted:
+                continue
             if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
-                if owners is not None and entry.stat(follow_symlinks=False).st_uid \
-                        not in owners:
+                st = entry.stat(follow_symlinks=False)
+                if owners is not None and st.st_uid not in owners:
                     continue  # made by someone else (while img/ was open): not listed
-                meta = read_metadata(Path(entry.path))
-                source = meta.get("source", {})
+                path = Path(entry.path)
+                record = self._record(path, st, owners)
                 infos.append(ImageInfo(
-                    name=dir_to_name(entry.name), path=Path(entry.path),
-                    size=disk_usage(entry.path),
-                    source=source.get("ref") or source.get("path") or "unknown",
-                    created=source.get("time", "")))
+                    name=dir_to_name(entry.name), path=path, size=record.size,
+                    source=record.source, created=record.created,
+                    description=record.description, kernels=record.kernels,
+                    kernel_dirs=record.kernel_dirs))
         return infos
+
+    def _record(self, image: Path, st: os.stat_result, owners: set[int] | None) -> Record:
+        """``image``'s record; if it has none to believe, the image measured
+        (once per process), and recorded if it is the caller's own."""
+        record_path = image / records.RECORD_DIR / records.RECORD_NAME
+        try:
+            rst = os.lstat(record_path)
+            key: tuple = (rst.st_dev, rst.st_ino, rst.st_mtime_ns, rst.st_ctime_ns,
+                          rst.st_size)
+        except OSError:
+            key = ()
+        cached = self._records.get(image.name)
+        if key and cached is not None and cached[0] == key:
+            return cached[1]
+        why, untrusted = "it has none", False
+        try:
+            record = records.read(image, owners)
+            if record is not None:
+                self._records[image.name] = (key, record)
+                return record
+        except RecordError as e:
+            why, untrusted = str(e), isinstance(e, UntrustedRecord)
+        measured_key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        record = _measured.get(measured_key)
+        if record is None:
+            log.warning("image %s: no record to believe (%s): measuring it once; "
+                        "`chspawner images refresh` records it", image, why)
+            record = records.measure(image, warn=log.warning)
+            if len(_measured) >= MEASURED_MAX:  # (a long-lived server, images changing)
+                _measured.clear()
+            _measured[measured_key] = record
+            # (Never over a record someone else may have written: that
+            # one stays refused, and the log says so each process.)
+            if st.st_uid == os.getuid() and not untrusted:
+                try:
+                    records.write(image, record)
+                except OSError as e:
+                    log.warning("image %s: can't record it: %s", image, e.strerror or e)
+        return record
+
+    def refresh(self, names: list[str] | None = None) -> list[str]:
+        """Measure and record ``names`` (default: every image), e.g. images
+        made before records or changed by hand; return the names done."""
+        if names is None:
+            if not self.check() or not self.img.is_dir():
+                return []
+            names = [dir_to_name(e.name) for e in sorted(os.scandir(self.img),
+                                                         key=lambda e: e.name)
+                     if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+        for name in names:
+            path = self.require(name)
+            try:
+                records.write(path, records.measure(path, warn=log.warning))
+            except OSError as e:
+                raise StoreError(f"can't record image {name}: {e.strerror or e}") from None
+            self._records.pop(path.name, None)
+        return names
 
     def _image_owners(self) -> set[int] | None:
         """Who may own an image here: trusted uids and the store's owner."""
@@ -194,7 +278,8 @@ class Store:
         self.prepare()
         # Rename first, so the name is gone at once even for a big image.
         doomed = Path(tempfile.mkdtemp(prefix=_scratch_prefix("rm"), dir=self.tmp))
-        os.rename(path, doomed / "image")
+        os.rename(path, doomed / "image")  # (its record, inside it, goes too)
+        self._records.pop(path.name, None)
         remove_tree(doomed)
 
     @contextmanager
@@ -210,6 +295,12 @@ class Store:
             image = work / "image"
             image.mkdir(mode=0o700)
             yield image
+            # Measured now, while it is whole and nobody lists it, so
+            # listings never have to (chspawner.images.records).
+            try:
+                records.write(image, records.measure(image, warn=log.warning))
+            except OSError as e:
+                raise StoreError(f"can't record image {name}: {e.strerror or e}") from None
             image.chmod(0o755)
             install(image, final)
         finally:

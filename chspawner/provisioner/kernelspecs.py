@@ -5,7 +5,11 @@ plus, for every image in the store, the kernelspecs installed inside it
 (``share/jupyter/kernels/*/kernel.json`` under ``/usr``, ``/usr/local``,
 ``/opt/conda``...), each wrapped with the chspawner provisioner and named
 after its image. The store is read on every listing, so a newly pulled
-image shows up without restarting the server. Enable it with::
+image shows up without restarting the server; what is read is each image's
+record (chspawner.images.records: its kernels, found when it was imported
+or pulled), a few small files, never the image's tree, and once per
+listing (``get_all_specs`` builds every spec from one reading). Enable it
+with::
 
     c.ServerApp.kernel_spec_manager_class = "chspawner.provisioner.kernelspecs.ContainerKernelSpecManager"
 """
@@ -19,7 +23,8 @@ from pathlib import Path
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from traitlets import Bool, Dict, List, Unicode, default
 
-from chspawner.images.store import Store, StoreError
+from chspawner.images.records import KERNEL_DIRS, find_kernels
+from chspawner.images.store import ImageInfo, Store, StoreError
 
 PREFIX = "chspawner-"
 
@@ -41,9 +46,11 @@ class ContainerKernelSpecManager(KernelSpecManager):
     """Native kernels, plus the kernels inside every image in the store."""
 
     image_kernel_dirs = List(
-        Unicode(), ["usr/share/jupyter/kernels", "usr/local/share/jupyter/kernels",
-                    "opt/conda/share/jupyter/kernels"],
-        help="Where in an image to look for kernelspecs (relative to its root).",
+        Unicode(), list(KERNEL_DIRS),
+        help="Where in an image to look for kernelspecs (relative to its root). "
+             "Images record the kernels in the default places when they are "
+             "imported or pulled; other places are searched inside every "
+             "image at every listing (slow on a parallel file system).",
     ).tag(config=True)
     storage = Unicode(
         None, allow_none=True,
@@ -93,10 +100,13 @@ class ContainerKernelSpecManager(KernelSpecManager):
         return mine[min(mine)] if mine else None
 
     def image_kernels(self) -> dict[str, tuple[str, Path, dict]]:
-        """{spec name: (image, kernel dir, kernel.json content)}."""
-        found = {}
+        """{spec name: (image, kernel dir, kernel.json content)}, from the
+        images' records: one reading of the store."""
+        found: dict[str, tuple[str, Path, dict]] = {}
         try:
-            images = Store(self.storage).images()
+            # (With only_images, the usual case in kernels mode, only
+            # those images' records are read.)
+            images = self._store().images(self.only_images or None)
         except StoreError as e:
             # A store another user planted or can write: its kernels are
             # not offered (the native ones still are), and the log says why.
@@ -105,23 +115,34 @@ class ContainerKernelSpecManager(KernelSpecManager):
         for info in images:
             if self.only_images and info.name not in self.only_images:
                 continue
-            for rel in self.image_kernel_dirs:
-                base = info.path / rel
-                if base.is_symlink() or not base.is_dir():
-                    continue  # never follow the image's links onto the host
-                for kernel_dir in sorted(base.iterdir()):
-                    kernel_json = kernel_dir / "kernel.json"
-                    if kernel_dir.is_symlink() or kernel_json.is_symlink() \
-                            or not kernel_json.is_file():
-                        continue
-                    try:
-                        kernel = json.loads(kernel_json.read_text())
-                    except (OSError, ValueError):
-                        self.log.warning("chspawner: unreadable %s", kernel_json)
-                        continue
-                    name = spec_name(info.name, kernel_dir.name)
-                    found.setdefault(name, (info.name, kernel_dir, kernel))
+            for kernel in self._kernels_of(info):
+                name = spec_name(info.name, kernel.name)
+                found.setdefault(name, (info.name, info.path / kernel.dir, kernel.spec))
         return found
+
+    def _store(self) -> Store:
+        """One Store per storage, so that it keeps the records it read
+        (read again only when they change)."""
+        store = getattr(self, "_chspawner_store", None)
+        if store is None or store[0] != self.storage:
+            store = (self.storage, Store(self.storage))
+            self._chspawner_store = store
+        return store[1]
+
+    def _kernels_of(self, info: ImageInfo) -> tuple:
+        """``info``'s recorded kernels, or, if ``image_kernel_dirs`` isn't
+        where they were recorded from, the kernels there (a search inside
+        the image, at every listing: said once in the log)."""
+        if tuple(self.image_kernel_dirs) == tuple(info.kernel_dirs):
+            return info.kernels
+        if not getattr(self, "_chspawner_said_dirs", False):
+            self._chspawner_said_dirs = True
+            self.log.warning("chspawner: image_kernel_dirs differs from the places "
+                             "images record kernels from: searching inside every "
+                             "image at every listing")
+        return tuple(find_kernels(info.path, self.image_kernel_dirs,
+                                  lambda message: self.log.warning("chspawner: %s",
+                                                                   message)))
 
     def find_kernel_specs(self) -> dict[str, str]:
         specs = super().find_kernel_specs() if self.include_native else {}
@@ -137,7 +158,9 @@ class ContainerKernelSpecManager(KernelSpecManager):
         entry = self.image_kernels().get(kernel_name)
         if entry is None:
             raise NoSuchKernel(kernel_name)
-        image, kernel_dir, kernel = entry
+        return self._image_spec(*entry)
+
+    def _image_spec(self, image: str, kernel_dir: Path, kernel: dict) -> KernelSpec:
         display = self.display_name_template.format(
             display_name=kernel.get("display_name", kernel_dir.name), image=image,
             kernel=kernel_dir.name)
@@ -149,10 +172,20 @@ class ContainerKernelSpecManager(KernelSpecManager):
         return self.kernel_spec_class(resource_dir=str(kernel_dir), **spec)
 
     def get_all_specs(self) -> dict[str, dict]:
+        """Every spec, the images' from one reading of the store (not one
+        per kernel, as the base class's per-name lookups would make it)."""
         result = {}
-        for name, resource_dir in self.find_kernel_specs().items():
+        native = super().find_kernel_specs() if self.include_native else {}
+        entries: dict[str, tuple] = {name: (path,) for name, path in native.items()}
+        entries.update(self.image_kernels())
+        for name, entry in entries.items():
             try:
-                spec = self.get_kernel_spec(name)
+                if len(entry) == 1:
+                    resource_dir = entry[0]
+                    spec = super().get_kernel_spec(name)
+                else:
+                    resource_dir = str(entry[1])
+                    spec = self._image_spec(*entry)
             except Exception as e:  # one broken spec must not hide the others
                 self.log.warning("chspawner: kernelspec %s: %s", name, e)
                 continue

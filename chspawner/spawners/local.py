@@ -55,8 +55,8 @@ from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
 from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_binds,
-                                        check_images, check_plain, json_type, render_form,
-                                        shown)
+                                        check_images, check_plain, json_type,
+                                        own_image_description, render_form, shown)
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
                     "opt/conda/bin/jupyterhub-singleuser")
 
@@ -178,7 +178,8 @@ class ChSpawner(LocalProcessSpawner):
                 self.log.warning("not offering %s's own images: %s", self.user.name, e)
                 images = []
             for info in images:
-                offered.setdefault(info.name, f"your image, from {info.source}")
+                offered.setdefault(info.name,
+                                   own_image_description(info.description, info.source))
         return offered
 
     def user_store(self) -> Store:

@@ -159,6 +159,13 @@ def json_type(value: object) -> str:
     return type(value).__name__
 
 
+def own_image_description(description: str, source: str) -> str:
+    """How the form describes a user's own image: by its recorded
+    description (its OCI description label, chspawner.images.records), else
+    by where it came from. Read from the image's record: no walk."""
+    return f"your image: {description}" if description else f"your image, from {source}"
+
+
 @cache
 def _templates() -> jinja2.Environment:
     # Autoescaped: descriptions and names are the admin's text, and
