@@ -94,7 +94,9 @@ def test_srun_step_command_and_cancel():
 
 
 class FakeSlurm:
-    """SlurmClient's interface, answering from ``states``."""
+    """SlurmClient's interface, and JobWatch's, answering from ``states``."""
+
+    interval = 1.0
 
     def __init__(self, states: list[str] = ()):
         self.states = list(states)
@@ -104,8 +106,8 @@ class FakeSlurm:
         self.calls.append(("submit", list(argv)))
         return "77"
 
-    async def job(self, job_id: str) -> Job:
-        self.calls.append(("job", job_id))
+    async def job(self, job_id: str, *, max_age: float = 0.0) -> Job:
+        self.calls.append(("job", job_id, max_age))
         state = self.states.pop(0) if self.states else ""
         if state == "error":
             raise SlurmError("squeue: slurm_load_jobs error: Unable to contact controller")
@@ -133,10 +135,9 @@ def test_batch_job_submits_the_one_sbatch_argv(tmp_path: Path):
     assert job.output == tmp_path / "chspawner-kernel-x-77.log"
 
 
-def test_batch_job_follows_signals_and_cancels_its_job(monkeypatch):
-    monkeypatch.setattr("chspawner.provisioner.launchers.JOB_POLL_INTERVAL", 0)
+def test_batch_job_follows_signals_and_cancels_its_job():
     client = FakeSlurm(["PENDING", "error", "RUNNING", "COMPLETING"])
-    job = BatchJob(LOG, client, job_id="5")
+    job = BatchJob(LOG, client, job_id="5", watch=client)
 
     async def main():
         assert await job.poll() is None          # queued
@@ -154,15 +155,16 @@ def test_batch_job_follows_signals_and_cancels_its_job(monkeypatch):
     assert client.calls[-1] == ("cancel", "6", None)
 
 
-def test_batch_job_polls_slurm_at_most_once_a_second():
-    client = FakeSlurm(["RUNNING", "RUNNING"])
-    job = BatchJob(LOG, client, job_id="5")
-
-    async def main():
-        for _ in range(5):
-            assert await job.poll() is None
-    run(main())
-    assert [c for c in client.calls if c[0] == "job"] == [("job", "5")]
+def test_batch_job_polls_take_the_watchs_state_up_to_an_interval_old():
+    """jupyter_client polls often: a poll takes the shared watch's last
+    round if it is fresh enough (the watch asks Slurm at most once per
+    interval for all jobs); waiting for the job's end takes the next."""
+    client = FakeSlurm(["RUNNING", "COMPLETED"])
+    job = BatchJob(LOG, client, job_id="5", watch=client)
+    assert run(job.poll()) is None
+    assert run(job.wait()) == 0
+    assert client.calls == [("job", "5", 1.0), ("job", "5", 0.0)]
+    assert job.last_seen.slurm_state == "COMPLETED"
 
 
 def test_a_job_that_ended_first_shows_the_end_of_its_log(tmp_path: Path):

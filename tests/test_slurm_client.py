@@ -216,6 +216,20 @@ def test_a_missing_command_is_slurm_error(tmp_path):
         asyncio.run(client.job("1"))
 
 
+def test_a_command_past_its_timeout_is_killed_and_slurm_error(tmp_path):
+    """A slurmctld that takes connections but doesn't answer holds squeue:
+    the caller is not held with it."""
+    squeue = tmp_path / "squeue"
+    squeue.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pid\nexec sleep 60\n")
+    squeue.chmod(0o755)
+    client = SlurmClient(env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    with pytest.raises(SlurmError, match="^squeue: no answer within 0.5 s$"):
+        asyncio.run(client.run("squeue", timeout=0.5))
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists() or \
+        Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
 def test_submit_passes_the_argv_and_env_and_parses_the_id(fake, tmp_path):
     fake.answers("sbatch", "42;cluster\n")
     argv = sbatch_argv(["true"], job_name="j", output="o", chdir="/")

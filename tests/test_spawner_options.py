@@ -390,7 +390,7 @@ def test_a_lost_servers_node_is_left_out_of_its_next_job(tmp_path):
         calls: list = []
         state = JobState.RUNNING  # (Slurm has yet to notice the node is gone)
 
-        async def job(self, job_id):
+        async def job(self, job_id, max_age=0.0):  # (the hub's job watch's)
             return Job(job_id, self.state)
 
         async def cancel(self, job_id, **kw):
@@ -399,7 +399,7 @@ def test_a_lost_servers_node_is_left_out_of_its_next_job(tmp_path):
     spawner = make(tmp_path, SlurmChSpawner, partitions=["short"])
     spawner.user = SimpleNamespace(name="root", groups=[])  # (a home dir to chdir to)
     slurm = Slurm()
-    spawner.slurm = lambda: slurm
+    spawner.slurm = spawner.job_watch = lambda: slurm
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         spawner.job_id, spawner.node, spawner.port = "5", "127.0.0.1", closed.getsockname()[1]

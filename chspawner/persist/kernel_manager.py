@@ -45,6 +45,7 @@ through :mod:`chspawner.persist.upstream_jupyter_server` and
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -127,7 +128,35 @@ class PrivateIpcServerKernelManager(PrivateIpcMixin, ServerKernelManager):
     kernels, as ``MappingKernelManager.kernel_manager_class``."""
 
 
-class EphemeralKernelManager(AsyncMappingKernelManager):
+class BusyIsActivity:
+    """A kernel busy with a cell counts as activity, output or not.
+
+    jupyter_server counts a kernel's IOPub messages as activity, so a cell
+    that runs silently (a long computation, ``time.sleep``) with no browser
+    open looks idle: jupyterhub-singleuser reports the server's last
+    activity to the hub, and jupyterhub-idle-culler would stop the server
+    in the middle of the work. Here ``last_kernel_activity`` (which the
+    server's last activity is the latest of) is "now" while any kernel's
+    execution state is busy. It is computed when read (at each activity
+    report, every $JUPYTERHUB_ACTIVITY_INTERVAL), so it costs nothing in
+    between. (A property in the subclass: jupyter_server's trait of the
+    same name is written on every message, and stays the value when no
+    kernel is busy.)"""
+
+    @property
+    def last_kernel_activity(self) -> datetime.datetime:
+        for kernel_id in list(self.list_kernel_ids()):
+            kernel = self._kernels.get(kernel_id)
+            if getattr(kernel, "execution_state", None) == "busy":
+                return server_private.utcnow()
+        return self._last_kernel_activity
+
+    @last_kernel_activity.setter
+    def last_kernel_activity(self, value: datetime.datetime) -> None:
+        self._last_kernel_activity = value
+
+
+class EphemeralKernelManager(BusyIsActivity, AsyncMappingKernelManager):
     """jupyter_server's own kernel manager (kernels end with their server),
     for a server without persistent kernels that still offers the chosen
     image's kernels as :class:`PersistentKernelManager` does: the image's
@@ -230,7 +259,7 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
             await self.parent.kernel_started(self)
 
 
-class PersistentKernelManager(server_private.MappingKernelManagerHooks,
+class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManagerHooks,
                               AsyncMappingKernelManager):
     """A jupyter_server kernel manager whose kernels survive the server."""
 

@@ -38,7 +38,9 @@ SIGINT for itself), and stopping the kernel also cancels its job.
 Launcher ``sbatch`` runs the kernel as a batch job of its own (options in
 ``sbatch_args``), as srun does but with no client process here: the kernel
 outlives the process that started it, and the job is what is followed
-(``squeue``), adopted by a new server, and cancelled. Its output goes to
+(``squeue``: one per ``slurm_poll_interval`` for all the server's kernel
+jobs, through the process's shared :class:`chspawner.slurm.JobWatch`),
+adopted by a new server, and cancelled. Its output goes to
 ``job_log_dir`` (the spawner gives the user's log directory), else beside
 the connection file. A kernel manager may run the kernel under a program
 of its own inside the job (one that is a
@@ -78,7 +80,8 @@ from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, clear_ipc, ipc_bound, ipc_prefix
 from chspawner.runtime.launcher import Fail, find_image
 from chspawner.runtime.spec import Bind, RunSpec, to_argv
-from chspawner.slurm import Job, JobState, SlurmClient, SlurmError, job_environment
+from chspawner.slurm import (Job, JobState, JobWatch, SlurmClient, SlurmError,
+                             job_environment, shared_watch)
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port")
 #: Seconds between looks at the file a starting kernel writes its ports to.
@@ -215,7 +218,16 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         return BatchJob(self.log, client, job_name=self._job_name, output=self._job_log(),
                         chdir=str(kwargs.get("cwd") or Path.home()),
                         sbatch_args=[*settings.sbatch_args, *away, *where],
-                        env=job_environment(kwargs.get("env")), prefix=prefix)
+                        env=job_environment(kwargs.get("env")), prefix=prefix,
+                        watch=self._job_watch())
+
+    def _job_watch(self) -> JobWatch:
+        """The server's one watch of its kernels' jobs (shared by them all)."""
+        settings = self.settings
+        return shared_watch(job_environment(), interval=settings.slurm_poll_interval,
+                            command=settings.slurm_query_command,
+                            sacct=settings.slurm_accounting_command,
+                            table_dir=settings.slurm_table_dir)
 
     def _same_node(self, away: list[str]) -> list[str]:
         """A restart asked while the kernel ran keeps it on its node: there,
@@ -522,7 +534,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         """What follows a kernel another process started: its job, or its PID."""
         if info.get("job_id"):
             return BatchJob(self.log, SlurmClient(env=job_environment()),
-                            job_id=str(info["job_id"]))
+                            job_id=str(info["job_id"]), watch=self._job_watch())
         if info.get("pid") is None:
             return None
         srun = None

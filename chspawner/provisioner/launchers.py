@@ -6,7 +6,9 @@ delegate to whichever the kernelspec (or an adoption) chose.
 - :class:`SrunStep`: the same child, ``srun`` running the kernel as a Slurm
   job step on a compute node; stopping it also cancels its job.
 - :class:`BatchJob`: a Slurm batch job of the kernel's own: no process here,
-  the job is what is followed, signalled and cancelled.
+  the job is what is followed (through the process's shared
+  :class:`chspawner.slurm.JobWatch`: one squeue per interval for all the
+  server's kernel jobs), signalled and cancelled.
 - :class:`AdoptedProcess`: a kernel started by another process (an earlier
   server), followed by its PID.
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from subprocess import Popen
@@ -25,9 +26,10 @@ from typing import Any
 
 from jupyter_client.launcher import launch_kernel
 
-from chspawner.slurm import Job, JobState, SlurmClient, SlurmError, sbatch_argv
+from chspawner.slurm import (Job, JobState, JobWatch, SlurmClient, SlurmError, sbatch_argv,
+                             shared_watch)
 
-#: Seconds between squeue calls while following a kernel's job.
+#: Seconds between the shared watch's rounds, for a BatchJob given no watch.
 JOB_POLL_INTERVAL = 1.0
 #: Seconds between looks at a process that isn't our child.
 PID_POLL_INTERVAL = 0.1
@@ -159,22 +161,24 @@ class SrunStep(LocalProcess):
 
 
 class BatchJob(Launcher):
-    """The kernel as a Slurm batch job of its own: followed with squeue (at
-    most once per JOB_POLL_INTERVAL: jupyter_client polls often), signalled
-    and ended with scancel."""
+    """The kernel as a Slurm batch job of its own: followed through
+    ``watch`` (default: the process's shared one for ``client``'s
+    environment), which asks Slurm once per interval for every job it
+    follows, however often jupyter_client polls; signalled and ended with
+    scancel."""
 
     def __init__(self, log: Log, client: SlurmClient, *, job_name: str = "",
                  output: Path | None = None, chdir: str = "", sbatch_args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, prefix: Sequence[str] = (),
-                 job_id: str | None = None):
+                 job_id: str | None = None, watch: JobWatch | None = None):
         super().__init__(log)
         self.client, self.job_name, self.chdir = client, job_name, chdir
+        self.watch = watch
         #: where the job writes its output ("%j": its id, known once submitted)
         self.output = output
         self.sbatch_args, self.env, self.job_id = list(sbatch_args), env, job_id
         #: what runs before the kernel inside the job (a kernel manager's keeper)
         self.prefix = list(prefix)
-        self._checked: tuple[float, int | None] = (0.0, None)  # (when, what poll said)
         #: The job as poll() last saw it, with Slurm's own word for its state
         #: (TIMEOUT, NODE_FAIL...): why it ended, once it has.
         self.last_seen: Job | None = None
@@ -187,7 +191,6 @@ class BatchJob(Launcher):
         self.job_id = await self.client.submit(sbatch_argv(
             cmd, job_name=self.job_name, output=str(self.output),
             chdir=self.chdir, extra=self.sbatch_args), env=self.env)
-        self._checked = (0.0, None)
         if self.output is not None and "%j" in str(self.output):
             self.output = Path(str(self.output).replace("%j", self.job_id))
 
@@ -195,31 +198,35 @@ class BatchJob(Launcher):
     def has_process(self) -> bool:
         return self.job_id is not None
 
+    def job_watch(self) -> JobWatch:
+        if self.watch is None:
+            self.watch = shared_watch(self.client.env, interval=JOB_POLL_INTERVAL)
+        return self.watch
+
     async def job_state(self) -> JobState:
-        """The job's state now; SlurmError when Slurm can't say."""
+        """The job's state at the watch's next round; SlurmError when Slurm
+        can't say (and never said)."""
         return (await self.job()).state
 
-    async def job(self) -> Job:
-        """The job as squeue sees it now; SlurmError when Slurm can't say."""
-        return await self.client.job(self.job_id)
+    async def job(self, max_age: float = 0.0) -> Job:
+        """The job as the watch's next round (or its last, up to ``max_age``
+        s old) saw it; while Slurm doesn't answer, as last seen; SlurmError
+        when it never said."""
+        self.last_seen = await self.job_watch().job(str(self.job_id), max_age=max_age)
+        return self.last_seen
 
     async def poll(self) -> int | None:
         """None while the job runs or waits (or Slurm can't be asked: the
-        controller being down says nothing about the kernel), else 0."""
+        controller being down says nothing about the kernel), else 0. A
+        state up to an interval old will do: jupyter_client polls often."""
         if self.job_id is None:
             return 0
-        checked_at, answer = self._checked
-        if time.monotonic() - checked_at < JOB_POLL_INTERVAL:
-            return answer
+        watch = self.job_watch()
         try:
-            self.last_seen = await self.job()
-        except SlurmError as e:
-            self.log.warning("chspawner: can't ask Slurm about kernel job %s: %s",
-                             self.job_id, e)
-            return None
-        answer = None if self.last_seen.state is not JobState.GONE else 0
-        self._checked = (time.monotonic(), answer)
-        return answer
+            job = await self.job(max_age=watch.interval)
+        except SlurmError:
+            return None  # (the watch logs the outage, once)
+        return None if job.alive else 0
 
     async def signal(self, signum: int) -> None:
         if not self.job_id or not signum:  # (0 asks whether it runs: poll() answers)
@@ -230,8 +237,12 @@ class BatchJob(Launcher):
             self.log.warning("chspawner: can't signal kernel job %s: %s", self.job_id, e)
 
     async def wait(self) -> int | None:
-        while await self.poll() is None:
-            await asyncio.sleep(JOB_POLL_INTERVAL)  # Slurm notifies nobody here
+        while True:  # (each look waits for the watch's next round: Slurm notifies nobody)
+            try:
+                if not (await self.job()).alive:
+                    break
+            except SlurmError:
+                pass  # (never seen, Slurm down: asked again next round)
         self.job_id = None
         return 0
 

@@ -64,6 +64,23 @@ class ProvisionerSettings(HasTraits):
                     "the kernel's job off the server's node (sbatch --exclude=NODE, NODE "
                     "the server job's $SLURMD_NODENAME), so that losing one node loses "
                     "the server or its kernels, never both. Outside a job: no effect.")
+    slurm_poll_interval = Float(
+        1.0, help="launcher sbatch: seconds between the server's queries of its kernels' "
+                  "job states: one squeue per interval for all its kernels' jobs (the "
+                  "spawner gives its own slurm_poll_interval).")
+    slurm_query_command = List(
+        Unicode(), ["squeue"],
+        help="launcher sbatch: the command run, with squeue's arguments after it, to "
+             "learn the kernels' job states (the spawner gives its own).")
+    slurm_accounting_command = List(
+        Unicode(), ["sacct"],
+        help="launcher sbatch: the command asked, with sacct's arguments, how a job "
+             "squeue has forgotten ended, where Slurm keeps accounting; empty: never.")
+    slurm_table_dir = Unicode(
+        "", help="launcher sbatch: a directory shared with the hub, where the hub "
+                 "publishes job states (the spawner gives its slurm_table_dir): the "
+                 "kernels' jobs are listed there and their states read there, squeue "
+                 "run here only when no fresh table comes. Empty: squeue here.")
     launch_timeout = Float(
         None, allow_none=True,
         help="Seconds the kernel has to bind its ports, queueing included "

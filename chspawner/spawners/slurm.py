@@ -5,7 +5,10 @@ job are overridden here: ``reattach`` (a job from before a hub restart),
 ``launch`` (sbatch, built by chspawner.slurm.sbatch_argv) and
 ``wait_ready`` (follow the job until the user's own process answers on
 its node). All Slurm commands go through chspawner.slurm.SlurmClient, run
-as the user.
+as the user; except the queries of job states, which every SlurmChSpawner
+of the hub makes through the hub's one :class:`chspawner.slurm.JobWatch`
+(one squeue per ``slurm_poll_interval`` for all servers, pending or
+running, whatever their number), run as the hub's own user.
 
 A job's output goes to the user's own log directory (``job_log_dir``),
 one file per job; a job that ends before its server answers fails the
@@ -22,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe
 
-from chspawner.slurm import Job, JobState, Resources, SlurmClient, SlurmError, sbatch_argv
+from chspawner.slurm import (Job, JobState, JobWatch, Resources, SlurmClient, SlurmError,
+                             sbatch_argv, shared_watch)
 from chspawner.spawners import joblog
 from chspawner.spawners.listening import MINE, NONCE_ENV, TAKEN, read_report
 from chspawner.spawners.local import ChSpawner, SpawnFailed
@@ -98,8 +102,56 @@ class SlurmChSpawner(ChSpawner):
     slurm_env = Dict(Unicode(), help="Extra environment for Slurm commands "
                      "(e.g. SLURM_CONF).").tag(config=True)
     # (Not "poll_interval": that is JupyterHub's, for polling running servers.)
-    queue_poll_interval = Float(0.5, help="Seconds between squeue calls while the job "
-                          "is queued.").tag(config=True)
+    slurm_poll_interval = Float(
+        1.0, help="Seconds between the hub's queries of its jobs' states: ONE squeue "
+                  "(--jobs=every job asked about) per interval for all the hub's servers, "
+                  "pending or running, however many; a pending server learns that its job "
+                  "runs within about this long. With kernel_jobs, each server follows its "
+                  "kernels' jobs the same way, one squeue per interval for all of them. "
+                  "Lower: quicker starts, more queries (one per interval, whatever the "
+                  "number of users).",
+    ).tag(config=True)
+    queue_poll_interval = Float(
+        help="Deprecated: the old name of slurm_poll_interval (which it sets).",
+    ).tag(config=True)
+    slurm_query_command = List(
+        Unicode(), ["squeue"],
+        help="The command the hub (and, with kernel_jobs, each server) runs to learn "
+             "job states, given squeue's own arguments after it (--noheader "
+             "--states=all --jobs=IDS --format=%i|%T|%N|%r; and, for queue places, "
+             "--states=PENDING --sort=-p,i --format=%i|%P); it must answer as squeue "
+             "does. E.g. ['squeue', '--clusters=hpc'], or a site's wrapper that serves "
+             "squeue's answers from a cache.",
+    ).tag(config=True)
+    slurm_accounting_command = List(
+        Unicode(), ["sacct"],
+        help="The command asked (with sacct's arguments) how the jobs squeue no "
+             "longer lists ended (TIMEOUT, NODE_FAIL...), where Slurm keeps accounting "
+             "(slurmdbd). Without it sacct says so once and is not asked again, and such "
+             "jobs are simply gone. Empty: never asked.",
+    ).tag(config=True)
+    slurm_query_timeout = Float(
+        30.0, help="Seconds one query of job states may take before it counts as failed "
+                   "(and is killed). A failed query is waited out: every job keeps its "
+                   "last known state (a running server is never dropped for it), and "
+                   "the outage is logged once.",
+    ).tag(config=True)
+
+    slurm_table_dir = Unicode(
+        "", help="A directory the hub and the compute nodes share (the hub creates it "
+                 "and its follow/ folder, mode 1777: every user's server writes there): "
+                 "with kernel_jobs, each server lists its kernels' jobs there, the hub "
+                 "asks Slurm about them in its own round and publishes every job's "
+                 "state there (jobs.json, readable by all users), and the servers read "
+                 "it instead of running squeue themselves: the whole hub, kernels "
+                 "included, is then one squeue per interval. A server that finds no "
+                 "fresh table asks Slurm itself. Empty: each server with kernel jobs "
+                 "runs its own squeue per interval.",
+    ).tag(config=True)
+
+    @observe("queue_poll_interval")
+    def _old_interval_name(self, change) -> None:
+        self.slurm_poll_interval = change["new"]
 
     kernel_jobs = Bool(
         True, help="Kernels mode with persistent_kernels: each kernel runs as a Slurm "
@@ -304,7 +356,12 @@ class SlurmChSpawner(ChSpawner):
                            "sbatch_args": [*self.resources().sbatch_options(),
                                            *self.kernel_sbatch_args],
                            "job_log_dir": str(self.log_dir()),
-                           "away_from_server": self.kernel_jobs_elsewhere})
+                           "away_from_server": self.kernel_jobs_elsewhere,
+                           "slurm_poll_interval": self.slurm_poll_interval,
+                           "slurm_query_command": list(self.slurm_query_command),
+                           "slurm_accounting_command": list(self.slurm_accounting_command),
+                           **({"slurm_table_dir": self.slurm_table_dir}
+                              if self.slurm_table_dir else {})})
         return config
 
     def get_args(self) -> list[str]:
@@ -363,9 +420,25 @@ class SlurmChSpawner(ChSpawner):
         return SlurmClient(env={"PATH": PATH, **self.slurm_env},
                            preexec_fn=self.make_preexec_fn(self.user.name))
 
-    async def job(self) -> Job:
-        """The server's job as Slurm sees it now; SlurmError if it can't say."""
-        return await self.slurm().job(self.job_id)
+    def job_watch(self) -> JobWatch:
+        """The hub's one watch of job states, shared by all its
+        SlurmChSpawners: its queries run as the hub's own user, who sees
+        every user's jobs (squeue and sacct only read), so that one
+        squeue serves them all."""
+        return shared_watch({"PATH": PATH, **self.slurm_env},
+                            interval=self.slurm_poll_interval,
+                            command=self.slurm_query_command,
+                            sacct=self.slurm_accounting_command,
+                            query_timeout=self.slurm_query_timeout, logger=self.log,
+                            table_dir=self.slurm_table_dir, publish=True)
+
+    async def job(self, max_age: float | None = None) -> Job:
+        """The server's job as the hub's watch saw it in its next round (or
+        in its last, up to ``max_age`` s old; default: an interval). While
+        Slurm doesn't answer: its last known state; SlurmError if none."""
+        if max_age is None:
+            max_age = self.slurm_poll_interval
+        return await self.job_watch().job(self.job_id, max_age=max_age)
 
     # The steps of ChSpawner.start() that differ for a job.
 
@@ -410,17 +483,23 @@ class SlurmChSpawner(ChSpawner):
                               "chspawner, which did not check whose process listens on "
                               "its port, so it is not connected to; start your server again")
         last = None
+        watch = self.job_watch()
         while True:
+            # Each turn waits for the watch's next round: that paces it.
+            job: Job | None = None
             try:
-                job = await self.job()
+                job = await self.job(max_age=0)
+                error = watch.error  # (a failed round gave the last known state)
             except SlurmError as e:
+                error = str(e)
+            if error:
                 # A controller restart or outage is no reason to give up on
                 # the job: keep asking (the hub's start_timeout bounds it).
                 if last != "unreachable":
-                    self._emit(30, f"can't reach Slurm ({e}); still trying")
+                    self._emit(30, f"can't reach Slurm ({error}); still trying")
                     last = "unreachable"
-                await asyncio.sleep(self.queue_poll_interval)
-                continue
+                if job is None:
+                    continue
             report = self._report()
             if report and report["status"] == TAKEN:
                 # (Its server can't listen there: the job ends, if it has
@@ -444,7 +523,6 @@ class SlurmChSpawner(ChSpawner):
                                + (await self._queue_place()
                                   if job.slurm_state == "PENDING" else ""))
                 last = job.slurm_state, job.reason
-            await asyncio.sleep(self.queue_poll_interval)
 
     async def _ended_message(self, job: Job) -> str:
         """Why the spawn failed: the job ended first; its state and the last
@@ -492,10 +570,11 @@ class SlurmChSpawner(ChSpawner):
             report.get("node") == self.node and report.get("port") == self.port
 
     async def _queue_place(self) -> str:
-        """', place 3 of 5 in the queue' (Slurm's priority order), if known."""
+        """', place 3 of 5 in the queue' (Slurm's priority order), if known
+        (one listing of the queue per interval for the whole hub)."""
         try:
-            place = await self.slurm().queue_place(self.job_id,
-                                                   self.request.get("partition", ""))
+            place = await self.job_watch().queue_place(self.job_id,
+                                                       self.request.get("partition", ""))
         except SlurmError:
             return ""
         return f", place {place[0]} of {place[1]} in the queue" if place else ""
@@ -514,9 +593,9 @@ class SlurmChSpawner(ChSpawner):
             return self.server.url
         return f"{self.server.proto}://{self.node}:{self.port}{self.server.base_url}"
 
-    async def _job_alive(self) -> bool:
+    async def _job_alive(self, max_age: float | None = None) -> bool:
         try:
-            return (await self.job()).alive
+            return (await self.job(max_age)).alive
         except SlurmError:
             return False
 
@@ -536,9 +615,9 @@ class SlurmChSpawner(ChSpawner):
             return 0
         try:
             job = await self.job()
-        except SlurmError as e:
-            # The controller being down says nothing about the server.
-            self.log.warning("chspawner: can't ask Slurm about job %s: %s", self.job_id, e)
+        except SlurmError:
+            # The controller being down says nothing about the server (the
+            # watch logs the outage, once).
             return None
         if job.alive:
             return None
@@ -581,8 +660,9 @@ class SlurmChSpawner(ChSpawner):
             self.log.warning("chspawner: can't signal job %s: %s", self.job_id, e)
             return
         deadline = asyncio.get_running_loop().time() + self.stop_timeout
-        while asyncio.get_running_loop().time() < deadline and await self._job_alive():
-            await asyncio.sleep(self.queue_poll_interval)
+        # (Each look waits for the watch's next round: that paces the loop.)
+        while asyncio.get_running_loop().time() < deadline and await self._job_alive(0):
+            pass
 
     # ------------------------------------------------------------- state --
 
