@@ -1,4 +1,5 @@
-"""Units: websocket frame boundaries, and the proxy's memory of what a
+"""Units: websocket frame boundaries, the pongs to the proxy's own pings
+taken out of a client's stream, and the proxy's memory of what a
 client got (session_proxy.proxy.wsframes, session_proxy.proxy.delivered), fed the
 way sockets feed them: frames cut anywhere, headers included."""
 from __future__ import annotations
@@ -8,7 +9,7 @@ import pytest
 from session_proxy.proxy.delivered import (
     MAX_FRAME, ROUTE_BYTES, ROUTE_URLS, TAIL_BYTES, DeliveredFrames, LeadingCopies, Tail,
     digest, watched)
-from session_proxy.proxy.wsframes import FrameCounter
+from session_proxy.proxy.wsframes import PROXY_PING_PAYLOAD, FrameCounter, PongFilter
 
 # No root, no services: part of the fast unit layer (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -174,3 +175,27 @@ def test_only_kernel_websockets_are_watched():
     assert not watched("/user/a/terminals/websocket/1")
     assert not watched("/user/a/api/kernels/0b1c/channelsX")
     assert not watched("/user/a/api/events/subscribe")
+
+
+def masked(payload: bytes, opcode: int = 0x1, mask: bytes = b"\x11\x22\x33\x44") -> bytes:
+    """A client-to-server frame (masked), with the 2-, 4- or 10-byte header."""
+    plain = frame(payload, opcode)
+    head = bytes([plain[0], plain[1] | 0x80]) + plain[2:len(plain) - len(payload)]
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.parametrize("every", [1, 2, 5, 13, 1000, 100000])
+def test_pongs_to_the_proxy_are_taken_out_and_everything_else_goes_through(every):
+    """Cut anywhere: the client's data frames, a pong to the backend's own
+    ping (another payload) and a close go through byte for byte; the pongs
+    answering the proxy's pings, wherever they fall, never do."""
+    ours = masked(PROXY_PING_PAYLOAD, 0xA)
+    theirs = masked(b"backend ping", 0xA)
+    parts = [masked(b"x" * 300), ours, masked(b"y" * 70000), theirs, ours, ours,
+             masked(b"hello"), masked(b"\x03\xe8", 0x8)]
+    wanted = b"".join(p for p in parts if p != ours)
+    pongs, out = PongFilter(), []
+    for chunk in cut(b"".join(parts), every):
+        out.append(pongs.feed(chunk))
+    assert b"".join(out) == wanted
+    assert pongs.at_boundary

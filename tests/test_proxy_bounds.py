@@ -411,3 +411,137 @@ def test_a_pooled_connection_never_outlives_its_route(start_proxy, change):
             new.close()
 
     asyncio.run(scenario())
+
+
+# -- 5. a client that vanishes without a word (a laptop closed) ----------------
+
+class Listener:
+    """A websocket backend that accepts, then records what reaches each
+    connection (in the order they came) and when it ends."""
+
+    def __init__(self) -> None:
+        self.received: list[bytearray] = []
+        self.open = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        head = await read_head(reader)
+        if head is None:
+            return writer.close()
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                     + accept_key(head).encode() + b"\r\n\r\n")
+        self.open += 1
+        received = bytearray()
+        self.received.append(received)
+        try:
+            while data := await reader.read(65536):
+                received += data
+        except ConnectionError:
+            pass
+        self.open -= 1
+        writer.close()
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    """A client's frame (masked, as RFC 6455 wants), short payloads only."""
+    mask = secrets.token_bytes(4)
+    return (bytes([0x80 | opcode, 0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+async def answer_pings(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       pings: list[bytes]) -> None:
+    """A live client: answers every ping with its pong, as a browser does."""
+    while True:
+        first, second = await reader.readexactly(2)
+        payload = await reader.readexactly(second & 0x7F)  # (short frames only)
+        if first & 0x0F == 0x9:
+            pings.append(payload)
+            writer.write(masked(0xA, payload))
+
+
+async def metrics_of(proxy: Proxy) -> dict[str, float]:
+    """The proxy's /metrics, as {sample with labels: value}."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{proxy.api_port}/metrics",
+                            headers={"Authorization": f"token {proxy.token}"}) as r:
+            assert r.status == 200
+            text = await r.text()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_a_client_that_vanishes_is_dropped_after_ping_interval_and_timeout(start_proxy):
+    """The failure that took down large hubs behind configurable-http-proxy
+    4: closed laptops' websockets, never closed. Here a client opens a
+    websocket and then neither reads nor answers anything (as a machine
+    gone from the network: no FIN ever comes). With pings after 1 s of
+    silence and 1 s to answer, the proxy closes it and its backend
+    connection within about 2 s, and counts it as a ping timeout; a client
+    that answers the pings on another websocket stays, and its backend
+    never sees the proxy's pings or the pongs to them."""
+    proxy = start_proxy("--websocket-ping-interval", "1000",
+                        "--websocket-ping-timeout", "1000")
+
+    async def scenario():
+        backend = Listener()
+        async with server(backend.handle) as (port, _):
+            await proxy.route("/user/alice", f"http://127.0.0.1:{port}")
+            gone_reader, gone_writer = await ws_connect(proxy.port, "/user/alice/ws")
+            live_reader, live_writer = await ws_connect(proxy.port, "/user/alice/ws")
+            pings: list[bytes] = []
+            answering = asyncio.ensure_future(answer_pings(live_reader, live_writer, pings))
+            try:
+                await until(lambda: backend.open == 2, "both websockets open", 10)
+                silent, live = backend.received
+                opened = time.monotonic()
+                await until(lambda: backend.open == 1, "the silent client's backend "
+                            "connection closed", 15)
+                waited = time.monotonic() - opened
+                assert 1.5 < waited < 8, waited  # interval + timeout, with slack for load
+                values = await metrics_of(proxy)
+                assert values['chspawner_proxy_websockets_closed_total{reason="ping_timeout"}'] \
+                    == 1
+                assert values["chspawner_proxy_websockets"] == 1
+                # The live client has been pinged (and answered) meanwhile.
+                await until(lambda: len(pings) >= 2, "two pings answered", 10)
+                live_writer.write(masked(0x1, b"still here"))
+                await until(lambda: live, "the message relayed", 10)
+                # Its backend got its message and nothing else: no ping, no pong.
+                assert len(live) == len(masked(0x1, b"still here")) and live[0] == 0x81
+                # The silent one's got a close frame (1001, going away), masked.
+                assert silent == b"\x88\x82\0\0\0\0\x03\xe9"
+                assert backend.open == 1
+            finally:
+                answering.cancel()
+                live_writer.close()
+                gone_writer.transport.abort()
+            await until(lambda: backend.open == 0, "the live websocket closed", 10)
+            values = await metrics_of(proxy)
+            assert values["chspawner_proxy_websockets"] == 0
+            assert values['chspawner_proxy_websockets_closed_total{reason="client_gone"}'] == 1
+            assert values["chspawner_proxy_websockets_opened_total"] == 2
+
+    asyncio.run(scenario())
+
+
+def test_clients_that_close_right_after_the_upgrade_leave_nothing_open(start_proxy):
+    """A client that closes as soon as it has the 101 can be gone before
+    the relay has taken its socket: its backend connection must be closed
+    all the same (it was left open, and counted, for good)."""
+    proxy = start_proxy()
+
+    async def scenario():
+        backend = Listener()
+        async with server(backend.handle) as (port, _):
+            await proxy.route("/user/alice", f"http://127.0.0.1:{port}")
+            for _ in range(20):
+                reader, writer = await ws_connect(proxy.port, "/user/alice/ws")
+                writer.close()
+            await until(lambda: backend.open == 0 and len(backend.received) == 20,
+                        "every backend connection closed", 15)
+            values = await metrics_of(proxy)
+            assert values["chspawner_proxy_websockets"] == 0
+            assert values['chspawner_proxy_websockets_closed_total{reason="client_gone"}'] == 20
+
+    asyncio.run(scenario())

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
+import socket
 import subprocess
 import time
 
@@ -17,7 +19,8 @@ from aiohttp import web
 from tests.harness.env import VENV_BIN
 from tests.harness.hub import Hub, kernel_in_server, spawn, stop_server
 from tests.harness.net import free_port
-from tests.harness.wait import wait_listening
+from tests.harness.servers import PlainServer
+from tests.harness.wait import until, wait_listening
 
 PROXY = VENV_BIN / "chspawner-proxy"
 BIG = 50 * 1024 * 1024
@@ -400,6 +403,171 @@ def test_answers_with_and_without_a_body_and_a_stream_with_its_headers_first(pro
     assert streamed == [200, "text/event-stream", b"data: hello\n\n"]
 
 
+async def read_to_close(port: int, data: bytes) -> bytes:
+    """Send bytes as they are; everything the proxy sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+def test_pipelined_requests_are_answered_in_order_across_both_paths(proxy):
+    """Plain requests take the fast path; one with a body is handed to
+    tornado's with the bytes after it: all three answers, in order, and a
+    request that says close is answered before the connection closes."""
+    async def scenario():
+        async with backend() as url:
+            await proxy.route("/pipe", url)
+            host = f"Host: 127.0.0.1:{proxy.port}\r\n"
+            pipelined = await read_to_close(proxy.port, (
+                f"GET /pipe/1 HTTP/1.1\r\n{host}\r\n"
+                f"POST /pipe/2 HTTP/1.1\r\n{host}Content-Length: 3\r\n\r\nabc"
+                f"GET /pipe/3 HTTP/1.1\r\n{host}Connection: close\r\n\r\n").encode())
+            closing = await read_to_close(
+                proxy.port, f"GET /pipe/4 HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode())
+            await proxy.api("DELETE", "/routes/pipe")
+        return pipelined.decode(), closing.decode()
+    pipelined, closing = asyncio.run(scenario())
+    assert pipelined.count("HTTP/1.1 200 ") == 3, pipelined
+    places = [pipelined.index(f'"path": "/pipe/{n}"') for n in (1, 2, 3)]
+    assert places == sorted(places), pipelined
+    assert '"method": "POST", "path": "/pipe/2"' in pipelined and '"length": 3' in pipelined
+    assert closing.startswith("HTTP/1.1 200 ") and '"path": "/pipe/4"' in closing
+
+
+def test_no_include_prefix_and_no_x_forward_alike_on_both_paths():
+    """--no-include-prefix and --no-x-forward, for a plain GET (fast path)
+    and a POST (tornado's path): the same path and headers reach the target."""
+    async def scenario(proxy: Proxy):
+        async with backend() as url:
+            await proxy.route("/pre/fix", url + "/base")
+            headers = {"X-Forwarded-For": "10.0.0.9"}
+            async with aiohttp.ClientSession() as http:
+                seen = []
+                for method in ("GET", "POST"):
+                    async with http.request(method, f"{proxy.url}/pre/fix/a/b/?x=1",
+                                            headers=headers,
+                                            data=None if method == "GET" else b"body") as r:
+                        seen.append(await r.json())
+        return seen
+
+    proxy = Proxy("--no-include-prefix", "--no-x-forward")
+    try:
+        seen = asyncio.run(scenario(proxy))
+    finally:
+        proxy.stop()
+    for got in seen:
+        assert got["path"] == "/base/a/b/?x=1", seen
+        assert got["X-Forwarded-For"] == "10.0.0.9" and "X-Forwarded-Proto" not in got, seen
+    assert [got["method"] for got in seen] == ["GET", "POST"]
+
+
+def test_a_target_answering_nonsense_gets_the_client_a_503(proxy):
+    """Not HTTP, or a 101 to a plain GET: 503, and the next request is fine."""
+    answers = {b"/junk/nonsense": b"SSH-2.0-OpenSSH\r\n\r\n",
+               b"/junk/switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
+                                b"Connection: Upgrade\r\n\r\n",
+               b"/junk/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"}
+
+    async def target(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(answers[head.split()[1]])
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(target, "127.0.0.1", 0)
+        await proxy.route("/junk", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        got = [await get(f"{proxy.url}/junk/{path}") for path in ("nonsense", "switch", "ok")]
+        server.close()
+        await proxy.api("DELETE", "/routes/junk")
+        return [status for status, _ in got]
+    assert asyncio.run(scenario()) == [503, 503, 200]
+
+
+def test_a_big_answer_then_a_pipelined_request_for_tornado_arrive_whole(proxy):
+    """A big answer to a client with a small receive buffer, and a POST
+    pipelined after it (for tornado's path): both arrive whole, the
+    connection is handed over only once all of the answer has left (see
+    also test_proxy_fastpath.py)."""
+    body = b"y" * (4 << 20)
+
+    async def target(reader, writer):
+        with contextlib.suppress(asyncio.IncompleteReadError):  # (the proxy closes it)
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                if head.startswith(b"POST"):
+                    await reader.readexactly(4)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npost")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+                await writer.drain()
+
+    async def scenario():
+        server = await asyncio.start_server(target, "127.0.0.1", 0)
+        await proxy.route("/drain", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", proxy.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /drain/big HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /drain/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                     b"Connection: close\r\n\r\nbody")
+        async with asyncio.timeout(30):
+            answers = await reader.read()
+        writer.close()
+        server.close()
+        await proxy.api("DELETE", "/routes/drain")
+        return answers
+    answers = asyncio.run(scenario())
+    assert answers.count(b"HTTP/1.1 200 OK") == 2, len(answers)
+    assert body in answers and answers.endswith(b"post"), len(answers)
+
+
+def test_answers_of_unknown_length_go_chunked_and_a_silent_target_times_out():
+    """A target's answer that runs until it closes, or comes chunked, reaches
+    the client chunked on a connection that stays open; with --timeout, a
+    target that never answers gets the client a 503 in time."""
+    answers = {b"/len/close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close",
+               b"/len/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"}
+
+    async def target(reader, writer):
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            answer = answers.get(head.split()[1])
+            if answer is None:  # /len/silent: never a word
+                await reader.read()
+                break
+            writer.write(answer)
+            if b"close" in answer:
+                break
+        writer.close()
+
+    async def scenario(proxy: Proxy):
+        server = await asyncio.start_server(target, "127.0.0.1", 0)
+        await proxy.route("/len", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        got = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+            for path in ("close", "chunked", "close"):
+                async with http.get(f"{proxy.url}/len/{path}") as r:
+                    got.append((r.status, r.headers.get("Transfer-Encoding"), await r.read()))
+            began = time.monotonic()
+            async with http.get(f"{proxy.url}/len/silent") as r:
+                got.append((r.status, round(time.monotonic() - began)))
+        server.close()
+        return got
+
+    proxy = Proxy("--timeout", "500")
+    try:
+        got = asyncio.run(scenario(proxy))
+    finally:
+        proxy.stop()
+    assert got[:3] == [(200, "chunked", b"until close"), (200, "chunked", b"hello world"),
+                       (200, "chunked", b"until close")], got
+    assert got[3][0] == 503 and got[3][1] < 5, got
+
+
 @contextlib.asynccontextmanager
 async def websocket_through(proxy: Proxy, prefix: str):
     """A websocket to a backend's ws_echo, through a route at ``prefix``."""
@@ -599,6 +767,148 @@ def test_tls_flags_are_refused_with_one_line():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "chspawner-proxy: --ssl-key: TLS is not supported: terminate TLS in front of the proxy"]
+
+
+# -- health and metrics -----------------------------------------------------------------
+
+def test_health_without_a_token_and_metrics_with_one(proxy):
+    async def scenario():
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{proxy.api_port}/health") as r:
+                assert r.status == 200
+                health = await r.json()
+            assert health["status"] == "ok" and {"routes", "websockets"} <= set(health)
+            async with http.get(f"http://127.0.0.1:{proxy.api_port}/metrics") as r:
+                assert r.status == 403
+        before = await metrics(proxy)
+        assert (await get(proxy.url + "/no/such/route"))[0] == 404
+        async with backend() as url:
+            await proxy.route("/user/measured", url)
+            assert (await proxy.api("POST", "/holds/user/measured", {"timeout": 30}))[0] == 201
+            waiting = asyncio.ensure_future(get(proxy.url + "/user/measured/x"))
+            await until(lambda: waiting_on(proxy, "/user/measured"), "a request waiting", 10)
+            await proxy.route("/user/measured", url)  # releases the hold
+            assert (await waiting)[0] == 200
+            async with websocket_through(proxy, "/ws-measured") as ws:
+                await ws.send_str("x" * 1000)
+                assert await ws.receive_str(timeout=10) == "x" * 1000
+                during = await metrics(proxy)
+            await proxy.api("DELETE", "/routes/user/measured")
+        after = await metrics(proxy)
+        grew = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+        assert grew['chspawner_proxy_responses_total{code="4xx"}'] >= 1
+        assert grew['chspawner_proxy_responses_total{code="2xx"}'] >= 1
+        assert grew['chspawner_proxy_http_bytes_total{direction="to_client"}'] > 0
+        assert grew["chspawner_proxy_holds_placed_total"] == 1
+        assert grew['chspawner_proxy_hold_wait_seconds_count{outcome="released"}'] == 1
+        assert during["chspawner_proxy_websockets"] == before["chspawner_proxy_websockets"] + 1
+        assert grew["chspawner_proxy_websockets_opened_total"] == 1
+        assert grew['chspawner_proxy_websocket_bytes_total{direction="to_backend"}'] > 1000
+        assert grew['chspawner_proxy_websocket_bytes_total{direction="to_client"}'] > 1000
+        assert after["chspawner_proxy_websockets"] == before["chspawner_proxy_websockets"]
+        assert after["chspawner_proxy_process_resident_memory_bytes"] > 0
+    asyncio.run(scenario())
+
+
+def test_metrics_without_token_when_told():
+    proxy = Proxy("--metrics-without-token")
+    try:
+        status, text = asyncio.run(get(f"http://127.0.0.1:{proxy.api_port}/metrics"))
+        assert status == 200 and "chspawner_proxy_routes 0.0" in text
+        status, _ = asyncio.run(get(proxy.api_url + "/routes"))
+        assert status == 403  # the route API still wants its token
+    finally:
+        proxy.stop()
+
+
+async def metrics(proxy: Proxy) -> dict[str, float]:
+    """The proxy's /metrics as {sample with its labels: value}."""
+    status, text = await get(f"http://127.0.0.1:{proxy.api_port}/metrics",
+                             headers={"Authorization": f"token {proxy.token}"})
+    assert status == 200
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def waiting_on(proxy: Proxy, path: str) -> bool:
+    return (await proxy.api("GET", "/holds"))[1].get(path, {}).get("waiting", 0) > 0
+
+
+# -- the Jupyter kernel websocket subprotocol, with a real jupyter_server -------------
+
+V1 = "v1.kernel.websocket.jupyter.org"
+
+
+def test_kernel_websocket_subprotocol_and_legacy_framing(user, user_dir):
+    """JupyterLab 4 offers the v1 kernel websocket subprotocol; the server
+    picks it and frames messages in binary (offsets, channel, parts).
+    Through the proxy, the offer reaches the server, its choice comes back,
+    and a kernel_info round trip works in that framing; without the offer,
+    the legacy JSON framing works."""
+    from jupyter_server.services.kernels.connection.base import (
+        deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1)
+    proxy = Proxy()
+    jupyter = PlainServer(user, user_dir, base_url="/user/sub/")
+
+    async def kernel_info(ws, v1: bool) -> dict:
+        request = kernel_info_request()
+        if v1:
+            parts = [json.dumps(request[key]).encode()
+                     for key in ("header", "parent_header", "metadata", "content")]
+            await ws.send_bytes(serialize_msg_to_ws_v1(parts, "shell"))
+        else:
+            await ws.send_str(json.dumps({**request, "channel": "shell"}))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            message = await ws.receive(timeout=60)
+            if v1:
+                assert message.type == aiohttp.WSMsgType.BINARY, message
+                channel, parts = deserialize_msg_from_ws_v1(message.data)
+                reply = {"channel": channel, "header": json.loads(parts[0]),
+                         "parent_header": json.loads(parts[1]),
+                         "content": json.loads(parts[3])}
+            else:
+                assert message.type == aiohttp.WSMsgType.TEXT, message
+                reply = json.loads(message.data)
+            if reply["parent_header"].get("msg_id") == request["header"]["msg_id"] \
+                    and reply["header"]["msg_type"] == "kernel_info_reply":
+                return reply
+        raise AssertionError("no kernel_info_reply")
+
+    async def scenario():
+        await proxy.route("/user/sub", jupyter.url)
+        async with aiohttp.ClientSession(headers=jupyter.headers) as http:
+            async with http.post(f"{proxy.url}/user/sub/api/kernels",
+                                 json={"name": "python3"}) as r:
+                assert r.status == 201, await r.text()
+                kernel = (await r.json())["id"]
+            channels = f"{proxy.url}/user/sub/api/kernels/{kernel}/channels"
+            async with http.ws_connect(f"{channels}?session_id=v1", protocols=(V1,)) as ws:
+                assert ws.protocol == V1
+                reply = await kernel_info(ws, v1=True)
+                assert reply["channel"] == "shell"
+                assert reply["content"]["status"] == "ok"
+            async with http.ws_connect(f"{channels}?session_id=legacy") as ws:
+                assert ws.protocol is None
+                reply = await kernel_info(ws, v1=False)
+                assert reply["content"]["status"] == "ok"
+            async with http.delete(f"{proxy.url}/user/sub/api/kernels/{kernel}") as r:
+                assert r.status == 204
+    try:
+        asyncio.run(scenario())
+    except BaseException:
+        print(jupyter.log()[-3000:])
+        raise
+    finally:
+        jupyter.stop()
+        proxy.stop()
+
+
+def kernel_info_request() -> dict:
+    return {"header": {"msg_id": secrets.token_hex(8), "msg_type": "kernel_info_request",
+                       "username": "t", "session": secrets.token_hex(8), "version": "5.3",
+                       "date": ""},
+            "parent_header": {}, "metadata": {}, "content": {}}
 
 
 # -- a real JupyterHub ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from tornado.iostream import IOStream
 
 from session_proxy.proxy.tornado_internals import (
     KeepAliveConnection, accept_handler, add_listening_socket, chunk_output, connection_params,
-    connections, read_buffer, request_context)
+    connections, prefill_read_buffer, read_buffer, request_context)
 
 # No root, no services: part of the fast unit layer (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -229,6 +229,24 @@ def test_read_buffer():
                 head = await stream.read_until(b"\r\n\r\n")
             assert head == b"HTTP/1.1 101 x\r\n\r\n"
             assert read_buffer(stream) == b"frames", changed(
+                "IOStream._read_buffer / _read_buffer_size")
+        finally:
+            stream.close()
+            peer.close()
+    asyncio.run(main())
+
+
+def test_prefill_read_buffer():
+    """Bytes put in a new stream's read buffer are read before the socket's."""
+    async def main() -> None:
+        stream, peer = stream_pair()
+        try:
+            prefill_read_buffer(stream, b"GET / HTTP/1.1\r\n")
+            peer.sendall(b"\r\nafter")
+            async with asyncio.timeout(DEADLINE_S):
+                head = await stream.read_until(b"\r\n\r\n")
+                rest = await stream.read_bytes(5)
+            assert (head, rest) == (b"GET / HTTP/1.1\r\n\r\n", b"after"), changed(
                 "IOStream._read_buffer / _read_buffer_size")
         finally:
             stream.close()

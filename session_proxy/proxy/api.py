@@ -3,7 +3,10 @@
 ``/api/routes[/<path>]``: GET (all, optionally ``?inactive_since=<iso>``,
 or one), POST ``{"target": url, ...}`` (201), DELETE (204, 404 if absent).
 ``/api/holds[/<path>]``: GET (all), POST ``{"timeout": s}`` (201), DELETE.
-Every request needs ``Authorization: token <CONFIGPROXY_AUTH_TOKEN>``.
+``/metrics``: Prometheus metrics (``metrics``).
+``/health``: 200 and ``{"status": "ok", ...}`` while the proxy serves.
+Every request needs ``Authorization: token <CONFIGPROXY_AUTH_TOKEN>``,
+except ``/health`` and, with ``--metrics-without-token``, ``/metrics``.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import hmac
 import json
 import logging
 import math
+from collections.abc import Callable
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from tornado import web
 
 from session_proxy.proxy.routes import BadPath, BadTarget, Holds, RouteTable, parse_iso, segments
@@ -127,10 +132,47 @@ class HoldsHandler(ApiHandler):
         self.finish()
 
 
-def api_app(routes: RouteTable, holds: Holds, token: str) -> web.Application:
+class MetricsHandler(ApiHandler):
+    """Prometheus metrics, behind the token unless ``open``."""
+
+    def initialize(self, routes: RouteTable, holds: Holds, token: str,
+                   exposition: Callable[[], bytes], open: bool) -> None:
+        super().initialize(routes, holds, token)
+        self.exposition, self.open = exposition, open
+
+    def prepare(self) -> None:
+        if not self.open:
+            super().prepare()
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.exposition())
+
+
+class HealthHandler(web.RequestHandler):
+    """No token: a load balancer or a probe asks it. The answer says only
+    that the proxy runs, and how many routes and websockets it has."""
+
+    def initialize(self, status: Callable[[], dict]) -> None:
+        self.status = status
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps({"status": "ok", **self.status()}))
+
+
+def api_app(routes: RouteTable, holds: Holds, token: str,
+            exposition: Callable[[], bytes] | None = None, metrics_open: bool = False,
+            status: Callable[[], dict] | None = None) -> web.Application:
     state = {"routes": routes, "holds": holds, "token": token}
-    return web.Application([
+    handlers: list = [
         (r"/api/routes(/.*)?", RoutesHandler, state),
         (r"/api/holds(/.*)?", HoldsHandler, state),
-    ], log_function=lambda handler: log.debug(
+        (r"/health", HealthHandler, {"status": status or dict}),
+    ]
+    if exposition is not None:
+        handlers.append((r"/metrics", MetricsHandler,
+                         {**state, "exposition": exposition, "open": metrics_open}))
+    return web.Application(handlers, log_function=lambda handler: log.debug(
         "api %s %s %s", handler.get_status(), handler.request.method, handler.request.uri))

@@ -2,7 +2,10 @@
 drives with its stock ``ConfigurableHTTPProxy`` class, plus route holds so
 a session can move without its browser tabs noticing more than a pause.
 
-Requests are relayed with tornado's HTTP/1.1 connection objects directly
+Plain requests without a body take the fast path (``fastpath``: asyncio
+protocols and httptools), which hands every other request, with its client
+connection, to the tornado-based path here (``Proxy.take_over``). Here
+requests are relayed with tornado's HTTP/1.1 connection objects directly
 (no HTTP client library), over kept-alive connections to the targets, and
 bodies are streamed chunk by chunk in both directions. Websockets are
 relayed as raw bytes once the backend has accepted the upgrade (see
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import errno
 import logging
 import os
 import resource
@@ -28,25 +30,25 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from html import escape
-from urllib.parse import quote
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 
-from session_proxy.proxy import wsrelay
+from session_proxy.proxy import fastpath, pages, wsrelay
 from session_proxy.proxy.delivered import DeliveredFrames, watched
+from session_proxy.proxy.fastpath import OUT_OF_FDS
 from session_proxy.proxy.api import api_app
+from session_proxy.proxy.metrics import HttpStats, ProxyMetrics
 from session_proxy.proxy.routes import BadPath, BadTarget, HoldExpired, Holds, Route, RouteTable, segments
 from session_proxy.proxy.tornado_internals import (
     KeepAliveConnection, accept_handler, add_listening_socket, chunk_output, connection_params,
-    connections, request_context)
+    connections, prefill_read_buffer, request_context)
 from session_proxy.proxy.upstream import Upstreams
+from session_proxy.proxy.routes import strip_segments  # (in routes: fastpath uses it too)
 
 log = logging.getLogger("session_proxy")
 
@@ -57,9 +59,6 @@ UNLIMITED = 1 << 62
 # Spelled as tornado's HTTPHeaders keys them ("TE" is "Te").
 HOP_BY_HOP = frozenset({"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer",
                         "Transfer-Encoding", "Upgrade", "Expect"})
-#: accept() and connect() errors that mean "no descriptor (or memory) for
-#: a new socket now": wait for some to be freed, don't retry at once.
-OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: How long accepting pauses after running out of descriptors.
 ACCEPT_BACKOFF_S = 0.25
 #: At most one log line per this many seconds about running out of them.
@@ -67,6 +66,9 @@ LOG_EVERY_S = 60.0
 #: Descriptors kept aside from --max-connections' automatic value: the
 #: listening sockets, the route API's connections, the log, the resolver.
 RESERVED_FDS = 64
+#: An open-file limit under this is worth a warning at start: a websocket
+#: takes two descriptors, so it is a couple of thousand browser tabs.
+LOW_FD_LIMIT = 4096
 UNSUPPORTED_FLAGS = {
     "--ssl-": "TLS is not supported: terminate TLS in front of the proxy",
     "--api-ssl-": "TLS on the API is not supported: keep the API on localhost",
@@ -92,9 +94,14 @@ class Proxy:
         #: what each websocket URL's client got, for the next relay on it
         self.delivered = DeliveredFrames()
         self.websockets = 0  # relayed now: each holds a client connection
+        self.pings = wsrelay.Pings(options.websocket_ping_interval / 1000,
+                                   options.websocket_ping_timeout / 1000)
+        self.ws_stats = wsrelay.RelayStats()  # for the metrics
+        self.http_stats = HttpStats()
         self.fd_warnings = Throttled(LOG_EVERY_S)       # accepting, out of descriptors
         self.connect_warnings = Throttled(LOG_EVERY_S)  # connecting, out of descriptors
         self.public: BoundedHTTPServer | None = None
+        self.fast: set[fastpath.ClientConnection] = set()  # served by fastpath now
 
     def count_websocket(self, relay: asyncio.Future) -> None:
         """A websocket's client connection left tornado's HTTP server (which
@@ -104,11 +111,28 @@ class Proxy:
 
     def _websocket_done(self, _: asyncio.Future) -> None:
         self.websockets -= 1
+        self.client_gone()
+
+    def client_gone(self) -> None:
+        """A client connection that tornado's server doesn't count ended."""
         if self.public is not None:
             self.public.connection_gone()
 
     def client_connections(self) -> int:
-        return self.websockets + (len(connections(self.public)) if self.public else 0)
+        return (self.websockets + len(self.fast)
+                + (len(connections(self.public)) if self.public else 0))
+
+    def accept(self, sock: socket.socket, address: tuple) -> None:
+        """A new client connection on the public port: to the fast path,
+        which hands it to tornado's server (``take_over``) when it must."""
+        fastpath.accept(self, self.take_over, sock, address)
+
+    def take_over(self, sock: socket.socket, address: tuple, data: bytes) -> None:
+        """Serve a connection from the fast path with tornado, from its
+        unanswered bytes ``data`` on."""
+        stream = IOStream(sock)
+        prefill_read_buffer(stream, data)
+        self.public.handle_stream(stream, address)
 
 
 class Throttled:
@@ -198,9 +222,12 @@ class BoundedHTTPServer(HTTPServer):
         self.acceptors: list[Acceptor] = []
         self.full = False
 
-    def listen_on(self, port: int, address: str) -> None:
+    def listen_on(self, port: int, address: str,
+                  accept: Callable[[socket.socket, tuple], None] | None = None) -> None:
+        """Listen; ``accept`` takes each new connection (default: tornado's
+        own handler, to this server)."""
         for sock in bind_sockets(port, address):
-            acceptor = Acceptor(sock, accept_handler(self), self.has_room,
+            acceptor = Acceptor(sock, accept or accept_handler(self), self.has_room,
                                 self.warnings, self.name)
             self.acceptors.append(acceptor)
             add_listening_socket(self, sock, acceptor.stop)  # stop() calls acceptor.stop
@@ -290,6 +317,7 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
 
     def data_received(self, chunk: bytes) -> "asyncio.Future[None] | None":
         if self.streams_body and self.backend is not None and not self.answered:
+            self.proxy.http_stats.to_backend += len(chunk)
             return self.backend.write(chunk)
         return None
 
@@ -351,6 +379,7 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
                 return
             if not reused:
                 break
+        self.proxy.http_stats.upstream_errors += 1
         await self.error_page(503)
 
     async def start_streaming(self, request: httputil.RequestStartLine,
@@ -387,12 +416,14 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
                 self.proxy.connect_warnings.warn(f"connecting to targets: {error}")
             else:
                 log.warning("%s: %s", self.route.data.get("target"), error)
+            self.proxy.http_stats.upstream_errors += 1
             await self.error_page(503)
             return None
 
     async def relay_or_fail(self, stream: IOStream, relay: "ResponseRelay") -> None:
         """Relay the answer; a 503 page if none of it went out."""
         if not await self.relay_response(self.backend, relay, stream) and not relay.started:
+            self.proxy.http_stats.upstream_errors += 1
             await self.error_page(503)
 
     async def relay_response(self, backend: HTTP1Connection, relay: "ResponseRelay",
@@ -441,41 +472,34 @@ class ProxyRequest(httputil.HTTPMessageDelegate):
         client = self.conn.detach()
         head = [f"HTTP/1.1 101 {start_line.reason}"]
         head += [f"{name}: {value}" for name, value in headers.get_all()]
-        relay = asyncio.ensure_future(wsrelay.relay(
+        # ended: set when both sides are closed (no task waits meanwhile)
+        ended = asyncio.get_running_loop().create_future()
+        setup = asyncio.ensure_future(wsrelay.relay(
             client, backend_stream, self.route.touch,
             ("\r\n".join(head) + "\r\n\r\n").encode("latin1"),
             url=self.start_line.path,
             delivered=self.proxy.delivered if watched(self.start_line.path) else None,
-            scope=self.route.path))
-        self.keep(relay)
-        self.proxy.count_websocket(relay)
+            scope=self.route.path, pings=self.proxy.pings, stats=self.proxy.ws_stats,
+            ended=ended))
+        self.keep(setup)
+        self.proxy.count_websocket(ended)
 
     # -- answers made here -------------------------------------------------
 
     async def error_page(self, code: int) -> None:
-        """configurable-http-proxy's way: the page comes from
-        ``<error-target>/<code>?url=<path>`` when there is an error target."""
-        target = self.proxy.options.error_target
-        if target:
-            url = f"{target.rstrip('/')}/{code}?url={quote(self.start_line.path, safe='')}"
-            try:
-                reply = await AsyncHTTPClient().fetch(url, request_timeout=10,
-                                                      raise_error=False)
-                if reply.body:
-                    return await self.answer(code, reply.body, reply.headers.get(
-                        "Content-Type", "text/html"))
-            except (OSError, HTTPClientError, StreamClosedError) as error:
-                log.warning("error target %s: %s", url, error)
-        await self.answer(code, f"{code} {httputil.responses.get(code, '')}")
+        """configurable-http-proxy's way: see ``pages.error_page``."""
+        body, content_type = await pages.error_page(self.proxy.options.error_target, code,
+                                                    self.start_line.path)
+        await self.answer(code, body, content_type)
 
     async def answer(self, code: int, body: str | bytes,
                      content_type: str | None = None) -> None:
         """Respond with ``body``: a str is shown as a small HTML page."""
         if isinstance(body, str):
-            body = (f"<!DOCTYPE html><title>{code}</title>"
-                    f"<p>{escape(body)}</p>\n").encode()
+            body = pages.html_page(code, body)
             content_type = "text/html; charset=utf-8"
         self.answered = True
+        self.proxy.http_stats.answered(code)
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -511,6 +535,7 @@ class ResponseRelay(httputil.HTTPMessageDelegate):
 
     def headers_received(self, start_line: httputil.ResponseStartLine,
                          headers: httputil.HTTPHeaders) -> "asyncio.Future[None] | None":
+        self.request.proxy.http_stats.answered(start_line.code)
         if start_line.code == 101 and self.on_switch is not None:
             self.started = self.finished = self.switched = True
             self.on_switch(self.request.backend, start_line, headers)
@@ -527,6 +552,7 @@ class ResponseRelay(httputil.HTTPMessageDelegate):
         return self.request.conn.write_headers(start, headers)  # a stream: at once
 
     def data_received(self, chunk: bytes) -> "asyncio.Future[None]":
+        self.request.proxy.http_stats.to_client += len(chunk)
         if self.head is not None:
             (start, headers), self.head = self.head, None
             return self.request.conn.write_headers(start, headers, chunk)
@@ -576,16 +602,6 @@ def reusable(start_line: httputil.ResponseStartLine, headers: httputil.HTTPHeade
     return keep and delimited
 
 
-def strip_segments(path: str, count: int) -> str:
-    """``/user/alice/lab?x``, 2 -> ``/lab?x`` (for --no-include-prefix)."""
-    path, sep, query = path.partition("?")
-    parts = [p for p in path.split("/") if p]
-    rest = "/" + "/".join(parts[count:])
-    if path.endswith("/") and parts[count:]:
-        rest += "/"
-    return rest + sep + query
-
-
 # -- the command ----------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -617,6 +633,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "more wait in the listen queue. Default: about half the "
                              "file descriptors the proxy may open, as each client "
                              "connection may need one to its target as well")
+    parser.add_argument("--websocket-ping-interval", type=non_negative_ms, default=30000,
+                        metavar="MS",
+                        help="a websocket client silent this long gets a ping from the "
+                             "proxy (0: no pings; TCP keepalive stays). Default: 30000")
+    parser.add_argument("--websocket-ping-timeout", type=positive_ms, default=30000,
+                        metavar="MS",
+                        help="a websocket client that does not answer the proxy's ping "
+                             "within this is taken as gone: both sides are closed. "
+                             "Default: 30000")
+    parser.add_argument("--metrics-without-token", action="store_true",
+                        help="serve /metrics on the API port without the API token "
+                             "(default: the token is needed, as for the route API)")
     parser.add_argument("--no-x-forward", dest="x_forward", action="store_false",
                         help="don't add X-Forwarded-* headers")
     parser.add_argument("--no-include-prefix", dest="include_prefix", action="store_false",
@@ -633,6 +661,17 @@ def positive_ms(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"not a positive number of milliseconds: {text!r}")
+    return value
+
+
+def non_negative_ms(text: str) -> int:
+    """A number of milliseconds, 0 or more, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds (0 or more): {text!r}")
     return value
 
 
@@ -676,10 +715,15 @@ async def serve(options: argparse.Namespace, token: str) -> None:
         Server(proxy), max_body_size=UNLIMITED, chunk_size=CHUNK,
         max_connections=options.max_connections, count=proxy.client_connections,
         warnings=proxy.fd_warnings, name="public port", **timeouts)
-    public.listen_on(options.port, options.ip)
+    public.listen_on(options.port, options.ip, proxy.accept)
     # The route API has its own server and port, and no connection limit
     # (only the hub uses it): it keeps answering while the public port is full.
-    api = BoundedHTTPServer(api_app(proxy.routes, proxy.holds, token),
+    metrics = ProxyMetrics(proxy.routes, proxy.holds, proxy.ws_stats, proxy.http_stats,
+                           lambda: len(connections(public)) + len(proxy.fast))
+    api = BoundedHTTPServer(api_app(proxy.routes, proxy.holds, token, metrics.exposition,
+                                    options.metrics_without_token,
+                                    lambda: {"routes": len(proxy.routes.routes),
+                                             "websockets": proxy.websockets}),
                             warnings=proxy.fd_warnings, name="route API", **timeouts)
     api.listen_on(options.api_port or options.port + 1, options.api_ip)
     log.info("proxying on %s:%d, route API on %s:%d, at most %d client connections",
@@ -714,6 +758,10 @@ def main(argv: list[str] | None = None) -> None:
     level = {"warn": "WARNING"}.get(options.log_level, options.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s chspawner-proxy %(levelname)s "
                                             "%(message)s")
+    if fd_limit < LOW_FD_LIMIT:
+        log.warning("open-file limit %d (hard): room for about %d websockets; raise it "
+                    "(systemd LimitNOFILE=, ulimit -Hn) to twice the clients expected",
+                    fd_limit, default_max_connections(fd_limit))
     if options.pid_file:
         with open(options.pid_file, "w") as f:
             f.write(str(os.getpid()))

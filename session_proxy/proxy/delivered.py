@@ -145,14 +145,20 @@ class Tail:
     they came in, from a frame boundary on: what the digests of its last
     frames are taken from when it ends."""
 
+    __slots__ = ("chunks", "size")
+
     def __init__(self) -> None:
-        #: (chunk, offset of the first frame that starts in it, or None)
-        self.chunks: deque[tuple[bytes, int | None]] = deque()
+        #: (chunk, offset of the first frame that starts in it, or None);
+        #: made at the first chunk: an idle websocket's Tail stays small
+        self.chunks: deque[tuple[bytes, int | None]] | tuple = ()
         self.size = 0
 
     def add(self, data: bytes, first_frame_at: int | None) -> None:
-        if not self.chunks and first_frame_at is None:
-            return  # the rest of a frame whose start was let go
+        if not self.chunks:
+            if first_frame_at is None:
+                return  # the rest of a frame whose start was let go
+            if not isinstance(self.chunks, deque):
+                self.chunks = deque()
         self.chunks.append((data, first_frame_at))
         self.size += len(data)
         if self.size > 2 * TAIL_BYTES:  # (trimmed now and then, not per chunk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -37,6 +38,16 @@ def segments(path: str) -> Segments:
     if any(s in (".", "..") for s in parts):
         raise BadPath(f"dot segment in path: {path[:100]!r}")
     return parts
+
+
+def strip_segments(path: str, count: int) -> str:
+    """``/user/alice/lab?x``, 2 -> ``/lab?x`` (for --no-include-prefix)."""
+    path, sep, query = path.partition("?")
+    parts = [p for p in path.split("/") if p]
+    rest = "/" + "/".join(parts[count:])
+    if path.endswith("/") and parts[count:]:
+        rest += "/"
+    return rest + sep + query
 
 
 def path_of(parts: Segments) -> str:
@@ -95,6 +106,8 @@ class Route:
     path: str = "/"
     #: idle connections to ``target`` (tornado IOStreams), newest last
     idle: list = field(default_factory=list, repr=False)
+    #: the same for the fast path (fastpath.Upstream protocols)
+    fast_idle: list = field(default_factory=list, repr=False)
     retired: bool = False
 
     def touch(self) -> None:
@@ -105,6 +118,8 @@ class Route:
         self.retired = True
         while self.idle:
             self.idle.pop().close()
+        while self.fast_idle:
+            self.fast_idle.pop().close()
 
     def as_json(self) -> dict:
         return {**self.data, "last_activity": iso(self.last_activity)}
@@ -192,6 +207,10 @@ class Holds:
 
     def __init__(self) -> None:
         self.holds: dict[Segments, Hold] = {}
+        self.added = 0  # holds placed so far (a restart is not a new one)
+        #: called with (seconds waited, "released" or "expired") after each
+        #: request that waited on a hold (the metrics' histogram)
+        self.on_waited: Callable[[float, str], None] | None = None
 
     def add(self, parts: Segments, timeout: float) -> Hold:
         """Hold ``parts`` for ``timeout`` seconds from now (a second hold
@@ -201,6 +220,7 @@ class Holds:
             hold.restart(timeout)
             return hold
         hold = self.holds[parts] = Hold(parts, timeout)
+        self.added += 1
         hold.outcome.add_done_callback(lambda _: self._forget(hold))
         return hold
 
@@ -227,15 +247,21 @@ class Holds:
     async def wait(self, parts: Segments) -> None:
         """Return when no hold covers ``parts``; raise HoldExpired if the
         hold that covered it ran out."""
-        while (hold := self.covering(parts)) is not None:
-            hold.waiting += 1
-            try:
-                # shield: one waiter going away must not end the hold
-                outcome = await asyncio.shield(hold.outcome)
-            finally:
-                hold.waiting -= 1
-            if outcome == "expired":
-                raise HoldExpired(hold)
+        started = time.monotonic()
+        outcome = None  # (not covered: no wait to record)
+        try:
+            while (hold := self.covering(parts)) is not None:
+                hold.waiting += 1
+                try:
+                    # shield: one waiter going away must not end the hold
+                    outcome = await asyncio.shield(hold.outcome)
+                finally:
+                    hold.waiting -= 1
+                if outcome == "expired":
+                    raise HoldExpired(hold)
+        finally:
+            if self.on_waited is not None and outcome is not None:
+                self.on_waited(time.monotonic() - started, outcome)
 
     def as_json(self) -> dict:
         return {path_of(parts): hold.as_json() for parts, hold in self.holds.items()}

@@ -6,7 +6,8 @@ open connections (to count and cap client connections), the listening
 sockets (to accept with back-off instead of tornado's accept loop), the
 parameters read per request (a keep-alive timeout apart from the headers
 timeout), forced chunking of a request body, and an ``IOStream``'s read
-buffer (to hand a websocket's socket over with the bytes already read).
+buffer (to hand a websocket's socket over with the bytes already read,
+and to take a connection from the fast path with the bytes it read).
 
 They are used here only, so that a new tornado version that changes one
 breaks this module, not the proxy's logic, and
@@ -84,6 +85,14 @@ def chunk_output(connection: HTTP1Connection) -> None:
     wrote in chunks: tornado decides that by itself only for POST, PUT and
     PATCH requests without a length."""
     connection._chunking_output = True
+
+
+def prefill_read_buffer(stream: IOStream, data: bytes) -> None:
+    """Put ``data`` in a new ``stream``'s read buffer, as if read from its
+    socket: for a connection that arrives with bytes already read
+    (tornado has no public way to hand bytes in)."""
+    stream._read_buffer += data
+    stream._read_buffer_size += len(data)
 
 
 def read_buffer(stream: IOStream) -> bytes:
