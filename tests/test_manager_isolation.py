@@ -140,11 +140,12 @@ def proxy():
 
 async def add_route(proxy: tuple[str, str], user: str, target: str) -> None:
     """As JupyterHub's ConfigurableHTTPProxy.add_route does: the user's
-    escaped URL appended to the routes API."""
+    escaped URL appended to the routes API, the server named in the data."""
     api, token = proxy
     async with aiohttp.ClientSession(headers={"Authorization": f"token {token}"}) as http:
         async with http.post(url_path_join(api, "api/routes", server_url(user)),
-                             json={"target": target}) as r:
+                             json={"target": target, "user": user,
+                                   "server_name": ""}) as r:
             assert r.status == 201, await r.text()
 
 
@@ -160,7 +161,9 @@ async def running_manager(tmp_path: Path, proxy: tuple[str, str], db_url: str = 
                          hub_api_url=f"{hub.url}/hub/api", api_token=HUB_TOKEN,
                          proxy_api_url=proxy[0], proxy_auth_token=proxy[1],
                          service_url="", interval=0.1, probe_timeout=0.3,
-                         **settings)
+                         # The fake hub lists a server after its route came:
+                         # found by the full listings, frequent here.
+                         **{"sync_interval": 0.3, "probe_interval": 0.5, **settings})
     app.initialize([])
     task = asyncio.create_task(app.run())
     try:
@@ -288,6 +291,37 @@ def test_a_hostile_server_cannot_stop_anyone_elses_recovery(tmp_path, proxy):
         server.close()
         # What the manager took of the huge body: the socket buffers' worth.
         assert seen.bytes_sent < 64 * 1024 ** 2, seen.bytes_sent
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ cost --
+
+def test_quiet_rounds_ask_nobody_and_a_kill_is_noticed_by_the_idle_connection(
+        tmp_path, proxy):
+    """With full listings and checks far apart: the server is found by its
+    route (the hub asked about its user alone), rounds with nothing new ask
+    neither the hub nor the server anything, and the server's end is
+    noticed within a few rounds by the idle connection the manager holds
+    to it closing."""
+    async def scenario() -> None:
+        seen = Seen()
+        listener, target = await hostile_listener(seen)
+        async with running_manager(tmp_path, proxy, recover=False, sync_interval=3600,
+                                   probe_interval=3600) as (app, hub):
+            await until(lambda: app.totals["rounds"] >= 1, "the first round")
+            hub.add("alice")
+            await add_route(proxy, "alice", target)  # as the hub: once it is up
+            await until(lambda: history(app, "alice") == ["started"], "alice recorded")
+            await until(lambda: "alice" not in app.unsettled and app.watchers,
+                        "alice's server watched")
+            calls, requests, rounds = app.hub.calls, len(seen.requests), app.totals["rounds"]
+            await until(lambda: app.totals["rounds"] >= rounds + 10, "ten quiet rounds")
+            assert (app.hub.calls, len(seen.requests)) == (calls, requests)
+            assert hub.listings == 1  # the first round's full listing only
+            await listener.cleanup()
+            await until(lambda: "lost" in history(app, "alice"), "the loss to be noticed",
+                        timeout=5)
+            assert history(app, "alice") == ["started", "lost", "recovery-failed"]
     asyncio.run(scenario())
 
 

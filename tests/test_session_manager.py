@@ -420,3 +420,77 @@ def test_output_flows_on_through_a_hub_restart(independent_hub):
         wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to be back", 30)
     finally:
         asyncio.run(stop_server(hub))
+
+
+CULL_AFTER = 8  # the culler's --timeout, seconds
+
+
+@pytest.fixture(scope="module")
+def culled_hub(user, kernel_store):
+    """The session manager checking the server every second, and the real
+    jupyterhub-idle-culler culling servers idle for CULL_AFTER seconds
+    (as the center runs it: docs/admin/center_jupyterhub_config.py), with
+    activity reported every 2 s and taken to the second."""
+    state = Path(tempfile.mkdtemp(prefix="chspawner-manager-"))
+    hub = Hub(kernel_store, user.pw_name, extra_config=manager_config(
+        state, secrets.token_hex(16), free_port()) + textwrap.dedent(f"""
+            [s for s in c.JupyterHub.services if s["name"] == "{MANAGER}"][0][
+                "command"].append("--probe-interval=1")
+            c.Spawner.environment = {{"JUPYTERHUB_ACTIVITY_INTERVAL": "2"}}
+            c.JupyterHub.activity_resolution = 1
+            c.JupyterHub.services.append({{
+                "name": "idle-culler",
+                "command": ["{VENV_BIN}/python", "-m", "jupyterhub_idle_culler",
+                            "--timeout={CULL_AFTER}", "--cull-every=2"]}})
+            c.JupyterHub.load_roles.append({{
+                "name": "idle-culler", "services": ["idle-culler"],
+                "scopes": ["list:users", "read:users:activity", "read:servers",
+                           "delete:servers"]}})
+        """))
+    yield hub
+    hub.stop()
+    remove_tree(state)
+
+
+def test_the_culler_spares_a_busy_kernel_and_culls_an_idle_server(culled_hub):
+    """A cell sleeping silently, no browser open, while the manager checks
+    the server every second: not culled (a busy kernel is activity);
+    once the cell is done, the server is idle (the manager's checks are
+    not activity) and culled, which the manager records as a stop, not a
+    loss."""
+    hub = culled_hub
+    busy_for = 3 * CULL_AFTER
+    result = asyncio.run(spawn(hub, {"image": "deb", "mode": "kernels"}))
+
+    async def start_sleeping_cell() -> float:
+        async with hub.session() as http:
+            kernel, url, ws, t = await start_cell(
+                http, hub, f"import time\ntime.sleep({busy_for})\n")
+            # (execute_input: the kernel has taken the cell up)
+            await read(ws, t, lambda t: t.execution_count is not None)
+            await ws.close()  # no browser: nothing reaches the server from now on
+            return time.monotonic()
+
+    async def last_activity() -> str:
+        async with hub.session() as http:
+            async with http.get(f"{hub.url}/hub/api/users/{hub.user}") as r:
+                return (await r.json())["servers"][""]["last_activity"]
+    try:
+        assert result.get("ready"), (result, hub.log()[-3000:])
+        wait_until(lambda: history(hub)[-1:] == ["started"], "the manager to record it", 30)
+        started = asyncio.run(start_sleeping_cell())
+        before = asyncio.run(last_activity())
+        # Twice the culler's timeout without a request of the user's.
+        wait_until(lambda: time.monotonic() - started > 2 * CULL_AFTER
+                   or not asyncio.run(user_server(hub)), "the busy time to pass", 60)
+        assert asyncio.run(user_server(hub)), f"culled while busy: {hub.log()[-3000:]}"
+        assert asyncio.run(last_activity()) > before  # the busy kernel counted
+        # The cell done: idle, culled within the timeout and a round or two.
+        wait_until(lambda: not asyncio.run(user_server(hub)),
+                   f"the idle server to be culled: {asyncio.run(user_server(hub))}",
+                   busy_for + 4 * CULL_AFTER)
+        assert time.monotonic() - started > busy_for
+        wait_until(lambda: history(hub)[-1:] == ["stopped"], "the stop to be recorded", 30)
+        assert history(hub) == ["started", "stopped"]
+    finally:
+        asyncio.run(stop_server(hub))

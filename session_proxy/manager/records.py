@@ -23,12 +23,15 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from dataclasses import dataclass
+
 from sqlalchemy import (JSON, DateTime, ForeignKey, Integer, String, create_engine, func,
-                        select)
+                        select, text)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, object_session,
-                            relationship, selectinload, sessionmaker)
+from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, contains_eager,
+                            mapped_column, object_session, relationship, selectinload,
+                            sessionmaker)
 
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ class SessionRecord(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     user: Mapped[str] = mapped_column(String(255))
     server_name: Mapped[str] = mapped_column(String(255), default="")
-    # running: answering · lost: gone, recovery started · stopped: by request
+    # running: answering · lost: gone, its recovery about to start ·
+    # recovering: being started again · stopped: by request, or left stopped
     state: Mapped[str] = mapped_column(String(32), default="running")
     image: Mapped[str] = mapped_column(String(255), default="")
     mode: Mapped[str] = mapped_column(String(32), default="")
@@ -72,13 +76,15 @@ class SessionRecord(Base):
     events: Mapped[list[EventRecord]] = relationship(
         back_populates="session", order_by="EventRecord.id", cascade="all, delete-orphan")
 
-    def to_dict(self) -> dict:
-        return {"user": self.user, "server_name": self.server_name, "state": self.state,
-                "image": self.image, "mode": self.mode, "user_options": self.user_options,
-                "url": self.url, "target": self.target, "kernels": self.kernels,
-                "recoveries": self.recoveries, "created": self.created.isoformat(),
-                "updated": self.updated.isoformat(),
-                "history": [e.to_dict() for e in self.events]}
+    def to_dict(self, history: bool = True) -> dict:
+        model = {"user": self.user, "server_name": self.server_name, "state": self.state,
+                 "image": self.image, "mode": self.mode, "user_options": self.user_options,
+                 "url": self.url, "target": self.target, "kernels": self.kernels,
+                 "recoveries": self.recoveries, "created": self.created.isoformat(),
+                 "updated": self.updated.isoformat()}
+        if history:
+            model["history"] = [e.to_dict() for e in self.events]
+        return model
 
 
 class EventRecord(Base):
@@ -88,7 +94,8 @@ class EventRecord(Base):
     __tablename__ = "events"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id"))
+    # Indexed (revision 0002): a page of sessions joins its histories by it.
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id"), index=True)
     time: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True), default=now)
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str] = mapped_column(String(2048), default="")
@@ -96,6 +103,20 @@ class EventRecord(Base):
 
     def to_dict(self) -> dict:
         return {"time": self.time.isoformat(), "kind": self.kind, "detail": self.detail}
+
+
+@dataclass
+class Page:
+    """One page of the sessions: ``total`` of them match the filters."""
+    sessions: list[dict]
+    total: int
+    offset: int
+    limit: int
+
+    @property
+    def next_offset(self) -> int | None:
+        end = self.offset + len(self.sessions)
+        return end if end < self.total else None
 
 
 class StoreError(Exception):
@@ -162,10 +183,12 @@ class SessionStore:
         return {key: r for r in records if (key := (r.user, r.server_name)) in keys}
 
     @staticmethod
-    def live(db: Session) -> list[SessionRecord]:
-        return list(db.scalars(select(SessionRecord)
-                               .where(SessionRecord.state != "stopped")
-                               .order_by(SessionRecord.id)))
+    def live(db: Session, users: set[str] | None = None) -> list[SessionRecord]:
+        """The sessions not stopped: all, or those of ``users``."""
+        query = select(SessionRecord).where(SessionRecord.state != "stopped")
+        if users is not None:
+            query = query.where(SessionRecord.user.in_(users))
+        return list(db.scalars(query.order_by(SessionRecord.id)))
 
     @staticmethod
     def add_event(record: SessionRecord, kind: str, detail: str = "") -> None:
@@ -187,6 +210,59 @@ class SessionStore:
             if user is not None:
                 query = query.where(SessionRecord.user == user)
             return [r.to_dict() for r in db.scalars(query)]
+
+    def page(self, offset: int = 0, limit: int = 100, user: str | None = None,
+             state: str | None = None, since: datetime.datetime | None = None,
+             history: bool = True) -> Page:
+        """The sessions matching the filters (oldest first), ``limit`` of
+        them from ``offset``, in one query: the page is selected by the
+        database (WHERE, ORDER BY, LIMIT, OFFSET), the total counted beside
+        it (a window function over the matches, before the LIMIT), and the
+        page's histories joined to it, however many sessions there are. A
+        page past the end costs one more query, for the total. ``since``:
+        sessions created or changed (state, target) at or after it."""
+        where = []
+        if user is not None:
+            where.append(SessionRecord.user == user)
+        if state is not None:
+            where.append(SessionRecord.state == state)
+        if since is not None:
+            where.append(SessionRecord.updated >= since)
+        with self.transaction() as db:
+            # The page's ids and the total (only the ids go through the
+            # window: the rows themselves are read for the page alone).
+            matches = (select(SessionRecord.id, func.count().over().label("total"))
+                       .where(*where).order_by(SessionRecord.id)
+                       .limit(limit).offset(offset).subquery())
+            query = (select(SessionRecord, matches.c.total)
+                     .join(matches, SessionRecord.id == matches.c.id)
+                     .order_by(SessionRecord.id))
+            if history:
+                query = (query.outerjoin(SessionRecord.events)
+                         .options(contains_eager(SessionRecord.events))
+                         .order_by(EventRecord.id))
+            rows = db.execute(query).unique().all()
+            if rows:
+                total = rows[0].total
+            else:
+                total = db.scalar(select(func.count(SessionRecord.id)).where(*where))
+            sessions = [r.to_dict(history=history) for r, _ in rows]
+        return Page(sessions, total, offset, limit)
+
+    def count_states(self) -> dict[str, int]:
+        """{state: sessions in it}, in one query."""
+        with self.transaction() as db:
+            return dict(db.execute(select(SessionRecord.state, func.count())
+                                   .group_by(SessionRecord.state)).all())
+
+    def ping(self) -> bool:
+        """Whether the database answers."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
 
 
 def _safe(url: str) -> str:

@@ -124,3 +124,45 @@ async def shutdown_all(s: Servers) -> None:
         for kernel in kernels:
             async with http.delete(f"{s.base}/api/kernels/{kernel['id']}") as r:
                 assert r.status == 204
+
+
+class PlainServer:
+    """A stock jupyter_server as the test user, with its own Python kernel
+    (the venv's ipykernel), under ``base_url``: the Jupyter protocols as
+    JupyterLab 4 speaks them to a server, with nothing of chspawner."""
+
+    def __init__(self, user, user_dir: Path, base_url: str = "/") -> None:
+        self.token = secrets.token_hex(16)
+        self.port = free_port()
+        self.log_path = user_dir / "plain-server.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(AS_USER), user.pw_name, "env", f"TMPDIR={user_dir}",
+                 f"JUPYTER_RUNTIME_DIR={user_dir}/runtime",
+                 str(VENV_BIN / "jupyter-server"), "--no-browser", f"--port={self.port}",
+                 "--ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
+                 f"--ServerApp.base_url={base_url}", f"--ServerApp.root_dir={user_dir}"],
+                stdout=log, stderr=log, start_new_session=True)
+        wait_listening(self.port, self.proc, lambda: self.log()[-3000:])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"token {self.token}"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop it and its kernels (its process group)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
