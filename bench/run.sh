@@ -14,15 +14,22 @@ echo "== kernels: in an image vs native; many at once"
 "$CHSPAWNER_VENV/bin/python" -m bench.kernels --check
 echo "== kernels on a compute node (multi-node cluster): in an image vs native, srun and sbatch"
 "$CHSPAWNER_VENV/bin/python" -m bench.node_kernels --check
+echo "== listing kernels and images: records vs a walk of every image (50 images)"
+"$CHSPAWNER_VENV/bin/python" -m bench.image_listing
+"$CHSPAWNER_VENV/bin/python" -m bench.image_listing --delay-ms 1 --rounds 1
 echo "== spawning through JupyterHub: ChSpawner in an image vs LocalProcessSpawner"
 "$CHSPAWNER_VENV/bin/python" -m bench.spawn --check
 echo "== spawning on Slurm: SlurmChSpawner (kernels mode, server mode) vs batchspawner"
 "$CHSPAWNER_VENV/bin/python" -m bench.slurm_spawn
 echo "== session proxy: chspawner-proxy vs configurable-http-proxy 5.3 (HTTP, websockets)"
 "$CHSPAWNER_VENV/bin/python" -m bench.proxy --check
+echo "== session proxy: 10,000 idle websockets held, memory per websocket"
+"$CHSPAWNER_VENV/bin/python" -m bench.proxy_conns --connections 10000
 echo "== recovery: a killed server's session back (hub, session proxy, session manager), to the next cell"
 "$CHSPAWNER_VENV/bin/python" -m bench.recovery --check
 echo "== recovery on Slurm: the server's job cancelled, its kernel in a job of its own"
 "$CHSPAWNER_VENV/bin/python" -m bench.recovery --slurm
 echo "== recovery after a node loss (multi-node cluster, center hub) vs a killed server on one host"
 "$CHSPAWNER_VENV/bin/python" -m bench.node_loss --check
+echo "== a thousand users on one hub: session manager, Slurm queries, hub API, recovery; the proxy at 10,000 websockets"
+"$CHSPAWNER_VENV/bin/python" -m bench.scale --check

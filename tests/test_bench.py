@@ -1,5 +1,6 @@
 """The benchmark still runs and prints its ratios (figures: bench/run.sh).
 Each runs as a module from the repository root, as bench/run.sh runs it."""
+import json
 import re
 import subprocess
 import sys
@@ -51,6 +52,17 @@ def test_proxy_benchmark_runs():
     assert all(float(ratio) > 0 for _, ratio in ratios)
 
 
+def test_idle_websockets_benchmark_runs():
+    """Few websockets, briefly: all open, counted, closed; a cost each."""
+    out = subprocess.run([sys.executable, "-m", "bench.proxy_conns", "--connections", "200",
+                          "--hold", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["ok"] and result["opened"] == 200 and result["left_after_close"] == 0
+    assert result["rss_per_websocket_kib"] > 0
+
+
 def test_recovery_benchmark_runs(user, bookworm):
     out = subprocess.run([sys.executable, "-m", "bench.recovery", "--rounds", "1"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -80,3 +92,27 @@ def test_node_loss_benchmark_runs(user, bookworm):
     assert re.search(r"^one host: server killed .* [\d.]+s", out.stdout, re.M), out.stdout
     assert re.search(r"^cluster: server node lost, kernel on another +[\d.]+s +-?[\d.]+s",
                      out.stdout, re.M), out.stdout
+
+
+def test_scale_benchmark_runs():
+    """A small run of bench/scale.py: every figure printed (targets not
+    checked: 20 users are not 1,000)."""
+    out = subprocess.run([sys.executable, "-m", "bench.scale", "--users", "20",
+                          "--window", "5", "--losses", "1", "--connections", "200",
+                          "--proxy-rounds", "1", "--proxy-seconds", "0.5"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for figure in (r"session manager CPU s / minute +[\d.]+",
+                   r"Slurm job queries / minute, steady +\d+",
+                   r"hub API calls / minute +\d+",
+                   r"a server's loss to its answer again, among 20 .* [\d.]+ s",
+                   r"HTTP requests/s .* [\d.]+x"):
+        assert re.search(figure, out.stdout), (figure, out.stdout)
+
+
+def test_image_listing_benchmark_runs(bookworm):
+    out = subprocess.run([sys.executable, "-m", "bench.image_listing", "--images", "3",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^kernels \+ images +[\d.]+s +[\d.]+s +\d+x$", out.stdout, re.M), out.stdout
