@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from chspawner.persist.keeper import Keeper
-from chspawner.persist.records import AckFile, KernelRecords, ack_path, read_ack
+from chspawner.persist.records import AckFile, CellMap, KernelRecords, ack_path, read_ack
 
 # No root, no services: part of the fast unit layer (pytest -m unit).
 pytestmark = pytest.mark.unit
@@ -88,3 +88,26 @@ def test_an_acknowledgement_survives_its_writer_killed_at_once(tmp_path):
     died = subprocess.run([sys.executable, "-c", code, str(acks)])
     assert died.returncode == -9
     assert read_ack(acks, "s") == 41
+
+
+def test_cell_map_survives_its_writer_and_stays_bounded(tmp_path):
+    """A later server reads which cell each execution came from; a line
+    cut short by a crash is skipped; the file is compacted to the newest."""
+    path = KernelRecords(tmp_path).cells_path("k1")
+    writer = CellMap(path, keep=10)
+    writer.add("m1", "cell-a", "s1")
+    writer.add("m2", "cell-b", "s1")
+    with open(path, "a") as f:
+        f.write('{"msg_id": "m3", "cell')  # the writer killed mid-line
+    reader = CellMap(path, keep=10)
+    assert (reader.cell("m1"), reader.cell("m2"), reader.cell("m3")) == ("cell-a", "cell-b", None)
+    assert reader.session("m2") == "s1"
+    path.write_text("")  # (start over without the torn line)
+    writer = CellMap(path, keep=10)
+    for i in range(25):
+        writer.add(f"n{i}", f"c{i}")
+    assert len(path.read_text().splitlines()) < 20
+    later = CellMap(path, keep=10)
+    assert later.cell("n24") == "c24" and later.cell("n0") is None
+    reader.refresh()  # compacted under an old reader: read afresh
+    assert reader.cell("n24") == "c24"

@@ -13,6 +13,9 @@ Beside each record, ``<kernel id>.acks/`` holds, per client session, the
 sequence number of the last kernel message the session's client was sent
 (see :class:`AckFile`): a file, so that it is on record the instant it
 is written, whatever happens to the server the next instant.
+``<kernel id>.cells`` says which notebook cell each execution came from
+(see :class:`CellMap`), for a later server that writes outputs into the
+notebook or replays them to a page that did not ask for them.
 
 A record exists exactly as long as the kernel is meant to live: it is
 written when the kernel starts (and again after a restart, which changes
@@ -91,6 +94,9 @@ class KernelRecords:
     def acks_dir(self, kernel_id: str) -> Path:
         return self.directory / f"{kernel_id}.acks"
 
+    def cells_path(self, kernel_id: str) -> Path:
+        return self.directory / f"{kernel_id}.cells"
+
     def log_path(self, kernel_id: str, what: str) -> Path:
         return self.directory / f"{kernel_id}.{what}.log"
 
@@ -110,6 +116,7 @@ class KernelRecords:
         self.path(kernel_id).unlink(missing_ok=True)
         for what in ("kernel", "keeper"):
             self.log_path(kernel_id, what).unlink(missing_ok=True)
+        self.cells_path(kernel_id).unlink(missing_ok=True)
         shutil.rmtree(self.acks_dir(kernel_id), ignore_errors=True)
 
     def all(self) -> dict[str, dict]:
@@ -179,3 +186,99 @@ def read_ack(acks_dir: Path, session: str) -> int | None:
         return None
     seq = int.from_bytes(data, "big") if len(data) == AckFile.SIZE else 0
     return seq or None
+
+
+# ------------------------------------------------------------ cells ---
+
+class CellMap:
+    """Which notebook cell each execution of one kernel came from.
+
+    JupyterLab puts the id of the cell it runs in the execute_request's
+    metadata (``cellId``); the kernel's later messages name only the
+    request (their parent's ``msg_id``). The server notes each request as
+    it forwards it, one JSON line appended to ``<kernel id>.cells``
+    (``{"msg_id", "cell_id", "session"}``), so that whoever comes later, a
+    new server, a new page, the writer of outputs into the notebook, can
+    still tell which cell a message belongs to. Bounded: when the file
+    holds twice ``keep`` lines it is rewritten with the newest ``keep``.
+    A line cut short by a crash is skipped."""
+
+    def __init__(self, path: Path, keep: int = 1000):
+        self.path = Path(path)
+        self.keep = max(1, keep)
+        self._cells: dict[str, tuple[str, str]] = {}
+        self._lines = 0
+        self._read_size = 0
+        self._inode = 0
+
+    def add(self, msg_id: str, cell_id: str, session: str = "") -> None:
+        if not msg_id or not cell_id:
+            return
+        self.refresh()
+        line = json.dumps({"msg_id": msg_id, "cell_id": cell_id, "session": session})
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(line + "\n")
+            self._read_size = f.tell()
+        self._cells[msg_id] = (cell_id, session)
+        self._lines += 1
+        if self._lines >= 2 * self.keep:
+            self._compact()
+
+    def cell(self, msg_id: str) -> str | None:
+        """The cell id of the execution ``msg_id``, if known."""
+        found = self._cells.get(msg_id)
+        if found is None:
+            self.refresh()
+            found = self._cells.get(msg_id)
+        return found[0] if found else None
+
+    def session(self, msg_id: str) -> str | None:
+        """The client session that asked for the execution ``msg_id``."""
+        self.cell(msg_id)
+        found = self._cells.get(msg_id)
+        return found[1] if found else None
+
+    def refresh(self) -> None:
+        """Read what was appended since last read (by this or another process)."""
+        try:
+            with open(self.path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                if stat.st_ino != self._inode or stat.st_size < self._read_size:
+                    # new, or rewritten (compacted): read it all again
+                    self._cells.clear()
+                    self._lines = 0
+                    self._read_size = 0
+                    self._inode = stat.st_ino
+                f.seek(self._read_size)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # a line still being written waits
+        for raw in data[:end].splitlines():
+            try:
+                entry = json.loads(raw)
+                self._cells[str(entry["msg_id"])] = (str(entry["cell_id"]),
+                                                     str(entry.get("session", "")))
+            except (ValueError, KeyError, TypeError):
+                continue
+            self._lines += 1
+        self._read_size += end
+        while len(self._cells) > 2 * self.keep:  # (another process's additions)
+            self._cells.pop(next(iter(self._cells)))
+
+    def _compact(self) -> None:
+        newest = list(self._cells.items())[-self.keep:]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            for msg_id, (cell_id, session) in newest:
+                f.write(json.dumps({"msg_id": msg_id, "cell_id": cell_id,
+                                    "session": session}) + "\n")
+            size = f.tell()
+            inode = os.fstat(f.fileno()).st_ino
+        os.replace(tmp, self.path)
+        self._inode = inode
+        self._cells = dict(newest)
+        self._lines = len(newest)
+        self._read_size = size
