@@ -288,3 +288,31 @@ def test_a_replay_to_another_session_names_the_cell(servers):
     assert again.of(msg_id) and not any("chspawner_cell" in m["metadata"]
                                         for m in again.of(msg_id))
     assert all("chspawner_cell" not in m["metadata"] for m in page_a.msgs)
+
+
+@pytest.mark.unit
+def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
+    """The server drops what comes under an earlier follow until the answer
+    ("following") arrives: that answer must not be lost to a full pipe."""
+    import zmq
+    k = Keeper(tmp_path / "k.json", "ipc://unused", first_seq=1)
+    sent: list[list[bytes]] = []
+    full = [True]
+
+    def send(ident, frames, raise_again=False):
+        if full[0] and raise_again:
+            raise zmq.Again()
+        sent.append(frames)
+    k._send = send
+    try:
+        for n in range(3):
+            k.on_iopub([b"frame", str(n).encode()])
+        k._follow(b"s", "page", 1)
+        k.flush()
+        assert sent == [] and k.behind  # pipe full: kept, and soon retried
+        full[0] = False
+        k.flush()
+        assert [f[0] for f in sent] == [b"following", b"msg", b"msg"]
+        assert [f[1] for f in sent[1:]] == [b"2", b"3"] and not k.behind
+    finally:
+        k.close()
