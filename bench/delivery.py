@@ -230,8 +230,7 @@ def main() -> int:
             proxy.stop()
         for s in servers.values():
             s.close()
-        if not os.environ.get("BENCH_KEEP"):
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 if __name__ == "__main__":
