@@ -30,7 +30,10 @@ from typing import Any
 
 import zmq
 from jupyter_client.jsonutil import json_default
-from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+from jupyter_server.services.kernels.connection.base import (
+    deserialize_msg_from_ws_v1,
+    serialize_msg_to_ws_v1,
+)
 from jupyter_server.services.kernels.connection.channels import (
     ZMQChannelsWebsocketConnection,
 )
@@ -40,6 +43,7 @@ from zmq.eventloop.zmqstream import ZMQStream
 from chspawner.images.progress import format_size
 from chspawner.persist.keeper import signed_request
 from chspawner.persist.missed_replies import REBUILT, timestamp
+from chspawner.persist.notebook_outputs import note_execute_request
 from chspawner.persist.records import AckFile
 from chspawner.persist.upstream_jupyter_server import WebsocketConnectionHooks
 from chspawner.provisioner.transport import secure_client
@@ -123,7 +127,47 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             _following.setdefault(self.kernel_id, weakref.WeakSet()).add(self)
             self._follow(keeper)
         self._tell_notice()
+        writers = self._notebook_writers()
+        if writers is not None:  # a page holds the kernel: the server stops writing
+            writers.page_connected(self.kernel_id, self)
         return done
+
+    def _notebook_writers(self) -> Any:
+        return getattr(self.multi_kernel_manager, "notebook_writers", None)
+
+    def disconnect(self):
+        writers = self._notebook_writers()
+        if writers is not None:
+            handler = self.websocket_handler
+            # The client's close code (None: no close frame came, the
+            # connection broke).
+            writers.page_closed(self.kernel_id, self, getattr(handler, "close_code", None))
+        return super().disconnect()
+
+    def handle_incoming_message(self, incoming_msg: Any) -> None:
+        self._note_cell(incoming_msg)
+        return super().handle_incoming_message(incoming_msg)
+
+    def _note_cell(self, incoming_msg: Any) -> None:
+        """The notebook cell of an execute_request (its ``metadata.cellId``),
+        on record for the output written into the notebook and for replays.
+        A byte search first: most messages are not that one."""
+        try:
+            if self.subprotocol == "v1.kernel.websocket.jupyter.org":
+                if b"execute_request" not in bytes(incoming_msg):
+                    return
+                channel, parts = deserialize_msg_from_ws_v1(incoming_msg)
+                if channel != "shell":
+                    return
+                msg = {"header": json.loads(bytes(parts[0])),
+                       "metadata": json.loads(bytes(parts[2]))}
+            else:
+                if not isinstance(incoming_msg, str) or "execute_request" not in incoming_msg:
+                    return
+                msg = json.loads(incoming_msg)
+            note_execute_request(self.kernel_manager, msg, self.session.session)
+        except (ValueError, IndexError, TypeError, AttributeError, OSError) as error:
+            self.log.debug("chspawner: can't note the cell of a request: %s", error)
 
     def on_kernel_restarted(self) -> None:
         """Before the client hears "restarting" (JupyterLab then forgets the
