@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +29,8 @@ from chspawner.images.progress import format_size
 
 #: How the words the notebook is told begin (the protocol's mark).
 NOTICE = "[chspawner] "
-_DROPPED = re.compile(r"^\[chspawner\] (\d+) bytes of this cell's earliest output "
-                      r"\((\d+) whole output\(s\)\)")
+_DROPPED = re.compile(r"^\[chspawner\] (\d+) bytes of this cell's earliest output"
+                      r"(?: \((\d+) whole output\(s\)\))? were dropped")
 
 
 def apply_overwrites(text: str) -> str:
@@ -40,7 +40,7 @@ def apply_overwrites(text: str) -> str:
     back to its start keeps its carriage return, so that the next piece of
     the stream overwrites it as it should."""
     while True:  # a backspace after a character takes both
-        shorter = re.sub(r"[^\n\b]\b", "", text)
+        shorter = re.sub(r"[^\n\x08]\x08", "", text)
         if len(shorter) == len(text):
             break
         text = shorter
@@ -68,10 +68,25 @@ def output_size(output: dict) -> int:
 @dataclass
 class Output:
     """One output of a cell: the nbformat dict, its size, and the
-    ``display_id`` it was shown with (an update replaces it)."""
+    ``display_id`` it was shown with (an update replaces it). A stream's
+    text is kept in pieces, joined when written: appending to a long text
+    message by message must not copy it each time."""
     data: dict
     size: int
     display_id: str | None = None
+    chunks: deque[str] | None = None
+
+    @classmethod
+    def stream(cls, name: str, text: str = "") -> Output:
+        return cls({"output_type": "stream", "name": name}, len(text.encode()),
+                   chunks=deque([text]))
+
+    def rendered(self) -> dict:
+        if self.chunks is None:
+            return dict(self.data)
+        text = "".join(self.chunks)
+        self.chunks = deque([text])  # (joined once, not at every write)
+        return {**self.data, "text": text}
 
 
 @dataclass
@@ -92,10 +107,8 @@ class Cell:
     from_start: bool = False
     ended: bool = False
     last_seq: int = 0
-
-    @property
-    def size(self) -> int:
-        return sum(o.size for o in self.outputs)
+    #: the bytes of its outputs (kept up to date: bounds are checked per message)
+    size: int = 0
 
 
 @dataclass
@@ -170,12 +183,16 @@ class CellOutputs:
         if outputs and outputs[0].get("output_type") == "stream":
             found = _DROPPED.match("".join(outputs[0].get("text", "")))
             if found:
-                cell.dropped_bytes, cell.dropped = int(found[1]), int(found[2])
+                cell.dropped_bytes, cell.dropped = int(found[1]), int(found[2] or 0)
                 outputs.pop(0)
         for data in outputs:
-            if isinstance(data.get("text"), list):
-                data["text"] = "".join(data["text"])
-            self._append(cell, Output(data, output_size(data)))
+            if data.get("output_type") == "stream":
+                text = data.get("text", "")
+                self._append(cell, Output.stream(data.get("name", "stdout"),
+                                                 "".join(text) if isinstance(text, list)
+                                                 else text))
+            else:
+                self._append(cell, Output(data, output_size(data)))
         return cell
 
     def mark_gap(self, cell: Cell, words: str) -> None:
@@ -191,14 +208,15 @@ class CellOutputs:
         if cell.dropped_bytes:
             limits = self.limits
             notices.append(_stderr(
-                f"{NOTICE}{cell.dropped_bytes} bytes of this cell's earliest output "
-                f"({cell.dropped} whole output(s)) were dropped from the saved notebook: "
+                f"{NOTICE}{cell.dropped_bytes} bytes of this cell's earliest output"
+                + (f" ({cell.dropped} whole output(s))" if cell.dropped else "")
+                + " were dropped from the saved notebook: "
                 f"while no browser is open, the server keeps at most "
                 f"{limits.outputs_per_cell} outputs and "
                 f"{format_size(limits.bytes_per_cell, 0, 'bytes')} per cell, and "
                 f"{format_size(limits.bytes_per_kernel, 0, 'bytes')} for all cells "
                 "of a kernel. The newest follow."))
-        return notices + [dict(o.data) for o in cell.outputs]
+        return notices + [o.rendered() for o in cell.outputs]
 
     # -- internals --
 
@@ -216,14 +234,35 @@ class CellOutputs:
     def _stream(self, cell: Cell, name: str, text: str) -> None:
         self._clear_if_pending(cell)
         last = cell.outputs[-1] if cell.outputs else None
-        if last is not None and last.data.get("output_type") == "stream" \
-                and last.data.get("name") == name:
-            self._resize(cell, last, {**last.data,
-                                      "text": apply_overwrites(last.data["text"] + text)})
-        else:
-            data = {"output_type": "stream", "name": name, "text": apply_overwrites(text)}
-            self._append(cell, Output(data, output_size(data)))
+        if last is None or last.chunks is None or last.data.get("name") != name:
+            last = Output.stream(name)
+            self._append(cell, last)
+        self._extend(cell, last, text)
         self._bound(cell)
+
+    def _extend(self, cell: Cell, output: Output, text: str) -> None:
+        """Append to a stream's text. A carriage return or backspace acts
+        on the line it is on only: that line (the text after the last
+        newline) is taken back out and written again, overwritten."""
+        chunks = output.chunks
+        old = ""
+        if "\r" in text or "\x08" in text or (chunks and chunks[-1].endswith("\r")):
+            tail: list[str] = []
+            while chunks:
+                piece = chunks.pop()
+                start = piece.rfind("\n") + 1
+                if start:  # the line begins in this piece
+                    chunks.append(piece[:start])
+                    tail.append(piece[start:])
+                    break
+                tail.append(piece)
+            old = "".join(reversed(tail))
+            text = apply_overwrites(old + text)
+        chunks.append(text)
+        delta = len(text.encode()) - len(old.encode())
+        output.size += delta
+        cell.size += delta
+        self.total_bytes += delta
 
     def _output(self, cell: Cell, kind: str, content: dict) -> None:
         self._clear_if_pending(cell)
@@ -258,10 +297,12 @@ class CellOutputs:
 
     def _append(self, cell: Cell, output: Output) -> None:
         cell.outputs.append(output)
+        cell.size += output.size
         self.total_bytes += output.size
 
     def _resize(self, cell: Cell, output: Output, data: dict) -> None:
         size = output_size(data)
+        cell.size += size - output.size
         self.total_bytes += size - output.size
         output.data, output.size = data, size
 
@@ -271,6 +312,7 @@ class CellOutputs:
 
     def _clear(self, cell: Cell) -> None:
         self.total_bytes -= cell.size
+        cell.size = 0
         cell.outputs.clear()
         cell.clear_pending = False
         cell.dropped = cell.dropped_bytes = 0
@@ -297,6 +339,7 @@ class CellOutputs:
 
     def _drop_first(self, cell: Cell) -> None:
         gone = cell.outputs.pop(0)
+        cell.size -= gone.size
         self.total_bytes -= gone.size
         cell.dropped += 1
         cell.dropped_bytes += gone.size
@@ -305,13 +348,26 @@ class CellOutputs:
         """Cut ``excess`` bytes (or more, to a line's start) off the front
         of the cell's one output, when it is a stream; else drop it."""
         output = cell.outputs[0]
-        if output.data.get("output_type") != "stream":
+        if output.chunks is None:
             self._drop_first(cell)
             return
-        raw = output.data["text"].encode()
-        cut = raw.find(b"\n", excess - 1) + 1 or len(raw)
-        kept = raw[cut:].decode(errors="ignore")
-        self._resize(cell, output, {**output.data, "text": kept})
+        chunks, cut, line_start = output.chunks, 0, True
+        while chunks and (cut < excess or not line_start):
+            raw = chunks[0].encode()
+            # to the end of the line holding byte ``excess`` (or the next line's start)
+            want = max(excess - cut, 1)
+            end = raw.find(b"\n", want - 1) + 1 if want <= len(raw) else 0
+            if not end:  # the piece goes whole
+                chunks.popleft()
+                cut += len(raw)
+                line_start = raw.endswith(b"\n") if raw else line_start
+                continue
+            chunks[0] = raw[end:].decode(errors="ignore")
+            cut += end
+            line_start = True
+        output.size -= cut
+        cell.size -= cut
+        self.total_bytes -= cut
         cell.dropped_bytes += cut  # (part of one: not a whole output)
 
 
