@@ -95,8 +95,12 @@ async def until_written_to_the_end(s: Servers, kernel: str, path: Path) -> dict:
         nb = saved(path)
         return info and info["execution_state"] == "idle" and \
             holds(nb, kernel) >= info["last_seq"] and nb
-    return await asyncio.to_thread(wait_until, done, "the notebook written to the cell's end",
-                                   90, 0.2)
+    try:
+        return await asyncio.to_thread(wait_until, done,
+                                       "the notebook written to the cell's end", 90, 0.2)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; on disk: {saved(path)}; the server's log: "
+                             f"{s.log()[-4000:]}") from None
 
 
 N = 40

@@ -57,6 +57,7 @@ from typing import Any
 
 import zmq
 from jupyter_core.utils import ensure_async
+from jupyter_server.serverapp import ServerApp
 from zmq.eventloop.zmqstream import ZMQStream
 
 from chspawner.persist.keeper import signed_request
@@ -159,6 +160,9 @@ class NotebookWriter:
 
     def page_connected(self, page: Any) -> None:
         self.pages.add(page)
+        if self.active:
+            self.log.info("chspawner: a page holds kernel %s again: no more writing into %s",
+                          self.kernel_id, self.path)
         self.stop()
 
     def page_closed(self, page: Any, close_code: int | None) -> None:
@@ -182,11 +186,10 @@ class NotebookWriter:
         self._cancel_timer()
         if len(self.pages) or self.active or not self.owner.manager.notebook_outputs:
             return
-        if not hasattr(type(self.owner.manager.parent), "session_manager"):
-            return  # not in a Jupyter server: no notebooks to write
         if not self.owner.ready:
-            self.start_later(1.0)  # (a server still starting: no sessions yet)
-            return
+            if isinstance(self.owner.manager.parent, ServerApp):
+                self.start_later(1.0)  # (a server still starting: no sessions yet)
+            return  # (else not in a Jupyter server: no notebooks to write)
         self._record(True)
         self.task = asyncio.ensure_future(self._begin())
 
@@ -224,6 +227,7 @@ class NotebookWriter:
             self.path = await self.owner.notebook_path(self.kernel_id)
             km = self.km
             if not self.path or not getattr(km, "keeper_address", ""):
+                self.log.debug("chspawner: kernel %s: no notebook to write into", self.kernel_id)
                 return  # not a notebook's kernel (a console), or no keeper
             model = await ensure_async(self.owner.contents_manager.get(
                 self.path, content=True, type="notebook"))
@@ -238,13 +242,16 @@ class NotebookWriter:
             self.seq = self.replay_until = 0
             self.lost = None
             self.stream = self._follow(km)
+            self.log.info("chspawner: no page holds kernel %s: writing its output into %s",
+                          self.kernel_id, self.path)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the notebook unreadable, gone, not JSON...
             self.log.warning("chspawner: not writing kernel %s's output into %r: %s",
                              self.kernel_id, self.path, error)
         finally:
-            self.task = None
+            if self.task is asyncio.current_task():  # (not a later start's)
+                self.task = None
 
     def _follow(self, km: Any) -> ZMQStream:
         """Follow the keeper from the oldest message it holds (an
@@ -433,7 +440,8 @@ class NotebookWriters:
             return ""
         try:
             model = await ensure_async(sessions.get_session(kernel_id=kernel_id))
-        except Exception:  # (404: no session for it)
+        except Exception as error:  # (404: no session for it)
+            self.log.debug("chspawner: kernel %s has no session: %s", kernel_id, error)
             return ""
         path = model.get("path") or ""
         return path if model.get("type") == "notebook" or path.endswith(".ipynb") else ""
