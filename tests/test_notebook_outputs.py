@@ -198,3 +198,41 @@ def test_beyond_the_bound_the_notebook_says_what_was_dropped(servers):
     assert "(16 whole output(s))" in notice and "at most 5 outputs" in notice, notice
     assert ["".join(o["data"]["text/plain"]) for o in outputs[1:]] == [
         "15", "16", "17", "18", "19"]
+
+
+def test_a_page_that_comes_back_stops_the_writing_and_its_leaving_resumes_it(servers):
+    """A reload mid-cell: the first page goes (the server writes), the
+    reloaded page (a new client session) connects (the server stops
+    writing: the page has the notebook open), and leaves before the cell
+    ends; the notebook then holds the whole cell, once."""
+    s = servers
+
+    async def scenario():
+        s.start()
+        async with aiohttp.ClientSession(headers=s.headers) as http:
+            code = count_to(N, 0.2)
+            kernel, (cell,) = await open_notebook(http, s, "reload.ipynb", [code])
+            path = s.user_dir / "reload.ipynb"
+            session = uuid.uuid4().hex
+            ws = await connect(http, s, kernel, session)
+            await warm_up(ws)
+            t = await run_cell(ws, code, cell, session)
+            await read(ws, t, lambda t: len(t.numbers) >= 2, timeout=60)
+            await ws.close()
+            await asyncio.to_thread(wait_until, lambda: holds(saved(path), kernel),
+                                    "the first write", 60, 0.1)
+            again = await connect(http, s, kernel, uuid.uuid4().hex)  # the reloaded page
+            await asyncio.to_thread(
+                wait_until, lambda: f"a page holds kernel {kernel} again" in s.log(),
+                "the writing to stop", 30, 0.1)
+            stopped_at = holds(saved(path), kernel)
+            seen = Transcript(t.msg_id)
+            await read(again, seen, lambda t: len(t.numbers) >= 1, timeout=60)
+            await again.close()
+            nb = await until_written_to_the_end(s, kernel, path)
+            return cell, t, stopped_at, nb
+    cell, t, stopped_at, nb = asyncio.run(scenario())
+    written = cell_of(nb, cell)
+    assert printed(written) == list(range(1, N + 1))
+    assert written["execution_count"] == t.execution_count is not None
+    assert holds(nb, nb["metadata"]["chspawner"]["outputs"]["kernel_id"]) > stopped_at
