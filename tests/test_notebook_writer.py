@@ -211,3 +211,32 @@ def test_nothing_is_written_when_the_page_was_sent_it_all(setup):
     writer = asyncio.run(scenario())
     assert not writer.dirty and writer.writing is None
     assert "chspawner" not in notebook(root)["metadata"]
+
+
+@pytest.mark.parametrize("protocol", ["v1.kernel.websocket.jupyter.org", None])
+def test_the_connection_notes_the_cell_of_each_execute_request(tmp_path, protocol):
+    """As JupyterLab 4 sends it (the binary v1 protocol) and as older
+    clients do (JSON): the request's ``metadata.cellId`` is on record for
+    the writer; other messages are left alone."""
+    from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+
+    from chspawner.persist.kernel_connection import ReplayingKernelConnection
+
+    session = Session(key=b"secret")
+    acks = tmp_path / f"{KERNEL}.acks"
+    km = types.SimpleNamespace(acks_dir=str(acks))
+    connection = types.SimpleNamespace(subprotocol=protocol, kernel_manager=km,
+                                       session=types.SimpleNamespace(session="page-1"),
+                                       log=logging.getLogger("test"))
+    request = session.msg("execute_request", {"code": "1"}, metadata={"cellId": "cell-7"})
+    other = session.msg("kernel_info_request", {})
+    for msg in (request, other):
+        if protocol:
+            wire = serialize_msg_to_ws_v1(msg, "shell", session.pack)
+        else:
+            wire = json.dumps({**msg, "channel": "shell"}, default=str)
+        ReplayingKernelConnection._note_cell(connection, wire)
+    cells = CellMap(tmp_path / f"{KERNEL}.cells")
+    assert cells.cell(request["header"]["msg_id"]) == "cell-7"
+    assert cells.session(request["header"]["msg_id"]) == "page-1"
+    assert cells.cell(other["header"]["msg_id"]) is None

@@ -17,6 +17,9 @@ container provisioner) is
 - followed by a *keeper* (:mod:`chspawner.persist.keeper`), a process
   outside the server that keeps the kernel's last IOPub messages, numbered,
   for the websocket connection to replay.
+- written into its notebook while no page holds it: the kernel's output,
+  by the server, through its contents manager
+  (:mod:`chspawner.persist.notebook_outputs`; the ``notebook_*`` settings).
 
 A kernel the provisioner runs as a Slurm job of its own (launcher
 ``sbatch``: the provisioner's ``in_job``) has its keeper inside that job,
