@@ -240,3 +240,19 @@ def test_the_connection_notes_the_cell_of_each_execute_request(tmp_path, protoco
     assert cells.cell(request["header"]["msg_id"]) == "cell-7"
     assert cells.session(request["header"]["msg_id"]) == "page-1"
     assert cells.cell(other["header"]["msg_id"]) is None
+
+
+def test_a_notebook_deleted_meanwhile_is_not_brought_back(setup):
+    root, manager = setup
+
+    async def scenario():
+        kernel = Kernel(manager.km.session, manager.km.cell_map)
+        writer = await writer_of(manager)
+        (root / "n.ipynb").unlink()  # deleted while no page holds the kernel
+        writer._on_frames(following(3))
+        writer._on_frames(kernel.frames(1, "execute_input", {"code": "", "execution_count": 1}))
+        writer._on_frames(kernel.stream(2, "1\n"))
+        writer._on_frames(kernel.frames(3, "status", {"execution_state": "idle"}))
+        await until(lambda: not writer.active, "the writer to stop")
+    asyncio.run(scenario())
+    assert not (root / "n.ipynb").exists()

@@ -125,6 +125,10 @@ def recorded(nb: Any, kernel_id: str) -> int | None:
     return None
 
 
+class Changed(Exception):
+    """The notebook changed between reading it and saving it."""
+
+
 class NotebookWriter:
     """Writes one kernel's output into its notebook while no page holds it."""
 
@@ -396,13 +400,26 @@ class NotebookWriter:
             meta = nb.metadata.setdefault("chspawner", {})
             meta["outputs"] = {"kernel_id": self.kernel_id,
                                "seq": max(seq, recorded(nb, self.kernel_id) or 0)}
+            # Never bring back a notebook deleted (or renamed) meanwhile, nor
+            # save over a change made since it was read: look again, just
+            # before saving (a 404 if it is gone).
+            now = await ensure_async(cm.get(self.path, content=False, type="notebook"))
+            if now.get("last_modified") != model.get("last_modified"):
+                raise Changed()
             await ensure_async(cm.save({"type": "notebook", "format": "json",
                                         "content": nb}, self.path))
         except Exception as error:
-            self.log.warning("chspawner: can't write kernel %s's output into %r: %s",
-                             self.kernel_id, self.path, error)
+            if getattr(error, "status_code", None) == 404:
+                self.log.info("chspawner: %s is gone: no more writing kernel %s's output",
+                              self.path, self.kernel_id)
+                self.stop()
+                return
+            if not isinstance(error, Changed):
+                self.log.warning("chspawner: can't write kernel %s's output into %r: %s",
+                                 self.kernel_id, self.path, error)
             if self.cells is cells:
-                self.dirty.update(todo)  # tried again at the next change
+                self.dirty.update(todo)  # tried again
+                self._flush_soon(self.owner.manager.notebook_write_interval)
         finally:
             self.writing = None
 
