@@ -46,7 +46,10 @@ from typing import Any
 
 import zmq
 from jupyter_client.jsonutil import json_default
-from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+from jupyter_server.services.kernels.connection.base import (
+    deserialize_msg_from_ws_v1,
+    serialize_msg_to_ws_v1,
+)
 from jupyter_server.services.kernels.connection.channels import (
     ZMQChannelsWebsocketConnection,
 )
@@ -60,7 +63,8 @@ from chspawner.persist.delivery import (
     Recent, metadata_keys, parse_received, uncertain_notice, with_metadata)
 from chspawner.persist.keeper import DELIM, signed_request
 from chspawner.persist.missed_replies import REBUILT, timestamp
-from chspawner.persist.records import AckFile, CellMap, KernelRecords
+from chspawner.persist.notebook_outputs import cell_map
+from chspawner.persist.records import AckFile, CellMap
 from chspawner.persist.upstream_jupyter_server import WebsocketConnectionHooks, on_abort
 from chspawner.provisioner.transport import secure_client
 
@@ -72,8 +76,6 @@ _following: dict[str, weakref.WeakSet] = {}
 _uncertain: dict[str, dict[str, list[tuple[dict, int]]]] = {}
 #: the most client sessions per kernel whose uncertain messages are kept
 MAX_UNCERTAIN_SESSIONS = 100
-#: kernel id -> its CellMap, shared by its connections
-_cells: dict[str, CellMap] = {}
 V1 = "v1.kernel.websocket.jupyter.org"
 
 
@@ -89,7 +91,6 @@ def close_connections(kernel_id: str, reason: str) -> None:
 def forget_connections(kernel_id: str) -> weakref.WeakSet:
     """Stop tracking the kernel's connections (a kernel gone for good)."""
     _uncertain.pop(kernel_id, None)
-    _cells.pop(kernel_id, None)
     return _following.pop(kernel_id, weakref.WeakSet())
 
 
@@ -136,15 +137,9 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         return self._received
 
     def cell_map(self) -> CellMap | None:
-        """The kernel's CellMap (None: a kernel without a keeper's records)."""
-        acks = getattr(self.kernel_manager, "acks_dir", "")
-        if not acks:
-            return None
-        cells = _cells.get(self.kernel_id)
-        if cells is None:
-            path = KernelRecords(Path(acks).parent).cells_path(self.kernel_id)
-            cells = _cells[self.kernel_id] = CellMap(path)
-        return cells
+        """The kernel's CellMap (None: a kernel without a keeper's records),
+        one per kernel, shared with the kernel's notebook writer."""
+        return cell_map(self.kernel_manager)
 
     def _keeper_address(self) -> str:
         return getattr(self.kernel_manager, "keeper_address", "") or ""
@@ -220,15 +215,28 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
                 on_abort(ws, self._note_broken)
             self._tell_uncertain()
         self._tell_notice()
+        writers = self._notebook_writers()
+        if writers is not None:  # a page holds the kernel: the server stops writing
+            writers.page_connected(self.kernel_id, self)
         return done
 
     def _note_broken(self) -> None:
         self._broken = True
 
+    def _notebook_writers(self) -> Any:
+        return getattr(self.multi_kernel_manager, "notebook_writers", None)
+
     def disconnect(self):
         keeper = self.channels.get("iopub") if self.channels else None
         if self._broken and getattr(keeper, "keeper_session", None) is not None:
             self._keep_uncertain(keeper)
+        writers = self._notebook_writers()
+        if writers is not None:
+            # The client's close code (None: no close frame came, the
+            # connection broke): a page that left on purpose has the
+            # server write the kernel's output into its notebook.
+            writers.page_closed(self.kernel_id, self,
+                                getattr(self.websocket_handler, "close_code", None))
         return super().disconnect()
 
     def _keep_uncertain(self, stream: ZMQStream) -> None:
