@@ -221,11 +221,13 @@ def test_the_connection_notes_the_cell_of_each_execute_request(tmp_path, protoco
     from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
 
     from chspawner.persist.kernel_connection import ReplayingKernelConnection
+    from chspawner.persist.notebook_outputs import cell_map
 
     session = Session(key=b"secret")
     acks = tmp_path / f"{KERNEL}.acks"
     km = types.SimpleNamespace(acks_dir=str(acks))
     connection = types.SimpleNamespace(subprotocol=protocol, kernel_manager=km,
+                                       cell_map=lambda: cell_map(km),
                                        session=types.SimpleNamespace(session="page-1"),
                                        log=logging.getLogger("test"))
     request = session.msg("execute_request", {"code": "1"}, metadata={"cellId": "cell-7"})
