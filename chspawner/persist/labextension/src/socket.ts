@@ -91,12 +91,20 @@ type Listener = ((ev: MessageEvent) => any) | null;
 
 /** Hand only new messages to the socket's `onmessage` and message listeners. */
 function filterMessages(ws: WebSocket, target: IChannelsTarget, store: ReceivedStore): void {
+  // One verdict per event: a socket whose onmessage setter adds a message
+  // listener (Playwright's WebSocket mock does) passes it through both.
+  const verdicts = new WeakMap<object, boolean>();
   const isNew = (ev: MessageEvent): boolean => {
-    const info = readSeq(ev.data, ws.protocol);
-    if (info === null || info.seq === null || info.channel !== 'iopub') {
-      return true;
+    let verdict = verdicts.get(ev);
+    if (verdict === undefined) {
+      const info = readSeq(ev.data, ws.protocol);
+      verdict =
+        info === null || info.seq === null || info.channel !== 'iopub'
+          ? true
+          : store.admit(target, info.seq);
+      verdicts.set(ev, verdict);
     }
-    return store.admit(target, info.seq);
+    return verdict;
   };
   let handler: Listener = null;
   let wrapped: Listener = null;

@@ -35,12 +35,25 @@ class FakeSocket {
   }
 }
 
+/** A socket whose onmessage setter adds a message listener, as Playwright's mock does. */
+class ListeningSocket extends FakeSocket {
+  private _handler: ((ev: any) => void) | null = null;
+  get onmessage(): ((ev: any) => void) | null {
+    return this._handler;
+  }
+  set onmessage(value: ((ev: any) => void) | null) {
+    if (this._handler) this.removeEventListener('message', this._handler);
+    this._handler = value;
+    if (value) this.addEventListener('message', value);
+  }
+}
+
 const URL_S1 = 'ws://h/api/kernels/k1/channels?session_id=s1';
 
-function setup(seed: (k: string) => number | null = () => null) {
+function setup(seed: (k: string) => number | null = () => null, Base: any = FakeSocket) {
   FakeSocket.made = [];
   const store = new ReceivedStore(seed);
-  const Ws = persistingWebSocket(FakeSocket as any, store);
+  const Ws = persistingWebSocket(Base, store);
   return { store, Ws };
 }
 
@@ -118,4 +131,16 @@ test('message listeners are filtered as onmessage is; other URLs are left alone'
   FakeSocket.made[1].deliver(v1Frame(message(1)));
   FakeSocket.made[1].deliver(v1Frame(message(1)));
   assert.equal(seen.length, 2);
+});
+
+test('a base whose onmessage setter adds a listener filters each message once', () => {
+  const { Ws } = setup(undefined, ListeningSocket);
+  const ws = new Ws(URL_S1) as any;
+  const got: any[] = [];
+  ws.onmessage = (ev: any) => got.push(ev);
+  for (const seq of [1, 2, 2, 3]) FakeSocket.made[0].deliver(v1Frame(message(seq)));
+  assert.deepEqual(texts(got), ['1\n', '2\n', '3\n']);
+  ws.onmessage = null;
+  FakeSocket.made[0].deliver(v1Frame(message(4)));
+  assert.equal(got.length, 3);
 });
