@@ -214,6 +214,11 @@ class NumberingServer:
         self.seq = 1_000_000  # the keeper's numbers are microseconds: large
         self.sockets: list[WebSocketRoute] = []
         self.last_stream = 0
+        self.stream_kernel = ""  # the kernel of the last stream message
+
+    @classmethod
+    def kernel_of(cls, url: str) -> str:
+        return cls.KERNEL_CHANNELS.search(url).group().split("/")[3]
 
     def route(self, ws: WebSocketRoute) -> None:
         self.sockets.append(ws)
@@ -225,7 +230,13 @@ class NumberingServer:
         numbered, msg_type = self.numbered(data)
         ws.send(numbered)
         if msg_type == "stream":
+            self.stream_kernel = self.kernel_of(ws.url)
             ws.send(numbered)  # the copy the extension must drop
+
+    def socket_of(self, kernel_id: str) -> WebSocketRoute:
+        """The kernel's latest websocket (the page may have others open:
+        JupyterLab restores the notebooks of its last visit)."""
+        return [ws for ws in self.sockets if self.kernel_of(ws.url) == kernel_id][-1]
 
     def numbered(self, data: str | bytes) -> tuple[str | bytes, str]:
         if isinstance(data, str):  # the legacy JSON protocol
@@ -302,12 +313,12 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
                 # The connection cut (4000: not a close JupyterLab takes as
                 # final): its reconnection asks for what follows the last
                 # message the page got, the cell's idle status at least.
-                first = numbering.sockets[-1]
-                kernel_id = NumberingServer.KERNEL_CHANNELS.search(first.url).group().split("/")[3]
+                kernel_id = numbering.stream_kernel
+                channels = f"/api/kernels/{kernel_id}/channels"
+                first = numbering.socket_of(kernel_id)
                 assert received_arg(first.url) is None, first.url  # nothing known yet
-                with page.expect_websocket(
-                        lambda ws: NumberingServer.KERNEL_CHANNELS.search(ws.url) is not None,
-                        timeout=KERNEL_MS) as reconnected:
+                with page.expect_websocket(lambda ws: channels in ws.url,
+                                           timeout=KERNEL_MS) as reconnected:
                     sent = numbering.seq
                     first.close(code=4000, reason="cut by the test")
                 received = received_arg(reconnected.value.url)
@@ -321,22 +332,24 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
                 after = numbering.last_stream
 
                 # The page's save records what it holds of the kernel.
+                tab = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-current")
+                dirty = re.compile(r"\bjp-mod-dirty\b")
+                expect(tab).to_have_class(dirty)  # its outputs are not saved yet
                 page.keyboard.press("Control+s")
-                expect(page.locator(".jp-NotebookPanel:visible .jp-mod-dirty")).to_have_count(
-                    0, timeout=PAGE_MS)
-                saved = asyncio.run(saved_notebook(hub))
+                expect(tab).not_to_have_class(dirty, timeout=PAGE_MS)
+                saved = saved_notebook(page, hub, kernel_id)
                 record = saved["metadata"]["chspawner"]["outputs"]
                 assert record["kernel_id"] == kernel_id, record
                 assert after <= record["seq"] <= numbering.seq, (record, after, numbering.seq)
 
                 # A new page asks, on its first connection, from that record.
-                with page.expect_websocket(
-                        lambda ws: NumberingServer.KERNEL_CHANNELS.search(ws.url) is not None,
-                        timeout=LAB_MS) as loaded:
+                with page.expect_websocket(lambda ws: channels in ws.url,
+                                           timeout=LAB_MS) as loaded:
                     page.reload()
                 assert received_arg(loaded.value.url) == record["seq"], loaded.value.url
             except Exception as failure:
-                raise AssertionError(explain(failure, page, hub)) from failure
+                raise AssertionError(explain(failure, page, hub) + "\n--- browser console:\n"
+                                     + "\n".join(console[-40:])) from failure
             finally:
                 browser.close()
     finally:
@@ -344,18 +357,19 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
         asyncio.run(stop_server(hub))
 
 
-async def saved_notebook(hub: Hub) -> dict:
-    """The notebook open on the user's server, as saved on disk (through the
-    server's contents API, as the tester service)."""
+def saved_notebook(page: Page, hub: Hub, kernel_id: str) -> dict:
+    """The notebook of ``kernel_id``, as saved on disk (through the server's
+    contents API, with the page's own login: Playwright's sync API keeps an
+    event loop running, so not through the asyncio helpers)."""
     api = f"{hub.url}/user/{hub.user}/api"
-    async with hub.session() as http:
-        async with http.get(f"{api}/sessions") as r:
-            r.raise_for_status()
-            paths = [s["path"] for s in await r.json() if s["type"] == "notebook"]
-        assert len(paths) == 1, paths
-        async with http.get(f"{api}/contents/{urllib.parse.quote(paths[0])}") as r:
-            r.raise_for_status()
-            return (await r.json())["content"]
+    answer = page.request.get(f"{api}/sessions")
+    assert answer.ok, answer.status
+    paths = [s["path"] for s in answer.json()
+             if s["type"] == "notebook" and s["kernel"]["id"] == kernel_id]
+    assert len(paths) == 1, paths
+    answer = page.request.get(f"{api}/contents/{urllib.parse.quote(paths[0])}")
+    assert answer.ok, answer.status
+    return answer.json()["content"]
 
 
 async def delete_notebooks(hub: Hub) -> None:
