@@ -336,6 +336,8 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
                 dirty = re.compile(r"\bjp-mod-dirty\b")
                 expect(tab).to_have_class(dirty)  # its outputs are not saved yet
                 page.keyboard.press("Control+s")
+                # An untitled notebook's first save asks for a name: keep it.
+                page.locator(".jp-Dialog .jp-mod-accept", has_text="Save").click()
                 expect(tab).not_to_have_class(dirty, timeout=PAGE_MS)
                 saved = saved_notebook(page, hub, kernel_id)
                 record = saved["metadata"]["chspawner"]["outputs"]
