@@ -233,6 +233,22 @@ class NumberingServer:
             self.stream_kernel = self.kernel_of(ws.url)
             ws.send(numbered)  # the copy the extension must drop
 
+    def send_foreign(self, kernel_id: str, cell_id: str, count: int, text: str) -> None:
+        """What the server sends a page of the output of a cell another page
+        ran: replayed (marked with the cell), then live (unmarked)."""
+        parent = {"msg_id": f"other-page-{self.seq}", "msg_type": "execute_request",
+                  "session": "other-page", "username": "", "date": "", "version": "5.3"}
+        for msg_type, content, mark in (
+                ("execute_input", {"code": f"print({text!r})", "execution_count": count},
+                 {"chspawner_cell": cell_id}),
+                ("stream", {"name": "stdout", "text": text + "\n"}, {})):
+            header = {**parent, "msg_id": f"{parent['msg_id']}-{msg_type}",
+                      "msg_type": msg_type, "session": "kernel"}
+            parts = [b"iopub", json.dumps(header).encode(), json.dumps(parent).encode(),
+                     json.dumps({"chspawner_seq": self.next(msg_type), **mark}).encode(),
+                     json.dumps(content).encode()]
+            self.socket_of(kernel_id).send(v1_frame(parts))
+
     def socket_of(self, kernel_id: str) -> WebSocketRoute:
         """The kernel's latest websocket (the page may have others open:
         JupyterLab restores the notebooks of its last visit)."""
@@ -257,17 +273,23 @@ class NumberingServer:
         metadata = json.loads(parts[3])
         metadata["chspawner_seq"] = self.next(msg_type)
         parts[3] = json.dumps(metadata).encode()
-        offsets = [8 * (len(parts) + 2)]
-        for part in parts:
-            offsets.append(offsets[-1] + len(part))
-        head = b"".join(n.to_bytes(8, "little") for n in [len(offsets), *offsets])
-        return head + b"".join(parts), msg_type
+        return v1_frame(parts), msg_type
 
     def next(self, msg_type: str) -> int:
         self.seq += 1
         if msg_type == "stream":
             self.last_stream = self.seq
         return self.seq
+
+
+def v1_frame(parts: list[bytes]) -> bytes:
+    """channel, header, parent header, metadata, content (and buffers) as a
+    v1.kernel.websocket.jupyter.org frame."""
+    offsets = [8 * (len(parts) + 2)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    head = b"".join(n.to_bytes(8, "little") for n in [len(offsets), *offsets])
+    return head + b"".join(parts)
 
 
 def received_arg(url: str) -> int | None:
@@ -282,8 +304,9 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
     another part, tested with it), the page shows each message once though
     each arrives twice; when its kernel websocket is cut, JupyterLab's
     reconnection asks for what follows the last message it got
-    (``chspawner_received``); its save records that in the notebook; and the
-    page loaded again asks from that record."""
+    (``chspawner_received``); output of a cell another page ran shows in
+    that cell; its save records what it holds in the notebook; and the page
+    loaded again asks from that record."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} missing: run scripts/setup-system.sh")
     kernel = "Python 3 (ipykernel) — image deb"
@@ -343,6 +366,25 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
                 record = saved["metadata"]["chspawner"]["outputs"]
                 assert record["kernel_id"] == kernel_id, record
                 assert after <= record["seq"] <= numbering.seq, (record, after, numbering.seq)
+
+                # Output of a cell another page ran (the server marks what it
+                # replays of it with the cell's id) shows in that cell here,
+                # and the next save holds it, and says so.
+                numbering.send_foreign(kernel_id, saved["cells"][0]["id"], 42, "from another page")
+                first_cell = cells.nth(0)
+                expect(first_cell.locator(".jp-Cell-outputArea")).to_have_text(
+                    "from another page", timeout=PAGE_MS)
+                expect(first_cell.locator(".jp-InputPrompt")).to_contain_text("[42]")
+                foreign = numbering.last_stream
+                expect(tab).to_have_class(dirty)
+                page.keyboard.press("Control+s")
+                expect(tab).not_to_have_class(dirty, timeout=PAGE_MS)
+                saved = saved_notebook(page, hub, kernel_id)
+                record = saved["metadata"]["chspawner"]["outputs"]
+                assert foreign <= record["seq"] <= numbering.seq, (record, foreign)
+                assert saved["cells"][0]["execution_count"] == 42, saved["cells"][0]
+                assert saved["cells"][0]["outputs"] == [
+                    {"output_type": "stream", "name": "stdout", "text": "from another page\n"}]
 
                 # A new page asks, on its first connection, from that record.
                 with page.expect_websocket(lambda ws: channels in ws.url,
