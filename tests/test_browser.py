@@ -386,6 +386,23 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
                 assert saved["cells"][0]["outputs"] == [
                     {"output_type": "stream", "name": "stdout", "text": "from another page\n"}]
 
+                # The server writes outputs the page has (section 4 of the
+                # protocol, stood in for by a write through the contents API)
+                # while the page is away; back, with them rendered, the page
+                # saves over them without JupyterLab's "File Changed".
+                on_disk = json.loads(json.dumps(saved))  # the server's holds a little less
+                on_disk["metadata"]["chspawner"]["outputs"]["seq"] -= 1
+                write_as_server(page, hub, on_disk)
+                with page.expect_console_message(
+                        lambda m: "the next save replaces them" in m.text, timeout=KERNEL_MS):
+                    numbering.socket_of(kernel_id).close(code=4000, reason="cut by the test")
+                with page.expect_response(lambda r: r.request.method == "PUT"
+                                          and "/api/contents/" in r.url) as put:
+                    page.keyboard.press("Control+s")
+                assert put.value.ok, put.value.status
+                expect(page.locator(".jp-Dialog")).to_have_count(0)
+                record = saved_notebook(page, hub, kernel_id)["metadata"]["chspawner"]["outputs"]
+
                 # A new page asks, on its first connection, from that record.
                 with page.expect_websocket(lambda ws: channels in ws.url,
                                            timeout=LAB_MS) as loaded:
@@ -399,6 +416,20 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
     finally:
         asyncio.run(delete_notebooks(hub))
         asyncio.run(stop_server(hub))
+
+
+def write_as_server(page: Page, hub: Hub, notebook: dict) -> None:
+    """Write ``notebook`` over the open one on disk, as the server does when
+    it writes outputs into a notebook no page holds."""
+    api = f"{hub.url}/user/{hub.user}/api"
+    paths = [s["path"] for s in page.request.get(f"{api}/sessions").json()
+             if s["type"] == "notebook"
+             and s["kernel"]["id"] == notebook["metadata"]["chspawner"]["outputs"]["kernel_id"]]
+    xsrf = next(c["value"] for c in page.context.cookies() if c["name"] == "_xsrf")
+    answer = page.request.put(f"{api}/contents/{urllib.parse.quote(paths[0])}",
+                              data={"type": "notebook", "format": "json", "content": notebook},
+                              headers={"X-XSRFToken": xsrf})
+    assert answer.ok, (answer.status, answer.text())
 
 
 def saved_notebook(page: Page, hub: Hub, kernel_id: str) -> dict:
