@@ -17,14 +17,13 @@ import { INotebookModel, INotebookTracker, NotebookPanel } from '@jupyterlab/not
 import { Kernel, KernelMessage } from '@jupyterlab/services';
 
 import { ForeignOutputs, ICellLike } from './foreign';
+import { Reconnector } from './retry';
 import { persistingWebSocket, ReceivedStore } from './socket';
 import { onlyServerWrites, outputsRecord, sourcesOf } from './sources';
 import { acceptDiskVersion } from './upstream';
 import { seqOf } from './wire';
 
 const PLUGIN_ID = '@chspawner/jupyterlab-persist:plugin';
-/** Longest wait between tries to reconnect a kernel JupyterLab gave up on. */
-const MAX_RETRY_MS = 60_000;
 /** How long a page waits for a replay to reach what the server wrote to disk. */
 const CATCH_UP_MS = 60_000;
 
@@ -204,47 +203,23 @@ function followKernel(
     }
   });
 
-  // Reconnecting after JupyterLab gave up.
-  let delay = 1000;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  let wasConnected = kernel.connectionStatus === 'connected';
-  const tryNow = (): void => {
-    clearTimeout(timer);
-    timer = undefined;
-    if (!current() || kernel.status === 'dead' || kernel.connectionStatus !== 'disconnected') {
-      return;
-    }
-    if (navigator.onLine === false) {
-      retryLater();
-      return;
-    }
-    console.info(`[chspawner] kernel ${kernel.id}: connection given up, trying again`);
-    kernel.reconnect().catch(() => undefined); // 'disconnected' again: retryLater
-  };
-  const retryLater = (): void => {
-    if (timer === undefined) {
-      timer = setTimeout(tryNow, delay);
-      delay = Math.min(2 * delay, MAX_RETRY_MS);
-    }
-  };
-  const onOnline = (): void => tryNow();
+  // Reconnecting after JupyterLab gave up (retry.ts).
+  const reconnector = new Reconnector(kernel);
+  const onOnline = (): void => reconnector.nudge();
   const onVisible = (): void => {
     if (document.visibilityState === 'visible') {
-      tryNow();
+      reconnector.nudge();
     }
   };
   window.addEventListener('online', onOnline);
   document.addEventListener('visibilitychange', onVisible);
+  let wasConnected = kernel.connectionStatus === 'connected';
   kernel.connectionStatusChanged.connect((_, status: Kernel.ConnectionStatus) => {
     if (!current()) {
       return;
     }
-    if (status === 'disconnected') {
-      retryLater();
-    } else if (status === 'connected') {
-      clearTimeout(timer);
-      timer = undefined;
-      delay = 1000;
+    reconnector.statusChanged(status);
+    if (status === 'connected') {
       if (wasConnected) {
         void reconcile(app, state, kernel).catch(error =>
           console.warn('[chspawner] checking the notebook on disk failed:', error)
@@ -254,7 +229,7 @@ function followKernel(
     }
   });
   kernel.disposed.connect(() => {
-    clearTimeout(timer);
+    reconnector.dispose();
     window.removeEventListener('online', onOnline);
     document.removeEventListener('visibilitychange', onVisible);
   });
