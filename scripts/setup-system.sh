@@ -38,10 +38,16 @@ if [[ -e $clone && $(cat $clone) == 0 ]]; then echo 1 > $clone; fi
 [[ $(cat /proc/sys/user/max_user_namespaces) -gt 0 ]] \
     || die "user namespaces are disabled (user.max_user_namespaces = 0)"
 
+# Node.js and npm: JupyterHub's proxy, and the build of chspawner's JupyterLab
+# extension (scripts/hatch_labextension.py, run by setup-venv.sh's install).
+# Debian's npm brings Debian's nodejs; a Node.js installed otherwise (with its
+# own npm) is kept.
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >&2
+fi
 # JupyterHub's proxy. Debian's node-configurable-http-proxy 4.5.3 is broken
 # beside this machine's Node.js; the npm registry's 5.3.0 works.
 if ! command -v configurable-http-proxy >/dev/null; then
-    command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >&2
     npm install -g --silent configurable-http-proxy@5.3.0 >&2
 fi
 

@@ -8,11 +8,14 @@ JupyterLab, opens a notebook and runs a cell that reads a file only the image
 has. The answer proves that the page, the proxy, the hub, the spawner, the
 containerized server and its kernel all work together as a user sees them.
 And on the multi-node cluster, through a center's hub: a kernel lost with
-its node is told in the notebook, in words, and the next cell runs.
+its node is told in the notebook, in words, and the next cell runs. And
+chspawner's JupyterLab extension (@chspawner/jupyterlab-persist) at work in
+the JupyterLab kernels mode serves.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import urllib.parse
@@ -20,7 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Locator,
+    Page,
+    WebSocketRoute,
+    expect,
+    sync_playwright,
+)
 
 from tests.harness.hub import Hub, stop_server
 
@@ -188,6 +198,253 @@ def test_a_kernel_lost_with_its_node_is_told_in_the_notebook(center_hub) -> None
             cluster.restore(node)
         asyncio.run(delete_notebooks(hub))
         asyncio.run(stop_server(hub))
+
+
+class NumberingServer:
+    """Stands in for the server's side of chspawner's delivery protocol
+    (docs/user/persistent-kernels.md) on the page's kernel websockets, through
+    Playwright's websocket routing: numbers each IOPub message as the server
+    does (``metadata.chspawner_seq``) and sends every ``stream`` message
+    twice, as a server replaying what it could not know arrived would.
+    Everything else goes through untouched, both ways."""
+
+    KERNEL_CHANNELS = re.compile(r"/api/kernels/[^/?]+/channels")
+
+    def __init__(self) -> None:
+        self.seq = 1_000_000  # the keeper's numbers are microseconds: large
+        self.sockets: list[WebSocketRoute] = []
+        self.last_stream = 0
+        self.stream_kernel = ""  # the kernel of the last stream message
+
+    @classmethod
+    def kernel_of(cls, url: str) -> str:
+        return cls.KERNEL_CHANNELS.search(url).group().split("/")[3]
+
+    def route(self, ws: WebSocketRoute) -> None:
+        self.sockets.append(ws)
+        server = ws.connect_to_server()
+        ws.on_message(server.send)
+        server.on_message(lambda data: self.to_page(ws, data))
+
+    def to_page(self, ws: WebSocketRoute, data: str | bytes) -> None:
+        numbered, msg_type = self.numbered(data)
+        ws.send(numbered)
+        if msg_type == "stream":
+            self.stream_kernel = self.kernel_of(ws.url)
+            ws.send(numbered)  # the copy the extension must drop
+
+    def send_foreign(self, kernel_id: str, cell_id: str, count: int, text: str) -> None:
+        """What the server sends a page of the output of a cell another page
+        ran: replayed (marked with the cell), then live (unmarked)."""
+        parent = {"msg_id": f"other-page-{self.seq}", "msg_type": "execute_request",
+                  "session": "other-page", "username": "", "date": "", "version": "5.3"}
+        for msg_type, content, mark in (
+                ("execute_input", {"code": f"print({text!r})", "execution_count": count},
+                 {"chspawner_cell": cell_id}),
+                ("stream", {"name": "stdout", "text": text + "\n"}, {})):
+            header = {**parent, "msg_id": f"{parent['msg_id']}-{msg_type}",
+                      "msg_type": msg_type, "session": "kernel"}
+            parts = [b"iopub", json.dumps(header).encode(), json.dumps(parent).encode(),
+                     json.dumps({"chspawner_seq": self.next(msg_type), **mark}).encode(),
+                     json.dumps(content).encode()]
+            self.socket_of(kernel_id).send(v1_frame(parts))
+
+    def socket_of(self, kernel_id: str) -> WebSocketRoute:
+        """The kernel's latest websocket (the page may have others open:
+        JupyterLab restores the notebooks of its last visit)."""
+        return [ws for ws in self.sockets if self.kernel_of(ws.url) == kernel_id][-1]
+
+    def numbered(self, data: str | bytes) -> tuple[str | bytes, str]:
+        if isinstance(data, str):  # the legacy JSON protocol
+            msg = json.loads(data)
+            if msg.get("channel") != "iopub":
+                return data, ""
+            msg["metadata"]["chspawner_seq"] = self.next(msg["header"]["msg_type"])
+            return json.dumps(msg), msg["header"]["msg_type"]
+        # v1.kernel.websocket.jupyter.org: a count of offsets, the offsets
+        # (little-endian uint64), then channel, header, parent header,
+        # metadata, content and buffers.
+        count = int.from_bytes(data[:8], "little")
+        offsets = [int.from_bytes(data[8 * i:8 * i + 8], "little") for i in range(1, count + 1)]
+        parts = [data[a:b] for a, b in zip(offsets, offsets[1:])]
+        if parts[0] != b"iopub":
+            return data, ""
+        msg_type = json.loads(parts[1])["msg_type"]
+        metadata = json.loads(parts[3])
+        metadata["chspawner_seq"] = self.next(msg_type)
+        parts[3] = json.dumps(metadata).encode()
+        return v1_frame(parts), msg_type
+
+    def next(self, msg_type: str) -> int:
+        self.seq += 1
+        if msg_type == "stream":
+            self.last_stream = self.seq
+        return self.seq
+
+
+def v1_frame(parts: list[bytes]) -> bytes:
+    """channel, header, parent header, metadata, content (and buffers) as a
+    v1.kernel.websocket.jupyter.org frame."""
+    offsets = [8 * (len(parts) + 2)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    head = b"".join(n.to_bytes(8, "little") for n in [len(offsets), *offsets])
+    return head + b"".join(parts)
+
+
+def received_arg(url: str) -> int | None:
+    match = re.search(r"[?&]chspawner_received=(\d+)", url)
+    return int(match.group(1)) if match else None
+
+
+def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
+    """Kernels mode: the venv's JupyterLab, with chspawner's persist plugins,
+    loads chspawner's extension from the wheel (no build step). With the
+    server's numbering stood in for (NumberingServer; the server's own is
+    another part, tested with it), the page shows each message once though
+    each arrives twice; when its kernel websocket is cut, JupyterLab's
+    reconnection asks for what follows the last message it got
+    (``chspawner_received``); output of a cell another page ran shows in
+    that cell; its save records what it holds in the notebook; and the page
+    loaded again asks from that record."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} missing: run scripts/setup-system.sh")
+    kernel = "Python 3 (ipykernel) — image deb"
+    numbering = NumberingServer()
+    page: Page | None = None
+    console: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser: Browser = pw.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(PAGE_MS)
+                page.on("console", lambda m: console.append(m.text))
+                page.route_web_socket(NumberingServer.KERNEL_CHANNELS, numbering.route)
+                log_in_and_spawn(page, hub, image="deb", mode="kernels")
+                notebook = open_notebook(page, hub, kernel="image deb")
+                output = run_first_cell(
+                    page, notebook, "for i in range(1, 6): print(i, flush=True)",
+                    kernel=kernel)
+                # Every number once, though every stream message came twice.
+                expect(output).to_have_text("1\n2\n3\n4\n5", timeout=KERNEL_MS)
+                assert any("@chspawner/jupyterlab-persist:plugin is active" in line
+                           for line in console), console[-20:]
+                expect(page.locator("#jp-main-statusbar")).to_contain_text(
+                    f"{kernel} | Idle", timeout=KERNEL_MS)
+
+                # The connection cut (4000: not a close JupyterLab takes as
+                # final): its reconnection asks for what follows the last
+                # message the page got, the cell's idle status at least.
+                kernel_id = numbering.stream_kernel
+                channels = f"/api/kernels/{kernel_id}/channels"
+                first = numbering.socket_of(kernel_id)
+                assert received_arg(first.url) is None, first.url  # nothing known yet
+                with page.expect_websocket(lambda ws: channels in ws.url,
+                                           timeout=KERNEL_MS) as reconnected:
+                    sent = numbering.seq
+                    first.close(code=4000, reason="cut by the test")
+                received = received_arg(reconnected.value.url)
+                assert received is not None, reconnected.value.url
+                assert numbering.last_stream < received <= sent, (received, numbering.last_stream, sent)
+
+                # After the reconnect: still once each.
+                cells = notebook.locator(".jp-Cell")
+                answer = run_cell(page, cells.nth(cells.count() - 1), "print('after')")
+                expect(answer).to_have_text("after", timeout=KERNEL_MS)
+                after = numbering.last_stream
+
+                # The page's save records what it holds of the kernel.
+                tab = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-current")
+                dirty = re.compile(r"\bjp-mod-dirty\b")
+                expect(tab).to_have_class(dirty)  # its outputs are not saved yet
+                page.keyboard.press("Control+s")
+                # An untitled notebook's first save asks for a name: keep it.
+                page.locator(".jp-Dialog .jp-mod-accept", has_text="Save").click()
+                expect(tab).not_to_have_class(dirty, timeout=PAGE_MS)
+                saved = saved_notebook(page, hub, kernel_id)
+                record = saved["metadata"]["chspawner"]["outputs"]
+                assert record["kernel_id"] == kernel_id, record
+                assert after <= record["seq"] <= numbering.seq, (record, after, numbering.seq)
+
+                # Output of a cell another page ran (the server marks what it
+                # replays of it with the cell's id) shows in that cell here,
+                # and the next save holds it, and says so.
+                numbering.send_foreign(kernel_id, saved["cells"][0]["id"], 42, "from another page")
+                first_cell = cells.nth(0)
+                expect(first_cell.locator(".jp-Cell-outputArea")).to_have_text(
+                    "from another page", timeout=PAGE_MS)
+                expect(first_cell.locator(".jp-InputPrompt")).to_contain_text("[42]")
+                foreign = numbering.last_stream
+                expect(tab).to_have_class(dirty)
+                page.keyboard.press("Control+s")
+                expect(tab).not_to_have_class(dirty, timeout=PAGE_MS)
+                saved = saved_notebook(page, hub, kernel_id)
+                record = saved["metadata"]["chspawner"]["outputs"]
+                assert foreign <= record["seq"] <= numbering.seq, (record, foreign)
+                assert saved["cells"][0]["execution_count"] == 42, saved["cells"][0]
+                assert saved["cells"][0]["outputs"] == [
+                    {"output_type": "stream", "name": "stdout", "text": "from another page\n"}]
+
+                # The server writes outputs the page has (section 4 of the
+                # protocol, stood in for by a write through the contents API)
+                # while the page is away; back, with them rendered, the page
+                # saves over them without JupyterLab's "File Changed".
+                on_disk = json.loads(json.dumps(saved))  # the server's holds a little less
+                on_disk["metadata"]["chspawner"]["outputs"]["seq"] -= 1
+                write_as_server(page, hub, on_disk)
+                with page.expect_console_message(
+                        lambda m: "the next save replaces them" in m.text, timeout=KERNEL_MS):
+                    numbering.socket_of(kernel_id).close(code=4000, reason="cut by the test")
+                with page.expect_response(lambda r: r.request.method == "PUT"
+                                          and "/api/contents/" in r.url) as put:
+                    page.keyboard.press("Control+s")
+                assert put.value.ok, put.value.status
+                expect(page.locator(".jp-Dialog")).to_have_count(0)
+                record = saved_notebook(page, hub, kernel_id)["metadata"]["chspawner"]["outputs"]
+
+                # A new page asks, on its first connection, from that record.
+                with page.expect_websocket(lambda ws: channels in ws.url,
+                                           timeout=LAB_MS) as loaded:
+                    page.reload()
+                assert received_arg(loaded.value.url) == record["seq"], loaded.value.url
+            except Exception as failure:
+                raise AssertionError(explain(failure, page, hub) + "\n--- browser console:\n"
+                                     + "\n".join(console[-40:])) from failure
+            finally:
+                browser.close()
+    finally:
+        asyncio.run(delete_notebooks(hub))
+        asyncio.run(stop_server(hub))
+
+
+def write_as_server(page: Page, hub: Hub, notebook: dict) -> None:
+    """Write ``notebook`` over the open one on disk, as the server does when
+    it writes outputs into a notebook no page holds."""
+    api = f"{hub.url}/user/{hub.user}/api"
+    paths = [s["path"] for s in page.request.get(f"{api}/sessions").json()
+             if s["type"] == "notebook"
+             and s["kernel"]["id"] == notebook["metadata"]["chspawner"]["outputs"]["kernel_id"]]
+    xsrf = next(c["value"] for c in page.context.cookies() if c["name"] == "_xsrf")
+    answer = page.request.put(f"{api}/contents/{urllib.parse.quote(paths[0])}",
+                              data={"type": "notebook", "format": "json", "content": notebook},
+                              headers={"X-XSRFToken": xsrf})
+    assert answer.ok, (answer.status, answer.text())
+
+
+def saved_notebook(page: Page, hub: Hub, kernel_id: str) -> dict:
+    """The notebook of ``kernel_id``, as saved on disk (through the server's
+    contents API, with the page's own login: Playwright's sync API keeps an
+    event loop running, so not through the asyncio helpers)."""
+    api = f"{hub.url}/user/{hub.user}/api"
+    answer = page.request.get(f"{api}/sessions")
+    assert answer.ok, answer.status
+    paths = [s["path"] for s in answer.json()
+             if s["type"] == "notebook" and s["kernel"]["id"] == kernel_id]
+    assert len(paths) == 1, paths
+    answer = page.request.get(f"{api}/contents/{urllib.parse.quote(paths[0])}")
+    assert answer.ok, answer.status
+    return answer.json()["content"]
 
 
 async def delete_notebooks(hub: Hub) -> None:
