@@ -41,7 +41,7 @@ def servers(request, user, user_dir, kernel_store):
     s = Servers(user, user_dir, kernel_store,
                 [f"--PersistentKernelManager.keeper_check_interval={INTERVAL}"])
     yield s
-    for log in sorted(s.user_dir.glob("server-*.log")):  # shown when a test fails
+    for log in sorted(s.user_dir.glob("server-*.log")) + sorted(s.state_dir.glob("*.log")):
         print(f"--- {log.name}\n{log.read_text(errors='replace')[-6000:]}")
     s.close()
 
