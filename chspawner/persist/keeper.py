@@ -409,16 +409,19 @@ class Keeper:
     def serve(self, poller: zmq.Poller, timeout_ms: int = 100) -> None:
         """One round: take in kernel output and requests, stream out."""
         events = dict(poller.poll(timeout_ms))
-        if self.sub in events:
-            for _ in range(1000):  # drain, but keep serving requests
-                try:
-                    self.on_iopub(self.sub.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+        # Requests first: a new session follows "from now", and a follow
+        # that waited while we were starved of CPU (a loaded host) came
+        # before the output that piled up meanwhile, which it must get.
         if self.router in events:
             for _ in range(1000):
                 try:
                     self.on_request(self.router.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        if self.sub in events:
+            for _ in range(1000):  # drain, but keep serving requests
+                try:
+                    self.on_iopub(self.sub.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
                     break
         self.flush()
