@@ -25,6 +25,8 @@ echo "== session proxy: chspawner-proxy vs configurable-http-proxy 5.3 (HTTP, we
 "$CHSPAWNER_VENV/bin/python" -m bench.proxy --check
 echo "== session proxy: 10,000 idle websockets held, memory per websocket"
 "$CHSPAWNER_VENV/bin/python" -m bench.proxy_conns --connections 10000
+echo "== delivery: seq in every kernel message vs today's relay (through chspawner-proxy); replay of 10,000 missed"
+"$CHSPAWNER_VENV/bin/python" -m bench.delivery --check
 echo "== recovery: a killed server's session back (hub, session proxy, session manager), to the next cell"
 "$CHSPAWNER_VENV/bin/python" -m bench.recovery --check
 echo "== recovery on Slurm: the server's job cancelled, its kernel in a job of its own"

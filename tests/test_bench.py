@@ -63,6 +63,18 @@ def test_idle_websockets_benchmark_runs():
     assert result["rss_per_websocket_kib"] > 0
 
 
+def test_delivery_benchmark_runs(user, bookworm):
+    """Small: both relays, a ratio, and a replay timed (no targets checked)."""
+    out = subprocess.run([sys.executable, "-m", "bench.delivery", "--messages", "500",
+                          "--missed", "300", "--rounds", "1"], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ratio = re.search(r"^messages/s through chspawner-proxy .* ([\d.]+)x", out.stdout, re.M)
+    replay = re.search(r"^reconnect to last of 300 missed \(s\) +- +([\d.]+)", out.stdout, re.M)
+    assert ratio and float(ratio[1]) > 0, out.stdout
+    assert replay and float(replay[1]) > 0, out.stdout
+
+
 def test_recovery_benchmark_runs(user, bookworm):
     out = subprocess.run([sys.executable, "-m", "bench.recovery", "--rounds", "1"],
                          capture_output=True, text=True, timeout=300, cwd=REPO)

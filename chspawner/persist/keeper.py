@@ -7,10 +7,15 @@ buffer, each with a sequence number (1, 2, ...). A Jupyter server reads
 them over the keeper's ZMQ ROUTER socket, a Unix socket in the state
 directory. Frames, client to keeper:
 
-``[b"follow", SESSION]``
+``[b"follow", SESSION]`` or ``[b"follow", SESSION, RECEIVED]``
     Stream IOPub to me for client session SESSION: every message after the
     last one the session acknowledged, then each new one as it comes. A
-    session with no acknowledgement yet starts from now.
+    session with no acknowledgement yet starts from now. RECEIVED (decimal):
+    the session's client says it holds every message up to that seq (its
+    page's own count, see kernel_connection's ``chspawner_received``):
+    the session then resumes right after it, even below what was recorded
+    as sent; a number above the newest message is ignored, one below this
+    keeper's first (an earlier keeper's) means all it holds.
 ``[b"info"]``
     Reply ``[b"info", JSON]``: last and oldest seq, the kernel's last
     execution state, sessions.
@@ -154,6 +159,10 @@ class Follower:
     session: str
     cursor: int
     notice: dict | None = None  # a "lost" notice still to send
+    #: the "following" answer, still to send (first: a server drops what
+    #: comes under an earlier follow until it has it, so it must not be
+    #: lost to a full pipe)
+    following: bytes | None = None
 
 
 @dataclass
@@ -194,6 +203,7 @@ class Keeper:
         self.router.maxmsgsize = MAX_REQUEST
         self.nonces: OrderedDict[bytes, float] = OrderedDict()
         self.auth = None
+        self.behind = False  # a follower's pipe was full at the last flush
 
     # -- sockets --
 
@@ -300,7 +310,7 @@ class Keeper:
         if self.signed and not self._fresh_and_signed(frames[1:]):
             return  # not from a holder of the kernel's key, or a replay: no answer
         if verb == b"follow" and args:
-            self._follow(ident, args[0].decode())
+            self._follow(ident, args[0].decode(), _received(args[1:2]))
         elif verb == b"info":
             self._send(ident, [b"info", json.dumps(self.info()).encode()])
 
@@ -345,8 +355,12 @@ class Keeper:
                 "execution_state": self.execution_state,
                 "sessions": {s: self.acked(s) for s in self.sessions}, "pid": os.getpid()}
 
-    def _follow(self, ident: bytes, session: str) -> None:
+    def _follow(self, ident: bytes, session: str, received: int | None = None) -> None:
         acked = self.acked(session)
+        if received is not None and received <= self.buffer.last_seq:
+            # What the client holds, not what a server sent (maybe into a
+            # socket that broke): an earlier keeper's number means none of ours.
+            acked = max(received, self.first_seq - 1)
         if acked is None:
             acked = self.buffer.last_seq  # new: from now on
         self.sessions[session] = acked
@@ -354,10 +368,9 @@ class Keeper:
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
         cursor = acked + 1
-        self._send(ident, [b"following", json.dumps({
+        follower = Follower(session, cursor, following=json.dumps({
             "last_seq": self.buffer.last_seq,
-            "missed_replies": self.executions.missed_by(session, acked)}).encode()])
-        follower = Follower(session, cursor)
+            "missed_replies": self.executions.missed_by(session, acked)}).encode())
         if cursor < self.buffer.oldest_seq:
             follower.notice = {"lost": self.buffer.oldest_seq - cursor,
                                "first_seq": cursor, "oldest_seq": self.buffer.oldest_seq,
@@ -369,8 +382,12 @@ class Keeper:
     # -- streaming out --
 
     def flush(self) -> None:
+        self.behind = False
         for ident, follower in list(self.followers.items()):
             try:
+                if follower.following is not None:
+                    self._send(ident, [b"following", follower.following], raise_again=True)
+                    follower.following = None
                 if follower.notice is not None:
                     self._send(ident, [b"lost", json.dumps(follower.notice).encode()],
                                raise_again=True)
@@ -389,7 +406,8 @@ class Keeper:
                                raise_again=True)
                     follower.cursor += 1
             except zmq.Again:
-                continue  # its pipe is full: the next flush goes on
+                self.behind = True  # its pipe is full: the next flush goes on, soon
+                continue
             except zmq.ZMQError:
                 self.followers.pop(ident, None)  # gone (server closed or died)
 
@@ -407,8 +425,11 @@ class Keeper:
     # -- main loop --
 
     def serve(self, poller: zmq.Poller, timeout_ms: int = 100) -> None:
-        """One round: take in kernel output and requests, stream out."""
-        events = dict(poller.poll(timeout_ms))
+        """One round: take in kernel output and requests, stream out. A
+        follower behind (its pipe was full) is flushed again within a
+        millisecond: a replay must not wait for the next event (a ROUTER
+        can't poll for one follower's room)."""
+        events = dict(poller.poll(min(timeout_ms, 1) if self.behind else timeout_ms))
         # Requests first: a new session follows "from now", and a follow
         # that waited while we were starved of CPU (a loaded host) came
         # before the output that piled up meanwhile, which it must get.
@@ -554,6 +575,15 @@ class Keeper:
                 os.unlink(self.address.removeprefix("ipc://"))
             except OSError:
                 pass
+
+
+def _received(frames: list[bytes]) -> int | None:
+    """A follow's RECEIVED argument (None: absent or not a number)."""
+    try:
+        value = int(frames[0])
+    except (IndexError, ValueError):
+        return None
+    return value if value >= 0 else None
 
 
 def sign(key: bytes, frames: list[bytes]) -> bytes:

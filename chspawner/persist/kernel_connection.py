@@ -18,6 +18,22 @@ has not received yet; if more were produced than the keeper holds, it is
 first told how many were lost. A cell that ended meanwhile gets its
 ``execute_reply`` rebuilt (:mod:`chspawner.persist.missed_replies`).
 Shell, control and stdin go straight to the kernel, as before.
+
+End to end (what a page *received*, not what a socket accepted):
+
+- every IOPub message relayed from the keeper carries the keeper's number
+  in its metadata, ``chspawner_seq``; notices made here carry
+  ``chspawner_notice``; a replayed message whose execution another client
+  session asked for carries its notebook cell's id, ``chspawner_cell``
+  (from :class:`~chspawner.persist.records.CellMap`, where each
+  execute_request's ``cellId`` is noted as it is forwarded);
+- ``chspawner_received=<seq>`` on the websocket URL (chspawner's JupyterLab
+  extension sends it) says the page holds everything up to ``<seq>``: the
+  session resumes right after it, even below what was recorded as sent;
+- a client without it whose websocket ended without its close frame (a
+  proxy killed, a network cut) is told, on its next connection, how many
+  messages written in the last ``delivery_uncertain_seconds`` may be
+  missing, in the output area of the cells they belong to.
 """
 from __future__ import annotations
 
@@ -38,20 +54,31 @@ from jupyter_server.services.kernels.connection.base import (
 from jupyter_server.services.kernels.connection.channels import (
     ZMQChannelsWebsocketConnection,
 )
+from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 from tornado.websocket import WebSocketClosedError
+from traitlets import Bool, Float
 from zmq.eventloop.zmqstream import ZMQStream
 
 from chspawner.images.progress import format_size
-from chspawner.persist.keeper import signed_request
+from chspawner.persist.delivery import (
+    Recent, metadata_keys, parse_received, uncertain_notice, with_metadata)
+from chspawner.persist.keeper import DELIM, signed_request
 from chspawner.persist.keeper_state import GAP_REBUILT, Takeover, rebuilt_reply
 from chspawner.persist.missed_replies import REBUILT, timestamp
-from chspawner.persist.records import AckFile, read_ack
-from chspawner.persist.upstream_jupyter_server import WebsocketConnectionHooks
+from chspawner.persist.notebook_outputs import cell_map
+from chspawner.persist.records import AckFile, CellMap, read_ack
+from chspawner.persist.upstream_jupyter_server import WebsocketConnectionHooks, on_abort
 from chspawner.provisioner.transport import secure_client
 
 
 #: kernel id -> its open connections that follow its keeper
 _following: dict[str, weakref.WeakSet] = {}
+#: kernel id -> {client session: [(parent header, count)] of messages that
+#: may not have reached it: its websocket broke just after they were written}
+_uncertain: dict[str, dict[str, list[tuple[dict, int]]]] = {}
+#: the most client sessions per kernel whose uncertain messages are kept
+MAX_UNCERTAIN_SESSIONS = 100
+V1 = "v1.kernel.websocket.jupyter.org"
 
 
 def close_connections(kernel_id: str, reason: str) -> None:
@@ -83,15 +110,56 @@ MAX_PENDING = 1000
 
 def forget_connections(kernel_id: str) -> weakref.WeakSet:
     """Stop tracking the kernel's connections (a kernel gone for good)."""
+    _uncertain.pop(kernel_id, None)
     return _following.pop(kernel_id, weakref.WeakSet())
 
 
 class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketConnection):
     """Stock kernel websocket connection, IOPub from the keeper."""
 
+    delivery_uncertain_seconds = Float(
+        10.0,
+        help="After a client's websocket ends without its close frame (a proxy "
+             "killed, a network cut, a ping timeout), the kernel messages written "
+             "to it in this many seconds before count as maybe not received: a "
+             "client reconnecting without chspawner_received (no chspawner "
+             "JupyterLab extension) is told how many, in the cells' output.",
+    ).tag(config=True)
+
+    annotate_seq = Bool(
+        True,
+        help="Add the keeper's number (metadata.chspawner_seq) to each kernel "
+             "message relayed to a client, and the cell id (chspawner_cell) to a "
+             "replay another session asked for: what chspawner's JupyterLab "
+             "extension needs to drop copies and to ask for exactly what it lacks. "
+             "Off: messages as the kernel sent them (for comparison only).",
+    ).tag(config=True)
+
     _lost: dict | None = None
-    #: (keeper stream, seq) of the keeper's message being written
-    _sending: tuple[ZMQStream, int] | None = None
+    #: (keeper stream, seq, parent frame) of the keeper's message being written
+    _sending: tuple[ZMQStream, int, bytes] | None = None
+    #: the websocket ended without the client's close frame
+    _broken = False
+    _received: int | None = None
+    _received_parsed = False
+
+    @property
+    def received(self) -> int | None:
+        """The client's ``chspawner_received``: it holds every message up to
+        this seq (None: not given, or not a number; logged)."""
+        if not self._received_parsed:
+            self._received_parsed = True
+            handler = self.websocket_handler
+            raw = handler.get_argument("chspawner_received", None) if handler else None
+            self._received = parse_received(raw)
+            if raw is not None and self._received is None:
+                self.log.warning("chspawner: ignoring chspawner_received=%r: not a seq", raw[:40])
+        return self._received
+
+    def cell_map(self) -> CellMap | None:
+        """The kernel's CellMap (None: a kernel without a keeper's records),
+        one per kernel, shared with the kernel's notebook writer."""
+        return cell_map(self.kernel_manager)
 
     def _keeper_address(self) -> str:
         return getattr(self.kernel_manager, "keeper_address", "") or ""
@@ -107,9 +175,22 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         self.channels["iopub"] = self._follow_keeper()
         _following.setdefault(self.kernel_id, weakref.WeakSet()).add(self)
 
-    def _follow(self, stream: ZMQStream) -> None:
-        stream.send_multipart(signed_request(self.kernel_manager.session.key,
-                                             [b"follow", stream.keeper_session]))
+    def _follow(self, stream: ZMQStream, received: int | None = None) -> None:
+        """Ask the keeper to stream to this session; from right after
+        ``received`` when the client said what it holds. Until the keeper
+        answers, what it still sends under an earlier follow is dropped: the
+        new follow sends it again, in order, if the client lacks it."""
+        request = [b"follow", stream.keeper_session]
+        if received is not None:
+            request.append(str(received).encode())
+            stream.delivered = stream.acked = received
+            try:
+                stream.ack.write(received)  # (for a keeper that ignores the argument)
+            except (OSError, ValueError, OverflowError) as error:
+                self.log.warning("chspawner: can't record seq %d as received: %s",
+                                 received, error)
+        stream.pending_follows += 1
+        stream.send_multipart(signed_request(self.kernel_manager.session.key, request))
 
     def _follow_keeper(self) -> ZMQStream:
         socket = self.kernel_manager.context.socket(zmq.DEALER)
@@ -124,6 +205,9 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         # session's next connection.
         stream.keeper_session = self.session.session.encode()
         stream.delivered = stream.acked = 0
+        stream.pending_follows = 0
+        stream.recent = Recent(self.delivery_uncertain_seconds)  # what was written lately (for a broken websocket)
+        stream.cells_seen = {}  # parent msg_id -> cell id for a replay (None: not another's)
         # Made with the shell socket: a reply the kernel sent before went elsewhere.
         stream.shell_since = time.time()
         stream.missed_replies = {}  # seq of an execution's end -> what the keeper rebuilt
@@ -139,7 +223,7 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         stream.probes = set()  # our probes' ids: their replies are ours
         stream.ack = AckFile(Path(self.kernel_manager.acks_dir), self.session.session)
         weakref.finalize(stream, stream.ack.close)
-        self._follow(stream)
+        self._follow(stream, self.received)
         return stream
 
     def connect(self):
@@ -152,13 +236,21 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             # again, from what was acknowledged; what comes twice is dropped.
             keeper.connection = self
             _following.setdefault(self.kernel_id, weakref.WeakSet()).add(self)
-            self._follow(keeper)
+            self._follow(keeper, self.received)
+        if getattr(keeper, "keeper_session", None) is not None:
+            ws = self.websocket_handler.ws_connection
+            if ws is not None:
+                on_abort(ws, self._note_broken)
+            self._tell_uncertain()
         self._tell_notice()
         if getattr(keeper, "keeper_session", None) is not None and done is not None:
             # (after the nudge, which takes every shell reply while it runs)
             probe = self._settle_takeover(keeper)
             if probe is not None:
                 done.add_done_callback(lambda _f: probe())
+        writers = self._notebook_writers()
+        if writers is not None:  # a page holds the kernel: the server stops writing
+            writers.page_connected(self.kernel_id, self)
         return done
 
     def follow_new_keeper(self) -> None:
@@ -169,6 +261,7 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         if getattr(keeper, "keeper_session", None) is None:
             return
         probe = self._settle_takeover(keeper)
+        keeper.pending_follows = 0  # the old keeper is dead: it answers nothing more
         self._follow(keeper)
         if probe is not None:
             probe()
@@ -262,10 +355,6 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             msg["channel"] = channel
             self.write_message(json.dumps(msg, default=json_default))
 
-    def handle_incoming_message(self, incoming_msg: Any) -> None:
-        self._note_request(incoming_msg)
-        return super().handle_incoming_message(incoming_msg)
-
     def _note_request(self, incoming_msg: Any) -> None:
         """Track the page's execute_requests until their end comes (a
         keeper's death may swallow it). A substring test first: most
@@ -289,6 +378,103 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             keeper.pending[header.get("msg_id", "")] = {"parent": header, "replied": False}
             while len(keeper.pending) > MAX_PENDING:
                 keeper.pending.popitem(last=False)
+
+    def _note_broken(self) -> None:
+        self._broken = True
+
+    def _notebook_writers(self) -> Any:
+        return getattr(self.multi_kernel_manager, "notebook_writers", None)
+
+    def disconnect(self):
+        keeper = self.channels.get("iopub") if self.channels else None
+        if self._broken and getattr(keeper, "keeper_session", None) is not None:
+            self._keep_uncertain(keeper)
+        writers = self._notebook_writers()
+        if writers is not None:
+            # The client's close code (None: no close frame came, the
+            # connection broke): a page that left on purpose has the
+            # server write the kernel's output into its notebook.
+            writers.page_closed(self.kernel_id, self,
+                                getattr(self.websocket_handler, "close_code", None))
+        return super().disconnect()
+
+    def _keep_uncertain(self, stream: ZMQStream) -> None:
+        """The websocket broke: note what was written to it lately (and is
+        acknowledged, so won't be sent again), per cell, for the session's
+        next connection."""
+        since = time.monotonic() - self.delivery_uncertain_seconds
+        by_cell = stream.recent.uncertain(since, stream.acked)
+        if not by_cell:
+            return
+        sessions = _uncertain.setdefault(self.kernel_id, {})
+        sessions.pop(self.session.session, None)
+        sessions[self.session.session] = by_cell
+        while len(sessions) > MAX_UNCERTAIN_SESSIONS:
+            sessions.pop(next(iter(sessions)))
+        self.log.warning("chspawner: kernel %s: websocket of session %s broke; up to %d "
+                         "message(s) written just before may not have reached it",
+                         self.kernel_id, self.session.session,
+                         sum(n for _, n in by_cell))
+
+    def _tell_uncertain(self) -> None:
+        """On a session's connection after a broken one: with
+        chspawner_received the keeper replays exactly what the client lacks,
+        nothing is uncertain; without it, say how many may be missing."""
+        found = _uncertain.get(self.kernel_id, {}).pop(self.session.session, None)
+        if not found or self.received is not None:
+            return
+        for parent, count in found:
+            try:
+                self.write_stderr(uncertain_notice(count, self.delivery_uncertain_seconds),
+                                  parent)
+            except WebSocketClosedError:
+                return
+
+    def write_stderr(self, error_message, parent_header):
+        """A notice from chspawner (not the kernel): stock, marked
+        ``metadata.chspawner_notice``, no seq."""
+        self.log.warning(error_message)
+        msg = self.session.msg("stream", content={"text": error_message + "\n", "name": "stderr"},
+                               parent=parent_header, metadata={"chspawner_notice": True})
+        if self.subprotocol == V1:
+            self.write_message(serialize_msg_to_ws_v1(msg, "iopub", self.session.pack),
+                               binary=True)
+        else:
+            msg["channel"] = "iopub"
+            self.write_message(json.dumps(msg, default=json_default))
+
+    def handle_incoming_message(self, incoming_msg: Any) -> None:
+        """Stock; an execute_request's cell (JupyterLab's ``metadata.cellId``)
+        is noted first, for replays to another page and later readers. A
+        byte search first: most messages are not that one."""
+        if self._keeper_address():
+            try:
+                self._note_cell(incoming_msg)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError) as e:
+                self.log.debug("chspawner: no cell noted: %s", e)
+            self._note_request(incoming_msg)
+        return super().handle_incoming_message(incoming_msg)
+
+    def _note_cell(self, message: Any) -> None:
+        if isinstance(message, str):
+            if '"execute_request"' not in message:
+                return
+            msg = json.loads(message)
+            header, metadata = msg.get("header") or {}, msg.get("metadata") or {}
+        elif self.subprotocol == V1:
+            if b'"execute_request"' not in message:
+                return
+            channel, parts = deserialize_msg_from_ws_v1(message)
+            if channel != "shell":
+                return
+            header, metadata = json.loads(parts[0]), json.loads(parts[2])
+        else:
+            return  # (legacy binary: a message with buffers, not a request)
+        if header.get("msg_type") != "execute_request" or not isinstance(metadata, dict):
+            return
+        cell, cells = metadata.get("cellId"), self.cell_map()
+        if isinstance(cell, str) and cells is not None:
+            cells.add(str(header.get("msg_id", "")), cell, self.session.session)
 
     def on_kernel_restarted(self) -> None:
         """Before the client hears "restarting" (JupyterLab then forgets the
@@ -353,9 +539,13 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         kind = bytes(outgoing_msg[0])
         if kind == b"following":
             following = json.loads(bytes(outgoing_msg[1]))
+            stream.pending_follows = max(0, stream.pending_follows - 1)
             stream.replay_until = following["last_seq"]
             stream.missed_replies = {m["seq"]: m for m in following["missed_replies"]}
+            stream.cells_seen = {}
             return
+        if stream.pending_follows:
+            return  # under an earlier follow: the pending one sends what is needed
         if kind == b"lost":
             self._lost = json.loads(bytes(outgoing_msg[1]))
             return
@@ -369,7 +559,11 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         if self._lost:
             self._tell_lost(self._lost, frames)
             self._lost = None
-        self._sending = (stream, seq)
+        try:
+            parent = frames[frames.index(DELIM) + 3]
+        except (ValueError, IndexError):
+            parent = b""
+        self._sending = (stream, seq, parent)
         try:
             super().handle_outgoing_message(stream, frames)  # -> write_message
         finally:
@@ -435,7 +629,7 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         msg = self.session.msg("execute_reply", content=missed["reply"],
                                parent=missed["parent"], metadata=REBUILT)
         try:
-            if self.subprotocol == "v1.kernel.websocket.jupyter.org":
+            if self.subprotocol == V1:
                 self.write_message(serialize_msg_to_ws_v1(msg, "shell", self.session.pack),
                                    binary=True)
             else:
@@ -449,10 +643,45 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         a gap comes at once by nature, and dropping it would lose it for
         good (the keeper's buffer bounds it instead)."""
         if self._sending is not None:
-            stream, seq = self._sending
+            stream, seq, _parent = self._sending
             if seq <= stream.replay_until:
                 return False
         return super().limit_rate(channel, msg, msg_list)
+
+    def relay_message(self, stream: Any, msg_or_parts: Any) -> None:
+        """The keeper's message gets its seq (and, replayed to a session that
+        did not ask for it, its cell) in its metadata, as it is written.
+        With the v1 protocol the metadata frame's bytes are spliced, no
+        JSON parsed (the kernel's signature isn't forwarded, so nothing
+        else changes); with the legacy one the message is a dict already."""
+        if self._sending is not None and self.annotate_seq:
+            sending, seq, parent = self._sending
+            cell = self._replayed_cell(sending, parent) if seq <= sending.replay_until else None
+            if isinstance(msg_or_parts, dict):
+                metadata = msg_or_parts.get("metadata")
+                if isinstance(metadata, dict):
+                    metadata["chspawner_seq"] = seq
+                    if cell is not None:
+                        metadata["chspawner_cell"] = cell
+            elif len(msg_or_parts) > 2:
+                msg_or_parts[2] = with_metadata(bytes(msg_or_parts[2]), metadata_keys(seq, cell))
+        super().relay_message(stream, msg_or_parts)
+
+    def _replayed_cell(self, stream: ZMQStream, parent: bytes) -> str | None:
+        """The cell of a replayed message's execution, when another client
+        session asked for it (this one's page knows its own cells)."""
+        cells = self.cell_map()
+        if cells is None or b'"msg_id"' not in parent:
+            return None
+        try:
+            msg_id = str(json.loads(parent).get("msg_id", ""))
+        except (ValueError, AttributeError):
+            return None
+        if msg_id not in stream.cells_seen:
+            cell = cells.cell(msg_id)
+            asked_by = cells.session(msg_id) if cell is not None else None
+            stream.cells_seen[msg_id] = cell if asked_by != self.session.session else None
+        return stream.cells_seen[msg_id]
 
     @property
     def write_message(self):
@@ -474,13 +703,14 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         proxy the client would see it twice). The other order would lose
         it instead. A websocket that is closing refuses the write; its
         message stays unacknowledged, for the session's next connection."""
-        stream, seq = self._sending
+        stream, seq, parent = self._sending
         self._sending = None
         connection = self.websocket_handler.ws_connection
         if connection is None or connection.is_closing():
             return write(message, binary=binary)  # raises
         flushed = write(message, binary=binary)
         stream.delivered = seq
+        stream.recent.add(time.monotonic(), seq, parent)
         socket = connection.stream
         if socket.closed():
             pass  # the client went while this was written: not out

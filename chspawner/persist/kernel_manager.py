@@ -17,6 +17,9 @@ container provisioner) is
 - followed by a *keeper* (:mod:`chspawner.persist.keeper`), a process
   outside the server that keeps the kernel's last IOPub messages, numbered,
   for the websocket connection to replay.
+- written into its notebook while no page holds it: the kernel's output,
+  by the server, through its contents manager
+  (:mod:`chspawner.persist.notebook_outputs`; the ``notebook_*`` settings).
 
 A kernel the provisioner runs as a Slurm job of its own (launcher
 ``sbatch``: the provisioner's ``in_job``) has its keeper inside that job,
@@ -86,6 +89,7 @@ from chspawner.persist.kernel_connection import (
     keeper_replaced,
 )
 from chspawner.persist.keeper_state import Takeover
+from chspawner.persist.notebook_outputs import NotebookWriters
 from chspawner.persist.records import KernelRecords, state_dir_name
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.sockets import PrivateIpcMixin
@@ -365,6 +369,55 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
              "SlurmChSpawner sets it with kernel_jobs.",
     ).tag(config=True)
 
+    # Outputs written into the notebook while no page holds its kernel
+    # (chspawner.persist.notebook_outputs).
+    notebook_outputs = Bool(
+        True,
+        help="Write a kernel's output into its notebook on the server while no "
+             "browser holds the kernel (the page closed or reloaded, or its "
+             "connection lost for notebook_write_after seconds), so that a reload, "
+             "another browser or a download shows it. False: only a page that "
+             "comes back with the same client session gets it (replayed).",
+    ).tag(config=True)
+
+    notebook_write_after = Float(
+        300.0,
+        help="Seconds after a kernel's last websocket ended abnormally (no close "
+             "from its page: the network cut, a laptop shut) with no reconnect "
+             "before the server writes the kernel's output into its notebook. A "
+             "page closed or reloaded on purpose starts the writing at once; a "
+             "page connecting stops it.",
+    ).tag(config=True)
+
+    notebook_write_interval = Float(
+        2.0,
+        help="Seconds the server gathers a kernel's output before writing it into "
+             "the notebook (at most one write per interval while a cell prints; "
+             "the end of an execution is written at once).",
+    ).tag(config=True)
+
+    notebook_outputs_per_cell = Integer(
+        1000,
+        help="Outputs (a run of printed text counts as one) kept per cell when the "
+             "server writes a kernel's output into its notebook; beyond, the "
+             "oldest are dropped and the cell's output says how many and why.",
+    ).tag(config=True)
+
+    notebook_output_bytes_per_cell = Integer(
+        8 << 20,
+        help="Bytes of output kept per cell when the server writes a kernel's "
+             "output into its notebook; beyond, the oldest go (the start of a long "
+             "printed text, line by line) and the cell's output says so.",
+    ).tag(config=True)
+
+    notebook_output_bytes_per_kernel = Integer(
+        64 << 20,
+        help="Bytes of output the server holds, for all the cells of one kernel, "
+             "to write into its notebook (in the server's memory while it writes); "
+             "beyond, the oldest outputs of the least recently changed cells go, "
+             "and those cells say so.",
+    ).tag(config=True)
+
     @default("default_kernel_name")
     def _default_default_kernel_name(self) -> str:
         """The chosen image's kernel, when the server offers one (see
@@ -379,6 +432,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         super().__init__(**kwargs)
         self.records = KernelRecords(self.state_dir)
         self.records.ensure()
+        self.notebook_writers = NotebookWriters(self)
         self.stop_signal: int | None = None
         self._note_stop_signal()
         self._stop_politely_on_sigint()
@@ -458,6 +512,8 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
             close_connections(kernel_id, "the kernel restarted elsewhere")
         km.keeper_address = keeper
         km.acks_dir = str(self.records.acks_dir(kernel_id))
+        if km.moved:
+            self.notebook_writers.moved(kernel_id)
         km.keeper_starting = True
         try:
             info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key,
@@ -573,6 +629,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
                 self.log.warning("chspawner: kernel %s: %s", kernel_id,
                                  km.takeover.notice(None))
             keeper_replaced(kernel_id)
+            self.notebook_writers.moved(kernel_id)  # a writing follows the new keeper too
         except Exception:
             self.log.exception("chspawner: can't replace the keeper of kernel %s", kernel_id)
         finally:
@@ -594,6 +651,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         km = super().remove_kernel(kernel_id)
         self.records.remove(kernel_id)
         forget_connections(kernel_id)
+        self.notebook_writers.forget(kernel_id)
         return km
 
     # ------------------------------------------------------- adopting ---
@@ -673,6 +731,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         server_private.adopt_kernel(self, kernel_id, km,
                                     asyncio.ensure_future(self._control_kernel_info(km)))
         await server_private.follow_kernel(self, kernel_id)
+        self.notebook_writers.adopted(kernel_id)
         return True
 
     async def _control_kernel_info(self, km: PersistentServerKernelManager) -> dict:
@@ -703,6 +762,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         ``keep_kernels_on_sigterm``, stopped by SIGTERM), let go of
         the recorded kernels (they keep running, for the next server) and
         shut down only the others."""
+        self.notebook_writers.close_all()  # (the next server resumes a writing)
         keep = self.keep_kernels_on_shutdown or (
             self.keep_kernels_on_sigterm and self.stop_signal == signal.SIGTERM)
         if not keep:

@@ -102,6 +102,11 @@ class KernelRecords:
     def cells_path(self, kernel_id: str) -> Path:
         return self.directory / f"{kernel_id}.cells"
 
+    def notebook_state_path(self, kernel_id: str) -> Path:
+        """Whether the server was writing the kernel's output into its
+        notebook (see :mod:`chspawner.persist.notebook_outputs`)."""
+        return self.directory / f"{kernel_id}.notebook"
+
     def log_path(self, kernel_id: str, what: str) -> Path:
         return self.directory / f"{kernel_id}.{what}.log"
 
@@ -123,6 +128,7 @@ class KernelRecords:
             self.log_path(kernel_id, what).unlink(missing_ok=True)
         self.cells_path(kernel_id).unlink(missing_ok=True)
         self.keeper_state_path(kernel_id).unlink(missing_ok=True)
+        self.notebook_state_path(kernel_id).unlink(missing_ok=True)
         shutil.rmtree(self.acks_dir(kernel_id), ignore_errors=True)
 
     def all(self) -> dict[str, dict]:

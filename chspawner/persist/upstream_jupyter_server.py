@@ -24,6 +24,7 @@ from jupyter_server.services.kernels.kernelmanager import (
     MappingKernelManager,
     ServerKernelManager,
 )
+from tornado.websocket import WebSocketProtocol13
 
 from chspawner.persist.upstream import Private, require
 
@@ -33,6 +34,13 @@ PRIVATE = (
             used_by=(MappingKernelManager.ports_changed,)),
     Private(ZMQChannelsWebsocketConnection, "_limit_rate", "no rate limit on a replay",
             used_by=(ZMQChannelsWebsocketConnection.handle_outgoing_message,)),
+    Private(ZMQChannelsWebsocketConnection, "_on_zmq_reply",
+            "a kernel message's metadata gets chspawner_seq as it is written",
+            used_by=(ZMQChannelsWebsocketConnection.handle_outgoing_message,)),
+    Private(WebSocketProtocol13, "_abort",
+            "a websocket that ended without the client's close frame",
+            used_by=(WebSocketProtocol13._receive_frame_loop,
+                     WebSocketProtocol13.on_connection_close)),
     Private(MappingKernelManager, "_kernel_connections", "an adopted kernel's websockets"),
     Private(MappingKernelManager, "_kernel_ports", "letting go of a kernel"),
     Private(MappingKernelManager, "_finish_kernel_start", "an adopted kernel is followed"),
@@ -71,6 +79,31 @@ class WebsocketConnectionHooks:
     def limit_rate(self, channel: str, msg: dict, msg_list: list) -> bool:
         """Whether the message is dropped by the IOPub rate limits."""
         return super()._limit_rate(channel, msg, msg_list)  # type: ignore[misc]
+
+    def _on_zmq_reply(self, stream: Any, msg_or_parts: Any) -> None:
+        self.relay_message(stream, msg_or_parts)
+
+    def relay_message(self, stream: Any, msg_or_parts: Any) -> None:
+        """Write a kernel message to the client: with the v1 websocket
+        protocol ``msg_or_parts`` is the list of its frames after the
+        signature (header, parent header, metadata, content, buffers), as
+        bytes; with the legacy one, the message as a dict."""
+        super()._on_zmq_reply(stream, msg_or_parts)  # type: ignore[misc]
+
+
+def on_abort(ws_connection: Any, note: Callable[[], None]) -> None:
+    """Have ``note()`` called when tornado's websocket ``ws_connection``
+    ends without the client's close frame: its socket closed or reset, a
+    ping or close timed out. (tornado aborts every websocket at its end;
+    one whose client sent its close frame is marked client_terminated
+    before that.)"""
+    abort = ws_connection._abort
+
+    def noted_abort() -> None:
+        if not ws_connection.client_terminated:
+            note()
+        abort()
+    ws_connection._abort = noted_abort
 
 
 def utcnow() -> datetime.datetime:
