@@ -54,6 +54,14 @@ later keeper of the same kernel numbers above an earlier one: a session
 acknowledged up to a number this keeper never issued saw none of its
 messages, and gets all it holds.
 
+On the server's host, the keeper also keeps a small mapped file beside
+the record (:mod:`chspawner.persist.keeper_state`): its last seq and when
+it came, the kernel's state, the execution begun last. A keeper that
+exits removes it; one that is killed leaves it, and the keeper the server
+starts in its place reads it first and reports it (``previous`` in its
+info, with ``first_time``, when it got its first message): what the gap
+between the two cost.
+
 The keeper outlives the server (it runs in a session of its own) and
 exits when its kernel does: when the kernel's record disappears (shut
 down on purpose) or when the kernel's PID has been gone for ``--grace``
@@ -90,6 +98,7 @@ import zmq
 
 from chspawner.provisioner.transport import CurveKeys, node_address, secure_client
 from chspawner.persist.records import KernelRecords, read_ack, read_record
+from chspawner.persist.keeper_state import KeeperState, read_keeper_state
 from chspawner.persist.missed_replies import KINDS, Executions
 
 DELIM = b"<IDS|MSG>"
@@ -174,6 +183,10 @@ class Keeper:
     sessions: OrderedDict[str, int] = field(default_factory=OrderedDict)
     execution_state: str = "unknown"
     executions: Executions = field(default_factory=Executions)
+    #: on the server's host: what we leave should we die (see keeper_state)
+    state: KeeperState | None = None
+    #: what the keeper before us left, had it died (None: there was none)
+    previous: dict | None = None
 
     def __post_init__(self) -> None:
         self.acks_dir = KernelRecords(self.record_path.parent).acks_dir(self.record_path.stem)
@@ -233,7 +246,26 @@ class Keeper:
     # -- IOPub in --
 
     def on_iopub(self, frames: list[bytes]) -> None:
-        self._note(self.buffer.append(frames), frames)
+        seq = self.buffer.append(frames)
+        if self.state is not None:
+            self.state.message(seq, time.time_ns())
+        self._note(seq, frames)
+
+    def open_state(self) -> None:
+        """Take over the state file: first read what a keeper before us
+        left there (it exists only if that one died: one that exits removes
+        it), for the server to say what its death cost."""
+        path = KernelRecords(self.record_path.parent).keeper_state_path(self.record_path.stem)
+        self.previous = read_keeper_state(path)
+        self.state = KeeperState(path, os.getpid(), self.buffer.first_seq)
+
+    def close_state(self) -> None:
+        """We exit on purpose: nothing to report to a successor."""
+        if self.state is not None:
+            self.state.close()
+            self.state = None
+            KernelRecords(self.record_path.parent).keeper_state_path(
+                self.record_path.stem).unlink(missing_ok=True)
 
     def _note(self, seq: int, frames: list[bytes]) -> None:
         """Remember the kernel's execution state, for a server re-attaching,
@@ -245,11 +277,29 @@ class Keeper:
             if header.get("msg_type") not in KINDS:
                 return
             content = json.loads(frames[i + 5])
+            parent = json.loads(frames[i + 3])
             if header["msg_type"] == "status":
                 self.execution_state = content["execution_state"]
-            self.executions.note(seq, header, json.loads(frames[i + 3]), content)
+            self.executions.note(seq, header, parent, content)
+            if self.state is not None:
+                self._note_state(seq, header["msg_type"], parent, content)
         except (ValueError, IndexError, KeyError, TypeError, AttributeError):
             pass
+
+    def _note_state(self, seq: int, kind: str, parent: dict, content: dict) -> None:
+        """What a successor needs: the state, the execution begun last."""
+        state = self.state
+        if kind == "status":
+            state.execution_state(content.get("execution_state", ""))
+        if parent.get("msg_type") != "execute_request":
+            return
+        if kind == "execute_input":
+            state.began(parent, content.get("execution_count"))
+        elif kind == "error":
+            state.errored(parent.get("msg_id", ""),
+                          {k: content.get(k) for k in ("ename", "evalue", "traceback")})
+        elif kind == "status" and content.get("execution_state") == "idle":
+            state.ended(parent.get("msg_id", ""), seq)
 
     # -- requests --
 
@@ -298,6 +348,9 @@ class Keeper:
 
     def info(self) -> dict:
         return {"last_seq": self.buffer.last_seq, "oldest_seq": self.buffer.oldest_seq,
+                "first_seq": self.buffer.first_seq,
+                "first_time": self.state.first_time / 1e9 if self.state else None,
+                "previous": self.previous,
                 "held": len(self.buffer), "capacity": self.buffer.max_messages,
                 "execution_state": self.execution_state,
                 "sessions": {s: self.acked(s) for s in self.sessions}, "pid": os.getpid()}
@@ -377,16 +430,19 @@ class Keeper:
         millisecond: a replay must not wait for the next event (a ROUTER
         can't poll for one follower's room)."""
         events = dict(poller.poll(min(timeout_ms, 1) if self.behind else timeout_ms))
-        if self.sub in events:
-            for _ in range(1000):  # drain, but keep serving requests
-                try:
-                    self.on_iopub(self.sub.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+        # Requests first: a new session follows "from now", and a follow
+        # that waited while we were starved of CPU (a loaded host) came
+        # before the output that piled up meanwhile, which it must get.
         if self.router in events:
             for _ in range(1000):
                 try:
                     self.on_request(self.router.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        if self.sub in events:
+            for _ in range(1000):  # drain, but keep serving requests
+                try:
+                    self.on_iopub(self.sub.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
                     break
         self.flush()
@@ -402,6 +458,13 @@ class Keeper:
         record = read_record(self.record_path)
         if record is None:
             return 0
+        self.open_state()
+        try:
+            return self._keep(record)
+        finally:
+            self.close_state()
+
+    def _keep(self, record: dict) -> int:
         self.follow_kernel(record)
         self.bind()
         poller = self.poller()

@@ -41,6 +41,7 @@ import functools
 import json
 import time
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,10 @@ from chspawner.images.progress import format_size
 from chspawner.persist.delivery import (
     Recent, metadata_keys, parse_received, uncertain_notice, with_metadata)
 from chspawner.persist.keeper import DELIM, signed_request
+from chspawner.persist.keeper_state import GAP_REBUILT, Takeover, rebuilt_reply
 from chspawner.persist.missed_replies import REBUILT, timestamp
 from chspawner.persist.notebook_outputs import cell_map
-from chspawner.persist.records import AckFile, CellMap
+from chspawner.persist.records import AckFile, CellMap, read_ack
 from chspawner.persist.upstream_jupyter_server import WebsocketConnectionHooks, on_abort
 from chspawner.provisioner.transport import secure_client
 
@@ -86,6 +88,24 @@ def close_connections(kernel_id: str, reason: str) -> None:
         handler = connection.websocket_handler
         if handler is not None and handler.ws_connection is not None:
             handler.close(1012, reason)
+
+
+def keeper_replaced(kernel_id: str) -> None:
+    """The kernel's keeper died and a new one took over (see the kernel
+    manager's keeper watch): each open connection follows the new one in
+    place. (Closing them instead, for their clients to reconnect, would
+    lose what the kernel sends on shell while they are away, and makes
+    JupyterLab show the kernel disconnected; in place, nothing else
+    changes for the page.) A session whose page is away follows it when
+    it reconnects."""
+    for connection in list(_following.get(kernel_id, ())):
+        handler = connection.websocket_handler
+        if handler is not None and handler.ws_connection is not None:
+            connection.follow_new_keeper()
+
+
+#: The most executions of one session tracked until they end.
+MAX_PENDING = 1000
 
 
 def forget_connections(kernel_id: str) -> weakref.WeakSet:
@@ -193,6 +213,14 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         stream.missed_replies = {}  # seq of an execution's end -> what the keeper rebuilt
         stream.replay_until = 0  # messages up to this seq piled up before we followed
         stream.connection = self
+        # This session's executions not ended yet (their idle status not
+        # relayed): msg_id -> {"parent": request header, "replied": bool}.
+        stream.pending = OrderedDict()
+        # The keeper takeover this stream has dealt with, and, while its
+        # probe is out, what it settles (see _settle_takeover).
+        stream.takeover = None
+        stream.settling = None
+        stream.probes = set()  # our probes' ids: their replies are ours
         stream.ack = AckFile(Path(self.kernel_manager.acks_dir), self.session.session)
         weakref.finalize(stream, stream.ack.close)
         self._follow(stream, self.received)
@@ -215,10 +243,141 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
                 on_abort(ws, self._note_broken)
             self._tell_uncertain()
         self._tell_notice()
+        if getattr(keeper, "keeper_session", None) is not None and done is not None:
+            # (after the nudge, which takes every shell reply while it runs)
+            probe = self._settle_takeover(keeper)
+            if probe is not None:
+                done.add_done_callback(lambda _f: probe())
         writers = self._notebook_writers()
         if writers is not None:  # a page holds the kernel: the server stops writing
             writers.page_connected(self.kernel_id, self)
         return done
+
+    def follow_new_keeper(self) -> None:
+        """The kernel's keeper was replaced: follow the new one (the socket
+        reconnects by itself to the same address), after telling the page
+        what the gap cost."""
+        keeper = self.channels.get("iopub")
+        if getattr(keeper, "keeper_session", None) is None:
+            return
+        probe = self._settle_takeover(keeper)
+        keeper.pending_follows = 0  # the old keeper is dead: it answers nothing more
+        self._follow(keeper)
+        if probe is not None:
+            probe()
+
+    # -- a keeper's death --
+
+    def _settle_takeover(self, stream: ZMQStream):
+        """If the kernel's keeper was replaced since this session last
+        followed one: tell the page, once, in the interrupted cell's
+        output, what could not be kept; then find out which of its
+        executions ended unseen in the gap, to end them in the page (see
+        _settled). Returns the probe to send once the shell is ours (None:
+        nothing to settle)."""
+        km = self.kernel_manager
+        takeover: Takeover | None = getattr(km, "takeover", None)
+        if takeover is None or stream.takeover is takeover:
+            return None
+        stream.takeover = takeover
+        session = self.session.session
+        acked = read_ack(Path(km.acks_dir), session)
+        if not takeover.resumed(acked):
+            return None  # nothing of the old keeper's was ever sent here
+        interrupted = takeover.interrupted(acked)
+        cells: OrderedDict[str, dict] = OrderedDict()
+        if interrupted and interrupted["parent"].get("session") == session \
+                and session not in takeover.settled:
+            msg_id = interrupted["parent"].get("msg_id", "")
+            cells[msg_id] = {"parent": interrupted["parent"], "replied": False,
+                             "cell": interrupted}
+        for msg_id, pending in stream.pending.items():
+            entry = cells.setdefault(msg_id, {"parent": pending["parent"], "cell": None})
+            entry["replied"] = pending["replied"]
+        where = (interrupted or {}).get("parent") or next(
+            (c["parent"] for c in cells.values()), None)
+        if session not in takeover.told and (where or takeover.unsent(acked)):
+            takeover.told.add(session)
+            try:
+                self._write_made_up("stream", {"name": "stderr",
+                                               "text": takeover.notice(acked) + "\n"},
+                                    where or km.running_cell or {}, "iopub",
+                                    {"chspawner_notice": True})
+            except WebSocketClosedError:
+                takeover.told.discard(session)
+        if not cells:
+            takeover.settled.add(session)
+            return None
+        stream.settling = {"cells": cells, "probe": None}
+
+        def probe() -> None:
+            # On this session's own shell socket: the kernel answers it
+            # after every request sent here before it (one socket's
+            # messages keep their order), so its status on IOPub comes
+            # after the end of each of them.
+            shell = self.channels.get("shell")
+            if shell is None or shell.closed() or stream.settling is None:
+                return
+            msg_id = self.session.send(shell, "kernel_info_request")["header"]["msg_id"]
+            stream.settling["probe"] = msg_id
+            stream.probes.add(msg_id)
+        return probe
+
+    def _settled(self, stream: ZMQStream) -> None:
+        """The probe's status came through the new keeper: every execution
+        still in ``settling`` ended before the new keeper heard anything,
+        its end unseen. The page gets what makes the cell finish: its
+        execute_reply, if it did not come on shell, and its idle status."""
+        settling, stream.settling = stream.settling, None
+        takeover = stream.takeover
+        for msg_id, entry in settling["cells"].items():
+            stream.pending.pop(msg_id, None)
+            parent = entry["parent"]
+            try:
+                if not entry["replied"]:
+                    self._write_made_up("execute_reply", rebuilt_reply(entry["cell"]),
+                                        parent, "shell", GAP_REBUILT)
+                self._write_made_up("status", {"execution_state": "idle"}, parent,
+                                    "iopub", GAP_REBUILT)
+            except WebSocketClosedError:
+                return  # gone: its next connection settles it
+        if takeover is not None:
+            takeover.settled.add(self.session.session)
+
+    def _write_made_up(self, msg_type: str, content: dict, parent: dict, channel: str,
+                       metadata: dict) -> None:
+        """A message the server makes up (no keeper seq), to the page."""
+        msg = self.session.msg(msg_type, content=content, parent=parent, metadata=metadata)
+        if self.subprotocol == "v1.kernel.websocket.jupyter.org":
+            self.write_message(serialize_msg_to_ws_v1(msg, channel, self.session.pack),
+                               binary=True)
+        else:
+            msg["channel"] = channel
+            self.write_message(json.dumps(msg, default=json_default))
+
+    def _note_request(self, incoming_msg: Any) -> None:
+        """Track the page's execute_requests until their end comes (a
+        keeper's death may swallow it). A substring test first: most
+        messages are not one."""
+        keeper = self.channels.get("iopub")
+        if getattr(keeper, "keeper_session", None) is None:
+            return
+        needle = b"execute_request" if isinstance(incoming_msg, bytes) else "execute_request"
+        if needle not in incoming_msg:
+            return
+        try:
+            if self.subprotocol == "v1.kernel.websocket.jupyter.org":
+                channel, msg_list = deserialize_msg_from_ws_v1(incoming_msg)
+                header = json.loads(msg_list[0])
+            else:
+                msg = json.loads(incoming_msg)
+                channel, header = msg.get("channel"), msg["header"]
+        except (ValueError, IndexError, KeyError, TypeError):
+            return
+        if channel in (None, "shell") and header.get("msg_type") == "execute_request":
+            keeper.pending[header.get("msg_id", "")] = {"parent": header, "replied": False}
+            while len(keeper.pending) > MAX_PENDING:
+                keeper.pending.popitem(last=False)
 
     def _note_broken(self) -> None:
         self._broken = True
@@ -293,6 +452,7 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
                 self._note_cell(incoming_msg)
             except (ValueError, TypeError, KeyError, IndexError, AttributeError, OSError) as e:
                 self.log.debug("chspawner: no cell noted: %s", e)
+            self._note_request(incoming_msg)
         return super().handle_incoming_message(incoming_msg)
 
     def _note_cell(self, message: Any) -> None:
@@ -373,6 +533,8 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             stream = self.channels[stream]
         session = getattr(stream, "keeper_session", None)
         if session is None:
+            if getattr(stream, "channel", None) == "shell" and self._shell_reply(outgoing_msg):
+                return  # the answer to our own probe
             return super().handle_outgoing_message(stream, outgoing_msg)
         kind = bytes(outgoing_msg[0])
         if kind == b"following":
@@ -393,7 +555,7 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         if seq <= stream.delivered:
             return  # a duplicate (a follow repeated): already delivered
         frames = outgoing_msg[2:]
-        self._note_running_cell(frames)
+        self._note_iopub(stream, frames)
         if self._lost:
             self._tell_lost(self._lost, frames)
             self._lost = None
@@ -409,18 +571,57 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         missed = stream.missed_replies.pop(seq, None)
         if missed and timestamp(missed["ended"]) < stream.shell_since:
             self._give_missed_reply(missed)
+        if self._probe_seen:
+            self._probe_seen = False
+            self._settled(stream)
 
-    def _note_running_cell(self, frames: list[Any]) -> None:
+    _probe_seen = False
+
+    def _note_iopub(self, stream: ZMQStream, frames: list[Any]) -> None:
         """Keep the parent of the kernel's latest execute_input (the cell it
         runs): a notice that the kernel was lost goes to that cell's output.
-        A byte search first: most messages are not that one."""
+        Strike off the session's executions as their idle status passes,
+        and notice the status of a takeover's probe. Byte searches first:
+        most messages are neither."""
         try:
             _idents, msg_list = self.session.feed_identities([bytes(f) for f in frames])
-            if b'"execute_input"' in msg_list[1] and \
-                    json.loads(msg_list[1]).get("msg_type") == "execute_input":
+            header = msg_list[1]
+            if b'"execute_input"' in header and \
+                    json.loads(header).get("msg_type") == "execute_input":
                 self.kernel_manager.running_cell = json.loads(msg_list[2])
-        except (ValueError, IndexError):
+            elif b'"status"' in header and (stream.pending or stream.settling) and \
+                    json.loads(header).get("msg_type") == "status":
+                parent = json.loads(msg_list[2]).get("msg_id")
+                if json.loads(msg_list[4]).get("execution_state") == "idle":
+                    stream.pending.pop(parent, None)
+                    if stream.settling:
+                        stream.settling["cells"].pop(parent, None)
+                if stream.settling and parent and parent == stream.settling["probe"]:
+                    self._probe_seen = True  # settled once this one is written
+        except (ValueError, IndexError, AttributeError):
             pass
+
+    def _shell_reply(self, frames: list[Any]) -> bool:
+        """A reply on shell: note that a tracked execution was answered;
+        True for the answer to a takeover's probe (the page did not ask)."""
+        keeper = self.channels.get("iopub")
+        pending = getattr(keeper, "pending", None)
+        if not pending and not getattr(keeper, "settling", None) \
+                and not getattr(keeper, "probes", None):
+            return False
+        try:
+            _idents, msg_list = self.session.feed_identities([bytes(f) for f in frames])
+            parent = json.loads(msg_list[2]).get("msg_id")
+        except (ValueError, IndexError, AttributeError):
+            return False
+        if parent in pending:
+            pending[parent]["replied"] = True
+        if keeper.settling and parent in keeper.settling["cells"]:
+            keeper.settling["cells"][parent]["replied"] = True
+        if parent in keeper.probes:
+            keeper.probes.discard(parent)
+            return True
+        return False
 
     def _give_missed_reply(self, missed: dict) -> None:
         """After the replayed end of an execution whose reply went to a

@@ -32,6 +32,15 @@ and the connection file live under $HOME, which the nodes share. A
 restart of such a kernel is a new job, maybe on another node: its
 websockets are closed, and clients reconnect to the new one.
 
+The server watches each keeper on its host (``keeper_check_interval``:
+one read of /proc per kernel, no process started): a keeper found dead
+while its kernel runs is replaced, every open websocket of the kernel
+follows the new one in place, and each notebook resumed across the gap is
+told what it cost and gets the end of a cell that ended unseen in it (see
+:mod:`chspawner.persist.keeper_state` and the websocket connection). A
+keeper inside a kernel's job dies only with the job: that is a lost
+kernel, restarted as such.
+
 A server starting with the same state directory re-adopts every recorded
 kernel that still runs, under its kernel id (and drops the records of the
 dead ones) before it serves its first request. A kernel shut down on
@@ -68,12 +77,18 @@ from jupyter_server.services.kernels.kernelmanager import (
     AsyncMappingKernelManager,
     ServerKernelManager,
 )
+from tornado.ioloop import PeriodicCallback
 from traitlets import Bool, Float, Integer, Unicode, default
 
 from chspawner.persist import upstream_jupyter_client as client_private
 from chspawner.persist import upstream_jupyter_server as server_private
 from chspawner.persist.keeper import signed_request
-from chspawner.persist.kernel_connection import close_connections, forget_connections
+from chspawner.persist.kernel_connection import (
+    close_connections,
+    forget_connections,
+    keeper_replaced,
+)
+from chspawner.persist.keeper_state import Takeover
 from chspawner.persist.notebook_outputs import NotebookWriters
 from chspawner.persist.records import KernelRecords, state_dir_name
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
@@ -199,6 +214,14 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     #: The parent header of the last cell the kernel began (its
     #: execute_input): where a notice shows, in that cell's output.
     running_cell: dict | None = None
+    #: The keeper on this host: its PID and start time (/proc), for the
+    #: watch (see PersistentKernelManager.keeper_check_interval).
+    keeper_pid = 0
+    keeper_started = ""
+    #: A keeper being started for it (by the watch, a restart or adoption).
+    keeper_starting = False
+    #: Its keeper died and a new one took over: what sessions are told.
+    takeover: Takeover | None = None
 
     async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any):
         """A restart of a kernel whose job ended by itself (jupyter_client's
@@ -312,6 +335,17 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         30.0,
         help="Seconds a keeper waits for its kernel's PID to come back (a "
              "restart) before it exits.",
+    ).tag(config=True)
+
+    keeper_check_interval = Float(
+        2.0,
+        help="Seconds between checks that each kernel's keeper (on the server's "
+             "host) still runs. A keeper found dead while its kernel runs is "
+             "replaced, every open notebook of the kernel follows the new one, and "
+             "the cell that was running is told which span of its output was not "
+             "kept (and made to finish if it ended meanwhile). A check reads one "
+             "small /proc file per kernel: no process is started. 0: no checks "
+             "(a dead keeper is then replaced only by the next server).",
     ).tag(config=True)
 
     keeper_ready_timeout = Float(
@@ -480,11 +514,18 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         km.acks_dir = str(self.records.acks_dir(kernel_id))
         if km.moved:
             self.notebook_writers.moved(kernel_id)
-        info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key,
-                                 connection=km.get_connection_info())
-        if info is None and not in_job(km.provisioner):
-            self._start_keeper(kernel_id)
-        await self._wait_keeper_hears(km, info["last_seq"] if info else 0)
+        km.keeper_starting = True
+        try:
+            info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key,
+                                     connection=km.get_connection_info())
+            if info is None and not in_job(km.provisioner):
+                self._start_keeper(kernel_id)
+            info = await self._wait_keeper_hears(km, info["last_seq"] if info else 0)
+        finally:
+            km.keeper_starting = False
+        if not in_job(km.provisioner):
+            self._learn_keeper(km, info)
+            self._watch_keepers()
 
     async def _job_keeper_address(self, km: PersistentServerKernelManager,
                                   staging: Path) -> str:
@@ -516,25 +557,83 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
                 close_fds=True)
 
     async def _wait_keeper_hears(self, km: PersistentServerKernelManager,
-                                 seen: int) -> None:
+                                 seen: int) -> dict | None:
         """Until the keeper's IOPub subscription is live (ZMQ's slow joiner),
         kernel output would be missed: ask the kernel for its info on the
         control channel (it then publishes its status) until the keeper
-        reports a message newer than ``seen``."""
+        reports a message newer than ``seen`` (and than its own start: a
+        new keeper numbers from its start time). Its info then (None: it
+        heard nothing in time)."""
         control = km.connect_control()
         deadline = time.monotonic() + self.keeper_ready_timeout
         try:
             while time.monotonic() < deadline:
                 km.session.send(control, "kernel_info_request")
                 info = await keeper_info(km.keeper_address, timeout=0.5, key=km.session.key,
-                                 connection=km.get_connection_info())
-                if info and info["last_seq"] > seen:
-                    return
+                                         connection=km.get_connection_info())
+                if info and info["last_seq"] > max(seen, info.get("first_seq", 1) - 1):
+                    return info
                 await asyncio.sleep(0.1)  # a polling interval, not a wait for something
             self.log.warning("chspawner: keeper of kernel %s heard nothing within %.0f s; "
                              "output may not be kept", km.kernel_id, self.keeper_ready_timeout)
+            return None
         finally:
             control.close(linger=0)
+
+    # ---------------------------------------------------- keeper watch ---
+
+    def _learn_keeper(self, km: PersistentServerKernelManager, info: dict | None) -> None:
+        """Remember which process the kernel's keeper is, for the watch."""
+        pid = int((info or {}).get("pid") or 0)
+        km.keeper_pid, km.keeper_started = pid, process_start(pid) if pid else ""
+
+    def _watch_keepers(self) -> None:
+        """Start the keeper watch (once, on the server's loop)."""
+        if self.keeper_check_interval <= 0 or getattr(self, "_keeper_watch", None):
+            return
+        self._keeper_watch = PeriodicCallback(self._check_keepers,
+                                              self.keeper_check_interval * 1000)
+        self._keeper_watch.start()
+
+    def _check_keepers(self) -> None:
+        """Each kernel whose keeper runs here: is it still there? (One read
+        of /proc/PID/stat each; its start time tells a reused PID.)"""
+        for kernel_id in list(self.list_kernel_ids()):
+            km = self._kernels.get(kernel_id)
+            if not isinstance(km, PersistentServerKernelManager) or not km.keeper_pid \
+                    or km.keeper_starting or in_job(km.provisioner):
+                continue
+            if process_start(km.keeper_pid) != km.keeper_started:
+                km.keeper_starting = True
+                asyncio.ensure_future(self._replace_keeper(km))
+
+    async def _replace_keeper(self, km: PersistentServerKernelManager) -> None:
+        """The kernel's keeper died: if the kernel runs (and is wanted), a
+        new keeper, which every open notebook of the kernel then follows."""
+        kernel_id = km.kernel_id
+        try:
+            if kernel_id not in self or not self.records.path(kernel_id).exists() \
+                    or await km.provisioner.poll() is not None:
+                km.keeper_pid = 0  # the kernel's own end (or restart) takes it from here
+                return
+            self.log.warning("chspawner: the keeper of kernel %s (PID %d) died; starting "
+                             "a new one", kernel_id, km.keeper_pid)
+            # (in a thread: the server goes on serving while Python starts)
+            await asyncio.to_thread(self._start_keeper, kernel_id)
+            info = await self._wait_keeper_hears(km, 0)
+            self._learn_keeper(km, info)
+            if info is None:
+                return
+            km.takeover = Takeover.from_info(info)
+            if km.takeover is not None:
+                self.log.warning("chspawner: kernel %s: %s", kernel_id,
+                                 km.takeover.notice(None))
+            keeper_replaced(kernel_id)
+            self.notebook_writers.moved(kernel_id)  # a writing follows the new keeper too
+        except Exception:
+            self.log.exception("chspawner: can't replace the keeper of kernel %s", kernel_id)
+        finally:
+            km.keeper_starting = False
 
     def changed_ports(self, kernel_id: str) -> list | None:
         """A kernel that moved counts as one whose ports changed: a session
@@ -607,13 +706,19 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
 
         info = await keeper_info(km.keeper_address, timeout=1.0, key=km.session.key,
                                  connection=km.get_connection_info())
-        if info is None:  # keeper gone: start one (what the gap held is lost)
+        if info is None:  # keeper gone: start one (what the gap held is lost, and said)
             self.log.warning("chspawner: kernel %s had no keeper; starting one here",
                              kernel_id)
             km.keeper_address = record["keeper"] = self.records.keeper_address(kernel_id)
             self.records.write(kernel_id, record)
             self._start_keeper(kernel_id)
-            await self._wait_keeper_hears(km, 0)
+            info = await self._wait_keeper_hears(km, 0)
+        # A keeper that took over from a dead one (now, or under the server
+        # before us): the sessions it resumes are told what the gap cost.
+        km.takeover = Takeover.from_info(info or {})
+        if not in_job(km.provisioner):
+            self._learn_keeper(km, info)
+            self._watch_keepers()
         client_private.add_kernel(self, kernel_id, km)
         km.execution_state = (info or {}).get("execution_state") or "idle"
         if km.execution_state in ("unknown", "starting"):
@@ -678,6 +783,20 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         km.stop_restarter()
         client_private.close_control_socket(km)
         client_private.drop_kernel(self, kernel_id)
+
+
+def process_start(pid: int) -> str:
+    """A process's start time (/proc/PID/stat's 22nd field: clock ticks
+    since boot), which with its PID names it; "" when it's gone (a zombie
+    counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return ""
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return ""
+    return fields[19]
 
 
 async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"",

@@ -94,6 +94,11 @@ class KernelRecords:
     def acks_dir(self, kernel_id: str) -> Path:
         return self.directory / f"{kernel_id}.acks"
 
+    def keeper_state_path(self, kernel_id: str) -> Path:
+        """What the kernel's keeper leaves should it die (see
+        :mod:`chspawner.persist.keeper_state`)."""
+        return self.directory / f"{kernel_id}.keeper-state"
+
     def cells_path(self, kernel_id: str) -> Path:
         return self.directory / f"{kernel_id}.cells"
 
@@ -122,6 +127,7 @@ class KernelRecords:
         for what in ("kernel", "keeper"):
             self.log_path(kernel_id, what).unlink(missing_ok=True)
         self.cells_path(kernel_id).unlink(missing_ok=True)
+        self.keeper_state_path(kernel_id).unlink(missing_ok=True)
         self.notebook_state_path(kernel_id).unlink(missing_ok=True)
         shutil.rmtree(self.acks_dir(kernel_id), ignore_errors=True)
 
