@@ -25,25 +25,21 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import (
     Browser,
-    Locator,
     Page,
     WebSocketRoute,
     expect,
     sync_playwright,
 )
 
+from tests.harness.browser import (CHROMIUM, KERNEL_MS, LAB_MS, PAGE_MS,
+                                   delete_notebooks, explain, log_in_and_spawn,
+                                   open_notebook, run_cell, run_first_cell, watch_progress)
 from tests.harness.hub import Hub, stop_server
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's: Playwright's own builds can't be downloaded
-FAILURE_SCREENSHOT = Path("/tmp/chspawner-browser-failure.png")
 PASSWORD = secrets.token_hex(8)
 # /etc/chspawner-test-image exists only inside the test images.
 CODE = "print(open('/etc/chspawner-test-image').read())"
 PROOF = "chspawner test image: Debian bookworm"
-
-# Generous, in milliseconds as Playwright counts: CI machines may have 2
-# cores, and JupyterLab's first load there can take tens of seconds.
-PAGE_MS, SPAWN_MS, LAB_MS, KERNEL_MS = 30_000, 180_000, 120_000, 120_000
 
 
 @pytest.fixture(scope="module")
@@ -52,66 +48,6 @@ def hub(user, kernel_store) -> Iterator[Hub]:
               extra_config=f'c.DummyAuthenticator.password = "{PASSWORD}"\n')
     yield hub
     hub.stop()
-
-
-def log_in_and_spawn(page: Page, hub: Hub, password: str = PASSWORD, image: str = "jupyter",
-                     mode: str = "server") -> None:
-    page.goto(f"{hub.url}/hub/login")
-    page.locator("#username_input").fill(hub.user)
-    page.locator("#password_input").fill(password)
-    page.locator("#login_submit").click()
-    # With no server yet, the hub sends a new login straight to the form.
-    expect(page).to_have_url(re.compile(r"/hub/spawn(\?.*)?$"), timeout=PAGE_MS)
-    form = page.locator("#spawn_form")
-    form.locator('select[name="image"]').select_option(image)
-    form.locator(f'input[name="mode"][value="{mode}"]').check()
-    form.locator('button[type="submit"]').click()
-
-
-def watch_progress(page: Page) -> None:
-    """ChSpawner's own messages in the spawn-pending page's event log. The
-    page reloads itself into JupyterLab once the server answers, seconds
-    after the container starts, so this looks as soon as the page is there."""
-    expect(page).to_have_url(re.compile(r"/hub/spawn-pending/"), timeout=PAGE_MS)
-    expect(page.locator("#progress-log")).to_contain_text(
-        re.compile(r"starting the server mode with image jupyter.*"
-                   r"container started on .+, image jupyter", re.DOTALL),
-        timeout=SPAWN_MS)
-
-
-def open_notebook(page: Page, hub: Hub, kernel: str = "Python 3") -> Locator:
-    """Open a new notebook of ``kernel`` (its launcher card's text) from a
-    Launcher; returns its panel."""
-    expect(page).to_have_url(re.compile(rf"/user/{hub.user}/lab"), timeout=SPAWN_MS)
-    # A Launcher of our own: JupyterLab restores the user's last layout,
-    # which may have none, or several.
-    page.get_by_role("menuitem", name="File", exact=True).click(timeout=LAB_MS)
-    page.get_by_role("menuitem", name="New Launcher").click()
-    page.locator('.jp-LauncherCard[data-category="Notebook"]:visible',
-                 has_text=kernel).click()
-    return page.locator(".jp-NotebookPanel:visible")
-
-
-def run_first_cell(page: Page, notebook: Locator, code: str,
-                   kernel: str = "Python 3 (ipykernel)") -> Locator:
-    """Type ``code`` into the notebook's first cell and run it (once the
-    status bar shows ``kernel`` idle); returns the cell's output area."""
-    # Run before the notebook's session has its kernel, a cell is silently
-    # not run: wait for the status bar's "Idle", which needs the kernel's
-    # websocket up (the toolbar's indicator says idle from the start).
-    expect(page.locator("#jp-main-statusbar")).to_contain_text(
-        f"{kernel} | Idle", timeout=KERNEL_MS)
-    return run_cell(page, notebook.locator(".jp-Cell").first, code)
-
-
-def run_cell(page: Page, cell: Locator, code: str) -> Locator:
-    """Type ``code`` into ``cell`` and run it; returns its output area."""
-    editor = cell.locator(".cm-content")
-    editor.click()
-    page.keyboard.type(code)
-    expect(editor).to_have_text(code, timeout=PAGE_MS)
-    page.keyboard.press("Shift+Enter")
-    return cell.locator(".jp-Cell-outputArea")
 
 
 def test_log_in_spawn_in_the_image_and_run_a_notebook(hub: Hub) -> None:
@@ -125,7 +61,7 @@ def test_log_in_spawn_in_the_image_and_run_a_notebook(hub: Hub) -> None:
             try:
                 page = browser.new_page()
                 page.set_default_timeout(PAGE_MS)  # every click, fill and goto
-                log_in_and_spawn(page, hub)
+                log_in_and_spawn(page, hub, PASSWORD)
                 watch_progress(page)
                 output = run_first_cell(page, open_notebook(page, hub), CODE)
                 expect(output).to_contain_text(PROOF, timeout=KERNEL_MS)
@@ -447,32 +383,3 @@ def saved_notebook(page: Page, hub: Hub, kernel_id: str) -> dict:
     return answer.json()["content"]
 
 
-async def delete_notebooks(hub: Hub) -> None:
-    """Delete the notebooks open on the user's server (this test's: the hub
-    is the test's own), through the server's REST API as the tester
-    service; the contents API takes the files' checkpoints along."""
-    api = f"{hub.url}/user/{hub.user}/api"
-    async with hub.session() as http:
-        async with http.get(f"{api}/sessions", allow_redirects=False) as r:
-            if r.status != 200:
-                return  # no server: nothing was opened
-            sessions = await r.json()
-        for session in sessions:
-            if session["type"] == "notebook":
-                path = urllib.parse.quote(session["path"])
-                async with http.delete(f"{api}/contents/{path}") as r:
-                    assert r.status in (204, 404), await r.text()
-
-
-def explain(failure: Exception, page: Page | None, hub: Hub) -> str:
-    """What went wrong, with what the browser and the hub last showed."""
-    where = "no page"
-    if page is not None:
-        try:
-            page.screenshot(path=str(FAILURE_SCREENSHOT), full_page=True)
-            text = page.locator("body").inner_text(timeout=5_000)
-            where = (f"page {page.url} (screenshot {FAILURE_SCREENSHOT}):\n"
-                     f"{text[-2000:]}")
-        except Exception as e:  # the browser itself may be what failed
-            where = f"page {page.url}: could not be read ({e})"
-    return f"{failure}\n--- {where}\n--- hub log:\n{hub.log()[-3000:]}"

@@ -255,7 +255,11 @@ def test_output_survives_a_hub_restart_that_restarts_its_proxy(managed_hub):
         t, cut_at = asyncio.run(scenario())
         assert cut_at < N  # the websocket did drop mid-cell
         assert t.numbers == list(range(1, N + 1)), t.numbers
-        assert t.reply and t.stderr == []
+        # A plain client (no chspawner_received) whose websocket broke is
+        # told that what was written just before may be missing (it isn't:
+        # the proxy's record dropped nothing), never silently short.
+        assert t.reply and all(line.startswith("[chspawner] up to ") for line in t.stderr), \
+            t.stderr
     finally:
         asyncio.run(stop_server(hub))
 
