@@ -85,14 +85,21 @@ def holds(nb: dict, kernel: str) -> int:
     return outputs.get("seq", 0) if outputs.get("kernel_id") == kernel else 0
 
 
-async def until_written_to_the_end(s: Servers, kernel: str, path: Path) -> dict:
+async def until_written_to_the_end(s: Servers, kernel: str, path: Path,
+                                   cell: str = "", last: int = 0) -> dict:
     """Once the cell has ended (the keeper saw the kernel idle), until the
-    notebook holds the kernel's output up to its last message."""
+    notebook holds the kernel's output up to its last message (and, given
+    ``cell``, until that cell's last number printed is ``last``: the kernel
+    is also idle for a moment when a new server asks it for its info on
+    the control channel, mid-cell)."""
     address = s.records()[kernel]["keeper"]
 
     def done():
         info = asyncio.run(keeper_info(address))
         nb = saved(path)
+        if cell and printed(next((c for c in nb.get("cells", []) if c.get("id") == cell),
+                                 {"outputs": []}))[-1:] != [last]:
+            return False
         return info and info["execution_state"] == "idle" and \
             holds(nb, kernel) >= info["last_seq"] and nb
     try:
@@ -129,7 +136,7 @@ def test_a_page_gone_mid_cell_leaves_the_whole_output_in_the_saved_notebook(serv
                 await ws.close()  # code 1000, mid-cell
             else:
                 ws._conn.transport.abort()  # (aiohttp has no public way to cut it)
-            nb = await until_written_to_the_end(s, kernel, s.user_dir / "count.ipynb")
+            nb = await until_written_to_the_end(s, kernel, s.user_dir / "count.ipynb", cell, N)
             return kernel, cell, t, nb
     kernel, cell, t, nb = asyncio.run(scenario())
     assert len(t.numbers) < N  # (the page left before the end)
@@ -165,7 +172,7 @@ def test_a_server_killed_mid_cell_with_no_page_and_the_next_resumes_the_writing(
             s.kill()
             before_kill = printed(cell_of(first, cell))
             await asyncio.to_thread(s.start)
-            nb = await until_written_to_the_end(s, kernel, path)
+            nb = await until_written_to_the_end(s, kernel, path, cell, N)
             return cell, t, before_kill, nb
     cell, t, before_kill, nb = asyncio.run(scenario())
     assert 0 < len(before_kill) < N, before_kill  # killed mid-cell, after a write
@@ -229,7 +236,7 @@ def test_a_page_that_comes_back_stops_the_writing_and_its_leaving_resumes_it(ser
             seen = Transcript(t.msg_id)
             await read(again, seen, lambda t: len(t.numbers) >= 1, timeout=60)
             await again.close()
-            nb = await until_written_to_the_end(s, kernel, path)
+            nb = await until_written_to_the_end(s, kernel, path, cell, N)
             return cell, t, stopped_at, nb
     cell, t, stopped_at, nb = asyncio.run(scenario())
     written = cell_of(nb, cell)
