@@ -257,7 +257,7 @@ def test_the_persist_extension_in_the_served_jupyterlab(hub: Hub) -> None:
                 page.set_default_timeout(PAGE_MS)
                 page.on("console", lambda m: console.append(m.text))
                 page.route_web_socket(NumberingServer.KERNEL_CHANNELS, numbering.route)
-                log_in_and_spawn(page, hub, image="deb", mode="kernels")
+                log_in_and_spawn(page, hub, PASSWORD, image="deb", mode="kernels")
                 notebook = open_notebook(page, hub, kernel="image deb")
                 output = run_first_cell(
                     page, notebook, "for i in range(1, 6): print(i, flush=True)",
