@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chspawner.images.trees import DIR_RDONLY, disk_usage
+from chspawner.images.trees import DIR_RDONLY, disk_usage, open_made_dir
 
 RECORD_DIR = "ch"
 RECORD_NAME = "chspawner.json"
@@ -172,14 +172,7 @@ def write(image: Path, record: Record) -> None:
     text = json.dumps(record.to_json(), indent=1) + "\n"
     root = os.open(image, DIR_RDONLY)
     try:
-        try:
-            os.mkdir(RECORD_DIR, 0o755, dir_fd=root)
-        except FileExistsError:
-            if not stat.S_ISDIR(os.stat(RECORD_DIR, dir_fd=root,
-                                        follow_symlinks=False).st_mode):
-                os.unlink(RECORD_DIR, dir_fd=root)
-                os.mkdir(RECORD_DIR, 0o755, dir_fd=root)
-        ch = os.open(RECORD_DIR, DIR_RDONLY, dir_fd=root)
+        ch = open_made_dir(root, RECORD_DIR)
         try:
             mode = os.fstat(ch).st_mode
             if mode & 0o022:  # (an image's own ch/ may come open from its tar)

@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import socket
-import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -45,7 +44,7 @@ from pathlib import Path
 
 from chspawner.images import ImageError, records
 from chspawner.images.records import ImageKernel, Record, RecordError, UntrustedRecord
-from chspawner.images.trees import remove_tree
+from chspawner.images.trees import DIR_RDONLY, open_made_dir, remove_tree
 from chspawner.runtime.launcher import (UntrustedPath, default_storage, image_name_to_dir,
                                         trusted_dir, trusted_store_image, trusted_uids)
 from chspawner.runtime.spec import env_literal
@@ -405,17 +404,9 @@ def write_in_image(image: Path, path: str, text: str) -> None:
     """Write a file at ``path`` (one directory deep) in an image, replacing
     whatever is there (a symlink included) rather than writing through it."""
     directory, name = path.split("/")
-    root = os.open(image, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    root = os.open(image, DIR_RDONLY)
     try:
-        try:
-            os.mkdir(directory, 0o755, dir_fd=root)
-        except FileExistsError:
-            if not stat.S_ISDIR(os.stat(directory, dir_fd=root,
-                                        follow_symlinks=False).st_mode):
-                os.unlink(directory, dir_fd=root)
-                os.mkdir(directory, 0o755, dir_fd=root)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                      | os.O_CLOEXEC, dir_fd=root)
+        dfd = open_made_dir(root, directory)
         try:
             try:
                 os.unlink(name, dir_fd=dfd)

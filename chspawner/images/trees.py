@@ -7,9 +7,23 @@ follow symlinks.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 DIR_RDONLY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_made_dir(root: int, name: str) -> int:
+    """An fd of the directory ``name`` in the directory ``root``, made
+    (mode 0755) if missing; anything else by that name (a file, a symlink
+    an image brought) is replaced, never followed."""
+    try:
+        os.mkdir(name, 0o755, dir_fd=root)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=root, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=root)
+            os.mkdir(name, 0o755, dir_fd=root)
+    return os.open(name, DIR_RDONLY, dir_fd=root)
 
 
 def remove_tree(path: Path) -> None:
