@@ -283,6 +283,10 @@ def test_a_replay_to_another_session_names_the_cell(servers):
     page_a, page_b, again, msg_id = asyncio.run(run())
     replayed = page_b.of(msg_id)
     assert replayed and all(m["metadata"].get("chspawner_cell") == "cell-7" for m in replayed)
+    # ... and the count the execution began as (a page reloaded after its
+    # execute_input still shows it).
+    count = next(m["content"]["execution_count"] for m in page_a.of(msg_id, "execute_input"))
+    assert all(m["metadata"].get("chspawner_count") == count for m in replayed)
     assert any(m["msg_type"] == "stream" and m["content"]["text"] == "hello\n" for m in replayed)
     # The page that asked knows its own cells: no cell id for it.
     assert again.of(msg_id) and not any("chspawner_cell" in m["metadata"]

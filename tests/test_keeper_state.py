@@ -13,6 +13,7 @@ import pytest
 
 from chspawner.persist.keeper import DELIM, Keeper
 from chspawner.persist.keeper_state import (
+    RECENT,
     SIZE,
     KeeperState,
     Takeover,
@@ -43,11 +44,14 @@ def test_the_state_file_holds_the_last_message_and_the_cell_begun(tmp_path):
     state.message(1000, 5_000_000_000)
     state.execution_state("busy")
     state.began(REQUEST, 7)
-    state.message(1001, 6_500_000_000)
+    state.message(1001, 6_500_000_000, b"i" * 16)
+    state.message(1002 + RECENT, 7_000_000_000, b"j" * 16)  # (its slot is 1002's)
+    state.message(1001, 6_500_000_000)  # a torn store: the ring ahead of last_seq
     read = read_keeper_state(path)
     assert read == {"pid": 4242, "first_seq": 1000, "first_time": 5.0, "last_seq": 1001,
                     "last_time": 6.5, "execution_state": "busy",
-                    "cell": {"parent": REQUEST, "count": 7}}
+                    "cell": {"parent": REQUEST, "count": 7},
+                    "recent": {1001: (b"i" * 16).hex()}}
     state.errored("req-1", {"ename": "E", "evalue": "v", "traceback": []})
     state.ended("other", 1002)  # not the cell begun: ignored
     state.ended("req-1", 1003)

@@ -1,9 +1,12 @@
 """The keeper is watched: a kernel's keeper SIGKILLed while a cell prints
-is replaced within the check interval, the page follows the new one, is
-told in the cell's output which span of output was not kept, and the cell
-finishes (its execute_reply and its idle status reach the page, rebuilt
-when they went missing in the gap); and the same when the server was
-killed too and the next one adopts the kernel.
+is replaced within the check interval and the page follows the new one.
+The server's own copy of the kernel's output (the witness) fills the gap:
+every message reaches the page exactly once, nothing is told, nothing is
+made up. Without it (``witness_messages=0``), and when the server was
+killed too and the next one adopts the kernel, the page is told in the
+cell's output which span of output was not kept, and the cell finishes
+(its execute_reply and its idle status reach the page, rebuilt when they
+went missing in the gap).
 
 Real parts: jupyter_server as the unprivileged user with
 PersistentKernelManager and the replaying websocket connection, the
@@ -108,8 +111,14 @@ def contiguous_gap(numbers: list[int]) -> tuple[int, int]:
     return (missing[0] if missing else 0), len(missing)
 
 
-def test_a_killed_keeper_is_replaced_and_the_page_told_what_the_gap_cost(servers):
+NO_WITNESS = "--PersistentKernelManager.witness_messages=0"
+
+
+@pytest.mark.parametrize("witness", [True, False], ids=["witness", "no-witness"])
+def test_a_killed_keeper_is_replaced_and_the_gap_filled_or_told(servers, witness):
     s = servers
+    if not witness:
+        s.extra.append(NO_WITNESS)
 
     async def scenario():
         s.start()
@@ -129,15 +138,26 @@ def test_a_killed_keeper_is_replaced_and_the_page_told_what_the_gap_cost(servers
             # Later output goes through the new keeper as before.
             status, out, _ = await execute(ws, "print('after')")
             await ws.close()
-            return page, old, new, killed_at, status, out
+            return page, old, new, killed_at, status, out, await keeper_info(address)
 
-    page, old, new, killed_at, status, out = asyncio.run(scenario())
+    page, old, new, killed_at, status, out, now = asyncio.run(scenario())
     t = page.t
     assert not running(old["pid"]) and running(new["pid"])
     # Noticed within the interval (the new keeper's own start comes on top).
     assert new["first_time"] - killed_at < INTERVAL + 10
     assert new["previous"]["pid"] == old["pid"]
     assert t.reply and t.idle and (status, out) == ("ok", "after\n")
+    # The cell ended through the new keeper: nothing made up.
+    assert all("chspawner" not in m["metadata"] for m in page.of_type("status"))
+    if witness:
+        # Every number once, in order, and nothing to tell.
+        assert t.numbers == list(range(1, M + 1)) and not page.notices(), t.order
+        # (the new keeper holds the gap, numbered on from the old one's)
+        assert now["filled"] and now["filled"][0] <= now["previous"]["last_seq"] + 1
+        seqs = [m["metadata"]["chspawner_seq"] for m in page.messages
+                if "chspawner_seq" in m["metadata"]]
+        assert seqs == sorted(set(seqs))
+        return
     # Told once, in the cell's output, where the gap is.
     [notice] = page.notices()
     assert notice["msg_type"] == "stream" and notice["content"]["name"] == "stderr"
@@ -153,14 +173,17 @@ def test_a_killed_keeper_is_replaced_and_the_page_told_what_the_gap_cost(servers
     before = t.order.index("e")
     assert missing and t.numbers[:before] == list(range(1, first_missing))
     assert before >= 3 and t.order[before + 1:] == ["n"] * (len(t.numbers) - before)
-    # The cell ended through the new keeper: nothing made up.
-    assert all("chspawner" not in m["metadata"] for m in page.of_type("status"))
 
 
-def test_a_cell_that_ends_while_no_keeper_runs_still_finishes(servers):
-    """Its idle status went to no keeper: the page is sent one, rebuilt
-    (its execute_reply came on shell, as ever while the server runs)."""
+@pytest.mark.parametrize("witness", [True, False], ids=["witness", "no-witness"])
+def test_a_cell_that_ends_while_no_keeper_runs_still_finishes(servers, witness):
+    """Its end and idle status went to no keeper: the witness has them (the
+    page gets the real ones); without it, the page is sent an idle status
+    rebuilt (its execute_reply came on shell, as ever while the server
+    runs)."""
     s = servers
+    if not witness:
+        s.extra.append(NO_WITNESS)
     flag, done = f"flag-{uuid.uuid4().hex}", f"done-{uuid.uuid4().hex}"
 
     async def scenario():
@@ -187,6 +210,11 @@ def test_a_cell_that_ends_while_no_keeper_runs_still_finishes(servers):
         "execute_reply")[0]["metadata"]
     [idle] = [m for m in page.of_type("status")
               if m["content"]["execution_state"] == "idle"]
+    assert (status, out) == ("ok", "after\n")
+    if witness:
+        assert "chspawner" not in idle["metadata"] and not page.notices()
+        assert "".join(t.stdout).split() == ["start", "end"]  # 'end' from the gap
+        return
     assert "rebuilt" in idle["metadata"]["chspawner"]
     [notice] = page.notices()
     assert SPAN.search(notice["content"]["text"])

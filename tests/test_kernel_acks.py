@@ -111,3 +111,21 @@ def test_cell_map_survives_its_writer_and_stays_bounded(tmp_path):
     assert later.cell("n24") == "c24" and later.cell("n0") is None
     reader.refresh()  # compacted under an old reader: read afresh
     assert reader.cell("n24") == "c24"
+
+
+def test_cell_map_keeps_each_executions_count(tmp_path):
+    """The count an execution began as is read by a later reader (a new
+    server replaying it to a reloaded page) and kept through compaction."""
+    path = KernelRecords(tmp_path).cells_path("k1")
+    writer = CellMap(path, keep=3)
+    writer.add("m1", "cell-a", "s1")
+    writer.counted("m1", 7)
+    writer.counted("unknown", 8)  # not a request the map holds: nothing
+    assert CellMap(path).count("m1") == 7
+    assert CellMap(path).count("unknown") is None
+    for i in range(6):
+        writer.add(f"n{i}", f"c{i}")
+        writer.counted(f"n{i}", 10 + i)
+    later = CellMap(path, keep=3)
+    assert later.count("n5") == 15 and later.cell("n5") == "c5"
+    assert later.count("m1") is None  # (compacted away with its cell)

@@ -21,11 +21,13 @@ def parse_received(raw: str | None) -> int | None:
     return value if value <= MAX_SEQ else None
 
 
-def metadata_keys(seq: int, cell: str | None = None) -> bytes:
+def metadata_keys(seq: int, cell: str | None = None, count: int | None = None) -> bytes:
     """The JSON members added to a relayed message's metadata."""
     keys = b'"chspawner_seq":%d' % seq
     if cell is not None:
         keys += b',"chspawner_cell":' + json.dumps(cell).encode()
+    if count is not None:
+        keys += b',"chspawner_count":%d' % count
     return keys
 
 

@@ -16,9 +16,15 @@ directory. Frames, client to keeper:
     the session then resumes right after it, even below what was recorded
     as sent; a number above the newest message is ignored, one below this
     keeper's first (an earlier keeper's) means all it holds.
+``[b"fill", SEQ, *FRAMES]`` (on the Unix socket only)
+    Hold this message, numbered SEQ, below our own: one the kernel
+    published while no keeper ran, that the server's witness kept (see
+    :mod:`chspawner.persist.witness`). Taken only in order, numbered on
+    from the dead keeper's last; sessions then resume through them into
+    our own messages.
 ``[b"info"]``
     Reply ``[b"info", JSON]``: last and oldest seq, the kernel's last
-    execution state, sessions.
+    execution state, sessions, what was filled in.
 
 A server acknowledges what it sent a session's client not over this
 socket but in the session's file beside the kernel's record
@@ -98,7 +104,7 @@ import zmq
 
 from chspawner.provisioner.transport import CurveKeys, node_address, secure_client
 from chspawner.persist.records import KernelRecords, read_ack, read_record
-from chspawner.persist.keeper_state import KeeperState, read_keeper_state
+from chspawner.persist.keeper_state import KeeperState, message_ident, read_keeper_state
 from chspawner.persist.missed_replies import KINDS, Executions
 
 DELIM = b"<IDS|MSG>"
@@ -116,19 +122,35 @@ REPLAY_WINDOW = 120.0
 class RingBuffer:
     """The last messages, each a list of frames with a sequence number,
     bounded by count and by total bytes (the newest message is always
-    kept, however big)."""
+    kept, however big).
+
+    It may also hold, below its own numbers, messages handed over by the
+    server (:meth:`fill`): what the kernel published while no keeper ran,
+    numbered on from the dead keeper's last seq. Those go first when the
+    bounds are reached, and :meth:`next_seq` steps from the last of them
+    to the first of our own."""
 
     def __init__(self, max_messages: int, max_bytes: int, first_seq: int = 1):
         self.max_messages = max(1, max_messages)
         self.max_bytes = max(1, max_bytes)
         self._items: deque[tuple[int, list[bytes], int]] = deque()
+        self._filled: deque[tuple[int, list[bytes], int]] = deque()
         self._bytes = 0
         self.first_seq = first_seq
         self.last_seq = first_seq - 1
+        #: the first and last seq ever filled in (None: nothing was)
+        self.fill_first: int | None = None
+        self.fill_last: int | None = None
 
     @property
     def oldest_seq(self) -> int:
         """The oldest seq still held (last_seq + 1 when empty)."""
+        if self._filled:
+            return self._filled[0][0]
+        return self._own_oldest
+
+    @property
+    def _own_oldest(self) -> int:
         return self._items[0][0] if self._items else self.last_seq + 1
 
     def append(self, frames: list[bytes]) -> int:
@@ -136,19 +158,54 @@ class RingBuffer:
         size = sum(len(f) for f in frames)
         self._items.append((self.last_seq, frames, size))
         self._bytes += size
-        while len(self._items) > 1 and (len(self._items) > self.max_messages
-                                        or self._bytes > self.max_bytes):
-            self._bytes -= self._items.popleft()[2]
+        self._evict()
         return self.last_seq
 
+    def fill(self, seq: int, frames: list[bytes]) -> bool:
+        """Hold ``seq``, a message from before our first: taken only in
+        order, each right after the last filled in, all below first_seq.
+        Whether it was taken."""
+        if seq >= self.first_seq or (self.fill_last is not None and seq != self.fill_last + 1):
+            return False
+        size = sum(len(f) for f in frames)
+        self._filled.append((seq, frames, size))
+        self._bytes += size
+        if self.fill_first is None:
+            self.fill_first = seq
+        self.fill_last = seq
+        self._evict()
+        return True
+
+    def _evict(self) -> None:
+        while len(self._filled) + len(self._items) > 1 and (
+                len(self._filled) + len(self._items) > self.max_messages
+                or self._bytes > self.max_bytes):
+            self._bytes -= (self._filled or self._items).popleft()[2]
+
+    def known(self, seq: int) -> bool:
+        """Whether ``seq`` is a position in our numbering (held or not):
+        from just before the first filled in (or our first) to our last."""
+        if self.fill_first is not None and self.fill_first - 1 <= seq <= self.fill_last:
+            return True
+        return self.first_seq - 1 <= seq <= self.last_seq
+
+    def next_seq(self, seq: int) -> int:
+        """The seq that comes after ``seq``: the filled-in messages run on
+        into our own."""
+        if self.fill_last is not None and seq == self.fill_last:
+            return self.first_seq
+        return seq + 1
+
     def get(self, seq: int) -> list[bytes] | None:
-        index = seq - self.oldest_seq
+        if self._filled and self._filled[0][0] <= seq <= self._filled[-1][0]:
+            return self._filled[seq - self._filled[0][0]][1]
+        index = seq - self._own_oldest
         if 0 <= index < len(self._items):
             return self._items[index][1]
         return None
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._filled) + len(self._items)
 
 
 # ------------------------------------------------------------ keeper ---
@@ -200,8 +257,12 @@ class Keeper:
         self.router.linger = 0
         self.sub = self._new_sub()
         self.iopub_url: str | None = None
-        self.router.maxmsgsize = MAX_REQUEST
+        # On TCP, a stranger's huge message is dropped as it is announced; on
+        # our Unix socket only the user's server comes, and a message it
+        # hands over (fill) is as big as the kernel made it.
+        self.router.maxmsgsize = MAX_REQUEST if self.signed else -1
         self.nonces: OrderedDict[bytes, float] = OrderedDict()
+        self.first_ident = ""  # our first message's identity (hex), once we have one
         self.auth = None
         self.behind = False  # a follower's pipe was full at the last flush
 
@@ -248,8 +309,25 @@ class Keeper:
     def on_iopub(self, frames: list[bytes]) -> None:
         seq = self.buffer.append(frames)
         if self.state is not None:
-            self.state.message(seq, time.time_ns())
+            ident = message_ident(frames)
+            if seq == self.buffer.first_seq:
+                self.first_ident = ident.hex()
+            self.state.message(seq, time.time_ns(), ident)
         self._note(seq, frames)
+
+    def fill(self, frames: list[bytes]) -> None:
+        """``[SEQ, *FRAMES]`` from the server: a message the kernel
+        published while no keeper ran, which the server's witness kept
+        (see :mod:`chspawner.persist.witness`), numbered on from the dead
+        keeper's. Only on the server's host (a Unix socket: its sender is
+        the user's own server)."""
+        if self.signed or len(frames) < 2:
+            return
+        try:
+            seq = int(frames[0])
+        except ValueError:
+            return
+        self.buffer.fill(seq, frames[1:])
 
     def open_state(self) -> None:
         """Take over the state file: first read what a keeper before us
@@ -311,6 +389,8 @@ class Keeper:
             return  # not from a holder of the kernel's key, or a replay: no answer
         if verb == b"follow" and args:
             self._follow(ident, args[0].decode(), _received(args[1:2]))
+        elif verb == b"fill":
+            self.fill(args)
         elif verb == b"info":
             self._send(ident, [b"info", json.dumps(self.info()).encode()])
 
@@ -342,14 +422,23 @@ class Keeper:
         if not known:
             return None
         acked = max(known)
-        if not self.first_seq - 1 <= acked <= self.buffer.last_seq:
-            return self.first_seq - 1
+        if not self.buffer.known(acked):
+            return self._before_ours()
         return acked
+
+    def _before_ours(self) -> int:
+        """The position of a session that saw none of what we hold: just
+        before the first message filled in, or our own first."""
+        first = self.buffer.fill_first
+        return (first if first is not None else self.first_seq) - 1
 
     def info(self) -> dict:
         return {"last_seq": self.buffer.last_seq, "oldest_seq": self.buffer.oldest_seq,
                 "first_seq": self.buffer.first_seq,
                 "first_time": self.state.first_time / 1e9 if self.state else None,
+                "first_ident": self.first_ident,
+                "filled": ([self.buffer.fill_first, self.buffer.fill_last]
+                           if self.buffer.fill_first is not None else None),
                 "previous": self.previous,
                 "held": len(self.buffer), "capacity": self.buffer.max_messages,
                 "execution_state": self.execution_state,
@@ -360,14 +449,14 @@ class Keeper:
         if received is not None and received <= self.buffer.last_seq:
             # What the client holds, not what a server sent (maybe into a
             # socket that broke): an earlier keeper's number means none of ours.
-            acked = max(received, self.first_seq - 1)
+            acked = received if self.buffer.known(received) else self._before_ours()
         if acked is None:
             acked = self.buffer.last_seq  # new: from now on
         self.sessions[session] = acked
         self.sessions.move_to_end(session)
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
-        cursor = acked + 1
+        cursor = self.buffer.next_seq(acked)
         follower = Follower(session, cursor, following=json.dumps({
             "last_seq": self.buffer.last_seq,
             "missed_replies": self.executions.missed_by(session, acked)}).encode())
@@ -404,7 +493,7 @@ class Keeper:
                         break
                     self._send(ident, [b"msg", str(follower.cursor).encode(), *frames],
                                raise_again=True)
-                    follower.cursor += 1
+                    follower.cursor = self.buffer.next_seq(follower.cursor)
             except zmq.Again:
                 self.behind = True  # its pipe is full: the next flush goes on, soon
                 continue

@@ -9,17 +9,22 @@ made, whatever happens to the keeper the next instant (a SIGKILL, the OOM
 killer). It holds the keeper's PID, its first and last seq with the time
 each came in, the kernel's last execution state, and the execution the
 kernel last began (its request's header, its execution count, the seq of
-its end when it ended, its error if any).
+its end when it ended, its error if any), and the identities of its last
+:data:`RECENT` messages (:func:`message_ident`), by seq.
 
 A new keeper of the same kernel reads the file before it takes it over,
 and reports it (``previous`` in its ``info``), with the time of the first
 message it got itself: the server then knows exactly what could not be
 kept (the output between the two) and which execution the gap cut into
 (see :class:`Takeover`), whichever server asks, this one or the next.
+The identities let a server that watched the kernel's output itself (a
+:class:`~chspawner.persist.witness.Witness`) line its copies up with the
+dead keeper's numbers and fill the gap exactly.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import mmap
 import os
@@ -28,13 +33,18 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MAGIC = b"CHKS"
-SIZE = 4096
+MAGIC = b"CHK2"
+SIZE = 8192
 #: pid, first seq, first time (ns), last seq, last time (ns), state
 _FIXED = struct.Struct("<4sxxxxqqqqqq")
 _CELL_AT = _FIXED.size
 _CELL_HEAD = struct.Struct("<II")  # length, CRC-32 of the JSON that follows
-_CELL_MAX = SIZE - _CELL_AT - _CELL_HEAD.size
+#: the last messages' identities, a ring indexed by seq % RECENT
+RECENT = 64
+IDENT_SIZE = 16
+_IDENT = struct.Struct(f"<q{IDENT_SIZE}s")  # seq, identity
+_RING_AT = SIZE - RECENT * _IDENT.size
+_CELL_MAX = _RING_AT - _CELL_AT - _CELL_HEAD.size
 STATES = {"unknown": 0, "idle": 1, "busy": 2, "starting": 3}
 _STATE_NAMES = {v: k for k, v in STATES.items()}
 
@@ -55,10 +65,15 @@ class KeeperState:
         self.cell: dict | None = None
         self.message(first_seq - 1, 0)
 
-    def message(self, seq: int, when_ns: int) -> None:
-        """A message numbered ``seq`` came in at ``when_ns`` (epoch ns)."""
+    def message(self, seq: int, when_ns: int, ident: bytes = b"") -> None:
+        """A message numbered ``seq`` came in at ``when_ns`` (epoch ns);
+        its :func:`message_ident` is ``ident``. (Its identity first: a kill
+        between the two stores leaves the ring ahead of last_seq, which a
+        reader ignores.)"""
         if not self.first_time and when_ns:
             self.first_time = when_ns
+        if ident:
+            _IDENT.pack_into(self._map, _RING_AT + (seq % RECENT) * _IDENT.size, seq, ident)
         _FIXED.pack_into(self._map, 0, MAGIC, self.pid, self.first_seq, self.first_time,
                          seq, when_ns, self.state)
 
@@ -114,9 +129,26 @@ def read_keeper_state(path: Path) -> dict | None:
             cell = json.loads(data[start:start + length])
         except ValueError:
             cell = None
+    recent = {}
+    for i in range(RECENT):
+        seq, ident = _IDENT.unpack_from(data, _RING_AT + i * _IDENT.size)
+        if first_seq <= seq <= last_seq and any(ident):
+            recent[seq] = ident.hex()
     return {"pid": pid, "first_seq": first_seq, "first_time": first_time / 1e9,
             "last_seq": last_seq, "last_time": last_time / 1e9,
-            "execution_state": _STATE_NAMES.get(state, "unknown"), "cell": cell}
+            "execution_state": _STATE_NAMES.get(state, "unknown"), "cell": cell,
+            "recent": dict(sorted(recent.items()))}
+
+
+def message_ident(frames: list[bytes]) -> bytes:
+    """A kernel message's identity, the same whoever received it: a hash
+    of its header (which holds its msg_id and time), :data:`IDENT_SIZE`
+    bytes. Frames without the ``<IDS|MSG>`` delimiter are hashed whole."""
+    try:
+        header = frames[frames.index(b"<IDS|MSG>") + 2]
+    except (ValueError, IndexError):
+        header = b"\0".join(frames)
+    return hashlib.blake2b(header, digest_size=IDENT_SIZE).digest()
 
 
 # ---------------------------------------------------------- takeover ---
@@ -134,6 +166,9 @@ class Takeover:
     #: client sessions told, and those whose interrupted cell was settled
     told: set[str] = field(default_factory=set)
     settled: set[str] = field(default_factory=set)
+    #: the seqs of the gap's messages the server filled in from its copy
+    #: (see chspawner.persist.witness): first, last; None if none were
+    filled: tuple[int, int] | None = None
 
     @classmethod
     def from_info(cls, info: dict) -> "Takeover | None":
@@ -141,7 +176,16 @@ class Takeover:
         previous = info.get("previous")
         if not previous:
             return None
-        return cls(info.get("first_seq", 0), info.get("first_time") or 0.0, previous)
+        filled = info.get("filled")
+        return cls(info.get("first_seq", 0), info.get("first_time") or 0.0, previous,
+                   filled=tuple(filled) if filled else None)
+
+    def covered(self, acked: int | None) -> bool:
+        """Whether the gap was filled for a session with this
+        acknowledgement: it resumes through the filled-in messages, losing
+        nothing (it was sent everything before the first of them)."""
+        return (self.filled is not None and acked is not None
+                and self.filled[0] - 1 <= acked)
 
     @property
     def gap_start(self) -> float:
@@ -167,6 +211,8 @@ class Takeover:
         sent: lost with it."""
         if acked is None or acked >= self.first_seq:
             return 0
+        if self.filled is not None:  # those from the first filled in on are not lost
+            return max(0, self.filled[0] - 1 - acked)
         return max(0, self.old_last_seq - acked)
 
     def interrupted(self, acked: int | None) -> dict | None:
@@ -183,6 +229,11 @@ class Takeover:
 
     def notice(self, acked: int | None) -> str:
         """The words for a resumed session: what could not be kept."""
+        if self.filled is not None:
+            return (f"[chspawner] The kernel's output keeper stopped and a new one took "
+                    f"over; the server filled in what the kernel printed meanwhile, but "
+                    f"{self.unsent(acked)} earlier output message(s) the old keeper held "
+                    "and had not yet sent here were not kept. Output after that follows.")
         start, end = self.gap_start, self.first_time
         if start and end:
             span = (f"between {clock(start)} and {clock(end)} UTC "

@@ -282,8 +282,11 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         stream.takeover = takeover
         session = self.session.session
         acked = read_ack(Path(km.acks_dir), session)
-        if not takeover.resumed(acked):
-            return None  # nothing of the old keeper's was ever sent here
+        if not takeover.resumed(acked) or takeover.covered(acked):
+            # Nothing of the old keeper's was ever sent here, or the gap
+            # was filled in: the session resumes through it, all there.
+            takeover.settled.add(session)
+            return None
         interrupted = takeover.interrupted(acked)
         cells: OrderedDict[str, dict] = OrderedDict()
         if interrupted and interrupted["parent"].get("session") == session \
@@ -588,7 +591,11 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             header = msg_list[1]
             if b'"execute_input"' in header and \
                     json.loads(header).get("msg_type") == "execute_input":
-                self.kernel_manager.running_cell = json.loads(msg_list[2])
+                self.kernel_manager.running_cell = parent = json.loads(msg_list[2])
+                cells = self.cell_map()
+                if cells is not None:  # the count a reloaded page's cell shows
+                    cells.counted(str(parent.get("msg_id", "")),
+                                  json.loads(msg_list[4]).get("execution_count"))
             elif b'"status"' in header and (stream.pending or stream.settling) and \
                     json.loads(header).get("msg_type") == "status":
                 parent = json.loads(msg_list[2]).get("msg_id")
@@ -656,32 +663,40 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         else changes); with the legacy one the message is a dict already."""
         if self._sending is not None and self.annotate_seq:
             sending, seq, parent = self._sending
-            cell = self._replayed_cell(sending, parent) if seq <= sending.replay_until else None
+            cell, count = (self._replayed_cell(sending, parent)
+                           if seq <= sending.replay_until else (None, None))
             if isinstance(msg_or_parts, dict):
                 metadata = msg_or_parts.get("metadata")
                 if isinstance(metadata, dict):
                     metadata["chspawner_seq"] = seq
                     if cell is not None:
                         metadata["chspawner_cell"] = cell
+                    if count is not None:
+                        metadata["chspawner_count"] = count
             elif len(msg_or_parts) > 2:
-                msg_or_parts[2] = with_metadata(bytes(msg_or_parts[2]), metadata_keys(seq, cell))
+                msg_or_parts[2] = with_metadata(bytes(msg_or_parts[2]),
+                                                metadata_keys(seq, cell, count))
         super().relay_message(stream, msg_or_parts)
 
-    def _replayed_cell(self, stream: ZMQStream, parent: bytes) -> str | None:
+    def _replayed_cell(self, stream: ZMQStream,
+                       parent: bytes) -> tuple[str | None, int | None]:
         """The cell of a replayed message's execution, when another client
-        session asked for it (this one's page knows its own cells)."""
+        session asked for it (this one's page knows its own cells), and the
+        count the execution began as (a page reloaded mid-cell never got
+        its execute_input); (None, None) otherwise."""
         cells = self.cell_map()
         if cells is None or b'"msg_id"' not in parent:
-            return None
+            return None, None
         try:
             msg_id = str(json.loads(parent).get("msg_id", ""))
         except (ValueError, AttributeError):
-            return None
+            return None, None
         if msg_id not in stream.cells_seen:
             cell = cells.cell(msg_id)
             asked_by = cells.session(msg_id) if cell is not None else None
             stream.cells_seen[msg_id] = cell if asked_by != self.session.session else None
-        return stream.cells_seen[msg_id]
+        cell = stream.cells_seen[msg_id]
+        return cell, cells.count(msg_id) if cell is not None else None
 
     @property
     def write_message(self):

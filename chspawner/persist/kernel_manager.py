@@ -65,6 +65,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ from chspawner.persist.kernel_connection import (
 from chspawner.persist.keeper_state import Takeover
 from chspawner.persist.notebook_outputs import NotebookWriters
 from chspawner.persist.records import KernelRecords, state_dir_name
+from chspawner.persist.witness import Witness
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.sockets import PrivateIpcMixin
 from chspawner.provisioner.transport import secure_client
@@ -222,6 +224,11 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     keeper_starting = False
     #: Its keeper died and a new one took over: what sessions are told.
     takeover: Takeover | None = None
+    #: The server's copy of its latest output, to fill a dead keeper's gap
+    #: (chspawner.persist.witness), its subscription and the IOPub port.
+    witness: Witness | None = None
+    witness_stream: Any = None
+    witness_port: int | None = None
 
     async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any):
         """A restart of a kernel whose job ended by itself (jupyter_client's
@@ -346,6 +353,21 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
              "kept (and made to finish if it ended meanwhile). A check reads one "
              "small /proc file per kernel: no process is started. 0: no checks "
              "(a dead keeper is then replaced only by the next server).",
+    ).tag(config=True)
+
+    witness_messages = Integer(
+        10000,
+        help="IOPub messages of each kernel (whose keeper runs on the server's host) "
+             "that the server keeps a copy of, in its memory, to fill the gap should "
+             "the keeper die: what the kernel printed between the keeper's death and "
+             "its replacement then reaches every page exactly once. A gap longer than "
+             "this (or witness_bytes) is told in the cell instead. 0: no copies.",
+    ).tag(config=True)
+
+    witness_bytes = Integer(
+        16 << 20,
+        help="Bytes of IOPub messages kept per kernel for a keeper's gap (see "
+             "witness_messages).",
     ).tag(config=True)
 
     keeper_ready_timeout = Float(
@@ -526,6 +548,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         if not in_job(km.provisioner):
             self._learn_keeper(km, info)
             self._watch_keepers()
+            self._witness(km)
 
     async def _job_keeper_address(self, km: PersistentServerKernelManager,
                                   staging: Path) -> str:
@@ -607,6 +630,57 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
                 km.keeper_starting = True
                 asyncio.ensure_future(self._replace_keeper(km))
 
+    def _witness(self, km: PersistentServerKernelManager) -> None:
+        """Keep a copy of the kernel's latest output (see
+        :mod:`chspawner.persist.witness`), subscribed afresh when a restart
+        moved its IOPub port."""
+        if self.witness_messages <= 0:
+            return
+        port = km.get_connection_info().get("iopub_port")
+        if km.witness is not None and km.witness_port == port:
+            return
+        self._stop_witness(km)
+        witness = Witness(self.witness_messages, self.witness_bytes)
+        stream = km.connect_iopub()
+        stream.socket.rcvhwm = 0  # none dropped on our side: the witness bounds itself
+        stream.on_recv(witness.add)
+        km.witness, km.witness_port, km.witness_stream = witness, port, stream
+
+    def _stop_witness(self, km: Any) -> None:
+        stream = getattr(km, "witness_stream", None)
+        if stream is not None and not stream.closed():
+            stream.close(linger=0)
+        km.witness = km.witness_stream = None
+
+    async def _fill_gap(self, km: PersistentServerKernelManager, info: dict) -> dict:
+        """Hand the new keeper what the kernel published while none ran,
+        from the witness, numbered on from the dead keeper's. The new
+        keeper's info after (unchanged when nothing could be recovered)."""
+        witness, previous = km.witness, info.get("previous")
+        if witness is None or not previous or not info.get("first_ident"):
+            return info
+        # The witness's copy of the new keeper's first message may still
+        # be on its way through the server's own socket.
+        deadline = time.monotonic() + 2.0
+        while not witness.holds(info["first_ident"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # (its stream is read on this loop meanwhile)
+        recovery = witness.recover(previous, info["first_seq"], info["first_ident"])
+        if recovery is None:
+            self.log.warning("chspawner: kernel %s: the gap can't be filled from the "
+                             "server's copy of its output", km.kernel_id)
+            return info
+        fills = ([b"fill", str(recovery.first_seq + i).encode(), *frames]
+                 for i, frames in enumerate(recovery.messages))
+        filled = await keeper_info(km.keeper_address, timeout=10.0, key=km.session.key,
+                                   connection=km.get_connection_info(), before=fills)
+        if not filled or filled.get("filled") != [recovery.first_seq, recovery.last_seq]:
+            self.log.warning("chspawner: kernel %s: the new keeper did not take the gap's "
+                             "%d message(s)", km.kernel_id, len(recovery.messages))
+            return info
+        self.log.info("chspawner: kernel %s: the gap filled: messages %d-%d from the "
+                      "server's copy", km.kernel_id, recovery.first_seq, recovery.last_seq)
+        return filled
+
     async def _replace_keeper(self, km: PersistentServerKernelManager) -> None:
         """The kernel's keeper died: if the kernel runs (and is wanted), a
         new keeper, which every open notebook of the kernel then follows."""
@@ -624,8 +698,9 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
             self._learn_keeper(km, info)
             if info is None:
                 return
+            info = await self._fill_gap(km, info)
             km.takeover = Takeover.from_info(info)
-            if km.takeover is not None:
+            if km.takeover is not None and not km.takeover.filled:
                 self.log.warning("chspawner: kernel %s: %s", kernel_id,
                                  km.takeover.notice(None))
             keeper_replaced(kernel_id)
@@ -649,6 +724,8 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         # on purpose, or dead beyond restarting. Its keeper exits once the
         # record is gone.
         km = super().remove_kernel(kernel_id)
+        if km is not None:
+            self._stop_witness(km)
         self.records.remove(kernel_id)
         forget_connections(kernel_id)
         self.notebook_writers.forget(kernel_id)
@@ -719,6 +796,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         if not in_job(km.provisioner):
             self._learn_keeper(km, info)
             self._watch_keepers()
+            self._witness(km)
         client_private.add_kernel(self, kernel_id, km)
         km.execution_state = (info or {}).get("execution_state") or "idle"
         if km.execution_state in ("unknown", "starting"):
@@ -779,6 +857,7 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
         """Forget a kernel without stopping it."""
         self.stop_buffering(kernel_id)
         km = self.get_kernel(kernel_id)
+        self._stop_witness(km)
         server_private.let_go(self, km, kernel_id)
         km.stop_restarter()
         client_private.close_control_socket(km)
@@ -800,10 +879,13 @@ def process_start(pid: int) -> str:
 
 
 async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"",
-                      connection: dict | None = None) -> dict | None:
+                      connection: dict | None = None,
+                      before: Iterable[list[bytes]] = ()) -> dict | None:
     """A keeper's state, or None if nothing answers at ``address`` in time
     (the request signed with the kernel's ``key``; on TCP, CURVE with the
-    keys in the kernel's ``connection`` info)."""
+    keys in the kernel's ``connection`` info). The requests ``before`` are
+    sent first on the same socket: the keeper has handled them when it
+    answers."""
     path = address.removeprefix("ipc://")
     if address.startswith("ipc://") and not os.path.exists(path):
         return None
@@ -813,6 +895,8 @@ async def keeper_info(address: str, timeout: float = 1.0, key: bytes = b"",
     try:
         secure_client(sock, connection or {}, address)
         sock.connect(address)
+        for request in before:
+            await sock.send_multipart(signed_request(key, request))
         await sock.send_multipart(signed_request(key, [b"info"]))
         if not await sock.poll(int(timeout * 1000)):
             return None

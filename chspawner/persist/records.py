@@ -209,16 +209,19 @@ class CellMap:
     metadata (``cellId``); the kernel's later messages name only the
     request (their parent's ``msg_id``). The server notes each request as
     it forwards it, one JSON line appended to ``<kernel id>.cells``
-    (``{"msg_id", "cell_id", "session"}``), so that whoever comes later, a
-    new server, a new page, the writer of outputs into the notebook, can
-    still tell which cell a message belongs to. Bounded: when the file
-    holds twice ``keep`` lines it is rewritten with the newest ``keep``.
-    A line cut short by a crash is skipped."""
+    (``{"msg_id", "cell_id", "session"}``), and, when the execution's
+    execute_input passes, its execution count (``{"msg_id", "count"}``),
+    so that whoever comes later, a new server, a new page, the writer of
+    outputs into the notebook, can still tell which cell a message belongs
+    to and which count the cell shows. Bounded: when the file holds twice
+    ``keep`` lines it is rewritten with the newest ``keep``. A line cut
+    short by a crash is skipped."""
 
     def __init__(self, path: Path, keep: int = 1000):
         self.path = Path(path)
         self.keep = max(1, keep)
-        self._cells: dict[str, tuple[str, str]] = {}
+        #: msg_id -> [cell id, session, execution count or None]
+        self._cells: dict[str, list] = {}
         self._lines = 0
         self._read_size = 0
         self._inode = 0
@@ -227,12 +230,31 @@ class CellMap:
         if not msg_id or not cell_id:
             return
         self.refresh()
-        line = json.dumps({"msg_id": msg_id, "cell_id": cell_id, "session": session})
+        self._append({"msg_id": msg_id, "cell_id": cell_id, "session": session})
+        self._cells[msg_id] = [cell_id, session, None]
+
+    def counted(self, msg_id: str, count: int) -> None:
+        """The execution ``msg_id`` (a known one) began as ``count``."""
+        found = self._cells.get(msg_id)
+        if found is None:
+            self.refresh()
+            found = self._cells.get(msg_id)
+        if found is None or found[2] == count or not isinstance(count, int):
+            return
+        self._append({"msg_id": msg_id, "count": count})
+        found[2] = count
+
+    def count(self, msg_id: str) -> int | None:
+        """The execution count of ``msg_id``, if its start was seen."""
+        self.cell(msg_id)
+        found = self._cells.get(msg_id)
+        return found[2] if found else None
+
+    def _append(self, entry: dict) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(entry) + "\n")
             self._read_size = f.tell()
-        self._cells[msg_id] = (cell_id, session)
         self._lines += 1
         if self._lines >= 2 * self.keep:
             self._compact()
@@ -270,9 +292,13 @@ class CellMap:
         for raw in data[:end].splitlines():
             try:
                 entry = json.loads(raw)
-                self._cells[str(entry["msg_id"])] = (str(entry["cell_id"]),
-                                                     str(entry.get("session", "")))
-            except (ValueError, KeyError, TypeError):
+                msg_id = str(entry["msg_id"])
+                if "cell_id" in entry:
+                    self._cells[msg_id] = [str(entry["cell_id"]),
+                                           str(entry.get("session", "")), entry.get("count")]
+                elif msg_id in self._cells and isinstance(entry.get("count"), int):
+                    self._cells[msg_id][2] = entry["count"]
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
             self._lines += 1
         self._read_size += end
@@ -284,9 +310,11 @@ class CellMap:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            for msg_id, (cell_id, session) in newest:
-                f.write(json.dumps({"msg_id": msg_id, "cell_id": cell_id,
-                                    "session": session}) + "\n")
+            for msg_id, (cell_id, session, count) in newest:
+                entry = {"msg_id": msg_id, "cell_id": cell_id, "session": session}
+                if count is not None:
+                    entry["count"] = count
+                f.write(json.dumps(entry) + "\n")
             size = f.tell()
             inode = os.fstat(f.fileno()).st_ino
         os.replace(tmp, self.path)

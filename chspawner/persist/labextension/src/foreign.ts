@@ -8,7 +8,10 @@
  * (the cell's id, from chspawner.persist.records.CellMap). From the first
  * marked message of an execution on, every message of that execution (its
  * later, live ones carry no mark) goes to that cell: execution count, streams,
- * displays, results, errors, clears, as JupyterLab would show them.
+ * displays, results, errors, clears, as JupyterLab would show them. A marked
+ * message also carries the execution's count (`metadata.chspawner_count`)
+ * when the server saw it begin: a page that joined after its execute_input
+ * still shows the cell's count.
  *
  * Pure: cells are reached through the small interfaces below, so the unit
  * tests drive it without JupyterLab.
@@ -73,7 +76,14 @@ export class ForeignOutputs {
     if (cell === null) {
       return false;
     }
-    return apply(cell, msg, first);
+    // The count the execution began as, for a page that joined it after
+    // its execute_input (reloaded mid-cell): the cell shows it when done.
+    const count = msg.metadata?.chspawner_count;
+    const counted = typeof count === 'number' && cell.executionCount !== count;
+    if (counted) {
+      cell.executionCount = count;
+    }
+    return apply(cell, msg, first) || counted;
   }
 
   private _findCell: (cellId: string) => ICellLike | null;

@@ -67,6 +67,18 @@ test('output resumed mid-run is appended to what the saved notebook holds', () =
   assert.deepEqual(c.outputs.items, [{ output_type: 'stream', name: 'stdout', text: '1\n2\n' }]);
 });
 
+test('a page that joined mid-run gets the count from the marked replay', () => {
+  const c = cell();
+  c.executionCount = null;
+  const f = new ForeignOutputs(() => c);
+  const mark = { chspawner_cell: 'x', chspawner_seq: 5, chspawner_count: 12 };
+  f.received(msg('stream', 'r1', { name: 'stdout', text: '4\n' }, mark));
+  assert.equal(c.executionCount, 12);
+  c.executionCount = null;
+  assert.equal(f.received(msg('status', 'r1', { execution_state: 'idle' }, mark)), true);
+  assert.equal(c.executionCount, 12);
+});
+
 test("this page's own requests and unmarked messages are left to JupyterLab", () => {
   const c = cell();
   const f = new ForeignOutputs(() => c);
