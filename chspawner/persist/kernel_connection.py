@@ -114,6 +114,10 @@ def forget_connections(kernel_id: str) -> weakref.WeakSet:
     return _following.pop(kernel_id, weakref.WeakSet())
 
 
+#: The close code a close frame without one counts as (RFC 6455, 7.1.5).
+NO_STATUS_RECEIVED = 1005
+
+
 class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketConnection):
     """Stock kernel websocket connection, IOPub from the keeper."""
 
@@ -395,10 +399,13 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
         writers = self._notebook_writers()
         if writers is not None:
             # The client's close code (None: no close frame came, the
-            # connection broke): a page that left on purpose has the
-            # server write the kernel's output into its notebook.
-            writers.page_closed(self.kernel_id, self,
-                                getattr(self.websocket_handler, "close_code", None))
+            # connection broke; 1005, tornado's None too: a close frame
+            # without a code): a page that left on purpose has the server
+            # write the kernel's output into its notebook.
+            code = getattr(self.websocket_handler, "close_code", None)
+            if code is None and not self._broken:
+                code = NO_STATUS_RECEIVED
+            writers.page_closed(self.kernel_id, self, code)
         return super().disconnect()
 
     def _keep_uncertain(self, stream: ZMQStream) -> None:

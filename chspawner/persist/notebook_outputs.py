@@ -68,7 +68,7 @@ from chspawner.provisioner.transport import secure_client
 #: The client session the writer follows a keeper as.
 WRITER_SESSION = "chspawner-notebook-outputs"
 #: Close codes of a websocket its client closed on purpose (page closed, reloaded).
-CLEAN_CLOSE = (1000, 1001)
+CLEAN_CLOSE = (1000, 1001, 1005)  # normal, going away, a close frame without a code
 #: The IOPub messages that change a cell's outputs or say where it stands.
 FOLDED = frozenset({"stream", "display_data", "execute_result", "error", "clear_output",
                     "update_display_data", "execute_input", "status"})

@@ -213,21 +213,26 @@ function followKernel(
   };
   window.addEventListener('online', onOnline);
   document.addEventListener('visibilitychange', onVisible);
-  let wasConnected = kernel.connectionStatus === 'connected';
+  // Every connection, the first one too: a page loaded (reloaded) while the
+  // server was writing into the notebook may have loaded it just before the
+  // server's last write.
+  const check = (): void => {
+    void reconcile(app, state, kernel).catch(error =>
+      console.warn('[chspawner] checking the notebook on disk failed:', error)
+    );
+  };
   kernel.connectionStatusChanged.connect((_, status: Kernel.ConnectionStatus) => {
     if (!current()) {
       return;
     }
     reconnector.statusChanged(status);
     if (status === 'connected') {
-      if (wasConnected) {
-        void reconcile(app, state, kernel).catch(error =>
-          console.warn('[chspawner] checking the notebook on disk failed:', error)
-        );
-      }
-      wasConnected = true;
+      check();
     }
   });
+  if (kernel.connectionStatus === 'connected') {
+    check();
+  }
   kernel.disposed.connect(() => {
     reconnector.dispose();
     window.removeEventListener('online', onOnline);
@@ -236,9 +241,9 @@ function followKernel(
 }
 
 /**
- * After a reconnect: if the server wrote outputs into the notebook while the
- * page was away (protocol section 4) and the page has rendered them all by
- * now (the replay), take the file on disk as the page's last save.
+ * After a (re)connection: if the server wrote outputs into the notebook while
+ * the page was away or loading (protocol section 4) and the page has rendered
+ * them all by now (the replay), take the file on disk as the page's last save.
  */
 async function reconcile(
   app: JupyterFrontEnd,
