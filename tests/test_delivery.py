@@ -25,8 +25,11 @@ from chspawner.persist.delivery import (
     Recent, metadata_keys, parse_received, uncertain_notice, with_metadata)
 from chspawner.persist.keeper import Keeper
 from chspawner.persist.records import KernelRecords, read_ack
+from chspawner.persist.replay import ws_frame
+from session_proxy.proxy.wsframes import frame_size
 from tests.harness.kernel_client import execute_request, kernels_url, start_kernel
 from tests.harness.servers import Servers
+from tests.harness.wait import until
 from tests.harness.ws_v1 import PROTOCOL as V1, decode as v1_decode, encode as v1_encode
 
 COUNT = 1500  # numbers printed, one every 4 ms
@@ -93,6 +96,19 @@ def test_a_follow_with_received_resumes_right_after_it(tmp_path):
         assert read_ack(acks, "page") == 1008
     finally:
         k.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_a_batched_replays_frames_are_websocket_data_frames(size):
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    for binary, opcode in ((True, 0x82), (False, 0x81)):
+        frame = ws_frame(payload, binary)
+        assert frame[0] == opcode  # final, no extension bits
+        assert not frame[1] & 0x80  # unmasked: server to client
+        assert frame_size(frame, 0) == len(frame) and frame.endswith(payload)
+        two = frame + frame  # frames of one write follow each other
+        assert frame_size(two, len(frame)) == len(frame)
 
 
 # ------------------------------------------------------ real server ---
@@ -294,6 +310,74 @@ def test_a_replay_to_another_session_names_the_cell(servers):
     assert all("chspawner_cell" not in m["metadata"] for m in page_a.msgs)
 
 
+def numbering(first: int, last: int, then: str = "") -> str:
+    """Prints first..last (paced a little: flat out, the kernel's IOPub
+    socket drops some), then runs ``then``."""
+    return (f"import time\nfor i in range({first}, {last + 1}):\n"
+            f"    print(i, flush=True)\n    i % 100 or time.sleep(0.002)\n{then}\n")
+
+
+def idle(client: Client, msg_id: str) -> bool:
+    """The execution's end (IOPub: every page gets it, not only the one
+    that asked)."""
+    return any(m["content"].get("execution_state") == "idle" for m in client.of(msg_id, "status"))
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["v1", "legacy"])
+def test_a_long_replay_comes_in_order_exactly_once(servers, v1):
+    """Thousands of messages missed (a replay written in batches), a
+    kernel error among them (which goes one by one): the page gets each
+    exactly once, in the keeper's order, with its seq, the same messages a
+    page that stayed got; all of them are acknowledged."""
+    async def run():
+        servers.start()
+        async with aiohttp.ClientSession(headers=servers.headers) as http:
+            kernel = await start_kernel(http, servers)
+            base = kernels_url(servers).replace("http", "ws", 1) + f"/{kernel}/channels"
+            away, stays = uuid.uuid4().hex, uuid.uuid4().hex
+            witness = await Client(v1).open(http, f"{base}?session_id={stays}")
+            page = await Client(v1).open(http, f"{base}?session_id={away}")
+            for c in (witness, page):
+                warm = execute_request("pass", c is page and away or stays)
+                await c.send(warm | {"channel": "shell"})
+                await c.read_until(lambda c=c, w=warm: c.done(w["header"]["msg_id"]))
+            first = execute_request(numbering(1, 1500, "raise ValueError('half way')"), away)
+            second = execute_request(numbering(1501, 3000), away)
+            for r in (first, second):
+                r["content"]["stop_on_error"] = False
+                await page.send(r | {"channel": "shell"})
+            ids = [r["header"]["msg_id"] for r in (first, second)]
+            await page.read_until(lambda: page.of(ids[0], "execute_input"))
+            await page.ws.close()  # away while both run
+            received = page.last_seq
+            await witness.read_until(lambda: idle(witness, ids[1]), timeout=120)
+            await page.open(http, f"{base}?session_id={away}", received)
+            await page.read_until(lambda: idle(page, ids[1]), timeout=60)
+            await page.ws.close()
+            await witness.ws.close()
+            acks = KernelRecords(servers.state_dir).acks_dir(kernel)
+            # Recorded once tornado has flushed the write: maybe just after
+            # it came. (What came after, the new websocket's kernel_info
+            # status, may be recorded too.)
+            await until(lambda: (read_ack(acks, away) or 0) >= page.last_seq,
+                        "the page's last message acknowledged", timeout=10)
+            return witness, page, ids, received
+
+    witness, page, (one, two), received = asyncio.run(run())
+    assert page.numbers(one) == list(range(1, 1501))
+    assert page.numbers(two) == list(range(1501, 3001))
+    errors = page.of(one, "error")
+    assert len(errors) == 1 and errors[0]["content"]["evalue"] == "half way"
+
+    def seqs(client):
+        return [m["metadata"]["chspawner_seq"] for m in client.msgs
+                if m["channel"] == "iopub" and m["parent_header"].get("msg_id") in (one, two)
+                and m["metadata"].get("chspawner_seq", 0) > received]
+    # Exactly the messages the keeper numbered after what the page held
+    # (the page's Client checks each seq above the one before: no copy).
+    assert seqs(page) == seqs(witness) and len(seqs(page)) > 3000
+
+
 @pytest.mark.unit
 def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
     """The server drops what comes under an earlier follow until the answer
@@ -320,3 +404,4 @@ def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
         assert [f[1] for f in sent[1:]] == [b"2", b"3"] and not k.behind
     finally:
         k.close()
+
