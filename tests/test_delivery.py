@@ -111,6 +111,55 @@ def test_a_batched_replays_frames_are_websocket_data_frames(size):
         assert frame_size(two, len(frame)) == len(frame)
 
 
+def keeper_msg(seq: int, kind: str = "stream") -> list[bytes]:
+    header = json.dumps({"msg_id": f"m{seq}", "msg_type": kind}).encode()
+    return [b"msg", b"%d" % seq, b"<IDS|MSG>", b"sig", header, b'{"msg_id": "p"}', b"{}", b"{}"]
+
+
+@pytest.mark.unit
+def test_a_batch_whose_websocket_goes_still_takes_the_keepers_answers():
+    """Its messages are not written (nor recorded: the next follow sends
+    them), but a follow's answer queued behind them is taken: a lost one
+    would leave the session waiting for it, dropping all it gets."""
+    import zmq
+    from types import SimpleNamespace
+    from chspawner.persist.replay import BatchedReplay
+
+    following = [b"following", b'{"last_seq": 9, "missed_replies": []}']
+    queue = [keeper_msg(2), keeper_msg(3, "error"), keeper_msg(4), following, keeper_msg(5)]
+
+    class Socket:
+        def recv_multipart(self, flags):
+            if not queue:
+                raise zmq.Again()
+            return queue.pop(0)
+
+    class Connection(BatchedReplay):
+        annotate_seq, subprotocol, _lost = True, V1, None
+        websocket_handler = SimpleNamespace(
+            ws_connection=SimpleNamespace(is_closing=lambda: False),
+            get_compression_options=lambda: None)
+        one_by_one: list[bytes] = []
+        written: list[list[int]] = []
+
+        def _replayed_cell(self, stream, parent):
+            return None
+
+        def _write_batch(self, stream, batch):
+            self.written.append([seq for seq, _, _ in batch])
+            return False  # the websocket went
+
+        def handle_outgoing_message(self, stream, parts):
+            self.one_by_one.append(parts[0])
+
+    stream = SimpleNamespace(socket=Socket(), pending_follows=0, settling=None, replay_until=5,
+                             missed_replies={}, delivered=0, pending={})
+    c = Connection()
+    assert c.replay_batch(stream, keeper_msg(1))
+    assert c.written == [[1, 2]]  # then the error (one by one) found it gone
+    assert c.one_by_one == [b"following"] and not queue
+
+
 # ------------------------------------------------------ real server ---
 
 class Relay:

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
 from tornado.iostream import StreamBufferFullError, StreamClosedError
+from tornado.websocket import WebSocketClosedError
 
 from chspawner.persist.delivery import metadata_keys, with_metadata
 from chspawner.persist.keeper import DELIM
@@ -86,18 +87,26 @@ class BatchedReplay:
             size += sum(len(p) for p in parts)
         self._batching = True
         cells: dict[bytes, str | None] = {}  # parent header -> cell, for this batch
+        gone = False  # the websocket refused a write
         try:
             batch: list[tuple[int, bytes, bytes]] = []
             for parts in queued:
-                if self._batchable(stream, parts):
+                if not gone and self._batchable(stream, parts):
                     entry = self._batch_entry(stream, parts, batch, cells)
                     if entry is not None:
                         batch.append(entry)
                     continue
-                if batch and not self._write_batch(stream, batch):
-                    return True  # the websocket is gone: the rest waits for the next follow
-                batch = []
-                self.handle_outgoing_message(stream, parts)  # (in order, one by one)
+                if batch:
+                    gone = not self._write_batch(stream, batch)
+                    batch = []
+                if gone and parts[0] == b"msg":
+                    continue  # not written, not recorded: the session's next follow sends it
+                try:
+                    # (in order, one by one; a follow's answer or a lost
+                    # notice is state, taken even when the websocket is gone)
+                    self.handle_outgoing_message(stream, parts)
+                except WebSocketClosedError:
+                    gone = True
             if batch:
                 self._write_batch(stream, batch)
         finally:
