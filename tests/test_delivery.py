@@ -441,6 +441,7 @@ def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
             raise zmq.Again()
         sent.append(frames)
     k._send = send
+    k._send_msg = lambda ident, seq, frames: send(ident, [b"msg", b"%d" % seq, *frames], True)
     try:
         for n in range(3):
             k.on_iopub([b"frame", str(n).encode()])
@@ -452,5 +453,29 @@ def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
         assert [f[0] for f in sent] == [b"following", b"msg", b"msg"]
         assert [f[1] for f in sent[1:]] == [b"2", b"3"] and not k.behind
     finally:
+        k.close()
+
+
+@pytest.mark.unit
+def test_the_keeper_sends_a_buffered_message_whole_or_not_at_all(tmp_path):
+    import zmq
+    from chspawner.persist.keeper import Follower
+    k = Keeper(tmp_path / "k.json", f"ipc://{tmp_path}/k.sock", first_seq=1)
+    dealer = k.ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    try:
+        k.bind()
+        dealer.connect(k.address)
+        dealer.send(b"hello")
+        ident, _ = k.router.recv_multipart()
+        k._send_msg(ident, 7, [b"<IDS|MSG>", b"sig", b"header"])
+        assert dealer.poll(5000) and dealer.recv_multipart() == [
+            b"msg", b"7", b"<IDS|MSG>", b"sig", b"header"]
+        k.followers[b"gone"] = Follower("page", 1)
+        with pytest.raises(zmq.ZMQError):  # (ROUTER_MANDATORY: no such peer)
+            k._send_msg(b"gone", 8, [b"frame"])
+        assert b"gone" not in k.followers
+    finally:
+        dealer.close()
         k.close()
 
