@@ -23,12 +23,17 @@ settled, and every message on a websocket that compresses.
 """
 from __future__ import annotations
 
+import json
 import struct
 import time
 from typing import Any
 
 import zmq
-from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+from jupyter_client.jsonutil import json_default
+from jupyter_server.services.kernels.connection.base import (
+    serialize_binary_message,
+    serialize_msg_to_ws_v1,
+)
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
@@ -92,7 +97,13 @@ class BatchedReplay:
             batch: list[tuple[int, bytes, bytes]] = []
             for parts in queued:
                 if not gone and self._batchable(stream, parts):
-                    entry = self._batch_entry(stream, parts, batch, cells)
+                    try:
+                        entry = self._batch_entry(stream, parts, batch, cells)
+                    except (ValueError, KeyError, TypeError) as error:
+                        # (one by one, it would fail alone, the rest going on)
+                        self.log.error("chspawner: malformed kernel message %s not relayed: %s",
+                                       parts[1][:20], error)
+                        continue
                     if entry is not None:
                         batch.append(entry)
                     continue
@@ -159,9 +170,10 @@ class BatchedReplay:
             msg["metadata"]["chspawner_seq"] = seq
             if cell is not None:
                 msg["metadata"]["chspawner_cell"] = cell
-        payload = self._reserialize_reply(msg, channel="iopub")
-        binary = isinstance(payload, bytes)
-        return seq, ws_frame(payload if binary else payload.encode(), binary), parent
+        msg["channel"] = "iopub"  # (as jupyter_server serializes it, legacy protocol)
+        if msg["buffers"]:
+            return seq, ws_frame(serialize_binary_message(msg), True), parent
+        return seq, ws_frame(json.dumps(msg, default=json_default).encode(), False), parent
 
     def _write_batch(self, stream: Any, batch: list[tuple[int, bytes, bytes]]) -> bool:
         """One write of the batch's frames; its last seq acknowledged once
