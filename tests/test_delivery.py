@@ -143,7 +143,7 @@ def test_a_batch_whose_websocket_goes_still_takes_the_keepers_answers():
         written: list[list[int]] = []
 
         def _replayed_cell(self, stream, parent):
-            return None
+            return None, None
 
         def _write_batch(self, stream, batch):
             self.written.append([seq for seq, _, _ in batch])

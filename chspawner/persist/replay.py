@@ -8,9 +8,9 @@ and rate-limit checks, a tornado write (a task and a system call) and an
 acknowledgement each. Here a replayed message the keeper sent takes the
 ones queued behind it on the keeper's socket along (up to
 :data:`REPLAY_BATCH`); each gets the same treatment as one by one (its
-seq and cell spliced into its metadata, the kernel's current cell and the
-session's executions noted, the time it was written kept for a broken
-websocket's notice), their websocket frames go out in one write, and the
+seq, and its cell and count for another session, spliced into its
+metadata; the kernel's current cell and the session's executions noted;
+the time it was written kept for a broken websocket's notice), their websocket frames go out in one write, and the
 last seq is acknowledged once that write is out: nothing is recorded as
 sent that was not handed to the socket, as before.
 
@@ -49,7 +49,6 @@ REPLAY_BATCH = 256
 #: outputs goes out sooner).
 REPLAY_BATCH_BYTES = 4 << 20
 V1 = "v1.kernel.websocket.jupyter.org"
-_UNSEEN = object()
 
 
 def ws_frame(payload: bytes, binary: bool) -> bytes:
@@ -91,7 +90,8 @@ class BatchedReplay:
             queued.append(parts)
             size += sum(len(p) for p in parts)
         self._batching = True
-        cells: dict[bytes, str | None] = {}  # parent header -> cell, for this batch
+        # parent header -> (cell, count) for a replay to another session, this batch
+        cells: dict[bytes, tuple[str | None, int | None]] = {}
         gone = False  # the websocket refused a write
         try:
             batch: list[tuple[int, bytes, bytes]] = []
@@ -142,7 +142,8 @@ class BatchedReplay:
             and b'"error"' not in header
 
     def _batch_entry(self, stream: Any, parts: list[Any], batch: list[tuple[int, bytes, bytes]],
-                     cells: dict[bytes, str | None]) -> tuple[int, bytes, bytes] | None:
+                     cells: dict[bytes, tuple[str | None, int | None]],
+                     ) -> tuple[int, bytes, bytes] | None:
         """(seq, websocket payload, parent header) of one replayed message;
         None for a copy already delivered or one that goes as it is."""
         seq = int(parts[1])
@@ -153,14 +154,15 @@ class BatchedReplay:
         header, parent, metadata, content = frames[i + 2:i + 6]
         if b'"execute_input"' in header or (b'"status"' in header and stream.pending):
             self._note_iopub(stream, frames)
-        cell = None
+        cell = count = None
         if self.annotate_seq:
-            cell = cells.get(parent, _UNSEEN)
-            if cell is _UNSEEN:
-                cell = cells[parent] = self._replayed_cell(stream, parent)
+            known = cells.get(parent)
+            if known is None:
+                known = cells[parent] = self._replayed_cell(stream, parent)
+            cell, count = known
         if self.subprotocol == V1:
             if self.annotate_seq:
-                metadata = with_metadata(metadata, metadata_keys(seq, cell))
+                metadata = with_metadata(metadata, metadata_keys(seq, cell, count))
             payload = serialize_msg_to_ws_v1(
                 [header, parent, metadata, content, *frames[i + 6:]], "iopub")
             return seq, ws_frame(payload, True), parent
@@ -170,6 +172,8 @@ class BatchedReplay:
             msg["metadata"]["chspawner_seq"] = seq
             if cell is not None:
                 msg["metadata"]["chspawner_cell"] = cell
+            if count is not None:
+                msg["metadata"]["chspawner_count"] = count
         msg["channel"] = "iopub"  # (as jupyter_server serializes it, legacy protocol)
         if msg["buffers"]:
             return seq, ws_frame(serialize_binary_message(msg), True), parent
