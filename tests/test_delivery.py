@@ -25,8 +25,11 @@ from chspawner.persist.delivery import (
     Recent, metadata_keys, parse_received, uncertain_notice, with_metadata)
 from chspawner.persist.keeper import Keeper
 from chspawner.persist.records import KernelRecords, read_ack
+from chspawner.persist.replay import ws_frame
+from session_proxy.proxy.wsframes import frame_size
 from tests.harness.kernel_client import execute_request, kernels_url, start_kernel
 from tests.harness.servers import Servers
+from tests.harness.wait import until
 from tests.harness.ws_v1 import PROTOCOL as V1, decode as v1_decode, encode as v1_encode
 
 COUNT = 1500  # numbers printed, one every 4 ms
@@ -93,6 +96,68 @@ def test_a_follow_with_received_resumes_right_after_it(tmp_path):
         assert read_ack(acks, "page") == 1008
     finally:
         k.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_a_batched_replays_frames_are_websocket_data_frames(size):
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    for binary, opcode in ((True, 0x82), (False, 0x81)):
+        frame = ws_frame(payload, binary)
+        assert frame[0] == opcode  # final, no extension bits
+        assert not frame[1] & 0x80  # unmasked: server to client
+        assert frame_size(frame, 0) == len(frame) and frame.endswith(payload)
+        two = frame + frame  # frames of one write follow each other
+        assert frame_size(two, len(frame)) == len(frame)
+
+
+def keeper_msg(seq: int, kind: str = "stream") -> list[bytes]:
+    header = json.dumps({"msg_id": f"m{seq}", "msg_type": kind}).encode()
+    return [b"msg", b"%d" % seq, b"<IDS|MSG>", b"sig", header, b'{"msg_id": "p"}', b"{}", b"{}"]
+
+
+@pytest.mark.unit
+def test_a_batch_whose_websocket_goes_still_takes_the_keepers_answers():
+    """Its messages are not written (nor recorded: the next follow sends
+    them), but a follow's answer queued behind them is taken: a lost one
+    would leave the session waiting for it, dropping all it gets."""
+    import zmq
+    from types import SimpleNamespace
+    from chspawner.persist.replay import BatchedReplay
+
+    following = [b"following", b'{"last_seq": 9, "missed_replies": []}']
+    queue = [keeper_msg(2), keeper_msg(3, "error"), keeper_msg(4), following, keeper_msg(5)]
+
+    class Socket:
+        def recv_multipart(self, flags):
+            if not queue:
+                raise zmq.Again()
+            return queue.pop(0)
+
+    class Connection(BatchedReplay):
+        annotate_seq, subprotocol, _lost = True, V1, None
+        websocket_handler = SimpleNamespace(
+            ws_connection=SimpleNamespace(is_closing=lambda: False),
+            get_compression_options=lambda: None)
+        one_by_one: list[bytes] = []
+        written: list[list[int]] = []
+
+        def _replayed_cell(self, stream, parent):
+            return None, None
+
+        def _write_batch(self, stream, batch):
+            self.written.append([seq for seq, _, _ in batch])
+            return False  # the websocket went
+
+        def handle_outgoing_message(self, stream, parts):
+            self.one_by_one.append(parts[0])
+
+    stream = SimpleNamespace(socket=Socket(), pending_follows=0, settling=None, replay_until=5,
+                             missed_replies={}, delivered=0, pending={})
+    c = Connection()
+    assert c.replay_batch(stream, keeper_msg(1))
+    assert c.written == [[1, 2]]  # then the error (one by one) found it gone
+    assert c.one_by_one == [b"following"] and not queue
 
 
 # ------------------------------------------------------ real server ---
@@ -294,6 +359,74 @@ def test_a_replay_to_another_session_names_the_cell(servers):
     assert all("chspawner_cell" not in m["metadata"] for m in page_a.msgs)
 
 
+def numbering(first: int, last: int, then: str = "") -> str:
+    """Prints first..last (paced a little: flat out, the kernel's IOPub
+    socket drops some), then runs ``then``."""
+    return (f"import time\nfor i in range({first}, {last + 1}):\n"
+            f"    print(i, flush=True)\n    i % 100 or time.sleep(0.002)\n{then}\n")
+
+
+def idle(client: Client, msg_id: str) -> bool:
+    """The execution's end (IOPub: every page gets it, not only the one
+    that asked)."""
+    return any(m["content"].get("execution_state") == "idle" for m in client.of(msg_id, "status"))
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["v1", "legacy"])
+def test_a_long_replay_comes_in_order_exactly_once(servers, v1):
+    """Thousands of messages missed (a replay written in batches), a
+    kernel error among them (which goes one by one): the page gets each
+    exactly once, in the keeper's order, with its seq, the same messages a
+    page that stayed got; all of them are acknowledged."""
+    async def run():
+        servers.start()
+        async with aiohttp.ClientSession(headers=servers.headers) as http:
+            kernel = await start_kernel(http, servers)
+            base = kernels_url(servers).replace("http", "ws", 1) + f"/{kernel}/channels"
+            away, stays = uuid.uuid4().hex, uuid.uuid4().hex
+            witness = await Client(v1).open(http, f"{base}?session_id={stays}")
+            page = await Client(v1).open(http, f"{base}?session_id={away}")
+            for c in (witness, page):
+                warm = execute_request("pass", c is page and away or stays)
+                await c.send(warm | {"channel": "shell"})
+                await c.read_until(lambda c=c, w=warm: c.done(w["header"]["msg_id"]))
+            first = execute_request(numbering(1, 1500, "raise ValueError('half way')"), away)
+            second = execute_request(numbering(1501, 3000), away)
+            for r in (first, second):
+                r["content"]["stop_on_error"] = False
+                await page.send(r | {"channel": "shell"})
+            ids = [r["header"]["msg_id"] for r in (first, second)]
+            await page.read_until(lambda: page.of(ids[0], "execute_input"))
+            await page.ws.close()  # away while both run
+            received = page.last_seq
+            await witness.read_until(lambda: idle(witness, ids[1]), timeout=120)
+            await page.open(http, f"{base}?session_id={away}", received)
+            await page.read_until(lambda: idle(page, ids[1]), timeout=60)
+            await page.ws.close()
+            await witness.ws.close()
+            acks = KernelRecords(servers.state_dir).acks_dir(kernel)
+            # Recorded once tornado has flushed the write: maybe just after
+            # it came. (What came after, the new websocket's kernel_info
+            # status, may be recorded too.)
+            await until(lambda: (read_ack(acks, away) or 0) >= page.last_seq,
+                        "the page's last message acknowledged", timeout=10)
+            return witness, page, ids, received
+
+    witness, page, (one, two), received = asyncio.run(run())
+    assert page.numbers(one) == list(range(1, 1501))
+    assert page.numbers(two) == list(range(1501, 3001))
+    errors = page.of(one, "error")
+    assert len(errors) == 1 and errors[0]["content"]["evalue"] == "half way"
+
+    def seqs(client):
+        return [m["metadata"]["chspawner_seq"] for m in client.msgs
+                if m["channel"] == "iopub" and m["parent_header"].get("msg_id") in (one, two)
+                and m["metadata"].get("chspawner_seq", 0) > received]
+    # Exactly the messages the keeper numbered after what the page held
+    # (the page's Client checks each seq above the one before: no copy).
+    assert seqs(page) == seqs(witness) and len(seqs(page)) > 3000
+
+
 @pytest.mark.unit
 def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
     """The server drops what comes under an earlier follow until the answer
@@ -308,6 +441,7 @@ def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
             raise zmq.Again()
         sent.append(frames)
     k._send = send
+    k._send_msg = lambda ident, seq, frames: send(ident, [b"msg", b"%d" % seq, *frames], True)
     try:
         for n in range(3):
             k.on_iopub([b"frame", str(n).encode()])
@@ -320,3 +454,28 @@ def test_the_keepers_answer_to_a_follow_waits_out_a_full_pipe(tmp_path):
         assert [f[1] for f in sent[1:]] == [b"2", b"3"] and not k.behind
     finally:
         k.close()
+
+
+@pytest.mark.unit
+def test_the_keeper_sends_a_buffered_message_whole_or_not_at_all(tmp_path):
+    import zmq
+    from chspawner.persist.keeper import Follower
+    k = Keeper(tmp_path / "k.json", f"ipc://{tmp_path}/k.sock", first_seq=1)
+    dealer = k.ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    try:
+        k.bind()
+        dealer.connect(k.address)
+        dealer.send(b"hello")
+        ident, _ = k.router.recv_multipart()
+        k._send_msg(ident, 7, [b"<IDS|MSG>", b"sig", b"header"])
+        assert dealer.poll(5000) and dealer.recv_multipart() == [
+            b"msg", b"7", b"<IDS|MSG>", b"sig", b"header"]
+        k.followers[b"gone"] = Follower("page", 1)
+        with pytest.raises(zmq.ZMQError):  # (ROUTER_MANDATORY: no such peer)
+            k._send_msg(b"gone", 8, [b"frame"])
+        assert b"gone" not in k.followers
+    finally:
+        dealer.close()
+        k.close()
+

@@ -67,6 +67,7 @@ from chspawner.persist.keeper_state import GAP_REBUILT, Takeover, rebuilt_reply
 from chspawner.persist.missed_replies import REBUILT, timestamp
 from chspawner.persist.notebook_outputs import cell_map
 from chspawner.persist.records import AckFile, CellMap, read_ack
+from chspawner.persist.replay import BatchedReplay
 from chspawner.persist.upstream_jupyter_server import WebsocketConnectionHooks, on_abort
 from chspawner.provisioner.transport import secure_client
 
@@ -118,7 +119,8 @@ def forget_connections(kernel_id: str) -> weakref.WeakSet:
 NO_STATUS_RECEIVED = 1005
 
 
-class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketConnection):
+class ReplayingKernelConnection(BatchedReplay, WebsocketConnectionHooks,
+                                ZMQChannelsWebsocketConnection):
     """Stock kernel websocket connection, IOPub from the keeper."""
 
     delivery_uncertain_seconds = Float(
@@ -561,6 +563,8 @@ class ReplayingKernelConnection(WebsocketConnectionHooks, ZMQChannelsWebsocketCo
             return
         if kind != b"msg":
             return
+        if self.replay_batch(stream, outgoing_msg):
+            return  # a replay: written with what is queued behind it (see replay.py)
         seq = int(bytes(outgoing_msg[1]))
         if seq <= stream.delivered:
             return  # a duplicate (a follow repeated): already delivered
