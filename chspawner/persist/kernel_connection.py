@@ -54,7 +54,6 @@ from jupyter_server.services.kernels.connection.base import (
 from jupyter_server.services.kernels.connection.channels import (
     ZMQChannelsWebsocketConnection,
 )
-from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 from tornado.websocket import WebSocketClosedError
 from traitlets import Bool, Float
 from zmq.eventloop.zmqstream import ZMQStream
