@@ -736,7 +736,14 @@ class ReplayingKernelConnection(BatchedReplay, WebsocketConnectionHooks,
         flushed = write(message, binary=binary)
         stream.delivered = seq
         stream.recent.add(time.monotonic(), seq, parent)
-        socket = connection.stream
+        self._acknowledge_when_out(stream, connection.stream, flushed, seq)
+        return flushed
+
+    def _acknowledge_when_out(self, stream: ZMQStream, socket: Any, flushed: Any,
+                              seq: int) -> None:
+        """Acknowledge ``seq`` once what was just written to the client's
+        ``socket`` is out: at once if it was handed to the kernel, when
+        ``flushed`` is done if tornado holds it; never if the client went."""
         if socket.closed():
             pass  # the client went while this was written: not out
         elif socket.writing():
@@ -744,7 +751,6 @@ class ReplayingKernelConnection(BatchedReplay, WebsocketConnectionHooks,
                 lambda f: f.cancelled() or f.exception() or self._acknowledge(stream, seq))
         else:
             self._acknowledge(stream, seq)
-        return flushed
 
     def _acknowledge(self, stream: ZMQStream, seq: int) -> None:
         """Record ``seq`` as the last message the client was sent."""

@@ -196,12 +196,6 @@ class BatchedReplay:
         now = time.monotonic()
         for seq, _frame, parent in batch:
             stream.recent.add(now, seq, parent)
-        if socket.closed():
-            pass  # the client went while this was written: not out
-        elif socket.writing():
-            flushed.add_done_callback(
-                lambda f: f.cancelled() or f.exception() or self._acknowledge(stream, last))
-        else:
-            self._acknowledge(stream, last)
+        self._acknowledge_when_out(stream, socket, flushed, last)
         return True
 
