@@ -168,6 +168,8 @@ def proxy_pid(hub: Hub) -> int:
     return int((hub.dir / "proxy.pid").read_text())
 
 
+# Six faults of ~20 s each, one of them two minutes long, after a spawn.
+@pytest.mark.timeout(900)
 def test_every_number_exactly_once_whatever_breaks(hub: Hub) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} missing: run scripts/setup-system.sh")
