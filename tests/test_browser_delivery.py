@@ -84,9 +84,10 @@ class KernelSockets:
         except Exception:  # the server can't be reached (the proxy restarting)
             ws.close(code=1006, reason="no server")
             return
+        # Messages: Playwright's own forwarding (it holds the page's first
+        # ones until the server's side is open). Closes: ours, so that a
+        # cut stays the page's side alone.
         link = {"cut": False}
-        ws.on_message(lambda m: link["cut"] or server.send(m))
-        server.on_message(lambda m: link["cut"] or ws.send(m))
         ws.on_close(lambda code, reason: link["cut"] or server.close(code=code, reason=reason))
         server.on_close(lambda code, reason: link["cut"] or ws.close(code=code, reason=reason))
         self.open.append((ws, link))
