@@ -344,8 +344,6 @@ def test_quiet_levels(rt, busybox):
     ["IMG"],                              # no command
     [],                                   # no image
     ["--bind"],                           # missing argument
-    ["--uid=abc", "IMG", "--", "true"],
-    ["--join-ct=0", "IMG", "--", "true"],
     ["-w", "-W", "IMG", "--", "true"],
     ["-v", "-q", "IMG", "--", "true"],
     ["--join-pid=1", "-j", "IMG", "--", "true"],
@@ -359,6 +357,36 @@ def test_usage_errors(rt, busybox, args):
     assert result.returncode == 64, result.stderr
     assert result.stderr.startswith("chspawner run: error: ")
     assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, what", [
+    (["-b", ""], "--bind"),
+    (["-b", ":/mnt"], "--bind"),
+    (["-b", "/tmp:"], "--bind"),
+    (["-b", "/tmp:/"], "--bind"),
+    (["-b", "/tmp:mnt"], "--bind"),       # relative destination
+    (["--uid=abc"], "--uid"),
+    (["-u", "-1"], "--uid"),
+    (["-u", "12 "], "--uid"),
+    (["-g", "1x"], "--gid"),
+    (["--join-ct=abc"], "--join-ct"),
+    (["--join-ct=1a"], "--join-ct"),
+    (["--join-ct=2147483648"], "--join-ct"),
+    (["--join-pid=x"], "--join-pid"),
+    (["--unset-env="], "--unset-env"),
+])
+def test_bad_option_values_are_runtime_errors(rt, busybox, user_dir, args, what):
+    """As ch-run: a bad value is a runtime error (exit 31; 0.31: 1), not a
+    usage error; one line naming the option, and nothing started."""
+    marker = user_dir / "ran"
+    result = rt.run(*args, str(busybox), "--", "touch", "/tmp/ran",
+                    env={"TMPDIR": str(user_dir)})
+    assert result.returncode == rt.exit_runtime, result.stderr
+    assert what in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    if rt.backend == "builtin":
+        assert result.stderr.startswith("chspawner run: error: ")
+    assert not marker.exists()
 
 
 def test_help_and_version(rt):

@@ -94,7 +94,7 @@ class Options:
         "binds", "cd", "env_ops", "env_expand", "feature", "uid", "gid", "home", "join", "join_ct",
         "join_tag", "join_pid", "passwd", "storage", "private_tmp",
         "writable", "write_fake", "verbose", "quiet", "backend", "backend_argv",
-        "image", "command", "action",
+        "image", "command", "action", "error",
     )
 
     def __init__(self):
@@ -123,40 +123,74 @@ class Options:
         self.image = None
         self.command = []
         self.action = "run"     # or "help", "version"
+        self.error = None       # the first bad option value (a Fail), if any
 
 
-def _int_arg(opt, value, minimum=0):
-    try:
-        number = int(value, 10)
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        raise Fail(f"{opt}: not a valid number: {value!r}", EXIT_USAGE)
+INT_MIN, INT_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def parse_int(text, what, extra_ok=False):
+    """An int as ch-run reads one (strtol(3) into a C int): leading blanks
+    and a sign allowed; trailing characters only with ``extra_ok`` (the
+    environment's "4(x2)"). A bad value is a runtime error, as in ch-run:
+    only an unknown option or a missing argument is a usage error."""
+    rest = text.lstrip(" \t\n\v\f\r")
+    sign = rest[:1] if rest[:1] in ("+", "-") else ""
+    rest = rest[len(sign):]
+    digits = len(rest) - len(rest.lstrip("0123456789"))
+    if not digits:
+        raise Fail(f"{what}: no digits found in {text!r}")
+    number = int(sign + rest[:digits])
+    if not INT_MIN <= number <= INT_MAX:
+        raise Fail(f"{what}: out of range: {text!r}")
+    if digits < len(rest) and not extra_ok:
+        raise Fail(f"{what}: extra characters after digits: {text!r}")
+    return number
+
+
+def _id_arg(what, value):
+    number = parse_int(value, what)
+    if number < 0:
+        raise Fail(f"{what}: must be non-negative: {value!r}")
     return number
 
 
 def _set_bind(o, value):
-    if not value:
-        raise Fail("--bind: empty argument", EXIT_USAGE)
+    # ch-run's checks, on the text: no empty parts, an absolute DST, not /.
+    # Where DST leads inside the image is checked when it is mounted.
     src, sep, dst = value.partition(":")
-    if not src or (sep and not dst):
-        raise Fail(f"--bind: expected SRC[:DST], got {value!r}", EXIT_USAGE)
-    o.binds.append((src, dst or src))
+    if not src:
+        raise Fail(f"--bind: no source provided: {value!r}")
+    if sep and not dst:
+        raise Fail(f"--bind: no destination provided: {value!r}")
+    dst = dst or src
+    if dst == "/":
+        raise Fail(f"--bind: destination can't be /: {value!r}")
+    if not dst.startswith("/"):
+        raise Fail(f"--bind: destination must be absolute: {value!r}")
+    o.binds.append((src, dst))
 
 
 def _set_join_ct(o, v):
-    o.join, o.join_ct = True, _int_arg("--join-ct", v, 1)
+    # 0 means "not given" (the environment decides), as in ch-run; a
+    # negative count is refused when the peers are counted.
+    o.join, o.join_ct = True, (parse_int(v, "--join-ct") or None)
+
+
+def _set_join_pid(o, v):
+    pid = parse_int(v, "--join-pid")
+    if pid < 0:
+        raise Fail(f"--join-pid: no such process: {v!r}")
+    o.join_pid = pid or None  # 0: not given, as in ch-run
 
 
 def _set_join_tag(o, v):
-    if not v:
-        raise Fail("--join-tag: empty tag", EXIT_USAGE)
-    o.join, o.join_tag = True, v
+    o.join, o.join_tag = True, v  # an empty tag is refused at join time
 
 
 def _set_unset_env(o, v):
     if not v:
-        raise Fail("--unset-env: GLOB must not be empty", EXIT_USAGE)
+        raise Fail("--unset-env: GLOB must not be empty")
     o.env_ops.append(("unset", v))
 
 
@@ -209,12 +243,11 @@ _OPTION_TABLE = (
     ("c", "cd", "required", lambda o, v: setattr(o, "cd", v)),
     (None, "env-no-expand", "no", _set_flag("env_expand", False)),
     (None, "feature", "required", _set_feature),
-    ("g", "gid", "required", lambda o, v: setattr(o, "gid", _int_arg("--gid", v))),
+    ("g", "gid", "required", lambda o, v: setattr(o, "gid", _id_arg("--gid", v))),
     (None, "home", "no", _set_flag("home", True)),
     ("j", "join", "no", _set_flag("join", True)),
     (None, "join-ct", "required", _set_join_ct),
-    (None, "join-pid", "required",
-     lambda o, v: setattr(o, "join_pid", _int_arg("--join-pid", v, 1))),
+    (None, "join-pid", "required", _set_join_pid),
     (None, "join-tag", "required", _set_join_tag),
     (None, "no-home", "no", lambda o, v: None),  # deprecated no-op in ch-run
     (None, "no-passwd", "no", _set_flag("passwd", False)),
@@ -222,7 +255,7 @@ _OPTION_TABLE = (
     ("s", "storage", "required", lambda o, v: setattr(o, "storage", v)),
     (None, "set-env", "optional", _set_env),
     ("t", "private-tmp", "no", _set_flag("private_tmp", True)),
-    ("u", "uid", "required", lambda o, v: setattr(o, "uid", _int_arg("--uid", v))),
+    ("u", "uid", "required", lambda o, v: setattr(o, "uid", _id_arg("--uid", v))),
     (None, "unset-env", "required", _set_unset_env),
     ("v", "verbose", "no", _bump("verbose", 1)),
     ("w", "write", "no", _set_flag("writable", True)),
@@ -241,9 +274,42 @@ def parse_args(argv):
     """Parse ch-run's command line: ``[OPTION...] IMAGE [--] CMD [ARG...]``.
 
     Options may also follow IMAGE up to ``--`` or the first non-option, as
-    ch-run (argp) allows. Raises Fail(..., 64) on a usage error.
+    ch-run (argp) allows. Raises Fail(..., 64) on a usage error. A bad
+    option value (ch-run's runtime error) is kept in ``o.error`` and ends
+    the parse, so that the ch-run backend can let ch-run report it.
     """
     o = Options()
+    try:
+        _parse(o, argv)
+    except Fail:
+        if o.error is None:
+            raise
+    if o.action != "run" or o.error is not None:
+        return o
+    if o.image is None:
+        raise Fail("no image given", EXIT_USAGE)
+    if o.writable and o.write_fake is not None:
+        raise Fail("--write and --write-fake are mutually exclusive", EXIT_USAGE)
+    if o.verbose and o.quiet:
+        raise Fail("--verbose and --quiet are mutually exclusive", EXIT_USAGE)
+    if o.join_pid is not None and (o.join or o.join_ct or o.join_tag):
+        raise Fail("--join-pid can't be combined with --join", EXIT_USAGE)
+    return o
+
+
+def _apply(o, setter, value):
+    """Run an option's setter. Its first bad value is kept in ``o.error``
+    and ends the parse, as ch-run stops there (parse_args then ignores any
+    later error)."""
+    try:
+        setter(o, value)
+    except Fail as e:
+        if e.code != EXIT_USAGE and o.error is None:
+            o.error = e
+        raise
+
+
+def _parse(o, argv):
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -274,7 +340,7 @@ def parse_args(argv):
                 i += 1
             elif kind == "optional" and not eq:
                 value = None
-            setter(o, value)
+            _apply(o, setter, value)
         elif arg.startswith("-") and len(arg) > 1:
             j = 1
             while j < len(arg):  # clustered short options: -wt, -bSRC
@@ -297,23 +363,12 @@ def parse_args(argv):
                 elif kind == "optional" and j < len(arg):
                     value = arg[j:].removeprefix("=")
                     j = len(arg)
-                setter(o, value)
+                _apply(o, setter, value)
         elif o.image is None:
             o.image = arg
         else:
             o.command = argv[i - 1:]
             break
-    if o.action != "run":
-        return o
-    if o.image is None:
-        raise Fail("no image given", EXIT_USAGE)
-    if o.writable and o.write_fake is not None:
-        raise Fail("--write and --write-fake are mutually exclusive", EXIT_USAGE)
-    if o.verbose and o.quiet:
-        raise Fail("--verbose and --quiet are mutually exclusive", EXIT_USAGE)
-    if o.join_pid is not None and (o.join or o.join_ct or o.join_tag):
-        raise Fail("--join-pid can't be combined with --join", EXIT_USAGE)
-    return o
 
 
 # ---------------------------------------------------------------- libc -----
@@ -1165,10 +1220,12 @@ def image_defaults(o, image_dir):
 def exec_ch_run(o, argv):
     """The ch-run backend: hand the same command line to Charliecloud."""
     args = [a for k, a in enumerate(argv) if k not in o.backend_argv]
-    storage = o.storage or os.environ.get("CH_IMAGE_STORAGE") or default_storage()
-    if store_candidate(o.image, storage) is not None:
+    if o.error is not None:
+        pass  # a bad option value: ch-run reports it, in its words
+    elif store_candidate(o.image, o.storage or os.environ.get("CH_IMAGE_STORAGE")
+                         or default_storage()) is not None:
         find_image(o.image, o.storage)  # refuses an untrusted store (ch-run won't)
-    if not o.command:  # what image_defaults() added, then the command
+    if o.error is None and not o.command:  # what image_defaults() added, then the command
         added = image_defaults(o, find_image(o.image, o.storage))
         if args and args[-1] == "--":
             args.pop()
@@ -1261,6 +1318,8 @@ def main(argv=None):
         if o.action == "feature":
             return has_feature(o.feature)
         backend = o.backend or os.environ.get("CHSPAWNER_BACKEND") or "builtin"
+        if o.error is not None and backend != "ch-run":
+            raise o.error
         if backend == "ch-run":
             exec_ch_run(o, argv)
         elif backend != "builtin":
