@@ -476,11 +476,14 @@ class Root:
             self._mnt_id = mount_id(self.fd)
         return self._mnt_id
 
-    def open(self, path, create=False):
+    def open(self, path, create=False, strict=False):
         """Return an O_PATH fd for ``path`` inside the root, or raise.
 
         With ``create``, missing directories are made (mode 0755) but only
         on the image's own file system mount, never under another mount.
+        ``strict`` (a user's bind destination) refuses, as ch-run does, what
+        would lead outside the image if followed on the host: a ``..`` above
+        the root, an absolute symlink; and the root itself.
         Raises FileNotFoundError if a component is missing (and not made),
         Fail for anything else.
         """
@@ -495,6 +498,9 @@ class Root:
                 if name == "..":
                     if len(stack) > 1:
                         os.close(stack.pop())
+                    elif strict:
+                        raise Fail(f"{path}: not subdirectory of image "
+                                   f"{self.path} ('..' above its root)")
                     continue
                 parent = stack[-1]
                 try:
@@ -519,6 +525,9 @@ class Root:
                     if links > MAX_SYMLINKS:
                         raise Fail(f"can't resolve {path}: too many symlinks")
                     if target.startswith("/"):
+                        if strict:
+                            raise Fail(f"{path}: symlink not relative: "
+                                       f"{name} -> {target}")
                         while len(stack) > 1:
                             os.close(stack.pop())
                     todo.extend(c for c in reversed(target.split("/")) if c)
@@ -527,6 +536,9 @@ class Root:
                     os.close(fd)
                     raise Fail(f"can't resolve {path}: {name} is not a directory")
                 stack.append(fd)
+            if strict and len(stack) == 1:
+                raise Fail(f"{path}: not subdirectory of image {self.path} "
+                           "(it is the image's root)")
             return stack.pop()
         except (FileNotFoundError, Fail):
             raise
@@ -844,15 +856,18 @@ class Container:
         self.libc.mount(None, "/", None, self.libc.MS_REC | self.libc.MS_PRIVATE,
                         None, "can't make / private")
 
-    def bind(self, src, root, dst, readonly=False, create=False):
-        """Bind host ``src`` at ``dst`` resolved inside ``root``."""
+    def bind(self, src, root, dst, readonly=False, create=False, strict=False):
+        """Bind host ``src`` at ``dst`` resolved inside ``root`` (``strict``:
+        see Root.open)."""
         lib = self.libc
         try:
-            fd = root.open(dst, create=create)
+            fd = root.open(dst, create=create, strict=strict)
         except FileNotFoundError:
             hint = "" if create else " (use -w or -W to create it)"
             raise Fail(f"can't bind {src}: destination not found in image: "
                        f"{dst}{hint}")
+        except Fail as e:
+            raise Fail(f"can't bind {src}: {e}")
         try:
             self.log(2, f"bind {src} -> {dst}{' (read-only)' if readonly else ''}")
             lib.mount(src, fd_path(fd), None, lib.MS_BIND | lib.MS_REC, None,
@@ -996,7 +1011,7 @@ class Container:
         for src, dst in o.binds:
             if not os.path.exists(src):
                 raise Fail(f"can't bind: source not found: {src}")
-            self.bind(src, root, dst, create=create)
+            self.bind(src, root, dst, create=create, strict=True)
         self.pivot(root)
 
 
