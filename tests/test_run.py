@@ -226,6 +226,37 @@ def test_set_env_forms(rt, busybox, user, user_dir):
     assert env["GAP"] == "a:b"
 
 
+def test_set_env_keeps_a_lone_dollar(rt, busybox):
+    """Only "$NAME" items are expanded: a "$" on its own is kept."""
+    env = parse_env(rt.ok("--set-env=FOO=bar:$", "--set-env=D=$",
+                          "--set-env=MID=a:$:b", str(busybox), "--", "env"))
+    assert (env["FOO"], env["D"], env["MID"]) == ("bar:$", "$", "a:$:b")
+
+
+def without(rt, variable: str, *args: str) -> subprocess.CompletedProcess:
+    """``chspawner run ARGS`` with ``variable`` unset in its environment."""
+    argv = rt.argv(*args)
+    at = argv.index("env") + 1
+    argv[at:at] = ["-u", variable]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_unset_path_stays_unset_with_a_warning(rt, busybox):
+    """As ch-run: no $PATH is made up; commands are still found (execvp's
+    default search) and a warning says why PATH is missing."""
+    result = without(rt, "PATH", str(busybox), "--", "env")
+    assert result.returncode == 0, result.stderr
+    assert "PATH" not in parse_env(result.stdout)
+    assert "$PATH not set" in result.stderr
+
+
+def test_unset_user_is_refused(rt, busybox):
+    result = without(rt, "USER", str(busybox), "--", "true")
+    assert result.returncode == rt.exit_runtime
+    assert "$USER not set" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_set_env_from_image(rt, busybox):
     env = parse_env(rt.ok("--set-env", str(busybox), "--", "env"))
     assert env["PATH"] == (busybox / "ch/environment").read_text().split("=", 1)[1].strip()

@@ -120,6 +120,8 @@ def test_launcher_env_expansion_rules():
     assert launcher.expand_value("a:$EMPTY", env) == "a"
     assert launcher.expand_value(":bar:baz::", env) == ":bar:baz::"
     assert launcher.expand_value("x$BAR", env) == "x$BAR"
+    assert launcher.expand_value("bar:$", env) == "bar:$"  # a lone "$" stays
+    assert launcher.expand_value("$", env) == "$"
 
 
 @pytest.mark.parametrize("text, number", [

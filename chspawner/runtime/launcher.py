@@ -766,7 +766,7 @@ def expand_value(value, env):
         return value
     items = []
     for item in value.split(":"):
-        if item.startswith("$"):
+        if item.startswith("$") and len(item) > 1:  # a lone "$" stays
             item = env.get(item[1:], "")
             if not item:
                 continue
@@ -797,8 +797,9 @@ def build_env(o, libc, host_env, username):
     if o.home:
         env["HOME"] = f"/home/{username}"
     path = env.get("PATH")
-    if path is None:
-        env["PATH"] = "/bin"
+    if path is None:  # left unset, as ch-run does (execvp searches /bin:/usr/bin)
+        if not o.quiet:
+            sys.stderr.write(f"{PROG}: warning: $PATH not set\n")
     elif "/bin" not in path.split(":"):
         env["PATH"] = f"{path}:/bin"
     env.pop("TMPDIR", None)
@@ -1262,6 +1263,8 @@ def launch(o, argv):
     if os.getuid() != os.geteuid() or os.getgid() != os.getegid():
         raise Fail("refusing to run setuid or setgid: this runtime needs no "
                    "privilege")
+    if "USER" not in os.environ:  # as ch-run: /home/$USER, the store's name
+        raise Fail("$USER not set")
     image_dir = find_image(o.image, o.storage)
     if not o.command:
         image_defaults(o, image_dir)
