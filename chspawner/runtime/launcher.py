@@ -1035,22 +1035,41 @@ def _write(path, text, create=False):
 
 # ------------------------------------------------------------------ join ---
 
+JOIN_COUNT_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
+                   "SLURM_CPUS_ON_NODE")
+
+
 def join_peer_count(o):
-    if o.join_ct is not None:
-        return o.join_ct
-    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
-                "SLURM_CPUS_ON_NODE"):
-        value = os.environ.get(var, "")
-        # SLURM_STEP_TASKS_PER_NODE looks like "4" or "4(x2)".
-        digits = value.split("(")[0].split(",")[0]
-        if digits.isdigit() and int(digits) > 0:
-            return int(digits)
-    raise Fail("--join: can't tell the number of peers: give --join-ct or "
-               "set OMPI_COMM_WORLD_LOCAL_SIZE or SLURM_STEP_TASKS_PER_NODE")
+    """ch-run's rule: --join-ct, else the first of JOIN_COUNT_VARS that is
+    set (even if empty), read as strtol(3) does ("4(x2)" is 4); the count
+    must be positive."""
+    count, source = o.join_ct, "--join-ct"
+    if count is None:
+        for var in JOIN_COUNT_VARS:
+            if var in os.environ:
+                count = parse_int(os.environ[var], f"--join: {var}", extra_ok=True)
+                source = var
+                break
+    if count is None:
+        raise Fail("--join: no peer group size: give --join-ct or set "
+                   "OMPI_COMM_WORLD_LOCAL_SIZE, SLURM_STEP_TASKS_PER_NODE or "
+                   "SLURM_CPUS_ON_NODE")
+    if count < 1:
+        raise Fail(f"--join: no valid peer group size: {source} is {count}")
+    return count
 
 
 def join_tag(o):
-    tag = o.join_tag or os.environ.get("SLURM_STEP_ID") or str(os.getppid())
+    """--join-tag, else $SLURM_STEP_ID if set, else the parent's PID; an
+    empty tag is an error (as in ch-run). Made safe for a file name."""
+    if o.join_tag is not None:
+        tag, source = o.join_tag, "--join-tag"
+    elif "SLURM_STEP_ID" in os.environ:
+        tag, source = os.environ["SLURM_STEP_ID"], "SLURM_STEP_ID"
+    else:
+        tag, source = str(os.getppid()), None
+    if not tag:
+        raise Fail(f"--join: peer group tag can't be empty (from {source})")
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
 
 
@@ -1119,19 +1138,19 @@ def join_dir():
     return fd, path
 
 
-def join_or_create(o, create, libc, log):
+def join_or_create(count, tag, create, libc, log):
     """--join: the first peer creates the container, the others join it.
 
     Peers serialize on an flock(2)ed file in the caller's private
     rendezvous directory (:func:`join_dir`); the winner holds the lock while
     it sets up, so the others wait for a ready container without polling.
-    The file records the winner's PID and the peers still to come; the last
-    peer removes it.
+    The file records the winner's PID (0: its set-up failed) and the peers
+    still to come. Every peer counts itself out, on error too, and the last
+    removes the file: a failed group leaves nothing behind.
     """
     import fcntl
-    count = join_peer_count(o)
     dir_fd, where = join_dir()
-    name = f"chspawner-join.{join_tag(o)}"
+    name = f"chspawner-join.{tag}"
     try:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=dir_fd)
@@ -1143,19 +1162,26 @@ def join_or_create(o, create, libc, log):
             raise Fail(f"--join: {where}/{name} belongs to another user")
         fcntl.flock(fd, fcntl.LOCK_EX)
         record = os.pread(fd, 64, 0).split()
-        if not record:
-            log(1, f"join: first of {count} peers, creating the container")
-            create()
-            winner, left = os.getpid(), count - 1
-        else:
-            winner, left = int(record[0]), int(record[1]) - 1
-            log(1, f"join: joining the container of process {winner}")
-            join_namespaces(libc, winner)
-        if left <= 0:
-            os.unlink(name, dir_fd=dir_fd)
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{winner} {left}\n".encode(), 0)
+        winner, left = (int(record[0]), int(record[1])) if record else (None, count)
+        left -= 1
+        try:
+            if winner is None:
+                log(1, f"join: first of {count} peers, creating the container")
+                winner = 0  # until it is made
+                create()
+                winner = os.getpid()
+            elif winner == 0:
+                raise Fail("--join: the first peer failed to set up the "
+                           "container (see its error)")
+            else:
+                log(1, f"join: joining the container of process {winner}")
+                join_namespaces(libc, winner)
+        finally:
+            if left <= 0:
+                os.unlink(name, dir_fd=dir_fd)
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{winner} {left}\n".encode(), 0)
     finally:
         os.close(fd)  # also releases the lock
         os.close(dir_fd)
@@ -1266,6 +1292,8 @@ def launch(o, argv):
     if "USER" not in os.environ:  # as ch-run: /home/$USER, the store's name
         raise Fail("$USER not set")
     image_dir = find_image(o.image, o.storage)
+    if o.join:  # checked before any rendezvous file is made
+        count, tag = join_peer_count(o), join_tag(o)
     if not o.command:
         image_defaults(o, image_dir)
     read_host_env_files(o)
@@ -1275,7 +1303,7 @@ def launch(o, argv):
     if o.join_pid is not None:
         join_namespaces(libc, o.join_pid)
     elif o.join:
-        join_or_create(o, container.enter, libc, log)
+        join_or_create(count, tag, container.enter, libc, log)
     else:
         container.enter()
     # The environment is made inside the container, where the image's
