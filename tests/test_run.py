@@ -1,7 +1,9 @@
 """``chspawner run``: the container it makes, on both backends, unprivileged."""
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -58,6 +60,40 @@ def test_passwd_and_group_are_generated(rt, busybox, user):
     assert f"{user.pw_name}:x:{user.pw_uid}:{user.pw_gid}:" in out
     assert "root:x:0:0:" in out and "nobody:x:65534:" in out
     assert f":x:{user.pw_gid}:" in out.split("root:x:0:\n", 1)[1]
+
+
+def unused_id(taken) -> int:
+    """An ID the host has no entry for (``taken``: pwd.getpwuid, say)."""
+    for number in range(4321, 65000):
+        try:
+            taken(number)
+        except KeyError:
+            return number
+    raise AssertionError("no unused ID")
+
+
+def entries(text: str, number: int) -> list[str]:
+    """The lines of a passwd or group file that are for ID ``number``."""
+    return [line for line in text.splitlines() if line.split(":")[2:3] == [str(number)]]
+
+
+@pytest.mark.parametrize("uid, gid", [(65534, 65534), (1, 1), (None, None)])
+def test_guest_ids_are_named_as_on_the_host(rt, busybox, uid, gid):
+    """-u/-g: the generated files name each ID as the host does (65534 is
+    nobody/nogroup), or charlie/charliegroup where the host has no entry;
+    each ID appears once."""
+    if uid is None:
+        uid, gid = unused_id(pwd.getpwuid), unused_id(grp.getgrgid)
+        user_name, group_name = "charlie", "charliegroup"
+    else:
+        user_name, group_name = pwd.getpwuid(uid).pw_name, grp.getgrgid(gid).gr_name
+    out = rt.ok("-u", str(uid), "-g", str(gid), str(busybox), "--", "sh", "-c",
+                "id -un; id -gn; echo; cat /etc/passwd; echo; cat /etc/group")
+    names, passwd, group = out.split("\n\n")
+    assert lines(names) == [user_name, group_name]
+    assert [e.split(":")[0] for e in entries(passwd, uid)] == [user_name]
+    assert [e.split(":")[0] for e in entries(group, gid)] == [group_name]
+    assert entries(passwd, 0) and entries(group, 0)  # root stays
 
 
 def test_no_passwd_shows_the_images_files(rt, busybox, user):

@@ -927,17 +927,27 @@ class Container:
         """Bind generated /etc/passwd and /etc/group, made in a tmpfs that is
         detached right away: nothing is ever written to the host."""
         lib = self.libc
-        home = "/home/" + self.username if self.o.home else \
-            os.environ.get("HOME", "/")
-        passwd = ["root:x:0:0:root:/root:/bin/sh"]
-        group = ["root:x:0:"]
-        if self.cuid != 0:
-            passwd.append(f"{self.username}:x:{self.cuid}:{self.cgid}::"
-                          f"{home}:/bin/sh")
-        if self.cgid != 0:
-            group.append(f"{_groupname(self.gid)}:x:{self.cgid}:")
-        passwd.append("nobody:x:65534:65534:nobody:/:/bin/false")
-        group.append("nogroup:x:65534:")
+        cuid, cgid = self.cuid, self.cgid
+        # As ch-run: root, nobody, and the container's IDs named as on the
+        # host (65534: nobody/nogroup), else charlie/charliegroup. Your own
+        # uid is you, with your home.
+        if cuid == self.uid:
+            home = "/home/" + self.username if self.o.home else \
+                os.environ.get("HOME", "/")
+            user = f"{self.username}:x:{cuid}:{cgid}::{home}:/bin/sh"
+        elif cuid == 0:
+            user = f"root:x:0:{cgid}:root:/root:/bin/sh"
+        else:
+            name, gecos = _host_user(cuid)
+            user = f"{name}:x:{cuid}:{cgid}:{gecos}:/:/bin/sh"
+        passwd = ["root:x:0:0:root:/root:/bin/sh"] if cuid != 0 else []
+        if cuid != 65534:
+            passwd.append("nobody:x:65534:65534:nobody:/:/bin/false")
+        passwd.append(user)
+        group = ["root:x:0:"] if cgid != 0 else []
+        if cgid != 65534:
+            group.append("nogroup:x:65534:")
+        group.append(f"{_host_group(cgid)}:x:{cgid}:")
         # The image's /dev is the scratch mount point: host /dev covers it
         # later anyway. Re-open by name to get the tmpfs, not what's below.
         self.mount_tmpfs(root, "dev", "size=1m,mode=0755", "for /etc/passwd")
@@ -1016,12 +1026,23 @@ class Container:
         self.pivot(root)
 
 
-def _groupname(gid):
+def _host_user(uid):
+    """(name, gecos) of host user ``uid``, or ch-run's stand-in."""
+    import pwd
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return "charlie", "Charlie"
+    return entry.pw_name, entry.pw_gecos
+
+
+def _host_group(gid):
+    """The host's name of group ``gid``, or ch-run's stand-in."""
     import grp
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
-        return str(gid)
+        return "root" if gid == 0 else "charliegroup"
 
 
 def _write(path, text, create=False):
