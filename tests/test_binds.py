@@ -108,7 +108,7 @@ def test_dotdot_cannot_leave_the_image(rt, user, user_dir, user_image, data, dst
 
 
 @pytest.mark.builtin_only("Charliecloud 0.31 binds over the image's root "
-                          "itself for '/.'")
+                          "itself for '/.', then fails in pivot_root(2)")
 def test_the_image_root_itself_is_refused(rt, user, user_image, data):
     as_user(user.pw_name, "ln", "-s", ".", str(user_image / "self"))
     for dst in ("/.", "/self", "/mnt/.."):
