@@ -93,6 +93,100 @@ def test_join_without_peer_count_is_an_error(builtin, busybox):
     assert "--join-ct" in result.stderr
 
 
+@pytest.fixture
+def rendezvous(user, user_dir):
+    """A private $XDG_RUNTIME_DIR for the builtin's rendezvous, and a check
+    that a tag left nothing behind there or in /dev/shm (ch-run's)."""
+    runtime = user_dir / "xdg"
+    as_user(user.pw_name, "mkdir", "-m", "700", str(runtime))
+
+    def left(tag: str) -> list[str]:
+        private = f"/dev/shm/chspawner-{user.pw_uid}"
+        names = os.listdir("/dev/shm") + (os.listdir(private) if os.path.isdir(private)
+                                          else [])
+        return os.listdir(runtime) + [n for n in names if tag in n]
+    left.env = {"XDG_RUNTIME_DIR": str(runtime)}
+    return left
+
+
+def join_tag_for(request) -> str:
+    return f"t{os.getpid()}-{abs(hash(request.node.name)) % 10**8}"
+
+
+@pytest.mark.parametrize("opts, env", [
+    ([], {"SLURM_CPUS_ON_NODE": "1foo"}),              # digits, then anything
+    (["--join-ct=0"], {"SLURM_CPUS_ON_NODE": "1"}),    # 0: not given
+    ([], {"OMPI_COMM_WORLD_LOCAL_SIZE": "1", "SLURM_CPUS_ON_NODE": "x"}),
+    ([], {"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_CPUS_ON_NODE": "x"}),
+])
+def test_join_peer_count_is_read_as_ch_run_reads_it(rt, busybox, rendezvous, request,
+                                                    opts, env):
+    tag = join_tag_for(request)
+    out = rt.ok("-j", f"--join-tag={tag}", *opts, str(busybox), "--", "echo", "ran",
+                env={**env, **rendezvous.env})
+    assert out == "ran\n"
+    assert rendezvous(tag) == []
+
+
+@pytest.mark.parametrize("opts, env, says", [
+    ([], {}, ["peer group size"]),
+    (["--join-ct=0"], {}, ["peer group size"]),
+    (["--join-ct=-2"], {}, ["peer group size"]),
+    ([], {"SLURM_CPUS_ON_NODE": "0"}, ["peer group size"]),
+    # The first one set counts, even empty or bad: no looking further.
+    ([], {"OMPI_COMM_WORLD_LOCAL_SIZE": "", "SLURM_CPUS_ON_NODE": "1"},
+     ["OMPI_COMM_WORLD_LOCAL_SIZE", "no digits"]),
+    ([], {"SLURM_STEP_TASKS_PER_NODE": "2147483648", "SLURM_CPUS_ON_NODE": "1"},
+     ["SLURM_STEP_TASKS_PER_NODE", "out of range"]),
+    ([], {"SLURM_CPUS_ON_NODE": "-9223372036854775809"},
+     ["SLURM_CPUS_ON_NODE", "out of range"]),
+])
+def test_bad_peer_counts_are_errors_and_leave_nothing(rt, busybox, rendezvous, request,
+                                                      opts, env, says):
+    tag = join_tag_for(request)
+    result = rt.run("-j", f"--join-tag={tag}", *opts, str(busybox), "--", "true",
+                    env={**env, **rendezvous.env})
+    assert result.returncode == rt.exit_runtime, result.stderr
+    assert all(phrase in result.stderr for phrase in says), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert rendezvous(tag) == []
+
+
+@pytest.mark.parametrize("opts, env", [
+    (["--join-tag="], {}),
+    (["-j"], {"SLURM_STEP_ID": ""}),
+])
+def test_an_empty_join_tag_is_an_error(rt, busybox, rendezvous, opts, env):
+    result = rt.run("--join-ct=1", *opts, str(busybox), "--", "true",
+                    env={**env, **rendezvous.env})
+    assert result.returncode == rt.exit_runtime, result.stderr
+    assert "tag" in result.stderr and "empty" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert rendezvous("\0") == []  # (no name has a NUL: the private directory only)
+    shm = os.listdir("/dev/shm")  # ch-run's would be named for the empty tag
+    assert "sem.ch-run_sem-" not in shm and "ch-run_shm-" not in shm
+
+
+@pytest.mark.builtin_only("Charliecloud 0.31 leaves its semaphore and shared "
+                          "memory in /dev/shm when the first peer fails, and "
+                          "the other peers wait for it until they time out")
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_a_failed_set_up_leaves_no_rendezvous_file(rt, busybox, user_dir, rendezvous,
+                                                  request, count):
+    """The first peer can't make the container (its bind source is
+    missing): it fails, and so does every peer after it, at once, saying
+    why; the last one removes the rendezvous file."""
+    tag = join_tag_for(request)
+    for peer in range(count):
+        result = rt.run(f"--join-ct={count}", f"--join-tag={tag}", "-b",
+                        f"{user_dir}/absent:/mnt", str(busybox), "--", "true",
+                        env=rendezvous.env, timeout=30)
+        assert result.returncode == rt.exit_runtime, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert ("absent" if peer == 0 else "first peer failed") in result.stderr
+        assert (rendezvous(tag) == []) == (peer == count - 1)
+
+
 def test_join_pid_of_a_dead_process(rt, busybox):
     result = rt.run("--join-pid=999999999", str(busybox), "--", "true")
     assert result.returncode == rt.exit_runtime

@@ -1,7 +1,9 @@
 """``chspawner run``: the container it makes, on both backends, unprivileged."""
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -58,6 +60,40 @@ def test_passwd_and_group_are_generated(rt, busybox, user):
     assert f"{user.pw_name}:x:{user.pw_uid}:{user.pw_gid}:" in out
     assert "root:x:0:0:" in out and "nobody:x:65534:" in out
     assert f":x:{user.pw_gid}:" in out.split("root:x:0:\n", 1)[1]
+
+
+def unused_id(taken) -> int:
+    """An ID the host has no entry for (``taken``: pwd.getpwuid, say)."""
+    for number in range(4321, 65000):
+        try:
+            taken(number)
+        except KeyError:
+            return number
+    raise AssertionError("no unused ID")
+
+
+def entries(text: str, number: int) -> list[str]:
+    """The lines of a passwd or group file that are for ID ``number``."""
+    return [line for line in text.splitlines() if line.split(":")[2:3] == [str(number)]]
+
+
+@pytest.mark.parametrize("uid, gid", [(65534, 65534), (1, 1), (None, None)])
+def test_guest_ids_are_named_as_on_the_host(rt, busybox, uid, gid):
+    """-u/-g: the generated files name each ID as the host does (65534 is
+    nobody/nogroup), or charlie/charliegroup where the host has no entry;
+    each ID appears once."""
+    if uid is None:
+        uid, gid = unused_id(pwd.getpwuid), unused_id(grp.getgrgid)
+        user_name, group_name = "charlie", "charliegroup"
+    else:
+        user_name, group_name = pwd.getpwuid(uid).pw_name, grp.getgrgid(gid).gr_name
+    out = rt.ok("-u", str(uid), "-g", str(gid), str(busybox), "--", "sh", "-c",
+                "id -un; id -gn; echo; cat /etc/passwd; echo; cat /etc/group")
+    names, passwd, group = out.split("\n\n")
+    assert lines(names) == [user_name, group_name]
+    assert [e.split(":")[0] for e in entries(passwd, uid)] == [user_name]
+    assert [e.split(":")[0] for e in entries(group, gid)] == [group_name]
+    assert entries(passwd, 0) and entries(group, 0)  # root stays
 
 
 def test_no_passwd_shows_the_images_files(rt, busybox, user):
@@ -226,6 +262,37 @@ def test_set_env_forms(rt, busybox, user, user_dir):
     assert env["GAP"] == "a:b"
 
 
+def test_set_env_keeps_a_lone_dollar(rt, busybox):
+    """Only "$NAME" items are expanded: a "$" on its own is kept."""
+    env = parse_env(rt.ok("--set-env=FOO=bar:$", "--set-env=D=$",
+                          "--set-env=MID=a:$:b", str(busybox), "--", "env"))
+    assert (env["FOO"], env["D"], env["MID"]) == ("bar:$", "$", "a:$:b")
+
+
+def without(rt, variable: str, *args: str) -> subprocess.CompletedProcess:
+    """``chspawner run ARGS`` with ``variable`` unset in its environment."""
+    argv = rt.argv(*args)
+    at = argv.index("env") + 1
+    argv[at:at] = ["-u", variable]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_unset_path_stays_unset_with_a_warning(rt, busybox):
+    """As ch-run: no $PATH is made up; commands are still found (execvp's
+    default search) and a warning says why PATH is missing."""
+    result = without(rt, "PATH", str(busybox), "--", "env")
+    assert result.returncode == 0, result.stderr
+    assert "PATH" not in parse_env(result.stdout)
+    assert "$PATH not set" in result.stderr
+
+
+def test_unset_user_is_refused(rt, busybox):
+    result = without(rt, "USER", str(busybox), "--", "true")
+    assert result.returncode == rt.exit_runtime
+    assert "$USER not set" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_set_env_from_image(rt, busybox):
     env = parse_env(rt.ok("--set-env", str(busybox), "--", "env"))
     assert env["PATH"] == (busybox / "ch/environment").read_text().split("=", 1)[1].strip()
@@ -344,8 +411,6 @@ def test_quiet_levels(rt, busybox):
     ["IMG"],                              # no command
     [],                                   # no image
     ["--bind"],                           # missing argument
-    ["--uid=abc", "IMG", "--", "true"],
-    ["--join-ct=0", "IMG", "--", "true"],
     ["-w", "-W", "IMG", "--", "true"],
     ["-v", "-q", "IMG", "--", "true"],
     ["--join-pid=1", "-j", "IMG", "--", "true"],
@@ -359,6 +424,36 @@ def test_usage_errors(rt, busybox, args):
     assert result.returncode == 64, result.stderr
     assert result.stderr.startswith("chspawner run: error: ")
     assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, what", [
+    (["-b", ""], "--bind"),
+    (["-b", ":/mnt"], "--bind"),
+    (["-b", "/tmp:"], "--bind"),
+    (["-b", "/tmp:/"], "--bind"),
+    (["-b", "/tmp:mnt"], "--bind"),       # relative destination
+    (["--uid=abc"], "--uid"),
+    (["-u", "-1"], "--uid"),
+    (["-u", "12 "], "--uid"),
+    (["-g", "1x"], "--gid"),
+    (["--join-ct=abc"], "--join-ct"),
+    (["--join-ct=1a"], "--join-ct"),
+    (["--join-ct=2147483648"], "--join-ct"),
+    (["--join-pid=x"], "--join-pid"),
+    (["--unset-env="], "--unset-env"),
+])
+def test_bad_option_values_are_runtime_errors(rt, busybox, user_dir, args, what):
+    """As ch-run: a bad value is a runtime error (exit 31; 0.31: 1), not a
+    usage error; one line naming the option, and nothing started."""
+    marker = user_dir / "ran"
+    result = rt.run(*args, str(busybox), "--", "touch", "/tmp/ran",
+                    env={"TMPDIR": str(user_dir)})
+    assert result.returncode == rt.exit_runtime, result.stderr
+    assert what in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    if rt.backend == "builtin":
+        assert result.stderr.startswith("chspawner run: error: ")
+    assert not marker.exists()
 
 
 def test_help_and_version(rt):

@@ -79,6 +79,9 @@ def test_join_options_round_trip():
     (dict(image="i", command=[]), "command"),
     (dict(image="i", command="ls -l"), "command"),
     (dict(image="i", command=["x"], binds=["/a:relative"]), "absolute"),
+    (dict(image="i", command=["x"], binds=["/a:/"]), "can't be /"),
+    (dict(image="i", command=["x"], binds=["/"]), "can't be /"),
+    (dict(image="i", command=["x"], binds=["/a:"]), "missing"),
     (dict(image="i", command=["x"], env={"A=B": "1"}), "name"),
     (dict(image="i", command=["x"], env={"": "1"}), "name"),
     (dict(image="i", command=["x"], unset_env=[""]), "glob"),
@@ -117,6 +120,42 @@ def test_launcher_env_expansion_rules():
     assert launcher.expand_value("a:$EMPTY", env) == "a"
     assert launcher.expand_value(":bar:baz::", env) == ":bar:baz::"
     assert launcher.expand_value("x$BAR", env) == "x$BAR"
+    assert launcher.expand_value("bar:$", env) == "bar:$"  # a lone "$" stays
+    assert launcher.expand_value("$", env) == "$"
+
+
+@pytest.mark.parametrize("text, number", [
+    ("12", 12), (" +7", 7), ("-3", -3), ("2147483647", 2147483647)])
+def test_option_numbers_are_read_as_ch_run_reads_them(text, number):
+    assert launcher.parse_int(text, "--x") == number
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "no digits"), ("abc", "no digits"), ("1a", "extra characters"),
+    ("1_0", "extra characters"), ("7 ", "extra characters"),
+    ("2147483648", "out of range"), ("-9223372036854775809", "out of range")])
+def test_bad_option_numbers(text, says):
+    with pytest.raises(launcher.Fail, match=says) as caught:
+        launcher.parse_int(text, "--x")
+    assert caught.value.code == launcher.EXIT_RUNTIME
+    assert launcher.parse_int("4(x2)", "V", extra_ok=True) == 4
+
+
+def test_a_bad_option_value_ends_the_parse_as_a_runtime_error(monkeypatch):
+    """ch-run stops at the first bad value (exit 31), whatever follows; an
+    unknown option before it is a usage error (64)."""
+    o = launcher.parse_args(["-u", "x", "--bogus", "-b", "", "img"])
+    assert o.error.code == launcher.EXIT_RUNTIME and "--uid" in str(o.error)
+    with pytest.raises(launcher.Fail) as caught:
+        launcher.parse_args(["--bogus", "-u", "x", "img"])
+    assert caught.value.code == launcher.EXIT_USAGE
+    monkeypatch.delenv("CHSPAWNER_BACKEND", raising=False)
+    assert launcher.main(["-u", "x", "img", "--", "true"]) == launcher.EXIT_RUNTIME
+
+
+def test_zero_join_count_and_pid_mean_not_given():
+    o = launcher.parse_args(["--join-ct=0", "--join-pid=0", "img", "--", "c"])
+    assert o.join and o.join_ct is None and o.join_pid is None
 
 
 def test_image_names_map_to_store_directories():

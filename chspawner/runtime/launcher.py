@@ -94,7 +94,7 @@ class Options:
         "binds", "cd", "env_ops", "env_expand", "feature", "uid", "gid", "home", "join", "join_ct",
         "join_tag", "join_pid", "passwd", "storage", "private_tmp",
         "writable", "write_fake", "verbose", "quiet", "backend", "backend_argv",
-        "image", "command", "action",
+        "image", "command", "action", "error",
     )
 
     def __init__(self):
@@ -123,40 +123,74 @@ class Options:
         self.image = None
         self.command = []
         self.action = "run"     # or "help", "version"
+        self.error = None       # the first bad option value (a Fail), if any
 
 
-def _int_arg(opt, value, minimum=0):
-    try:
-        number = int(value, 10)
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        raise Fail(f"{opt}: not a valid number: {value!r}", EXIT_USAGE)
+INT_MIN, INT_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def parse_int(text, what, extra_ok=False):
+    """An int as ch-run reads one (strtol(3) into a C int): leading blanks
+    and a sign allowed; trailing characters only with ``extra_ok`` (the
+    environment's "4(x2)"). A bad value is a runtime error, as in ch-run:
+    only an unknown option or a missing argument is a usage error."""
+    rest = text.lstrip(" \t\n\v\f\r")
+    sign = rest[:1] if rest[:1] in ("+", "-") else ""
+    rest = rest[len(sign):]
+    digits = len(rest) - len(rest.lstrip("0123456789"))
+    if not digits:
+        raise Fail(f"{what}: no digits found in {text!r}")
+    number = int(sign + rest[:digits])
+    if not INT_MIN <= number <= INT_MAX:
+        raise Fail(f"{what}: out of range: {text!r}")
+    if digits < len(rest) and not extra_ok:
+        raise Fail(f"{what}: extra characters after digits: {text!r}")
+    return number
+
+
+def _id_arg(what, value):
+    number = parse_int(value, what)
+    if number < 0:
+        raise Fail(f"{what}: must be non-negative: {value!r}")
     return number
 
 
 def _set_bind(o, value):
-    if not value:
-        raise Fail("--bind: empty argument", EXIT_USAGE)
+    # ch-run's checks, on the text: no empty parts, an absolute DST, not /.
+    # Where DST leads inside the image is checked when it is mounted.
     src, sep, dst = value.partition(":")
-    if not src or (sep and not dst):
-        raise Fail(f"--bind: expected SRC[:DST], got {value!r}", EXIT_USAGE)
-    o.binds.append((src, dst or src))
+    if not src:
+        raise Fail(f"--bind: no source provided: {value!r}")
+    if sep and not dst:
+        raise Fail(f"--bind: no destination provided: {value!r}")
+    dst = dst or src
+    if dst == "/":
+        raise Fail(f"--bind: destination can't be /: {value!r}")
+    if not dst.startswith("/"):
+        raise Fail(f"--bind: destination must be absolute: {value!r}")
+    o.binds.append((src, dst))
 
 
 def _set_join_ct(o, v):
-    o.join, o.join_ct = True, _int_arg("--join-ct", v, 1)
+    # 0 means "not given" (the environment decides), as in ch-run; a
+    # negative count is refused when the peers are counted.
+    o.join, o.join_ct = True, (parse_int(v, "--join-ct") or None)
+
+
+def _set_join_pid(o, v):
+    pid = parse_int(v, "--join-pid")
+    if pid < 0:
+        raise Fail(f"--join-pid: no such process: {v!r}")
+    o.join_pid = pid or None  # 0: not given, as in ch-run
 
 
 def _set_join_tag(o, v):
-    if not v:
-        raise Fail("--join-tag: empty tag", EXIT_USAGE)
-    o.join, o.join_tag = True, v
+    o.join, o.join_tag = True, v  # an empty tag is refused at join time
 
 
 def _set_unset_env(o, v):
     if not v:
-        raise Fail("--unset-env: GLOB must not be empty", EXIT_USAGE)
+        raise Fail("--unset-env: GLOB must not be empty")
     o.env_ops.append(("unset", v))
 
 
@@ -209,12 +243,11 @@ _OPTION_TABLE = (
     ("c", "cd", "required", lambda o, v: setattr(o, "cd", v)),
     (None, "env-no-expand", "no", _set_flag("env_expand", False)),
     (None, "feature", "required", _set_feature),
-    ("g", "gid", "required", lambda o, v: setattr(o, "gid", _int_arg("--gid", v))),
+    ("g", "gid", "required", lambda o, v: setattr(o, "gid", _id_arg("--gid", v))),
     (None, "home", "no", _set_flag("home", True)),
     ("j", "join", "no", _set_flag("join", True)),
     (None, "join-ct", "required", _set_join_ct),
-    (None, "join-pid", "required",
-     lambda o, v: setattr(o, "join_pid", _int_arg("--join-pid", v, 1))),
+    (None, "join-pid", "required", _set_join_pid),
     (None, "join-tag", "required", _set_join_tag),
     (None, "no-home", "no", lambda o, v: None),  # deprecated no-op in ch-run
     (None, "no-passwd", "no", _set_flag("passwd", False)),
@@ -222,7 +255,7 @@ _OPTION_TABLE = (
     ("s", "storage", "required", lambda o, v: setattr(o, "storage", v)),
     (None, "set-env", "optional", _set_env),
     ("t", "private-tmp", "no", _set_flag("private_tmp", True)),
-    ("u", "uid", "required", lambda o, v: setattr(o, "uid", _int_arg("--uid", v))),
+    ("u", "uid", "required", lambda o, v: setattr(o, "uid", _id_arg("--uid", v))),
     (None, "unset-env", "required", _set_unset_env),
     ("v", "verbose", "no", _bump("verbose", 1)),
     ("w", "write", "no", _set_flag("writable", True)),
@@ -241,9 +274,42 @@ def parse_args(argv):
     """Parse ch-run's command line: ``[OPTION...] IMAGE [--] CMD [ARG...]``.
 
     Options may also follow IMAGE up to ``--`` or the first non-option, as
-    ch-run (argp) allows. Raises Fail(..., 64) on a usage error.
+    ch-run (argp) allows. Raises Fail(..., 64) on a usage error. A bad
+    option value (ch-run's runtime error) is kept in ``o.error`` and ends
+    the parse, so that the ch-run backend can let ch-run report it.
     """
     o = Options()
+    try:
+        _parse(o, argv)
+    except Fail:
+        if o.error is None:
+            raise
+    if o.action != "run" or o.error is not None:
+        return o
+    if o.image is None:
+        raise Fail("no image given", EXIT_USAGE)
+    if o.writable and o.write_fake is not None:
+        raise Fail("--write and --write-fake are mutually exclusive", EXIT_USAGE)
+    if o.verbose and o.quiet:
+        raise Fail("--verbose and --quiet are mutually exclusive", EXIT_USAGE)
+    if o.join_pid is not None and (o.join or o.join_ct or o.join_tag):
+        raise Fail("--join-pid can't be combined with --join", EXIT_USAGE)
+    return o
+
+
+def _apply(o, setter, value):
+    """Run an option's setter. Its first bad value is kept in ``o.error``
+    and ends the parse, as ch-run stops there (parse_args then ignores any
+    later error)."""
+    try:
+        setter(o, value)
+    except Fail as e:
+        if e.code != EXIT_USAGE and o.error is None:
+            o.error = e
+        raise
+
+
+def _parse(o, argv):
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -274,7 +340,7 @@ def parse_args(argv):
                 i += 1
             elif kind == "optional" and not eq:
                 value = None
-            setter(o, value)
+            _apply(o, setter, value)
         elif arg.startswith("-") and len(arg) > 1:
             j = 1
             while j < len(arg):  # clustered short options: -wt, -bSRC
@@ -297,23 +363,12 @@ def parse_args(argv):
                 elif kind == "optional" and j < len(arg):
                     value = arg[j:].removeprefix("=")
                     j = len(arg)
-                setter(o, value)
+                _apply(o, setter, value)
         elif o.image is None:
             o.image = arg
         else:
             o.command = argv[i - 1:]
             break
-    if o.action != "run":
-        return o
-    if o.image is None:
-        raise Fail("no image given", EXIT_USAGE)
-    if o.writable and o.write_fake is not None:
-        raise Fail("--write and --write-fake are mutually exclusive", EXIT_USAGE)
-    if o.verbose and o.quiet:
-        raise Fail("--verbose and --quiet are mutually exclusive", EXIT_USAGE)
-    if o.join_pid is not None and (o.join or o.join_ct or o.join_tag):
-        raise Fail("--join-pid can't be combined with --join", EXIT_USAGE)
-    return o
 
 
 # ---------------------------------------------------------------- libc -----
@@ -421,11 +476,14 @@ class Root:
             self._mnt_id = mount_id(self.fd)
         return self._mnt_id
 
-    def open(self, path, create=False):
+    def open(self, path, create=False, strict=False):
         """Return an O_PATH fd for ``path`` inside the root, or raise.
 
         With ``create``, missing directories are made (mode 0755) but only
         on the image's own file system mount, never under another mount.
+        ``strict`` (a user's bind destination) refuses, as ch-run does, what
+        would lead outside the image if followed on the host: a ``..`` above
+        the root, an absolute symlink; and the root itself.
         Raises FileNotFoundError if a component is missing (and not made),
         Fail for anything else.
         """
@@ -440,6 +498,9 @@ class Root:
                 if name == "..":
                     if len(stack) > 1:
                         os.close(stack.pop())
+                    elif strict:
+                        raise Fail(f"{path}: not subdirectory of image "
+                                   f"{self.path} ('..' above its root)")
                     continue
                 parent = stack[-1]
                 try:
@@ -464,6 +525,9 @@ class Root:
                     if links > MAX_SYMLINKS:
                         raise Fail(f"can't resolve {path}: too many symlinks")
                     if target.startswith("/"):
+                        if strict:
+                            raise Fail(f"{path}: symlink not relative: "
+                                       f"{name} -> {target}")
                         while len(stack) > 1:
                             os.close(stack.pop())
                     todo.extend(c for c in reversed(target.split("/")) if c)
@@ -472,6 +536,9 @@ class Root:
                     os.close(fd)
                     raise Fail(f"can't resolve {path}: {name} is not a directory")
                 stack.append(fd)
+            if strict and len(stack) == 1:
+                raise Fail(f"{path}: not subdirectory of image {self.path} "
+                           "(it is the image's root)")
             return stack.pop()
         except (FileNotFoundError, Fail):
             raise
@@ -699,7 +766,7 @@ def expand_value(value, env):
         return value
     items = []
     for item in value.split(":"):
-        if item.startswith("$"):
+        if item.startswith("$") and len(item) > 1:  # a lone "$" stays
             item = env.get(item[1:], "")
             if not item:
                 continue
@@ -730,8 +797,9 @@ def build_env(o, libc, host_env, username):
     if o.home:
         env["HOME"] = f"/home/{username}"
     path = env.get("PATH")
-    if path is None:
-        env["PATH"] = "/bin"
+    if path is None:  # left unset, as ch-run does (execvp searches /bin:/usr/bin)
+        if not o.quiet:
+            sys.stderr.write(f"{PROG}: warning: $PATH not set\n")
     elif "/bin" not in path.split(":"):
         env["PATH"] = f"{path}:/bin"
     env.pop("TMPDIR", None)
@@ -789,15 +857,18 @@ class Container:
         self.libc.mount(None, "/", None, self.libc.MS_REC | self.libc.MS_PRIVATE,
                         None, "can't make / private")
 
-    def bind(self, src, root, dst, readonly=False, create=False):
-        """Bind host ``src`` at ``dst`` resolved inside ``root``."""
+    def bind(self, src, root, dst, readonly=False, create=False, strict=False):
+        """Bind host ``src`` at ``dst`` resolved inside ``root`` (``strict``:
+        see Root.open)."""
         lib = self.libc
         try:
-            fd = root.open(dst, create=create)
+            fd = root.open(dst, create=create, strict=strict)
         except FileNotFoundError:
             hint = "" if create else " (use -w or -W to create it)"
             raise Fail(f"can't bind {src}: destination not found in image: "
                        f"{dst}{hint}")
+        except Fail as e:
+            raise Fail(f"can't bind {src}: {e}")
         try:
             self.log(2, f"bind {src} -> {dst}{' (read-only)' if readonly else ''}")
             lib.mount(src, fd_path(fd), None, lib.MS_BIND | lib.MS_REC, None,
@@ -856,17 +927,27 @@ class Container:
         """Bind generated /etc/passwd and /etc/group, made in a tmpfs that is
         detached right away: nothing is ever written to the host."""
         lib = self.libc
-        home = "/home/" + self.username if self.o.home else \
-            os.environ.get("HOME", "/")
-        passwd = ["root:x:0:0:root:/root:/bin/sh"]
-        group = ["root:x:0:"]
-        if self.cuid != 0:
-            passwd.append(f"{self.username}:x:{self.cuid}:{self.cgid}::"
-                          f"{home}:/bin/sh")
-        if self.cgid != 0:
-            group.append(f"{_groupname(self.gid)}:x:{self.cgid}:")
-        passwd.append("nobody:x:65534:65534:nobody:/:/bin/false")
-        group.append("nogroup:x:65534:")
+        cuid, cgid = self.cuid, self.cgid
+        # As ch-run: root, nobody, and the container's IDs named as on the
+        # host (65534: nobody/nogroup), else charlie/charliegroup. Your own
+        # uid is you, with your home.
+        if cuid == self.uid:
+            home = "/home/" + self.username if self.o.home else \
+                os.environ.get("HOME", "/")
+            user = f"{self.username}:x:{cuid}:{cgid}::{home}:/bin/sh"
+        elif cuid == 0:
+            user = f"root:x:0:{cgid}:root:/root:/bin/sh"
+        else:
+            name, gecos = _host_user(cuid)
+            user = f"{name}:x:{cuid}:{cgid}:{gecos}:/:/bin/sh"
+        passwd = ["root:x:0:0:root:/root:/bin/sh"] if cuid != 0 else []
+        if cuid != 65534:
+            passwd.append("nobody:x:65534:65534:nobody:/:/bin/false")
+        passwd.append(user)
+        group = ["root:x:0:"] if cgid != 0 else []
+        if cgid != 65534:
+            group.append("nogroup:x:65534:")
+        group.append(f"{_host_group(cgid)}:x:{cgid}:")
         # The image's /dev is the scratch mount point: host /dev covers it
         # later anyway. Re-open by name to get the tmpfs, not what's below.
         self.mount_tmpfs(root, "dev", "size=1m,mode=0755", "for /etc/passwd")
@@ -941,16 +1022,27 @@ class Container:
         for src, dst in o.binds:
             if not os.path.exists(src):
                 raise Fail(f"can't bind: source not found: {src}")
-            self.bind(src, root, dst, create=create)
+            self.bind(src, root, dst, create=create, strict=True)
         self.pivot(root)
 
 
-def _groupname(gid):
+def _host_user(uid):
+    """(name, gecos) of host user ``uid``, or ch-run's stand-in."""
+    import pwd
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return "charlie", "Charlie"
+    return entry.pw_name, entry.pw_gecos
+
+
+def _host_group(gid):
+    """The host's name of group ``gid``, or ch-run's stand-in."""
     import grp
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
-        return str(gid)
+        return "root" if gid == 0 else "charliegroup"
 
 
 def _write(path, text, create=False):
@@ -964,22 +1056,41 @@ def _write(path, text, create=False):
 
 # ------------------------------------------------------------------ join ---
 
+JOIN_COUNT_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
+                   "SLURM_CPUS_ON_NODE")
+
+
 def join_peer_count(o):
-    if o.join_ct is not None:
-        return o.join_ct
-    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE",
-                "SLURM_CPUS_ON_NODE"):
-        value = os.environ.get(var, "")
-        # SLURM_STEP_TASKS_PER_NODE looks like "4" or "4(x2)".
-        digits = value.split("(")[0].split(",")[0]
-        if digits.isdigit() and int(digits) > 0:
-            return int(digits)
-    raise Fail("--join: can't tell the number of peers: give --join-ct or "
-               "set OMPI_COMM_WORLD_LOCAL_SIZE or SLURM_STEP_TASKS_PER_NODE")
+    """ch-run's rule: --join-ct, else the first of JOIN_COUNT_VARS that is
+    set (even if empty), read as strtol(3) does ("4(x2)" is 4); the count
+    must be positive."""
+    count, source = o.join_ct, "--join-ct"
+    if count is None:
+        for var in JOIN_COUNT_VARS:
+            if var in os.environ:
+                count = parse_int(os.environ[var], f"--join: {var}", extra_ok=True)
+                source = var
+                break
+    if count is None:
+        raise Fail("--join: no peer group size: give --join-ct or set "
+                   "OMPI_COMM_WORLD_LOCAL_SIZE, SLURM_STEP_TASKS_PER_NODE or "
+                   "SLURM_CPUS_ON_NODE")
+    if count < 1:
+        raise Fail(f"--join: no valid peer group size: {source} is {count}")
+    return count
 
 
 def join_tag(o):
-    tag = o.join_tag or os.environ.get("SLURM_STEP_ID") or str(os.getppid())
+    """--join-tag, else $SLURM_STEP_ID if set, else the parent's PID; an
+    empty tag is an error (as in ch-run). Made safe for a file name."""
+    if o.join_tag is not None:
+        tag, source = o.join_tag, "--join-tag"
+    elif "SLURM_STEP_ID" in os.environ:
+        tag, source = os.environ["SLURM_STEP_ID"], "SLURM_STEP_ID"
+    else:
+        tag, source = str(os.getppid()), None
+    if not tag:
+        raise Fail(f"--join: peer group tag can't be empty (from {source})")
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
 
 
@@ -1048,19 +1159,19 @@ def join_dir():
     return fd, path
 
 
-def join_or_create(o, create, libc, log):
+def join_or_create(count, tag, create, libc, log):
     """--join: the first peer creates the container, the others join it.
 
     Peers serialize on an flock(2)ed file in the caller's private
     rendezvous directory (:func:`join_dir`); the winner holds the lock while
     it sets up, so the others wait for a ready container without polling.
-    The file records the winner's PID and the peers still to come; the last
-    peer removes it.
+    The file records the winner's PID (0: its set-up failed) and the peers
+    still to come. Every peer counts itself out, on error too, and the last
+    removes the file: a failed group leaves nothing behind.
     """
     import fcntl
-    count = join_peer_count(o)
     dir_fd, where = join_dir()
-    name = f"chspawner-join.{join_tag(o)}"
+    name = f"chspawner-join.{tag}"
     try:
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=dir_fd)
@@ -1072,19 +1183,26 @@ def join_or_create(o, create, libc, log):
             raise Fail(f"--join: {where}/{name} belongs to another user")
         fcntl.flock(fd, fcntl.LOCK_EX)
         record = os.pread(fd, 64, 0).split()
-        if not record:
-            log(1, f"join: first of {count} peers, creating the container")
-            create()
-            winner, left = os.getpid(), count - 1
-        else:
-            winner, left = int(record[0]), int(record[1]) - 1
-            log(1, f"join: joining the container of process {winner}")
-            join_namespaces(libc, winner)
-        if left <= 0:
-            os.unlink(name, dir_fd=dir_fd)
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{winner} {left}\n".encode(), 0)
+        winner, left = (int(record[0]), int(record[1])) if record else (None, count)
+        left -= 1
+        try:
+            if winner is None:
+                log(1, f"join: first of {count} peers, creating the container")
+                winner = 0  # until it is made
+                create()
+                winner = os.getpid()
+            elif winner == 0:
+                raise Fail("--join: the first peer failed to set up the "
+                           "container (see its error)")
+            else:
+                log(1, f"join: joining the container of process {winner}")
+                join_namespaces(libc, winner)
+        finally:
+            if left <= 0:
+                os.unlink(name, dir_fd=dir_fd)
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{winner} {left}\n".encode(), 0)
     finally:
         os.close(fd)  # also releases the lock
         os.close(dir_fd)
@@ -1165,10 +1283,12 @@ def image_defaults(o, image_dir):
 def exec_ch_run(o, argv):
     """The ch-run backend: hand the same command line to Charliecloud."""
     args = [a for k, a in enumerate(argv) if k not in o.backend_argv]
-    storage = o.storage or os.environ.get("CH_IMAGE_STORAGE") or default_storage()
-    if store_candidate(o.image, storage) is not None:
+    if o.error is not None:
+        pass  # a bad option value: ch-run reports it, in its words
+    elif store_candidate(o.image, o.storage or os.environ.get("CH_IMAGE_STORAGE")
+                         or default_storage()) is not None:
         find_image(o.image, o.storage)  # refuses an untrusted store (ch-run won't)
-    if not o.command:  # what image_defaults() added, then the command
+    if o.error is None and not o.command:  # what image_defaults() added, then the command
         added = image_defaults(o, find_image(o.image, o.storage))
         if args and args[-1] == "--":
             args.pop()
@@ -1190,7 +1310,11 @@ def launch(o, argv):
     if os.getuid() != os.geteuid() or os.getgid() != os.getegid():
         raise Fail("refusing to run setuid or setgid: this runtime needs no "
                    "privilege")
+    if "USER" not in os.environ:  # as ch-run: /home/$USER, the store's name
+        raise Fail("$USER not set")
     image_dir = find_image(o.image, o.storage)
+    if o.join:  # checked before any rendezvous file is made
+        count, tag = join_peer_count(o), join_tag(o)
     if not o.command:
         image_defaults(o, image_dir)
     read_host_env_files(o)
@@ -1200,7 +1324,7 @@ def launch(o, argv):
     if o.join_pid is not None:
         join_namespaces(libc, o.join_pid)
     elif o.join:
-        join_or_create(o, container.enter, libc, log)
+        join_or_create(count, tag, container.enter, libc, log)
     else:
         container.enter()
     # The environment is made inside the container, where the image's
@@ -1261,6 +1385,8 @@ def main(argv=None):
         if o.action == "feature":
             return has_feature(o.feature)
         backend = o.backend or os.environ.get("CHSPAWNER_BACKEND") or "builtin"
+        if o.error is not None and backend != "ch-run":
+            raise o.error
         if backend == "ch-run":
             exec_ch_run(o, argv)
         elif backend != "builtin":

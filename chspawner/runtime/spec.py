@@ -34,11 +34,15 @@ class Bind:
         if self.dst is not None and (not self.dst.startswith("/") or ":" in self.dst):
             raise ValueError(f"bind destination must be an absolute path "
                              f"without ':': {self.dst!r}")
+        if (self.dst or self.src) == "/":  # ch-run refuses it too
+            raise ValueError("bind destination can't be /")
 
     @classmethod
     def parse(cls, text: str) -> Bind:
-        """``SRC[:DST]``, as on the command line."""
-        src, _, dst = text.partition(":")
+        """``SRC[:DST]``, as on the command line; ``SRC:`` is refused."""
+        src, sep, dst = text.partition(":")
+        if sep and not dst:
+            raise ValueError(f"bind destination missing: {text!r}")
         return cls(src, dst or None)
 
     def option(self) -> str:
