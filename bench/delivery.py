@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import statistics
 import subprocess
 import tempfile
@@ -41,6 +42,9 @@ from tests.harness.images import site_store
 from tests.harness.kernel_client import execute_request
 from tests.harness.servers import Servers
 from tests.harness.ws_v1 import PROTOCOL, decode, encode
+
+#: a relayed message's number, in its metadata (a search, not a parse)
+SEQ = re.compile(rb'"chspawner_seq": ?(\d+)')
 
 RATE_TARGET = 0.9
 REPLAY_TARGET_S = 1.0
@@ -71,12 +75,14 @@ async def run_cell(ws, code: str, session: str) -> str:
     return request["header"]["msg_id"]
 
 
-async def receive(ws, msg_id: str, started: float | None = None) -> tuple[float, float, int]:
+async def receive(ws, msg_id: str, started: float | None = None,
+                  seqs: list[int] | None = None) -> tuple[float, float, int]:
     """Read until the cell ``msg_id`` is idle: (first stream message's time,
-    last one's time, how many came). A byte search per frame, a parse only
-    for status messages: the client shares the machine with what it
-    measures. (A kernel sending flat out drops some on its own IOPub
-    socket, which holds 1,000: the rate counts those received.)"""
+    last one's time, how many came); each message's seq appended to
+    ``seqs`` if given. A byte search per frame, a parse only for status
+    messages: the client shares the machine with what it measures. (A
+    kernel sending flat out drops some on its own IOPub socket, which
+    holds 1,000: the rate counts those received.)"""
     seen, first, last = 0, started, 0.0
     deadline = time.monotonic() + 300
     while True:
@@ -87,6 +93,8 @@ async def receive(ws, msg_id: str, started: float | None = None) -> tuple[float,
         if frame.type != aiohttp.WSMsgType.BINARY:
             raise AssertionError(f"the websocket closed after {seen} messages")
         data = frame.data
+        if seqs is not None and (numbered := SEQ.search(data)):
+            seqs.append(int(numbered[1]))
         if b'"msg_type": "stream"' in data[:600]:
             seen += 1
             last = time.perf_counter()
@@ -136,7 +144,14 @@ async def replay_time(http, url: str, n: int, keeper: str) -> float:
     began = time.perf_counter()
     ws = await open_ws(http, url, session, received)
     try:
-        _, last, seen = await receive(ws, msg_id, began)
+        seqs: list[int] = []
+        _, last, seen = await receive(ws, msg_id, began, seqs)
+        # Exactly once: every message the keeper numbered after what the
+        # page held, in order (the cell's own, and the statuses between).
+        if seqs != list(range(received + 1, seqs[-1] + 1)):
+            lost = set(range(received + 1, seqs[-1] + 1)) - set(seqs)
+            raise AssertionError(f"replay not exactly once: {len(lost)} lost, "
+                                 f"{len(seqs) - len(set(seqs))} repeated, of {len(seqs)}")
         assert seen >= n * 0.9, f"{seen} of the {n} missed came back"
         return last - began
     finally:

@@ -24,6 +24,7 @@ import pytest
 from chspawner.persist.delivery import (
     Recent, metadata_keys, parse_received, uncertain_notice, with_metadata)
 from chspawner.persist.keeper import Keeper
+from chspawner.persist.kernel_manager import keeper_info
 from chspawner.persist.records import KernelRecords, read_ack
 from chspawner.persist.replay import ws_frame
 from session_proxy.proxy.wsframes import frame_size
@@ -94,6 +95,21 @@ def test_a_follow_with_received_resumes_right_after_it(tmp_path):
         k._follow(b"s4", "page", 99999)  # not issued yet: ignored, as recorded
         assert k.followers[b"s4"].cursor == 1009
         assert read_ack(acks, "page") == 1008
+    finally:
+        k.close()
+
+
+@pytest.mark.unit
+def test_an_unfollow_stops_only_the_requesters_stream(tmp_path):
+    """(What a server asks when a page goes away: see stop_following.)"""
+    k = Keeper(tmp_path / "k.json", "ipc://unused")
+    try:
+        k._follow(b"s1", "page")
+        k._follow(b"s2", "other")
+        assert k.info()["followed"] == ["other", "page"]
+        k.on_request([b"s1", b"unfollow", b"time", b"nonce", b"sig"])  # (unsigned on ipc)
+        assert list(k.followers) == [b"s2"] and k.info()["followed"] == ["other"]
+        assert "page" in k.info()["sessions"]  # where it resumes is kept
     finally:
         k.close()
 
@@ -372,21 +388,25 @@ def idle(client: Client, msg_id: str) -> bool:
     return any(m["content"].get("execution_state") == "idle" for m in client.of(msg_id, "status"))
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["witnessed", "alone"])
 @pytest.mark.parametrize("v1", [True, False], ids=["v1", "legacy"])
-def test_a_long_replay_comes_in_order_exactly_once(servers, v1):
+def test_a_long_replay_comes_in_order_exactly_once(servers, v1, alone):
     """Thousands of messages missed (a replay written in batches), a
     kernel error among them (which goes one by one): the page gets each
     exactly once, in the keeper's order, with its seq, the same messages a
-    page that stayed got; all of them are acknowledged."""
+    page that stayed got; all of them are acknowledged. Alone: the page is
+    the kernel's only connection, so jupyter_server keeps its streams for
+    its return (and, stock, would buffer what they receive meanwhile),
+    and it comes back while the kernel still prints."""
     async def run():
         servers.start()
         async with aiohttp.ClientSession(headers=servers.headers) as http:
             kernel = await start_kernel(http, servers)
             base = kernels_url(servers).replace("http", "ws", 1) + f"/{kernel}/channels"
             away, stays = uuid.uuid4().hex, uuid.uuid4().hex
-            witness = await Client(v1).open(http, f"{base}?session_id={stays}")
+            witness = None if alone else await Client(v1).open(http, f"{base}?session_id={stays}")
             page = await Client(v1).open(http, f"{base}?session_id={away}")
-            for c in (witness, page):
+            for c in filter(None, (witness, page)):
                 warm = execute_request("pass", c is page and away or stays)
                 await c.send(warm | {"channel": "shell"})
                 await c.read_until(lambda c=c, w=warm: c.done(w["header"]["msg_id"]))
@@ -399,11 +419,24 @@ def test_a_long_replay_comes_in_order_exactly_once(servers, v1):
             await page.read_until(lambda: page.of(ids[0], "execute_input"))
             await page.ws.close()  # away while both run
             received = page.last_seq
-            await witness.read_until(lambda: idle(witness, ids[1]), timeout=120)
+            if alone:  # back once both ended (the keeper's word for it)
+                address = servers.records()[kernel]["keeper"]
+
+                async def both_ended():
+                    info = await keeper_info(address)
+                    return info is not None and info["last_seq"] > received + 3000 \
+                        and info["execution_state"] == "idle"
+                await until(both_ended, "the kernel done printing", timeout=120)
+                # Meanwhile the kernel's output stayed with the keeper, not
+                # in the server's memory: it streams to no one.
+                assert (await keeper_info(address))["followed"] == []
+            else:
+                await witness.read_until(lambda: idle(witness, ids[1]), timeout=120)
             await page.open(http, f"{base}?session_id={away}", received)
-            await page.read_until(lambda: idle(page, ids[1]), timeout=60)
+            await page.read_until(lambda: idle(page, ids[1]), timeout=120)
             await page.ws.close()
-            await witness.ws.close()
+            if witness is not None:
+                await witness.ws.close()
             acks = KernelRecords(servers.state_dir).acks_dir(kernel)
             # Recorded once tornado has flushed the write: maybe just after
             # it came. (What came after, the new websocket's kernel_info
@@ -424,7 +457,13 @@ def test_a_long_replay_comes_in_order_exactly_once(servers, v1):
                 and m["metadata"].get("chspawner_seq", 0) > received]
     # Exactly the messages the keeper numbered after what the page held
     # (the page's Client checks each seq above the one before: no copy).
-    assert seqs(page) == seqs(witness) and len(seqs(page)) > 3000
+    if witness is not None:
+        assert seqs(page) == seqs(witness)
+    assert len(seqs(page)) > 3000
+    # ... every one of them, none skipped: only this session ran anything.
+    numbered = [m["metadata"]["chspawner_seq"] for m in page.msgs
+                if m["metadata"].get("chspawner_seq", 0) > received]
+    assert numbered == list(range(received + 1, numbered[-1] + 1))
 
 
 @pytest.mark.unit

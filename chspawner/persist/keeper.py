@@ -16,6 +16,10 @@ directory. Frames, client to keeper:
     the session then resumes right after it, even below what was recorded
     as sent; a number above the newest message is ignored, one below this
     keeper's first (an earlier keeper's) means all it holds.
+``[b"unfollow"]``
+    Stop streaming to me (its page went away: the server holds nothing
+    for it meanwhile; the session's next connection follows again, from
+    what it acknowledged).
 ``[b"fill", SEQ, *FRAMES]`` (on the Unix socket only)
     Hold this message, numbered SEQ, below our own: one the kernel
     published while no keeper ran, that the server's witness kept (see
@@ -24,7 +28,8 @@ directory. Frames, client to keeper:
     our own messages.
 ``[b"info"]``
     Reply ``[b"info", JSON]``: last and oldest seq, the kernel's last
-    execution state, sessions, what was filled in.
+    execution state, sessions and those streamed to now, what was filled
+    in.
 
 A server acknowledges what it sent a session's client not over this
 socket but in the session's file beside the kernel's record
@@ -392,6 +397,8 @@ class Keeper:
             return  # not from a holder of the kernel's key, or a replay: no answer
         if verb == b"follow" and args:
             self._follow(ident, args[0].decode(), _received(args[1:2]))
+        elif verb == b"unfollow":
+            self.followers.pop(ident, None)
         elif verb == b"fill":
             self.fill(args)
         elif verb == b"info":
@@ -445,7 +452,9 @@ class Keeper:
                 "previous": self.previous,
                 "held": len(self.buffer), "capacity": self.buffer.max_messages,
                 "execution_state": self.execution_state,
-                "sessions": {s: self.acked(s) for s in self.sessions}, "pid": os.getpid()}
+                "sessions": {s: self.acked(s) for s in self.sessions},
+                "followed": sorted({f.session for f in self.followers.values()}),
+                "pid": os.getpid()}
 
     def _follow(self, ident: bytes, session: str, received: int | None = None) -> None:
         acked = self.acked(session)

@@ -88,6 +88,7 @@ from chspawner.persist.kernel_connection import (
     close_connections,
     forget_connections,
     keeper_replaced,
+    stop_following,
 )
 from chspawner.persist.keeper_state import Takeover
 from chspawner.persist.notebook_outputs import NotebookWriters
@@ -709,6 +710,16 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
             self.log.exception("chspawner: can't replace the keeper of kernel %s", kernel_id)
         finally:
             km.keeper_starting = False
+
+    def start_buffering(self, kernel_id: str, session_key: str, channels: dict) -> None:
+        """The kernel's last page went away: jupyter_server keeps its
+        session's streams, buffering what they receive, for its return;
+        all but the keeper's, which the keeper keeps (see
+        kernel_connection's ``stop_following``)."""
+        super().start_buffering(kernel_id, session_key, channels)
+        keeper = channels.get("iopub")
+        if keeper is not None and kernel_id in self:
+            stop_following(keeper, self.get_kernel(kernel_id).session.key)
 
     def changed_ports(self, kernel_id: str) -> list | None:
         """A kernel that moved counts as one whose ports changed: a session
