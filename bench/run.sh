@@ -8,6 +8,8 @@ export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
 scripts/setup.sh busybox bookworm jupyter
 echo "== container start: chspawner run vs Charliecloud ch-run ($(nproc) cores, $(uname -r))"
 "$CHSPAWNER_VENV/bin/python" -m bench.runtime_start --check "$@"
+echo "== SquashFS images vs directories: start, files opened on the store, 100 concurrent starts"
+"$CHSPAWNER_VENV/bin/python" -m bench.squash --check
 echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"
 "$CHSPAWNER_VENV/bin/python" -m bench.images --check
 echo "== kernels: in an image vs native; many at once"

@@ -13,6 +13,7 @@ packages=(
     python3-ipykernel           # the native kernel image kernels are compared with
     docker-registry skopeo umoci apache2-utils  # a real registry for pull tests
     zstd xz-utils               # compressed test tarballs
+    squashfuse squashfs-tools   # SquashFS images: squashfuse_ll mounts them, mksquashfs makes them
     util-linux                  # setpriv, to drop to the test user; unshare, nsenter
     iproute2                    # ip netns, a bridge, veths: the multi-node cluster (tests/harness/cluster.py)
     slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/harness/slurm.py)
@@ -31,6 +32,11 @@ if (( ${#missing[@]} )); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >&2
 fi
+
+# SquashFS images are mounted by their user through /dev/fuse, which Linux
+# makes 0666; a machine whose /dev was made otherwise (some containers and
+# VMs) gets the kernel's mode.
+if [[ -c /dev/fuse && $(stat -c %a /dev/fuse) != 666 ]]; then chmod 0666 /dev/fuse; fi
 
 # Containers need unprivileged user namespaces (Debian's switch, if present).
 clone=/proc/sys/kernel/unprivileged_userns_clone

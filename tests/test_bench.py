@@ -17,6 +17,19 @@ def test_runtime_start_benchmark_prints_ratios(user, busybox, bookworm):
     assert all(float(ratio) > 0 for _, ratio in ratios)
 
 
+def test_squash_benchmark_runs(user, busybox, bookworm):
+    out = subprocess.run([sys.executable, "-m", "bench.squash", "--runs", "3",
+                          "--concurrent", "10"], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    starts = re.findall(r"^(/bin/true|python3 -c pass) .* ([\d.]+)x +[\d.]+x", out.stdout, re.M)
+    assert [label for label, _ in starts] == ["/bin/true", "python3 -c pass"]
+    opened = re.search(r"^files opened: import json +(\d+) +(\d+)", out.stdout, re.M)
+    assert opened and int(opened[1]) > 10 and int(opened[2]) == 1, out.stdout
+    assert "10 concurrent starts from one SquashFS file: 10 succeeded" in out.stdout
+    assert ", 0 FUSE servers left" in out.stdout
+
+
 def test_kernel_benchmark_runs(user, bookworm):
     out = subprocess.run([sys.executable, "-m", "bench.kernels", "--rounds", "1",
                           "--concurrent", "3"], capture_output=True, text=True,

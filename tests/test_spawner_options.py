@@ -40,6 +40,9 @@ class FakeStore:
     def require(self, image: str) -> Path:
         return self.root
 
+    def runnable(self, image: str) -> Path:  # (no SquashFS file)
+        return self.root
+
 
 def make(tmp_path: Path, kind: type = ChSpawner, groups: tuple[str, ...] = (),
          hook=None, **config) -> ChSpawner:

@@ -34,7 +34,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -45,8 +47,9 @@ from pathlib import Path
 from chspawner.images import ImageError, records
 from chspawner.images.records import ImageKernel, Record, RecordError, UntrustedRecord
 from chspawner.images.trees import DIR_RDONLY, open_made_dir, remove_tree
-from chspawner.runtime.launcher import (UntrustedPath, default_storage, image_name_to_dir,
-                                        trusted_dir, trusted_store_image, trusted_uids)
+from chspawner.runtime.launcher import (SQUASH_SUFFIX, UntrustedPath, default_storage,
+                                        image_name_to_dir, trusted_dir, trusted_store_image,
+                                        trusted_uids)
 from chspawner.runtime.spec import env_literal
 
 # A reference as users write it: [host[:port]/]path[:tag][@sha256:hex].
@@ -159,6 +162,53 @@ class Store:
     def exists(self, name: str) -> bool:
         path = self.path(name)
         return self.check() and path.is_dir()
+
+    def squash_path(self, name: str) -> Path:
+        """Where image ``name``'s SquashFS file is (``chspawner images
+        squash``): ``img/NAME.sqfs``, beside its directory."""
+        return self.img / (image_name_to_dir(check_name(name)) + SQUASH_SUFFIX)
+
+    def runnable(self, name: str) -> Path:
+        """What a container of image ``name`` starts from, as ``chspawner
+        run NAME`` finds it: its SquashFS file if it has one, else its
+        directory (refusing what :meth:`require` refuses)."""
+        path = self.require(name)
+        squash = self.squash_path(name)
+        if not squash.is_file():
+            return path
+        try:
+            return Path(trusted_store_image(str(self.root), str(squash), self._trusted))
+        except UntrustedPath as e:
+            raise StoreError(f"refusing image store {self.root}: {e}") from None
+
+    def squash(self, name: str, compression: str = "zstd", quiet: bool = False) -> Path:
+        """Make image ``name``'s SquashFS file from its directory
+        (``compression``: mksquashfs's, or "none"), which stays beside it (its record and metadata are read from there:
+        listing, kernels, checks; containers start from the file). Written
+        under tmp/ and renamed into place: never seen half made."""
+        path = self.require(name)
+        program = shutil.which("mksquashfs")
+        if program is None:
+            raise StoreError("can't make a SquashFS image: mksquashfs not found in $PATH "
+                             "(Debian's package squashfs-tools)")
+        self.prepare()
+        work = Path(tempfile.mkdtemp(prefix=_scratch_prefix("squash"), dir=self.tmp))
+        try:
+            new = work / "image.sqfs"
+            how = ["-noI", "-noD", "-noF", "-noX"] if compression == "none" else \
+                ["-comp", compression]
+            argv = [program, str(path), str(new), "-noappend", "-no-xattrs", "-quiet", *how,
+                    *(["-no-progress"] if quiet else [])]
+            done = subprocess.run(argv, stdout=None, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+                raise StoreError(f"can't make a SquashFS image of {name}: mksquashfs: {last}")
+            new.chmod(path.stat().st_mode & 0o644)
+            final = self.squash_path(name)
+            os.rename(new, final)
+            return final
+        finally:
+            remove_tree(work)
 
     def require(self, name: str) -> Path:
         """The directory of image ``name``, refusing an untrusted store or
@@ -275,6 +325,7 @@ class Store:
     def remove(self, name: str) -> None:
         path = self.require(name)
         self.prepare()
+        self.squash_path(name).unlink(missing_ok=True)
         # Rename first, so the name is gone at once even for a big image.
         doomed = Path(tempfile.mkdtemp(prefix=_scratch_prefix("rm"), dir=self.tmp))
         os.rename(path, doomed / "image")  # (its record, inside it, goes too)
@@ -302,6 +353,8 @@ class Store:
                 raise StoreError(f"can't record image {name}: {e.strerror or e}") from None
             image.chmod(0o755)
             install(image, final)
+            # A SquashFS file of the image it replaces would be run instead.
+            (final.parent / (final.name + SQUASH_SUFFIX)).unlink(missing_ok=True)
         finally:
             remove_tree(work)
 

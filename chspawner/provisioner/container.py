@@ -78,7 +78,7 @@ from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, Launcher,
                                              SrunStep)
 from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, clear_ipc, ipc_bound, ipc_prefix
-from chspawner.runtime.launcher import Fail, find_image
+from chspawner.runtime.launcher import SQUASH_SUFFIX, Fail, find_image
 from chspawner.runtime.spec import Bind, RunSpec, to_argv
 from chspawner.slurm import (Job, JobState, JobWatch, SlurmClient, SlurmError,
                              job_environment, shared_watch)
@@ -335,8 +335,9 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
 
     def _check_command(self, image: str, cmd: list[str]) -> None:
         """A kernel whose program isn't in the image fails now, clearly."""
-        program = cmd[0]
-        if program.startswith("/") and not os.path.lexists(os.path.join(image, program[1:])):
+        program, tree = cmd[0], image_tree(image)
+        if program.startswith("/") and tree is not None \
+                and not os.path.lexists(os.path.join(tree, program[1:])):
             raise KernelStartError(f"image {self.settings.image} has no {program} "
                                    "(the kernelspec's argv[0])")
 
@@ -559,5 +560,16 @@ def _username() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
+def image_tree(image: str) -> str | None:
+    """Where to look at ``image``'s files without mounting it: the image
+    directory; for a store's SquashFS image, the directory it was made
+    from, kept beside it (None: a SquashFS file alone)."""
+    if not os.path.isfile(image):
+        return image
+    tree = image.removesuffix(SQUASH_SUFFIX)
+    return tree if tree != image and os.path.isdir(tree) else None
+
+
 def _has_environment(image: str) -> bool:
-    return os.path.isfile(os.path.join(image, "ch", "environment"))
+    tree = image_tree(image)
+    return tree is not None and os.path.isfile(os.path.join(tree, "ch", "environment"))

@@ -20,7 +20,17 @@ systems stay native. The differences from ch-run are fixes:
   ``/proc/self/fd/N``: symlinks (absolute or relative) and ``..`` can't lead
   a mount out of the image, and nothing can be swapped between check and use;
 * bind destinations are created only with ``-w``/``-W`` and never under
-  another mount (a host directory).
+  another mount (a host directory);
+* a SquashFS image stays mounted as long as any process of the container
+  lives (ch-run's unmounts it when its first command exits).
+
+A SquashFS image (a file, or ``img/NAME.sqfs`` in the store) is mounted
+with Debian's ``squashfuse_ll`` inside the container's user namespace: no
+setuid helper, no root. The FUSE server runs beside the container, in a
+mount namespace of its own that never holds the image's mount, so when
+the container's last process exits the kernel drops the mount and the
+server exits with it; the command is still ``exec``ed with our PID. A
+directory image gets no extra process at all.
 
 Exit codes are ch-run's: 31 runtime error, 49 the command can't be executed,
 64 usage; otherwise the command's own status.
@@ -40,8 +50,8 @@ CH_RUNNING = "Weird Al Yankovic"  # ch-run's value; scripts test for it
 USAGE = """\
 Usage: chspawner run [OPTION...] IMAGE [--] [CMD [ARG...]]
 
-Run CMD in an unprivileged container made from IMAGE (a directory, or the
-name of an image in the store). Options are those of Charliecloud's ch-run.
+Run CMD in an unprivileged container made from IMAGE (a directory, a
+SquashFS file, or the name of an image in the store). Options are those of Charliecloud's ch-run.
 Without CMD, run the image's own Entrypoint and Cmd, in its WorkingDir,
 with its environment (as Docker does).
 
@@ -55,6 +65,8 @@ with its environment (as Docker does).
       --join-ct=N         number of join peers (implies --join)
       --join-pid=PID      join the container of process PID
       --join-tag=TAG      label of the peer group (implies --join)
+  -m, --mount=DIR         SquashFS mount point (default
+                          /var/tmp/$USER.ch/mnt, made if needed)
       --no-passwd         don't generate /etc/passwd and /etc/group
   -q, --quiet             print less; -qq: no command stdout; -qqq: nor
                           its stderr
@@ -92,7 +104,7 @@ class Options:
 
     __slots__ = (
         "binds", "cd", "env_ops", "env_expand", "feature", "uid", "gid", "home", "join", "join_ct",
-        "join_tag", "join_pid", "passwd", "storage", "private_tmp",
+        "join_tag", "join_pid", "mount", "passwd", "storage", "private_tmp",
         "writable", "write_fake", "verbose", "quiet", "backend", "backend_argv",
         "image", "command", "action", "error",
     )
@@ -110,6 +122,7 @@ class Options:
         self.join_ct = None
         self.join_tag = None
         self.join_pid = None
+        self.mount = None       # -m: the SquashFS mount point
         self.passwd = True
         self.storage = None
         self.private_tmp = False
@@ -249,6 +262,7 @@ _OPTION_TABLE = (
     (None, "join-ct", "required", _set_join_ct),
     (None, "join-pid", "required", _set_join_pid),
     (None, "join-tag", "required", _set_join_tag),
+    ("m", "mount", "required", lambda o, v: setattr(o, "mount", v)),
     (None, "no-home", "no", lambda o, v: None),  # deprecated no-op in ch-run
     (None, "no-passwd", "no", _set_flag("passwd", False)),
     ("q", "quiet", "no", _bump("quiet", 1)),
@@ -402,8 +416,8 @@ class _Libc:
             errno = self._ctypes.get_errno()
             raise Fail(f"{what}: {os.strerror(errno)}")
 
-    def unshare(self, flags):
-        self._check(self.c.unshare(flags), "can't unshare(2) user+mount namespaces")
+    def unshare(self, flags, what="user+mount namespaces"):
+        self._check(self.c.unshare(flags), f"can't unshare(2) {what}")
 
     def setns(self, fd, what):
         self._check(self.c.setns(fd, 0), f"can't join {what}")
@@ -590,10 +604,11 @@ def default_storage():
 
 
 def find_image(ref, storage):
-    """Return the image directory for a path or a name in the store.
+    """Return the image (a directory, or a SquashFS file: see
+    :func:`is_squash`) for a path or a name in the store.
 
     An image found in the store is used only if the store is trusted (see
-    :func:`trusted_dir`); a directory path is the caller's own choice."""
+    :func:`trusted_dir`); a path is the caller's own choice."""
     if storage is None:
         storage = os.environ.get("CH_IMAGE_STORAGE") or default_storage()
     candidate = store_candidate(ref, storage)
@@ -604,15 +619,36 @@ def find_image(ref, storage):
             raise Fail(f"refusing image store {storage}: {e}")
     if os.path.isdir(ref):
         return os.path.realpath(ref)
-    raise Fail(f"image not found: {ref} (no such directory, and no such "
-               f"image in store {storage})")
+    if os.path.isfile(ref):
+        if not is_squash(ref):
+            raise Fail(f"image {ref} is a file, but not a SquashFS image")
+        return os.path.realpath(ref)
+    raise Fail(f"image not found: {ref} (no such directory or file, and no "
+               f"such image in store {storage})")
+
+
+SQUASH_MAGIC = b"hsqs"  # a SquashFS superblock's first bytes (little-endian)
+SQUASH_SUFFIX = ".sqfs"
+
+
+def is_squash(path):
+    """Whether ``path`` is a SquashFS file (by its magic number)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == SQUASH_MAGIC
+    except OSError:
+        return False
 
 
 def store_candidate(ref, storage):
-    """The store directory of image name ``ref``, if there is one: a name in
-    the store wins over a directory, as in ch-run; ".." can't be in a name."""
+    """The store's image of name ``ref``, if there is one: its SquashFS
+    file (``img/NAME.sqfs``, see ``chspawner images squash``), or else its
+    directory. A name in the store wins over a path, as in ch-run; ".."
+    can't be in a name."""
     if "/.." not in f"/{ref}" and not ref.startswith("/") and ref:
         candidate = os.path.join(storage, "img", image_name_to_dir(ref))
+        if not ref.endswith(SQUASH_SUFFIX) and os.path.isfile(candidate + SQUASH_SUFFIX):
+            return candidate + SQUASH_SUFFIX
         if os.path.isdir(candidate):
             return candidate
     return None
@@ -626,7 +662,7 @@ def store_candidate(ref, storage):
 # ~/.ssh, a store is trusted only if nobody else could have put it where it
 # is or can change it now. Metadata only: a few lstat(2)s, no tree walks.
 
-S_IFMT, S_IFDIR, S_IFLNK, S_ISVTX = 0o170000, 0o040000, 0o120000, 0o1000
+S_IFMT, S_IFDIR, S_IFLNK, S_IFREG, S_ISVTX = 0o170000, 0o040000, 0o120000, 0o100000, 0o1000
 
 
 class UntrustedPath(Exception):
@@ -727,7 +763,22 @@ def trusted_store_image(storage, image_dir, trusted):
     # Open tmp/ or dlcache/ mean the store was tampered with.
     for sub in ("img", "tmp", "dlcache"):
         _trusted_walk(sub, root, root_st, trusted)
-    image = _trusted_walk(os.path.relpath(image_dir, storage), root, root_st, trusted)
+    relative = os.path.relpath(image_dir, storage)
+    if relative.endswith(SQUASH_SUFFIX):  # a file in img/: img/ walked above
+        image = os.path.join(root, relative)
+        try:
+            st = os.lstat(image)
+        except FileNotFoundError:
+            raise UntrustedPath(f"{image_dir} vanished")
+        if (st.st_mode & S_IFMT) != S_IFREG:
+            raise UntrustedPath(f"{image} is not a regular file")
+        if _loose(st):
+            raise UntrustedPath(f"{image} is writable by group or others "
+                                f"(chmod go-w {image}, if it is yours)")
+        if not is_squash(image):
+            raise UntrustedPath(f"{image} is not a SquashFS image")
+    else:
+        image = _trusted_walk(relative, root, root_st, trusted)
     if image is None:
         raise UntrustedPath(f"{image_dir} vanished")
     uid = os.lstat(image).st_uid
@@ -838,6 +889,7 @@ class Container:
         self.cuid = self.uid if o.uid is None else o.uid
         self.cgid = self.gid if o.gid is None else o.gid
         self.username = os.environ.get("USER") or _username(self.uid)
+        self.squash = os.path.isfile(image_dir)
 
     def check_image(self, root):
         missing = [f"/{d}" for d in REQUIRED_DIRS if not root.exists(d)]
@@ -891,13 +943,16 @@ class Container:
         """Make the image (or a writable overlay of it) a mount of its own,
         read-only unless -w; return its Root."""
         lib, o, image = self.libc, self.o, self.image_dir
-        lib.mount(image, image, None, lib.MS_BIND | lib.MS_REC, None,
-                  f"can't bind image {image}")
-        if not o.writable:
-            lib.mount(None, image, None, lib.MS_REMOUNT | lib.MS_BIND
-                      | lib.MS_RDONLY | _locked_flags(image), None,
-                      f"can't make image read-only: {image}")
-        root = Root(image)
+        if self.squash:
+            root = self.mount_squash()
+        else:
+            lib.mount(image, image, None, lib.MS_BIND | lib.MS_REC, None,
+                      f"can't bind image {image}")
+            if not o.writable:
+                lib.mount(None, image, None, lib.MS_REMOUNT | lib.MS_BIND
+                          | lib.MS_RDONLY | _locked_flags(image), None,
+                          f"can't make image read-only: {image}")
+            root = Root(image)
         self.check_image(root)
         if o.write_fake is None:
             return root
@@ -922,6 +977,38 @@ class Container:
             os.close(scratch)
             os.close(root.fd)
         return merged
+
+    def mount_squash(self):
+        """Mount the SquashFS image at the mount point, served by
+        ``squashfuse_ll`` (see :func:`start_squash_server`); its Root."""
+        lib, image = self.libc, self.image_dir
+        server = find_program("squashfuse_ll")
+        if server is None:
+            raise Fail(f"can't mount SquashFS image {image}: squashfuse_ll not found "
+                       "in $PATH (Debian's package squashfuse)")
+        point = squash_mount_point(self.o)
+        # Opened in our user namespace: the kernel takes a FUSE mount's
+        # device only from the namespace the mount belongs to.
+        try:
+            fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise Fail(f"can't mount SquashFS image {image}: /dev/fuse: {e.strerror}")
+        try:
+            go = start_squash_server(server, image, fuse, lib)
+            self.log(2, f"mount {image} at {point} (squashfuse_ll)")
+            lib.mount("squashfuse", point, "fuse.squashfuse",
+                      lib.MS_RDONLY | lib.MS_NOSUID | lib.MS_NODEV,
+                      f"fd={fuse},rootmode=40000,user_id={self.cuid},group_id={self.cgid}",
+                      f"can't mount SquashFS image {image}")
+        finally:
+            os.close(fuse)  # (the server has its own copy)
+        go()
+        try:
+            root = Root(point, display=image)
+            os.stat(fd_path(root.fd))  # (the server's first answer)
+            return root
+        except OSError as e:  # the server failed on the file
+            raise Fail(f"can't read SquashFS image {image}: {e.strerror}")
 
     def write_passwd(self, root):
         """Bind generated /etc/passwd and /etc/group, made in a tmpfs that is
@@ -1003,6 +1090,9 @@ class Container:
 
     def enter(self):
         o = self.o
+        if self.squash and o.writable:
+            raise Fail(f"a SquashFS image can't be mounted read-write: {self.image_dir} "
+                       "(use -W for a writable overlay)")
         self.enter_namespaces()
         root = self.mount_root()
         for src in ("/dev", "/proc", "/sys"):
@@ -1024,6 +1114,97 @@ class Container:
                 raise Fail(f"can't bind: source not found: {src}")
             self.bind(src, root, dst, create=create, strict=True)
         self.pivot(root)
+
+
+def find_program(name):
+    """The path of program ``name`` in the host's $PATH, or None."""
+    for d in (os.environ.get("PATH") or "/usr/bin:/bin").split(":"):
+        path = os.path.join(d or ".", name)
+        if os.access(path, os.X_OK) and os.path.isfile(path):
+            return path
+    return None
+
+
+def squash_mount_point(o):
+    """Where a SquashFS image is mounted (in our own mount namespace: the
+    host never sees it, and concurrent containers share the directory).
+    ``-m DIR`` must exist; the default, ch-run's /var/tmp/$USER.ch/mnt, is
+    made if needed, and used only if nobody else could have put it there."""
+    if o.mount is not None:
+        if not os.path.isdir(o.mount):
+            raise Fail(f"SquashFS mount point is not a directory: {o.mount}")
+        return os.path.realpath(o.mount)
+    base = f"/var/tmp/{_username(os.getuid())}.ch"
+    point = base + "/mnt"
+    for d in (base, point):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise Fail(f"can't make SquashFS mount point {d}: {e.strerror} (use -m DIR)")
+        try:
+            if trusted_dir(d, trusted_uids()) is None:
+                raise Fail(f"SquashFS mount point {d} vanished")
+        except UntrustedPath as e:
+            raise Fail(f"refusing SquashFS mount point {d}: {e} (use -m DIR)")
+    return point
+
+
+def start_squash_server(server, image, fuse, libc):
+    """Start ``squashfuse_ll`` serving ``image`` on FUSE device ``fuse``,
+    detached from us: it is not our child once this returns, not in our
+    session (a Ctrl-C for the command doesn't end it) and, in a mount
+    namespace of its own, doesn't hold the image's mount. So the mount
+    lives exactly as long as the container's mount namespace, that is as
+    long as any process of the container; when the last one exits, the
+    kernel drops the mount, the FUSE device ends, and the server exits.
+
+    The server waits until the caller has mounted (a FUSE device serves
+    only once it is mounted): returns ``go()``, to call after mount(2);
+    it raises Fail if the server could not be started."""
+    go_r, go_w = os.pipe()
+    status_r, status_w = os.pipe()  # (close-on-exec: EOF once it execs)
+    pid = os.fork()
+    if pid == 0:  # (the child: it reports through status_w, never returns)
+        try:
+            os.close(go_w)
+            os.close(status_r)
+            libc.unshare(libc.CLONE_NEWNS, "a mount namespace for squashfuse_ll")
+            if os.fork():
+                os._exit(0)
+            os.setsid()
+            os.chdir("/")
+            if os.read(go_r, 1) != b"!":
+                os._exit(0)  # the launcher failed before mounting
+            # Never hold the command's terminal or pipes open: a caller
+            # reading its output to the end would wait for us.
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.set_inheritable(fuse, True)
+            os.execv(server, [server, "-f", image, f"/dev/fd/{fuse}"])
+        except BaseException as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            try:
+                os.write(status_w, f"can't start {server}: {why}".encode())
+            finally:
+                os._exit(1)
+        os._exit(1)
+    os.close(go_r)
+    os.close(status_w)
+    os.waitpid(pid, 0)  # (it exits at once; its child serves)
+
+    def go():
+        try:
+            os.write(go_w, b"!")
+        finally:
+            os.close(go_w)
+        failed = os.read(status_r, 512)
+        os.close(status_r)
+        if failed:
+            raise Fail(f"can't mount SquashFS image {image}: {failed.decode(errors='replace')}")
+    return go
 
 
 def _host_user(uid):
@@ -1226,6 +1407,7 @@ def _print_version():
 FEATURES = {
     "extglob": "--unset-env globs use fnmatch(3) with FNM_EXTMATCH",
     "overlayfs": "--write-fake overlays a tmpfs (Linux >= 5.11)",
+    "squash": "SquashFS images, mounted with squashfuse_ll",
 }
 
 
@@ -1236,6 +1418,9 @@ def has_feature(name):
     if name == "overlayfs":
         release = os.uname().release.split(".")
         return 0 if (int(release[0]), int(release[1])) >= (5, 11) else 1
+    if name == "squash":
+        return 0 if find_program("squashfuse_ll") and os.access("/dev/fuse", os.R_OK | os.W_OK) \
+            else 1
     return 0
 
 
@@ -1289,7 +1474,11 @@ def exec_ch_run(o, argv):
                          or default_storage()) is not None:
         find_image(o.image, o.storage)  # refuses an untrusted store (ch-run won't)
     if o.error is None and not o.command:  # what image_defaults() added, then the command
-        added = image_defaults(o, find_image(o.image, o.storage))
+        image = find_image(o.image, o.storage)
+        if os.path.isfile(image):
+            raise Fail(f"no command given: backend ch-run can't read the default command "
+                       f"of SquashFS image {image}", EXIT_USAGE)
+        added = image_defaults(o, image)
         if args and args[-1] == "--":
             args.pop()
         args += [*added, "--", *o.command]
@@ -1315,8 +1504,11 @@ def launch(o, argv):
     image_dir = find_image(o.image, o.storage)
     if o.join:  # checked before any rendezvous file is made
         count, tag = join_peer_count(o), join_tag(o)
-    if not o.command:
+    squash = os.path.isfile(image_dir)
+    if not o.command and not squash:
         image_defaults(o, image_dir)
+    elif not o.command:
+        import json  # noqa: F401 (for image_defaults, once the host's library is out of reach)
     read_host_env_files(o)
     libc = _Libc()
     container = Container(o, image_dir, libc, log)
@@ -1327,6 +1519,8 @@ def launch(o, argv):
         join_or_create(count, tag, container.enter, libc, log)
     else:
         container.enter()
+    if not o.command:  # a SquashFS image's defaults, read inside it
+        image_defaults(o, "/")
     # The environment is made inside the container, where the image's
     # /ch/environment is (and the join winner's, for peers).
     env = build_env(o, libc, os.environ, container.username)

@@ -571,7 +571,7 @@ class ChSpawner(LocalProcessSpawner):
     def container_argv(self) -> list[str]:
         """Server mode: the single-user server in the image, with the user's
         home bound at /home/$USER and the image's environment."""
-        spec = RunSpec(image=str(self.store_for(self.image).require(self.image)),
+        spec = RunSpec(image=str(self.store_for(self.image).runnable(self.image)),
                        command=[*self.image_cmd, *self.get_args()], binds=list(self.binds),
                        home=True, image_env=True, cwd=f"/home/{self.user.name}")
         return to_argv(spec, self.backend)

@@ -26,6 +26,29 @@ def image_path(name: str) -> Path:
     return path.resolve()
 
 
+def squashed(name: str, compression: str = "zstd") -> Path:
+    """The built test image ``name`` as one SquashFS file beside it in the
+    cache (made once per build, as root: the images have files only root
+    may read), readable by all; ``compression`` "none": uncompressed."""
+    image = image_path(name)
+    path = image.with_name(image.name + ("" if compression == "zstd" else f"-{compression}")
+                           + ".sqfs")
+    how = ["-noI", "-noD", "-noF", "-noX"] if compression == "none" else ["-comp", compression]
+    if not path.is_file():
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".sqfs", delete=False) as tmp:
+            pass
+        try:
+            subprocess.run(["mksquashfs", str(image), tmp.name, "-noappend", "-quiet",
+                            "-no-progress", *how], check=True,
+                           stdout=subprocess.DEVNULL)
+            os.chmod(tmp.name, 0o644)
+            os.rename(tmp.name, path)
+        finally:
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
+    return path
+
+
 def tarball(image: Path, path: Path) -> Path:
     """``image`` as a tarball at ``path``, readable by all. Made as root:
     the images have files only root may read."""

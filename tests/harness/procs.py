@@ -30,6 +30,20 @@ def live_processes(uid: int, cmdline: str) -> list[int]:
     return pids
 
 
+def live_named(uid: int, name: str) -> list[int]:
+    """PIDs of uid's live processes (not zombies) whose program is ``name``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid \
+                    and (entry / "comm").read_text().rstrip("\n") == name \
+                    and running(int(entry.name)):
+                pids.append(int(entry.name))
+        except OSError:  # it exited while we looked
+            continue
+    return pids
+
+
 def stop(process: subprocess.Popen, timeout: float) -> None:
     """SIGTERM, wait up to ``timeout`` s, then SIGKILL: the process is gone
     (and reaped) after. A process already gone is left alone."""
