@@ -13,8 +13,8 @@ if [[ ! -x $venv/bin/python ]]; then
     /usr/bin/python3 -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-# pip >= 26.3 writes console scripts that don't import re: ~7 ms off every
-# "chspawner run".
+# (chspawner's own command is a plain script, whatever pip installs it;
+# a recent pip for the other commands' wrappers.)
 "${pip[@]}" --upgrade 'pip>=26.3' hatchling
 "${pip[@]}" "$repo[test,docs]"
 # Always reinstall the checkout itself, so tests run what is checked out.
