@@ -34,8 +34,13 @@ if (( ${#missing[@]} )); then
 fi
 
 # SquashFS images are mounted by their user through /dev/fuse, which Linux
-# makes 0666; a machine whose /dev was made otherwise (some containers and
-# VMs) gets the kernel's mode.
+# makes 0666 (loading the fuse module on its first use); a machine whose
+# /dev was made otherwise (some containers and VMs) gets the kernel's node.
+if [[ ! -e /dev/fuse ]]; then
+    modprobe fuse 2>/dev/null || true
+    [[ -e /dev/fuse ]] || mknod -m 0666 /dev/fuse c 10 229 \
+        || echo "setup-system.sh: no /dev/fuse: SquashFS images won't mount" >&2
+fi
 if [[ -c /dev/fuse && $(stat -c %a /dev/fuse) != 666 ]]; then chmod 0666 /dev/fuse; fi
 
 # Containers need unprivileged user namespaces (Debian's switch, if present).

@@ -184,7 +184,8 @@ def test_get_command_is_the_native_server_or_the_container(tmp_path):
                         image_cmd=["jupyterhub-singleuser"])
     spawner.user = SimpleNamespace(name="alice")
     spawner.store_for = lambda image: SimpleNamespace(  # the one collaborator faked
-        root=tmp_path, require=lambda name: tmp_path / name)
+        root=tmp_path, require=lambda name: tmp_path / name,
+        runnable=lambda name: tmp_path / name)
     spawner.image, spawner.mode = "jupyter", "kernels"
     args = spawner.get_args()
     assert spawner.get_command() == ["/venv/bin/jupyterhub-singleuser", *args]

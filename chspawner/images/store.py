@@ -9,6 +9,9 @@
             ch/environment        the image's Env, one NAME=VALUE per line
             ch/chspawner.json     its record: size, kernels, description
                                   (chspawner.images.records)
+        img/<name>.sqfs           the same image as one SquashFS file, if
+                                  made (Store.squash): containers start
+                                  from it, the directory keeps the record
         dlcache/sha256-<hex>      downloaded blobs, shared between pulls
         tmp/                      imports in progress (never an image)
 

@@ -51,7 +51,8 @@ USAGE = """\
 Usage: chspawner run [OPTION...] IMAGE [--] [CMD [ARG...]]
 
 Run CMD in an unprivileged container made from IMAGE (a directory, a
-SquashFS file, or the name of an image in the store). Options are those of Charliecloud's ch-run.
+SquashFS file, or the name of an image in the store). Options are those
+of Charliecloud's ch-run.
 Without CMD, run the image's own Entrypoint and Cmd, in its WorkingDir,
 with its environment (as Docker does).
 
@@ -1014,7 +1015,7 @@ class Container:
         if server is None:
             raise Fail(f"can't mount SquashFS image {image}: squashfuse_ll not found "
                        "in $PATH (Debian's package squashfuse)")
-        point = squash_mount_point(self.o)
+        point = self.squash_point
         # Opened in our user namespace: the kernel takes a FUSE mount's
         # device only from the namespace the mount belongs to.
         try:
@@ -1121,6 +1122,8 @@ class Container:
         if self.squash and o.writable:
             raise Fail(f"a SquashFS image can't be mounted read-write: {self.image_dir} "
                        "(use -W for a writable overlay)")
+        if self.squash:  # (checked as ourselves, before the namespaces)
+            self.squash_point = squash_mount_point(o)
         self.enter_namespaces()
         root = self.mount_root()
         for src in ("/dev", "/proc", "/sys"):
