@@ -186,9 +186,10 @@ class Store:
 
     def squash(self, name: str, compression: str = "zstd", quiet: bool = False) -> Path:
         """Make image ``name``'s SquashFS file from its directory
-        (``compression``: mksquashfs's, or "none"), which stays beside it (its record and metadata are read from there:
-        listing, kernels, checks; containers start from the file). Written
-        under tmp/ and renamed into place: never seen half made."""
+        (``compression``: mksquashfs's, or "none"). The directory stays
+        beside it: its record and metadata are read from there (listing,
+        kernels, checks); containers start from the file. Written under
+        tmp/ and renamed into place: never seen half made."""
         path = self.require(name)
         program = shutil.which("mksquashfs")
         if program is None:
