@@ -34,6 +34,7 @@ from bench.runtime_start import hyperfine
 from tests.harness.env import AS_USER, CHSPAWNER, TEST_USER
 from tests.harness.images import image_path, squashed
 from tests.harness.procs import live_named
+from tests.harness.users import as_user
 
 START_TARGET = 1.5
 CONCURRENT = 100
@@ -81,11 +82,6 @@ class Opens:
         os.close(self.fd)
 
 
-def run_as_user(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(AS_USER), TEST_USER, *argv], capture_output=True, text=True,
-                          timeout=120, cwd="/")
-
-
 def files_opened(image: Path) -> int:
     """Files opened on the store's file system while ``python3 -c 'import
     json'`` runs in ``image`` (a directory, or a SquashFS file)."""
@@ -96,7 +92,8 @@ def files_opened(image: Path) -> int:
         watched = [str(image.parent)]
     opens = Opens(watched)
     try:
-        result = run_as_user(str(CHSPAWNER), "run", str(image), "--", *IMPORT_JSON)
+        result = as_user(TEST_USER, str(CHSPAWNER), "run", str(image), "--", *IMPORT_JSON,
+                         check=False, timeout=120, cwd="/")
         assert result.returncode == 0, result.stderr
         names = opens.files()
     finally:

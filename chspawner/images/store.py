@@ -199,10 +199,8 @@ class Store:
         work = Path(tempfile.mkdtemp(prefix=_scratch_prefix("squash"), dir=self.tmp))
         try:
             new = work / "image.sqfs"
-            how = ["-noI", "-noD", "-noF", "-noX"] if compression == "none" else \
-                ["-comp", compression]
-            argv = [program, str(path), str(new), "-noappend", "-no-xattrs", "-quiet", *how,
-                    *(["-no-progress"] if quiet else [])]
+            argv = [program, str(path), str(new), "-noappend", "-no-xattrs", "-quiet",
+                    *compression_options(compression), *(["-no-progress"] if quiet else [])]
             done = subprocess.run(argv, stdout=None, stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["failed"])[-1]
@@ -358,7 +356,7 @@ class Store:
             image.chmod(0o755)
             install(image, final)
             # A SquashFS file of the image it replaces would be run instead.
-            (final.parent / (final.name + SQUASH_SUFFIX)).unlink(missing_ok=True)
+            self.squash_path(name).unlink(missing_ok=True)
         finally:
             remove_tree(work)
 
@@ -375,6 +373,12 @@ class Store:
                 continue
             if parts[2].rpartition("-")[0] == host and not _alive(int(parts[1])):
                 remove_tree(Path(entry.path))
+
+
+def compression_options(compression: str) -> list[str]:
+    """mksquashfs's options for ``compression``: one of its compressors,
+    or "none" (nothing compressed: the fastest to start from)."""
+    return ["-noI", "-noD", "-noF", "-noX"] if compression == "none" else ["-comp", compression]
 
 
 def _mkdir(path: Path, mode: int) -> None:

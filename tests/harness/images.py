@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from chspawner.images.store import compression_options
 from tests.harness.env import CHSPAWNER, IMAGE_CACHE, TEST_USER
 from tests.harness.users import as_user
 
@@ -33,13 +34,12 @@ def squashed(name: str, compression: str = "zstd") -> Path:
     image = image_path(name)
     path = image.with_name(image.name + ("" if compression == "zstd" else f"-{compression}")
                            + ".sqfs")
-    how = ["-noI", "-noD", "-noF", "-noX"] if compression == "none" else ["-comp", compression]
     if not path.is_file():
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".sqfs", delete=False) as tmp:
             pass
         try:
             subprocess.run(["mksquashfs", str(image), tmp.name, "-noappend", "-quiet",
-                            "-no-progress", *how], check=True,
+                            "-no-progress", *compression_options(compression)], check=True,
                            stdout=subprocess.DEVNULL)
             os.chmod(tmp.name, 0o644)
             os.rename(tmp.name, path)
