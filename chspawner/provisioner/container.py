@@ -192,6 +192,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         self._program = cmd[0]
         spec = RunSpec(
             image=image, command=cmd, binds=list(settings.binds), env=dict(settings.env),
+            devices=list(settings.devices),
             image_env=_has_environment(image), home=self._home(),
             cwd=self._container_cwd(kwargs.get("cwd")))
         cmd = to_argv(spec, settings.backend)

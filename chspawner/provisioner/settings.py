@@ -38,6 +38,10 @@ class ProvisionerSettings(HasTraits):
              "/var/tmp/$USER.ch).")
     binds = List(
         Unicode(), help="Host directories bound into the container (SRC or SRC:DST).")
+    devices = List(
+        Unicode(), help="CDI devices the kernel's container gets (chspawner run "
+                        "--device): vendor.com/class=NAME, or a whole kind such as "
+                        "nvidia.com/gpu, which in a Slurm job is the job's own GPUs.")
     env = Dict(
         value_trait=Unicode(), key_trait=Unicode(),
         help="Environment variables set in the container, over the image's.")

@@ -58,6 +58,12 @@ with its environment (as Docker does).
 
   -b, --bind=SRC[:DST]    bind-mount host SRC at guest DST (default: SRC)
   -c, --cd=DIR            initial working directory in the container
+      --cdi-dirs=DIRS     where CDI specs are (default $CH_RUN_CDI_DIRS, or
+                          ~/.config/cdi:/etc/cdi:/var/run/cdi)
+      --device=DEV        give the container CDI device DEV: vendor/class=NAME,
+                          a whole kind vendor/class, or a spec FILE (in a
+                          Slurm job, GPUs are the job's own); repeatable
+  -d, --devices           give the container every CDI device found
       --env-no-expand     don't expand $VAR in --set-env values
       --feature=FEAT      exit 0 if FEAT (extglob, overlayfs) is supported
   -g, --gid=GID           run as GID within the container
@@ -107,7 +113,7 @@ class Options:
         "binds", "cd", "env_ops", "env_expand", "feature", "uid", "gid", "home", "join", "join_ct",
         "join_tag", "join_pid", "mount", "passwd", "storage", "private_tmp",
         "writable", "write_fake", "verbose", "quiet", "backend", "backend_argv",
-        "image", "command", "action", "error",
+        "image", "command", "action", "error", "devices", "cdi_dirs",
     )
 
     def __init__(self):
@@ -138,6 +144,8 @@ class Options:
         self.command = []
         self.action = "run"     # or "help", "version"
         self.error = None       # the first bad option value (a Fail), if any
+        self.devices = False    # --device/--devices given (kept in env_ops, in order)
+        self.cdi_dirs = None    # --cdi-dirs: where CDI specs are looked for
 
 
 INT_MIN, INT_MAX = -(1 << 31), (1 << 31) - 1
@@ -217,6 +225,20 @@ def _set_env(o, v):
         o.env_ops.append(("file", v))
 
 
+def _set_device(o, v):
+    # CDI devices go where the environment options go: their environment
+    # applies in command-line order with --set-env and --unset-env.
+    if not v:
+        raise Fail("--device: empty device name")
+    o.devices = True
+    o.env_ops.append(("device", v))
+
+
+def _set_devices(o, _v):
+    o.devices = True
+    o.env_ops.append(("devices", None))
+
+
 def _set_write_fake(o, v):
     # tmpfs(5) size: a number with an optional k/m/g/t suffix, or a percentage
     # of memory. Checked here so a typo isn't reported as a mount failure.
@@ -255,6 +277,9 @@ def _bump(attr, step):
 _OPTION_TABLE = (
     ("b", "bind", "required", _set_bind),
     ("c", "cd", "required", lambda o, v: setattr(o, "cd", v)),
+    (None, "cdi-dirs", "required", lambda o, v: setattr(o, "cdi_dirs", v)),
+    ("d", "devices", "no", _set_devices),
+    (None, "device", "required", _set_device),
     (None, "env-no-expand", "no", _set_flag("env_expand", False)),
     (None, "feature", "required", _set_feature),
     ("g", "gid", "required", lambda o, v: setattr(o, "gid", _id_arg("--gid", v))),
@@ -307,6 +332,9 @@ def parse_args(argv):
         raise Fail("--write and --write-fake are mutually exclusive", EXIT_USAGE)
     if o.verbose and o.quiet:
         raise Fail("--verbose and --quiet are mutually exclusive", EXIT_USAGE)
+    if o.devices and o.writable:
+        raise Fail("--device can't be used with --write: a device's files are never "
+                   "written into the image (use -W)", EXIT_USAGE)
     if o.join_pid is not None and (o.join or o.join_ct or o.join_tag):
         raise Fail("--join-pid can't be combined with --join", EXIT_USAGE)
     return o
@@ -598,6 +626,45 @@ class Root:
         except (FileNotFoundError, Fail):
             return False
 
+    def locate(self, path):
+        """Where a missing ``path`` would be: (the image path of its deepest
+        existing directory, symlinks resolved inside the image, and the
+        missing components after it); None if ``path`` exists."""
+        todo = [c for c in reversed(path.split("/")) if c]
+        names = []
+        links = 0
+        while todo:
+            name = todo.pop()
+            if name == ".":
+                continue
+            if name == "..":
+                if names:
+                    names.pop()
+                continue
+            here = "/".join([*names, name])
+            try:
+                mode = os.stat(here, dir_fd=self.fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                rest = [name, *reversed(todo)]
+                if ".." in rest:
+                    raise Fail(f"can't make {path} in image: '..' after a missing directory")
+                return "/".join(names), [c for c in rest if c != "."]
+            except OSError as e:
+                raise Fail(f"can't resolve {path} in image: {e.strerror}")
+            if mode & 0o170000 == 0o120000:
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise Fail(f"can't resolve {path}: too many symlinks")
+                target = os.readlink(here, dir_fd=self.fd)
+                if target.startswith("/"):
+                    names = []
+                todo.extend(c for c in reversed(target.split("/")) if c)
+            elif todo and mode & 0o170000 != 0o040000:
+                raise Fail(f"can't resolve {path}: {name} is not a directory")
+            else:
+                names.append(name)
+        return None
+
 
 def _is_symlink(fd):
     return (os.fstat(fd).st_mode & 0o170000) == 0o120000
@@ -864,6 +931,41 @@ def read_env_file(path, where):
             for n, line in enumerate(text.split("\n"), 1) if line]
 
 
+def resolve_devices(o, log):
+    """--device/--devices: read the CDI specs and choose the devices (on
+    the host, before the namespaces); their environment takes the options'
+    place in ``o.env_ops``. Returns the devices' edits, or None."""
+    if not o.devices:
+        return None
+    if __package__:
+        from . import cdi
+    else:  # run as a script (launch.py): a sibling module
+        import cdi
+    dirs = cdi.default_dirs(os.environ) if o.cdi_dirs is None else \
+        [d for d in o.cdi_dirs.split(":") if d]
+    try:
+        registry = cdi.Registry(dirs, os.environ)
+        ops = []
+        for op, arg in o.env_ops:
+            if op == "device":
+                ops.append(("literal", registry.request(arg)))
+            elif op == "devices":
+                ops.append(("literal", registry.request_all()))
+            else:
+                ops.append((op, arg))
+        edits = registry.edits
+        edits.add_library_links()
+    except cdi.CdiError as e:
+        raise Fail(str(e))
+    o.env_ops = ops
+    for warning in edits.warnings:
+        if not o.quiet:
+            sys.stderr.write(f"{PROG}: warning: {warning}\n")
+    for note in edits.notes:
+        log(1, note)
+    return edits
+
+
 def read_host_env_files(o):
     """Read --set-env=FILE files now, while host paths are still visible."""
     o.env_ops = [("pairs", read_env_file(arg, arg)) if op == "file"
@@ -888,6 +990,9 @@ def build_env(o, libc, host_env, username):
             for name in [n for n in env if libc.fnmatch(arg, n)]:
                 del env[name]
             continue
+        if op == "literal":  # a CDI device's: set as given
+            env.update(arg)
+            continue
         if op == "set":
             pairs = [parse_env_line(arg, "argument")]
         elif op == "pairs":
@@ -909,11 +1014,13 @@ HOST_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/machine-id")
 class Container:
     """Sets up one container; ``enter()`` leaves us inside it."""
 
-    def __init__(self, o, image_dir, libc, log):
+    def __init__(self, o, image_dir, libc, log, devices=None):
         self.o = o
         self.image_dir = image_dir
         self.libc = libc
         self.log = log
+        self.devices = devices   # CDI edits (cdi.Edits), or None
+        self.scratch = None      # fd of the tmpfs that holds the overlay's layers
         self.uid, self.gid = os.getuid(), os.getgid()
         self.cuid = self.uid if o.uid is None else o.uid
         self.cgid = self.gid if o.gid is None else o.gid
@@ -983,29 +1090,148 @@ class Container:
                           f"can't make image read-only: {image}")
             root = Root(image)
         self.check_image(root)
-        if o.write_fake is None:
+        layer = self.device_layer(root)
+        cache = self.devices is not None and bool(self.devices.ldcache)
+        if o.write_fake is None and not layer and not cache:
             return root
-        # -W: a tmpfs holds the overlay's upper and work directories. It is
-        # mounted on the image's /dev, which host /dev covers later anyway;
-        # overlayfs sees the image's own (empty) /dev through lowerdir.
-        # All paths go through file descriptors: no ':' or ',' from the
-        # image path can reach the mount options.
+        # An overlay: -W's writable tmpfs on top, and/or the layer that
+        # adds what the devices need that the image lacks (mount points,
+        # links), read-only. The tmpfs that holds them is mounted on the
+        # image's /dev, which host /dev covers later anyway; overlayfs sees
+        # the image's own (empty) /dev through lowerdir. All paths go
+        # through file descriptors: no ':' or ',' from the image path can
+        # reach the mount options.
         size = f"size={o.write_fake}," if o.write_fake else ""
-        self.mount_tmpfs(root, "dev", f"{size}mode=0700", "for --write-fake")
+        self.mount_tmpfs(root, "dev", f"{size}mode=0700",
+                         "for --write-fake" if o.write_fake is not None else "for devices")
         scratch = root.open("dev")
         try:
             tmp = fd_path(scratch)
-            for d in ("upper", "work", "merged"):
-                os.mkdir(f"{tmp}/{d}", 0o700)
-            lib.mount("overlay", f"{tmp}/merged", "overlay", 0,
-                      f"lowerdir={fd_path(root.fd)},upperdir={tmp}/upper,"
-                      f"workdir={tmp}/work,userxattr,volatile",
-                      "can't mount overlayfs for --write-fake")
+            if cache:
+                # The image's library cache, rebuilt in the container
+                # (update_ldcache), is written here.
+                _write(f"{tmp}/ld.so.cache", "", create=True)
+                self.scratch, scratch = scratch, None
+            if o.write_fake is None and not layer:
+                return root
+            os.mkdir(f"{tmp}/merged", 0o700)
+            lower = fd_path(root.fd)
+            if layer:
+                # Below the image: the image's directories keep their own
+                # owners and modes; only what the image lacks shows.
+                self.make_layer(f"{tmp}/layer", layer)
+                lower = f"{lower}:{tmp}/layer"
+            options = f"lowerdir={lower},userxattr"
+            if o.write_fake is not None:
+                for d in ("upper", "work"):
+                    os.mkdir(f"{tmp}/{d}", 0o700)
+                options += f",upperdir={tmp}/upper,workdir={tmp}/work,volatile"
+            lib.mount("overlay", f"{tmp}/merged", "overlay", 0, options,
+                      "can't mount overlayfs for " +
+                      ("--write-fake" if o.write_fake is not None else "devices"))
             merged = Root(f"{tmp}/merged", display=root.path)
         finally:
-            os.close(scratch)
-            os.close(root.fd)
+            if scratch is not None:
+                os.close(scratch)
+        os.close(root.fd)
         return merged
+
+    # Image directories that host mounts cover in the container: what a
+    # device needs there must be on the host.
+    HOST_COVERED = ("dev", "proc", "sys", "tmp")
+
+    def device_layer(self, root):
+        """What the devices need that the image lacks, outside the host's
+        mounts: [(where, missing components, kind, link target)], kind
+        "dir", "file" or "link"."""
+        devices = self.devices
+        if devices is None:
+            return []
+        wanted = [(path, "dir" if os.path.isdir(host) else "file", None)
+                  for host, path, _ in devices.mounts]
+        wanted += [(path, "file", None) for _, path in devices.nodes]
+        wanted += [(link, "link", target) for target, link in devices.links]
+        if devices.ldcache:
+            wanted.append(("/etc/ld.so.cache", "file", None))
+        layer = []
+        for path, kind, target in wanted:
+            where = root.locate(path)
+            if where is None:
+                continue
+            base, missing = where
+            if base.split("/")[0] in self.HOST_COVERED or \
+                    (not base and missing[0] in self.HOST_COVERED):
+                if kind == "link":
+                    self.log(1, f"device link {path} -> {target}: not in the host's "
+                                f"/{missing[0] if not base else base.split('/')[0]}, left out")
+                continue  # (a missing bind destination there fails in bind())
+            layer.append((base, missing, kind, target))
+        return layer
+
+    def make_layer(self, layer, entries):
+        """Make the overlay layer ``layer``: each missing path, at the place
+        in the image where its deepest existing directory is."""
+        for base, missing, kind, target in entries:
+            here = "/".join([layer, *(p for p in base.split("/") if p), *missing[:-1]])
+            os.makedirs(here, 0o755, exist_ok=True)
+            leaf = f"{here}/{missing[-1]}"
+            if os.path.lexists(leaf):
+                continue
+            self.log(2, f"device {kind} {'/'.join([base, *missing])} made in an overlay")
+            if kind == "dir":
+                os.mkdir(leaf, 0o755)
+            elif kind == "link":
+                os.symlink(target, leaf)
+            else:
+                _write(leaf, "", create=True)
+
+    def bind_devices(self, root):
+        """Bind the devices' nodes and host files (read-only unless the spec
+        says rw), and the rebuilt library cache over the image's."""
+        devices = self.devices
+        for host, path in devices.nodes:
+            if not root.exists(path):  # (the layer made those outside /dev)
+                raise Fail(f"can't bind device node {host} at {path}: the container's /dev "
+                           f"is the host's, which has no {path}")
+            self.bind(host, root, path)
+        for host, path, readonly in devices.mounts:
+            self.bind(host, root, path, readonly=readonly)
+        if self.scratch is not None:
+            self.bind(f"{fd_path(self.scratch)}/ld.so.cache", root, "etc/ld.so.cache",
+                      readonly=True)
+
+    def update_ldcache(self):
+        """CDI's update-ldcache, done without running the hook: the image's
+        own ldconfig builds the image's cache with the devices' library
+        folders added, in our tmpfs (the image stays read-only), and the
+        cache is copied to the file bound over /etc/ld.so.cache. Soname
+        links were made in the overlay (cdi.Edits.add_library_links)."""
+        folders = self.devices.ldcache
+        ldconfig = next((p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig")
+                         if os.access(p, os.X_OK)), None)
+        if ldconfig is None:
+            raise Fail("the image has no ldconfig to add the devices' libraries "
+                       f"({', '.join(folders)}) to its cache")
+        scratch = fd_path(self.scratch)
+        self.log(2, f"{ldconfig} -X -C (tmpfs) {' '.join(folders)}")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.set_inheritable(self.scratch, True)
+                null = os.open("/dev/null", os.O_WRONLY)
+                os.dup2(null, 1)
+                os.execve(ldconfig, [ldconfig, "-X", "-C", f"{scratch}/new", *folders],
+                          {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            finally:
+                os._exit(127)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise Fail(f"{ldconfig} in the image failed (wait status {status}) adding "
+                       f"the devices' libraries ({', '.join(folders)}) to its cache")
+        with open(f"{scratch}/new", "rb") as new, open(f"{scratch}/ld.so.cache", "wb") as cache:
+            cache.write(new.read())
+        os.close(self.scratch)
+        self.scratch = None
 
     def mount_squash(self):
         """Mount the SquashFS image at the mount point, served by
@@ -1139,12 +1365,16 @@ class Container:
             self.bind(os.environ.get("TMPDIR") or "/tmp", root, "tmp")
         if o.home:
             self.setup_home(root)
+        if self.devices is not None:
+            self.bind_devices(root)
         create = o.writable or o.write_fake is not None
         for src, dst in o.binds:
             if not os.path.exists(src):
                 raise Fail(f"can't bind: source not found: {src}")
             self.bind(src, root, dst, create=create, strict=True)
         self.pivot(root)
+        if self.scratch is not None:
+            self.update_ldcache()
 
 
 def find_program(name):
@@ -1299,6 +1529,10 @@ def join_tag(o):
         tag, source = o.join_tag, "--join-tag"
     elif "SLURM_STEP_ID" in os.environ:
         tag, source = os.environ["SLURM_STEP_ID"], "SLURM_STEP_ID"
+        # Each job's steps count from 0: with the job's ID, two jobs of the
+        # user on one node never meet (ch-run's tag is the step's alone).
+        if tag and os.environ.get("SLURM_JOB_ID"):
+            tag = f"{os.environ['SLURM_JOB_ID']}.{tag}"
     else:
         tag, source = str(os.getppid()), None
     if not tag:
@@ -1371,15 +1605,28 @@ def join_dir():
     return fd, path
 
 
+def _start_time(pid):
+    """When process ``pid`` started (clock ticks since boot, /proc's field
+    22, as bytes), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def join_or_create(count, tag, create, libc, log):
     """--join: the first peer creates the container, the others join it.
 
     Peers serialize on an flock(2)ed file in the caller's private
     rendezvous directory (:func:`join_dir`); the winner holds the lock while
     it sets up, so the others wait for a ready container without polling.
-    The file records the winner's PID (0: its set-up failed) and the peers
-    still to come. Every peer counts itself out, on error too, and the last
-    removes the file: a failed group leaves nothing behind.
+    The file records the winner's PID (0: its set-up failed), when that
+    process started, and the peers still to come. Every peer counts itself
+    out, on error too, and the last removes the file: a failed group leaves
+    nothing behind. A group killed before all its peers came leaves its
+    record; a record whose winner is gone (or its PID reused) is stale,
+    and the next group of that tag starts afresh.
     """
     import fcntl
     dir_fd, where = join_dir()
@@ -1395,7 +1642,11 @@ def join_or_create(count, tag, create, libc, log):
             raise Fail(f"--join: {where}/{name} belongs to another user")
         fcntl.flock(fd, fcntl.LOCK_EX)
         record = os.pread(fd, 64, 0).split()
-        winner, left = (int(record[0]), int(record[1])) if record else (None, count)
+        winner, started, left = (int(record[0]), record[1], int(record[2])) \
+            if len(record) == 3 else (None, b"", count)
+        if winner and _start_time(winner) != started:
+            log(1, f"join: process {winner} of an earlier group is gone; starting afresh")
+            winner, left = None, count
         left -= 1
         try:
             if winner is None:
@@ -1414,7 +1665,8 @@ def join_or_create(count, tag, create, libc, log):
                 os.unlink(name, dir_fd=dir_fd)
             else:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{winner} {left}\n".encode(), 0)
+                started = _start_time(winner) if winner else b"0"
+                os.pwrite(fd, b"%d %s %d\n" % (winner, started or b"0", left), 0)
     finally:
         os.close(fd)  # also releases the lock
         os.close(dir_fd)
@@ -1541,8 +1793,9 @@ def launch(o, argv):
     elif not o.command:
         import json  # noqa: F401 (for image_defaults, once the host's library is out of reach)
     read_host_env_files(o)
+    devices = resolve_devices(o, log)
     libc = _Libc()
-    container = Container(o, image_dir, libc, log)
+    container = Container(o, image_dir, libc, log, devices)
     log(1, f"image {image_dir}, uid {container.cuid}, gid {container.cgid}")
     if o.join_pid is not None:
         join_namespaces(libc, o.join_pid)

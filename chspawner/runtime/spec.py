@@ -82,6 +82,9 @@ class RunSpec:
     join_tag: str | None = None
     join_pid: int | None = None
     storage: str | None = None
+    #: CDI devices (``vendor.com/class=NAME``, a kind, or a spec file):
+    #: ``--device``, whose environment comes before ``env``.
+    devices: Sequence[str] = ()
     #: > 0: --verbose that many times; < 0: --quiet that many times.
     verbosity: int = 0
 
@@ -95,6 +98,12 @@ class RunSpec:
         for name in self.env:
             if not name or "=" in name or "\0" in name:
                 raise ValueError(f"RunSpec: invalid environment variable name {name!r}")
+        if isinstance(self.devices, str) or any(not d or not isinstance(d, str)
+                                                for d in self.devices):
+            raise ValueError("RunSpec: devices must be a list of CDI device names")
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if self.writable and self.devices:
+            raise ValueError("RunSpec: devices exclude writable (use write_fake)")
         if any(not g for g in self.unset_env):
             raise ValueError("RunSpec: empty --unset-env glob")
         if self.writable and self.write_fake:
@@ -140,6 +149,7 @@ class RunSpec:
         opts += ["--quiet"] * max(-self.verbosity, 0)
         if self.image_env:
             opts.append("--set-env")
+        opts += [f"--device={device}" for device in self.devices]
         opts += [f"--unset-env={glob}" for glob in self.unset_env]
         if not self.env_expand:
             opts.append("--env-no-expand")

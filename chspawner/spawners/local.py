@@ -55,6 +55,7 @@ from chspawner.images.store import Store, StoreError, check_name
 from chspawner.runtime.spec import RunSpec, to_argv
 from chspawner.spawners.listening import MINE, TAKEN, listener_uids, port_owner
 from chspawner.spawners.options import (MODES, OptionError, SpawnerError, check_binds,
+                                        check_devices,
                                         check_images, check_plain, json_type,
                                         own_image_description, render_form, shown)
 SINGLEUSER_PATHS = ("usr/local/bin/jupyterhub-singleuser", "usr/bin/jupyterhub-singleuser",
@@ -107,6 +108,13 @@ class ChSpawner(LocalProcessSpawner):
              "server mode, each kernel's in kernels mode (with the user's home, at "
              "/home/$USER, in both).",
     ).tag(config=True)
+    devices = List(
+        Unicode(),
+        help="CDI devices every container gets (chspawner run --device), the "
+             "server's in server mode, each kernel's in kernels mode: "
+             "vendor.com/class=NAME or a whole kind (nvidia.com/gpu). Their CDI "
+             "specs must be on the node the container runs on (/etc/cdi, /var/run/cdi).",
+    ).tag(config=True)
     offer_host_kernels = Bool(
         False,
         help="Kernels mode: also offer the kernels installed on the server's host "
@@ -149,6 +157,10 @@ class ChSpawner(LocalProcessSpawner):
     @validate("binds")
     def _check_binds(self, proposal) -> list[str]:
         return check_binds(proposal["value"], f"{type(self).__name__}.binds")
+
+    @validate("devices")
+    def _check_devices(self, proposal) -> list[str]:
+        return check_devices(proposal["value"], f"{type(self).__name__}.devices")
 
     @default("apply_user_options")
     def _default_apply_user_options(self):
@@ -423,7 +435,15 @@ class ChSpawner(LocalProcessSpawner):
     def kernel_provisioner_config(self) -> dict:
         """The chspawner provisioner's settings for every image kernel
         (chspawner.provisioner.settings: its ``home`` is on by default)."""
-        return {"binds": list(self.binds)} if self.binds else {}
+        config: dict = {"binds": list(self.binds)} if self.binds else {}
+        devices = self.container_devices()
+        if devices:
+            config["devices"] = devices
+        return config
+
+    def container_devices(self) -> list[str]:
+        """The CDI devices of this server's containers (``devices``)."""
+        return list(self.devices)
 
     async def start(self) -> tuple[str, int]:
         """The spawn: the same steps for every spawner of chspawner; a
@@ -573,6 +593,7 @@ class ChSpawner(LocalProcessSpawner):
         home bound at /home/$USER and the image's environment."""
         spec = RunSpec(image=str(self.store_for(self.image).runnable(self.image)),
                        command=[*self.image_cmd, *self.get_args()], binds=list(self.binds),
+                       devices=self.container_devices(),
                        home=True, image_env=True, cwd=f"/home/{self.user.name}")
         return to_argv(spec, self.backend)
 

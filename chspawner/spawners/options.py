@@ -97,6 +97,19 @@ def check_binds(entries: list[str], trait: str = "binds") -> list[str]:
     return entries
 
 
+def check_devices(entries: list[str], trait: str = "devices") -> list[str]:
+    """``entries`` if each names CDI devices as ``chspawner run --device``
+    takes them (``vendor.com/class[=NAME]``, or a spec file's absolute
+    path), else a TraitError naming the entry."""
+    for i, text in enumerate(entries):
+        kind = text.partition("=")[0]
+        vendor, slash, cls = kind.partition("/")
+        if not text.startswith("/") and not (slash and vendor and cls and "/" not in cls):
+            raise TraitError(f"{trait}[{i}]: not a CDI device (vendor.com/class=NAME, "
+                             f"vendor.com/class, or a spec file's path): {text!r}")
+    return entries
+
+
 def shown(name: object) -> str:
     """An option's name as a message shows it: as it is if plain and short,
     else quoted and cut (a user's key with a newline, or of a megabyte, must

@@ -25,14 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe, validate
 
 from chspawner.slurm import (Job, JobState, JobWatch, Resources, SlurmClient, SlurmError,
                              sbatch_argv, shared_watch)
 from chspawner.spawners import joblog
 from chspawner.spawners.listening import MINE, NONCE_ENV, TAKEN, read_report
 from chspawner.spawners.local import ChSpawner, SpawnFailed
-from chspawner.spawners.options import OptionError
+from chspawner.spawners.options import OptionError, check_devices
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -62,6 +62,12 @@ class SlurmChSpawner(ChSpawner):
         config=True)
     max_gpus = Integer(0, help="Most GPUs a user may ask for (0: the form offers "
                        "none; asked for with sbatch --gpus).").tag(config=True)
+    gpu_devices = List(
+        Unicode(), ["nvidia.com/gpu"],
+        help="The CDI devices a container gets when its job has the GPUs the user "
+             "asked for (max_gpus): a whole GPU kind gives only the job's own GPUs "
+             "(chspawner run --device, SLURM_JOB_GPUS). Empty: none.",
+    ).tag(config=True)
     accounts = List(
         Unicode(), help="Slurm accounts users may charge their server's job (and its "
                         "kernels' jobs) to: the first is the default; the form offers a "
@@ -346,6 +352,19 @@ class SlurmChSpawner(ChSpawner):
         if self.kernels_in_jobs():
             return dataclasses.replace(r, cpus=1, mem_gb=min(r.mem_gb, 2), gpus=0)
         return r
+
+    @validate("gpu_devices")
+    def _check_gpu_devices(self, proposal) -> list[str]:
+        return check_devices(proposal["value"], f"{type(self).__name__}.gpu_devices")
+
+    def container_devices(self) -> list[str]:
+        """``devices``, and ``gpu_devices`` when the user asked for GPUs:
+        the containers run in the jobs that have them (the server's job, or
+        with kernel_jobs each kernel's own)."""
+        devices = super().container_devices()
+        if self.resources().gpus:
+            devices += [d for d in self.gpu_devices if d not in devices]
+        return devices
 
     def kernel_provisioner_config(self) -> dict:
         """ChSpawner's (the admin's binds), and with kernel_jobs each

@@ -286,6 +286,9 @@ class Slurm:
         self.ports = (net.free_port(), net.free_port())
         self.conf.write_text(self._config(hardware))
         self.conf.chmod(0o644)
+        # (slurmd reads gres.conf beside slurm.conf)
+        (self.workdir / "gres.conf").write_text("".join(
+            f"NodeName={self.node} Name=gpu File={device}\n" for device in self.GPU_FILES))
         daemon_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **self.env}
         # -D: foreground (see the module's docstring).
         ctld = self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)],
@@ -311,11 +314,16 @@ class Slurm:
         memory = int(int(hardware["RealMemory"]) * 0.9)
         return f"CPUs={cpus} RealMemory={memory}"
 
+    # The one node's "GPUs" (Slurm's GRES gpu, index 0 and 1): device nodes
+    # every machine has, so that jobs can ask for GPUs (--gpus) and get
+    # Slurm's SLURM_JOB_GPUS / SLURM_STEP_GPUS for them, as on a GPU node.
+    GPU_FILES = ("/dev/null", "/dev/zero")
+
     def _nodes_config(self, hardware: Mapping[str, str]) -> list[str]:
         """cluster hook: the NodeName and PartitionName lines."""
         return [
             f"NodeName={self.node} NodeAddr=127.0.0.1 {self._node_size(hardware)} "
-            "State=UNKNOWN",
+            f"Gres=gpu:{len(self.GPU_FILES)} State=UNKNOWN",
             f"PartitionName={self.partition} Nodes={self.node} Default=YES "
             "MaxTime=INFINITE State=UP"]
 
@@ -357,6 +365,7 @@ class Slurm:
             # drops (scontrol show job says "(null)").
             "JobSubmitPlugins=logging",
             "MpiDefault=none",
+            "GresTypes=gpu",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             # Trust the CPUs below over the hardware slurmd finds.
