@@ -17,6 +17,11 @@ packages=(
     util-linux                  # setpriv, to drop to the test user; unshare, nsenter
     iproute2                    # ip netns, a bridge, veths: the multi-node cluster (tests/harness/cluster.py)
     slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/harness/slurm.py)
+    # srun --mpi=pmix (tests/test_mpi.py): Debian's Slurm has the mpi/pmix
+    # plugin (slurm-wlm-basic-plugins), which opens pmix2/lib/libpmix.so,
+    # and only the -dev package has that name; without it srun --mpi=pmix
+    # fails ("pmi/pmix: can not load PMIx library").
+    libpmix-dev
     postgresql                  # the session manager's records on PostgreSQL (tests/harness/postgres.py)
     chromium                    # the browser test (tests/test_browser.py); Playwright drives it
     ca-certificates

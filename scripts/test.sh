@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CHSPAWNER_VENV=${CHSPAWNER_VENV:-/opt/chspawner/venv}
-scripts/setup.sh busybox bookworm jupyter irkernel
+scripts/setup.sh busybox bookworm jupyter irkernel mpi
 # The layer rules ([tool.importlinter] in pyproject.toml) first: a broken
 # contract fails in seconds. Run from the repository root, it reads this
 # checkout's sources.

@@ -257,3 +257,43 @@ def test_the_lock_files_name_in_the_shared_directory_is_not_used(
     private = shm / f"chspawner-{user.pw_uid}"
     st = private.lstat()
     assert st.st_uid == user.pw_uid and st.st_mode & 0o777 == 0o700
+
+
+@pytest.mark.builtin_only("ch-run's semaphore of a killed group stays, and its next group "
+                          "with that tag hangs or fails; the builtin sees the record is stale")
+def test_a_killed_groups_record_does_not_stop_the_next(rt, busybox, user, rendezvous, request):
+    """A group killed before all its peers came (an srun cancelled) leaves
+    its record naming a winner that is gone; the next group with that tag
+    (the next job's step 0, say) starts afresh."""
+    tag = join_tag_for(request)
+    peer = rt.popen("--join-ct=2", f"--join-tag={tag}", str(busybox), "--", "sh", "-c",
+                    'echo up; read line', env=rendezvous.env,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert read_line(peer.stdout) == "up"
+    assert rendezvous(tag) == [f"chspawner-join.{tag}"]
+    peer.kill()   # (the launcher exec'd sh: this is the winner, gone)
+    peer.wait()
+    out = rt.ok("--join-ct=1", f"--join-tag={tag}", str(busybox), "--", "echo", "ran",
+                env=rendezvous.env)
+    assert out == "ran\n"
+    assert rendezvous(tag) == []
+
+
+@pytest.mark.builtin_only("ch-run's default tag is $SLURM_STEP_ID alone: step 0 of two "
+                          "jobs of the user on one node would meet")
+def test_two_jobs_step_0_are_two_groups(rt, busybox, user_dir, rendezvous):
+    """The default tag is the job's step: the first rank of each of two
+    jobs, both step 0, on one node, each make a container (with the step
+    alone as the tag, the second would join the first's)."""
+    def job(number):
+        return {"SLURM_JOB_ID": number, "SLURM_STEP_ID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "2", **rendezvous.env}
+    peers = (start_peers(rt, busybox, user_dir, 1, "-j", env=job("7001"))
+             + start_peers(rt, busybox, user_dir, 1, "-j", env=job("7002")))
+    namespaces = {read_namespaces(p) for p in peers}
+    # Each job still waits for its second rank: complete both.
+    peers += (start_peers(rt, busybox, user_dir, 1, "-j", env=job("7001"))
+              + start_peers(rt, busybox, user_dir, 1, "-j", env=job("7002")))
+    namespaces |= {read_namespaces(p) for p in peers[2:]}
+    assert finish(peers, user_dir) == [0, 0, 0, 0]
+    assert len(namespaces) == 2

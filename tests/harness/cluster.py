@@ -327,7 +327,12 @@ class Cluster(Slurm):
                                            for addr, name in entries])
 
     def _extra_config(self) -> list[str]:
-        return [f"SlurmdTimeout={SLURMD_TIMEOUT}"]
+        # TmpFS: each node's own "local /tmp" (%n: the node's name), as a
+        # real node has. Slurm's mpi/pmix plugin makes each step's PMIx
+        # client directory there (spmix_appdir_UID_JOB.STEP): in the one
+        # shared /tmp, the second node's would clash with the first's and
+        # its tasks fail to launch.
+        return [f"SlurmdTimeout={SLURMD_TIMEOUT}", f"TmpFS={self.workdir / 'tmpfs' / '%n'}"]
 
     def _nodes_config(self, hardware: Mapping[str, str]) -> list[str]:
         size = self._node_size(hardware)
@@ -347,6 +352,9 @@ class Cluster(Slurm):
 
     def _start_slurmd(self, node: str, env: Mapping[str, str] | None = None) -> None:
         (self.workdir / "spool" / f"slurmd-{node}").mkdir(parents=True, exist_ok=True)
+        tmpfs = self.workdir / "tmpfs" / node
+        tmpfs.mkdir(parents=True, exist_ok=True)
+        tmpfs.chmod(0o1777)   # as /tmp: anyone creates, only the owner removes
         self._spawn(self._slurmd_name(node),
                     self.on(node, "slurmd", "-D", "-N", node, "-f", str(self.conf)),
                     log_path=self.workdir / f"slurmd-{node}.log",
