@@ -19,7 +19,7 @@ def test_runtime_start_benchmark_prints_ratios(user, busybox, bookworm):
 
 def test_squash_benchmark_runs(user, busybox, bookworm):
     out = subprocess.run([sys.executable, "-m", "bench.squash", "--runs", "3",
-                          "--concurrent", "10"], capture_output=True, text=True,
+                          "--concurrent", "10", "--linger", "2"], capture_output=True, text=True,
                          timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     starts = re.findall(r"^(/bin/true|python3 -c pass) .* ([\d.]+)x +[\d.]+x", out.stdout, re.M)

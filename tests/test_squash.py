@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from tests.harness.env import CHSPAWNER, VENV_BIN
 from tests.harness.images import squashed, tarball
 from tests.harness.procs import live_named
 from tests.harness.users import as_user
-from tests.harness.wait import wait_until
+from tests.harness.wait import read_line, wait_until
 from tests.test_join import finish, read_namespaces, start_peers
 from tests.test_kernels import DRIVER
 
@@ -165,6 +166,105 @@ def test_concurrent_starts_from_one_file(builtin, busybox_sqfs, user):
         p.stderr.close()
     assert results == [(0, "")] * 20
     wait_until(lambda: not servers(user), "every FUSE server's exit", timeout=20)
+
+
+# ------------------------------------------- a warm mount between starts ---
+
+WARM_ONLY = "ch-run 0.31 mounts its image afresh for every container"
+
+
+def keepers(user) -> list[int]:
+    return live_named(user.pw_uid, "chspawner-mount")
+
+
+def warm(seconds: float) -> dict[str, str]:
+    return {"CHSPAWNER_SQUASH_LINGER": str(seconds)}
+
+
+def records(user) -> list[str]:
+    private = f"/dev/shm/chspawner-{user.pw_uid}"
+    return [n for n in (os.listdir(private) if os.path.isdir(private) else [])
+            if n.startswith("chspawner-squash.")]
+
+
+def wait_all_gone(user, timeout: float = 30) -> None:
+    wait_until(lambda: not keepers(user) and not servers(user) and not records(user),
+               "the keeper, the FUSE server and the record to go", timeout=timeout)
+
+
+@pytest.mark.builtin_only(WARM_ONLY)
+def test_a_warm_mount_serves_the_next_start_then_goes(builtin, busybox_sqfs, user):
+    """$CHSPAWNER_SQUASH_LINGER: the first start's mount stays (a keeper
+    holds it) and the next start of the image uses it, warm; LINGER seconds
+    after the last start the keeper goes, and with it the server: nothing
+    left."""
+    wait_all_gone(user)
+    assert builtin.ok(str(busybox_sqfs), "--", "true", env=warm(3)) == ""
+    (server,), (keeper,) = servers(user), keepers(user)
+    assert len(records(user)) == 1
+    out = builtin.ok("-v", str(busybox_sqfs), "--", "ls", "/bin/busybox", env=warm(3))
+    assert out == "/bin/busybox\n"
+    assert servers(user) == [server] and keepers(user) == [keeper]   # the same mount
+    wait_all_gone(user)
+    assert not fuse_mounts()
+
+
+@pytest.mark.builtin_only(WARM_ONLY)
+def test_a_container_outlives_the_warm_mounts_keeper(builtin, busybox_sqfs, user, user_dir):
+    """The keeper goes LINGER seconds after the last start, the mount stays
+    as long as a container uses it, and goes with the last one."""
+    wait_all_gone(user)
+    gate = user_dir / "go"
+    proc = builtin.popen(str(busybox_sqfs), "--", "sh", "-c",
+                         f"echo up; while [ ! -e {gate} ]; do sleep 0.02; done; "
+                         "ls /bin/busybox", env=warm(1), stdout=subprocess.PIPE)
+    try:
+        assert read_line(proc.stdout) == "up"
+        wait_until(lambda: not keepers(user), "the keeper to go", timeout=20)
+        assert servers(user) and not records(user)   # the container still has its image
+        gate.touch()
+        assert proc.stdout.read() == "/bin/busybox\n" and proc.wait(timeout=30) == 0
+    finally:
+        gate.touch()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    wait_all_gone(user)
+
+
+@pytest.mark.builtin_only(WARM_ONLY)
+def test_concurrent_first_starts_make_one_warm_mount(builtin, busybox_sqfs, user):
+    wait_all_gone(user)
+    procs = [builtin.popen(str(busybox_sqfs), "--", "true", env=warm(2),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(10)]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert results == [(0, "")] * 10
+    assert len(servers(user)) == 1 and len(keepers(user)) == 1
+    # Other container IDs are another user namespace: a mount of their own.
+    assert builtin.ok("-u", "0", str(busybox_sqfs), "--", "id", "-u", env=warm(2)) == "0\n"
+    assert len(servers(user)) == 2 and len(keepers(user)) == 2
+    wait_all_gone(user)
+
+
+@pytest.mark.builtin_only(WARM_ONLY)
+def test_a_killed_keeper_and_a_bad_linger(builtin, busybox_sqfs, user):
+    wait_all_gone(user)
+    assert builtin.ok(str(busybox_sqfs), "--", "true", env=warm(60)) == ""
+    (keeper,) = keepers(user)
+    os.kill(keeper, signal.SIGKILL)
+    wait_until(lambda: not keepers(user) and not servers(user), "the killed keeper's mount "
+               "to go", timeout=20)
+    assert records(user)            # its record stays, naming a process gone
+    assert builtin.ok(str(busybox_sqfs), "--", "echo", "cold", env=warm(1)) == "cold\n"
+    wait_all_gone(user)
+    result = builtin.run(str(busybox_sqfs), "--", "true", env=warm("soon"))
+    assert result.returncode == 31
+    assert result.stderr.strip().splitlines() == [
+        "chspawner run: error: $CHSPAWNER_SQUASH_LINGER: not a number of seconds: 'soon'"]
+    assert not servers(user) and not records(user)
 
 
 # ------------------------------------------------------------ the store ---

@@ -30,7 +30,9 @@ setuid helper, no root. The FUSE server runs beside the container, in a
 mount namespace of its own that never holds the image's mount, so when
 the container's last process exits the kernel drops the mount and the
 server exits with it; the command is still ``exec``ed with our PID. A
-directory image gets no extra process at all.
+directory image gets no extra process at all. With
+``$CHSPAWNER_SQUASH_LINGER`` a keeper holds the mount between starts, so
+the next start finds it warm (:class:`WarmMount`).
 
 Exit codes are ch-run's: 31 runtime error, 49 the command can't be executed,
 64 usage; otherwise the command's own status.
@@ -90,6 +92,9 @@ with its environment (as Docker does).
       --backend=NAME      builtin (default, or $CHSPAWNER_BACKEND) or ch-run
   -?, -h, --help          print this help and exit
   -V, --version           print the version and exit
+
+Environment: CHSPAWNER_SQUASH_LINGER=SECONDS keeps a SquashFS image's
+mount that long after its last start, warm for the next (default 0).
 
 Exit status: the command's own; 31 runtime error, 49 can't execute the
 command, 64 usage error.
@@ -1079,8 +1084,15 @@ class Container:
         """Make the image (or a writable overlay of it) a mount of its own,
         read-only unless -w; return its Root."""
         lib, o, image = self.libc, self.o, self.image_dir
-        if self.squash:
+        if self.squash and self.warm is not None and self.warm.joined:
+            root = Root(self.squash_point, display=image)  # mounted, warm
+        elif self.squash:
             root = self.mount_squash()
+            if self.warm is not None:
+                self.warm.keep(lib)
+                # (our own mount namespace now: the mount's copy in it)
+                os.close(root.fd)
+                root = Root(self.squash_point, display=image)
         else:
             lib.mount(image, image, None, lib.MS_BIND | lib.MS_REC, None,
                       f"can't bind image {image}")
@@ -1348,10 +1360,20 @@ class Container:
         if self.squash and o.writable:
             raise Fail(f"a SquashFS image can't be mounted read-write: {self.image_dir} "
                        "(use -W for a writable overlay)")
+        self.warm = None
         if self.squash:  # (checked as ourselves, before the namespaces)
             self.squash_point = squash_mount_point(o)
-        self.enter_namespaces()
-        root = self.mount_root()
+            linger = squash_linger()
+            if linger:
+                self.warm = WarmMount(self.image_dir, self.squash_point, self.cuid,
+                                      self.cgid, linger, self.log)
+        if self.warm is None or not self.warm.join(self.libc):
+            self.enter_namespaces()
+        try:
+            root = self.mount_root()
+        finally:
+            if self.warm is not None:
+                self.warm.release()
         for src in ("/dev", "/proc", "/sys"):
             self.bind(src, root, src)
         for src in HOST_FILES:
@@ -1410,6 +1432,162 @@ def squash_mount_point(o):
         except UntrustedPath as e:
             raise Fail(f"refusing SquashFS mount point {d}: {e} (use -m DIR)")
     return point
+
+
+LINGER_ENV = "CHSPAWNER_SQUASH_LINGER"
+
+
+def squash_linger():
+    """$CHSPAWNER_SQUASH_LINGER: seconds a SquashFS image's mount stays warm
+    after its last start (0, the default: not kept at all)."""
+    text = os.environ.get(LINGER_ENV, "")
+    try:
+        linger = float(text) if text else 0.0
+    except ValueError:
+        linger = -1.0
+    if not 0 <= linger < 1e9:
+        raise Fail(f"${LINGER_ENV}: not a number of seconds: {text!r}")
+    return linger
+
+
+class WarmMount:
+    """A SquashFS image's mount kept warm between containers
+    ($CHSPAWNER_SQUASH_LINGER seconds after the last start).
+
+    Each container otherwise mounts its image afresh, and a fresh FUSE
+    mount has cold caches: every lookup and read of a start is a round trip
+    to ``squashfuse_ll``. Here the first start's mount is kept by a
+    *keeper*, a process left in the namespaces the mount was made in (the
+    user namespace, and the mount namespace with nothing but the host's
+    mounts and the image); a later start of the same image (same file, same
+    container IDs, same mount point) joins those namespaces and takes a
+    mount namespace of its own from them, with the mount in it, warm.
+    The keeper exits once ``linger`` seconds pass without a start; the
+    mount then lives on as long as any container using it, and its server
+    exits with the last. Starts meet in a record in the user's private
+    rendezvous directory (:func:`join_dir`), flock(2)ed while a start
+    decides, so concurrent first starts make one mount.
+    """
+
+    def __init__(self, image, point, cuid, cgid, linger, log):
+        import fcntl
+        st = os.stat(image)
+        spot = point.replace("%", "%25").replace("/", "%2F")
+        self.name = f"chspawner-squash.{st.st_dev}.{st.st_ino}.{st.st_mtime_ns}." \
+                    f"{cuid}.{cgid}.{spot}"[:255]
+        self.linger, self.log = linger, log
+        self.joined = False
+        self.dir_fd, where = join_dir()
+        try:
+            self.fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+        except OSError as e:
+            raise Fail(f"can't open {where}/{self.name}: {e.strerror}")
+        if os.fstat(self.fd).st_uid != os.getuid():  # only root could have made it
+            raise Fail(f"{where}/{self.name} belongs to another user")
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def join(self, libc):
+        """Enter the keeper's namespaces, then a mount namespace of our own
+        copied from its; False (nothing changed) if there is no keeper."""
+        record = os.pread(self.fd, 64, 0).split()
+        if len(record) != 2:
+            return False
+        pid, started = int(record[0]), record[1]
+        try:
+            user = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            mnt = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if _start_time(pid) != started:  # gone, its PID reused since
+                return False
+            libc.setns(user, "the image's warm user namespace")
+            libc.setns(mnt, "the image's warm mount namespace")
+        finally:
+            os.close(user)
+            os.close(mnt)
+        libc.unshare(libc.CLONE_NEWNS, "a mount namespace")
+        os.utime(self.name, dir_fd=self.dir_fd)   # used now: the keeper stays on
+        self.log(1, f"SquashFS image mounted already (kept by process {pid})")
+        self.joined = True
+        return True
+
+    def keep(self, libc):
+        """Just mounted, in fresh namespaces: leave a keeper in them, and
+        go on in a mount namespace of our own."""
+        ready_r, ready_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.close(ready_r)
+                os.setsid()
+                if os.fork() == 0:
+                    self._keeper(libc, ready_w)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.waitpid(child, 0)
+        record = os.read(ready_r, 64)
+        os.close(ready_r)
+        if record:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, record, 0)
+            os.utime(self.name, dir_fd=self.dir_fd)
+            self.log(1, f"SquashFS mount kept {self.linger:g} s after the last start "
+                        f"by process {record.split()[0].decode()}")
+        libc.unshare(libc.CLONE_NEWNS, "a mount namespace")
+
+    def _keeper(self, libc, ready):
+        """The keeper: hold the namespaces until ``linger`` seconds pass
+        without a start, then remove the record and exit."""
+        import fcntl
+        import time
+        libc.c.prctl(15, b"chspawner-mount", 0, 0, 0)  # PR_SET_NAME: what ps shows
+        os.chdir("/")
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        low = 3   # every other descriptor closed: none of the command's
+        for keep in sorted((ready, self.dir_fd)):
+            os.closerange(low, keep)
+            low = keep + 1
+        os.closerange(low, 1 << 16)
+        pid = os.getpid()
+        me = b"%d %s\n" % (pid, _start_time(pid))
+        os.write(ready, me)
+        os.close(ready)
+        while True:
+            try:
+                used = os.stat(self.name, dir_fd=self.dir_fd).st_mtime
+            except OSError:
+                return   # the record is gone: so are we
+            wait = used + self.linger - time.time()
+            if wait > 0:
+                time.sleep(wait)
+                continue
+            fd = os.open(self.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.dir_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)   # no start is deciding now
+                st = os.fstat(fd)
+                if st.st_mtime + self.linger <= time.time() or os.pread(fd, 64, 0) != me:
+                    if os.pread(fd, 64, 0) == me:
+                        os.unlink(self.name, dir_fd=self.dir_fd)
+                    return
+            finally:
+                os.close(fd)
+
+    def release(self):
+        """Done deciding: let the next start (or the keeper) look. A record
+        no keeper wrote (this start failed) is removed."""
+        if self.fd is None:
+            return
+        if not self.joined and not os.pread(self.fd, 64, 0):
+            os.unlink(self.name, dir_fd=self.dir_fd)
+        os.close(self.fd)
+        os.close(self.dir_fd)
+        self.fd = None
 
 
 def start_squash_server(server, image, fuse, libc):
