@@ -169,12 +169,9 @@ class Edits:
         self.notes = []     # for -v
         self._at = {}       # container path -> host path, for conflicts
 
-    def __bool__(self):
-        return bool(self.nodes or self.mounts or self.env or self.ldcache or self.links)
-
     def _place(self, host, container, what):
-        """False if ``container`` already gets ``host``; CdiError if it
-        gets something else."""
+        """``container`` normalized, to be given ``host``; None if it gets
+        ``host`` already; CdiError if it gets something else."""
         if not container.startswith("/"):
             raise CdiError(f"{what}: container path must be absolute: {container!r}")
         container = os.path.normpath(container)
