@@ -1470,22 +1470,13 @@ class WarmMount:
     """
 
     def __init__(self, image, point, cuid, cgid, linger, log):
-        import fcntl
         st = os.stat(image)
         spot = point.replace("%", "%25").replace("/", "%2F")
         self.name = f"chspawner-squash.{st.st_dev}.{st.st_ino}.{st.st_mtime_ns}." \
                     f"{cuid}.{cgid}.{spot}"[:255]
         self.linger, self.log = linger, log
         self.joined = False
-        self.dir_fd, where = join_dir()
-        try:
-            self.fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                              | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
-        except OSError as e:
-            raise Fail(f"can't open {where}/{self.name}: {e.strerror}")
-        if os.fstat(self.fd).st_uid != os.getuid():  # only root could have made it
-            raise Fail(f"{where}/{self.name} belongs to another user")
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.dir_fd, self.fd = locked_record(self.name)
 
     def join(self, libc):
         """Enter the keeper's namespaces, then a mount namespace of our own
@@ -1783,6 +1774,27 @@ def join_dir():
     return fd, path
 
 
+def locked_record(name, what=""):
+    """(directory fd, fd) of the record ``name`` in the private rendezvous
+    directory (:func:`join_dir`), made if missing, flock(2)ed: the peers
+    of a join, or the starts of a warm mount, decide one at a time.
+    ``what`` starts the messages."""
+    import fcntl
+    dir_fd, where = join_dir()
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+    except OSError as e:
+        os.close(dir_fd)
+        raise Fail(f"{what}can't open {where}/{name}: {e.strerror}")
+    if os.fstat(fd).st_uid != os.getuid():  # only root could have made it
+        os.close(fd)
+        os.close(dir_fd)
+        raise Fail(f"{what}{where}/{name} belongs to another user")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return dir_fd, fd
+
+
 def _start_time(pid):
     """When process ``pid`` started (clock ticks since boot, /proc's field
     22, as bytes), or None if there is no such process."""
@@ -1806,19 +1818,9 @@ def join_or_create(count, tag, create, libc, log):
     record; a record whose winner is gone (or its PID reused) is stale,
     and the next group of that tag starts afresh.
     """
-    import fcntl
-    dir_fd, where = join_dir()
     name = f"chspawner-join.{tag}"
+    dir_fd, fd = locked_record(name, "--join: ")
     try:
-        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=dir_fd)
-    except OSError as e:
-        os.close(dir_fd)
-        raise Fail(f"--join: can't open {where}/{name}: {e.strerror}")
-    try:
-        if os.fstat(fd).st_uid != os.getuid():  # only root could have made it
-            raise Fail(f"--join: {where}/{name} belongs to another user")
-        fcntl.flock(fd, fcntl.LOCK_EX)
         record = os.pread(fd, 64, 0).split()
         winner, started, left = (int(record[0]), record[1], int(record[2])) \
             if len(record) == 3 else (None, b"", count)
