@@ -35,5 +35,7 @@ echo "== recovery on Slurm: the server's job cancelled, its kernel in a job of i
 "$CHSPAWNER_VENV/bin/python" -m bench.recovery --slurm
 echo "== recovery after a node loss (multi-node cluster, center hub) vs a killed server on one host"
 "$CHSPAWNER_VENV/bin/python" -m bench.node_loss --check
+echo "== past the time limit: a planned move to a successor job vs the unplanned recovery (multi-node cluster, center hub)"
+"$CHSPAWNER_VENV/bin/python" -m bench.walltime_move --check
 echo "== a thousand users on one hub: session manager, Slurm queries, hub API, recovery; the proxy at 10,000 websockets"
 "$CHSPAWNER_VENV/bin/python" -m bench.scale --check

@@ -36,7 +36,7 @@ import stat
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 #: The most of a failing command's stderr a SlurmError keeps (characters).
 MAX_ERROR = 300
@@ -95,6 +95,14 @@ class Job:
     slurm_state: str = ""  # Slurm's own word, for messages ("" = forgotten)
     node: str = ""
     reason: str = ""       # Slurm's reason ("" instead of "None")
+    #: When it started, or (pending) when Slurm expects it to (squeue
+    #: --start's figure, from the backfill scheduler); None: not known.
+    start_time: float | None = None
+    #: When its time limit ends it (running), epoch seconds; None: not known.
+    end_time: float | None = None
+    #: Who cancelled it, a user ID (sacct's "CANCELLED by UID"); None: not
+    #: cancelled, or not known.
+    cancelled_by: int | None = None
 
     @property
     def alive(self) -> bool:
@@ -236,6 +244,12 @@ class SlurmClient:
             raise SlurmError(f"{argv[0]}: {'; '.join(lines)[-MAX_ERROR:] or 'failed'}")
         return out.decode(errors="replace")
 
+    def times_env(self) -> dict[str, str]:
+        """The commands' environment, with times printed as epoch seconds
+        (SLURM_TIME_FORMAT=%s): no time zone to guess."""
+        env = self.env if self.env is not None else job_environment()
+        return {**env, "SLURM_TIME_FORMAT": "%s"}
+
     async def submit(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
         """Submit a job (``argv`` from :func:`sbatch_argv`); its id. ``env``:
         sbatch's environment, which the job gets (--export=ALL); default:
@@ -250,7 +264,7 @@ class SlurmClient:
             return {}
         try:
             out = await self.run("squeue", "--noheader", f"--jobs={','.join(ids)}",
-                                 "--format=%i|%T|%N|%r")
+                                 SQUEUE_FORMAT, env=self.times_env())
         except SlurmError as e:
             if "Invalid job id" not in str(e):
                 raise
@@ -301,21 +315,41 @@ class SlurmClient:
 
 
 def _parse_line(line: str) -> Job | None:
-    """A Job from squeue's "%i|%T|%N|%r" line (None for a blank one)."""
+    """A Job from squeue's "%i|%T|%N|%r|%S|%e" line (None for a blank one;
+    a stand-in's "%i|%T|%N|%r" line gives no times)."""
     if not line.strip():
         return None
-    job_id, _, rest = line.strip().partition("|")
-    state, _, rest = rest.partition("|")
-    node, _, reason = rest.partition("|")
+    job_id, state, node, reason, start, end = (line.strip().split("|", 5) + [""] * 5)[:6]
     return Job(job_id, JobState.of(state), state, node,
-               "" if reason in ("None", "(null)") else reason)
+               "" if reason in ("None", "(null)") else reason,
+               parse_time(start), parse_time(end))
+
+
+def parse_time(text: str) -> float | None:
+    """A time squeue printed: epoch seconds (SLURM_TIME_FORMAT=%s), or its
+    standard form (2026-12-05T14:00:00, local time: a site's stand-in may
+    not honour the variable); None for N/A, Unknown, NONE or nothing."""
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+def cancelled_by(state: str) -> int | None:
+    """The user ID in sacct's "CANCELLED by 1001"; None otherwise."""
+    word, _, rest = state.strip().partition(" by ")
+    return int(rest) if word.startswith("CANCELLED") and rest.strip().isdigit() else None
 
 
 
 # ------------------------------------------------------------ the watch --
 
-#: squeue's fields for a job, in :func:`_parse_line`'s order.
-SQUEUE_FORMAT = "--format=%i|%T|%N|%r"
+#: squeue's fields for a job, in :func:`_parse_line`'s order: id, state,
+#: node, reason, start (expected, when pending), end (its time limit's).
+SQUEUE_FORMAT = "--format=%i|%T|%N|%r|%S|%e"
 #: Seconds between the watch's rounds, unless its owner says otherwise.
 DEFAULT_INTERVAL = 1.0
 #: Seconds one query may take before it counts as failed (and is killed).
@@ -561,8 +595,26 @@ class JobWatch:
             if known is not None and not known.alive:
                 found[job_id] = known
         missing = [i for i in missing if i not in found]
-        if missing:
-            found.update(await self._sacct(missing))
+        # Who cancelled a job squeue still lists as CANCELLED only Slurm's
+        # accounting knows (sacct's "CANCELLED by UID"): asked once, in the
+        # same sacct as the missing ones, on the round it is first seen
+        # cancelled (Slurm has recorded it by then: squeue says COMPLETING
+        # first); later rounds keep what that said.
+        cancelled = []
+        for job_id, job in found.items():
+            if job_id in missing or not job.slurm_state.upper().startswith("CANCELLED"):
+                continue
+            known = self._known.get(job_id)
+            if known is not None and not known.alive and known.slurm_state == job.slurm_state:
+                found[job_id] = replace(job, cancelled_by=known.cancelled_by)
+            else:
+                cancelled.append(job_id)
+        if missing or cancelled:
+            told = await self._sacct(missing + cancelled)
+            found.update({i: told[i] for i in missing if i in told})
+            for job_id in cancelled:
+                if job_id in told:
+                    found[job_id] = replace(found[job_id], cancelled_by=told[job_id].cancelled_by)
         return {i: found.get(i) or Job(i, JobState.GONE) for i in ids}
 
     async def _squeue(self, ids: list[str]) -> dict[str, Job]:
@@ -570,7 +622,7 @@ class JobWatch:
         try:
             out = await self.client.run(
                 *self.command, "--noheader", "--states=all", f"--jobs={','.join(ids)}",
-                SQUEUE_FORMAT, timeout=self.query_timeout)
+                SQUEUE_FORMAT, timeout=self.query_timeout, env=self.client.times_env())
         except SlurmError as e:
             if "Invalid job id" not in str(e):
                 raise
@@ -587,8 +639,9 @@ class JobWatch:
                 if job and job.id in wanted}
 
     async def _sacct(self, ids: list[str]) -> dict[str, Job]:
-        """How the jobs squeue no longer lists ended, where Slurm keeps
-        accounting; {} where it doesn't (asked once) or can't say now."""
+        """How the jobs squeue no longer lists ended (and who cancelled a
+        cancelled one), where Slurm keeps accounting; {} where it doesn't
+        (asked once) or can't say now."""
         if not self.sacct:
             return {}
         self.stats.sacct_queries += 1
@@ -607,7 +660,8 @@ class JobWatch:
             job_id, _, state = line.strip().partition("|")
             if job_id in ids and state:
                 word = state.split(" ")[0]
-                jobs[job_id] = Job(job_id, JobState.of(word), word)
+                jobs[job_id] = Job(job_id, JobState.of(word), word,
+                                   cancelled_by=cancelled_by(state))
         return jobs
 
     def _failed(self, error: SlurmError) -> None:
@@ -673,7 +727,8 @@ class JobTable:
     def publish(self, jobs: Mapping[str, Job], asked_at: float) -> None:
         """Write the round's states, as of ``asked_at`` (when Slurm was asked)."""
         table = {"written": asked_at,
-                 "jobs": {i: [j.slurm_state, j.node, j.reason] for i, j in jobs.items()},
+                 "jobs": {i: [j.slurm_state, j.node, j.reason, j.start_time, j.end_time,
+                              j.cancelled_by] for i, j in jobs.items()},
                  # (the hub's numbers, for a benchmark or a monitor outside it)
                  "stats": {**asdict(self.watch.stats),
                            "latency_mean": self.watch.stats.latency_mean}}
@@ -739,8 +794,10 @@ class JobTable:
         while True:
             table = self._load()
             if table.get("written", 0) >= since and job_id in table.get("jobs", {}):
-                state, node, reason = (table["jobs"][job_id] + ["", "", ""])[:3]
-                return Job(job_id, JobState.of(state), state, node, reason)
+                state, node, reason, start, end, by = \
+                    (list(table["jobs"][job_id]) + ["", "", "", None, None, None])[:6]
+                return Job(job_id, JobState.of(state), state, node, reason,
+                           _number(start), _number(end), by if isinstance(by, int) else None)
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(interval / 4)  # (a file: nothing signals its rewrite)
@@ -776,6 +833,10 @@ class JobTable:
             self.watch.log.debug("chspawner: can't list followed jobs in %s: %s", folder, e)
             return
         self._listed, self._listed_at = ids, time.monotonic()
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _new_file(path: str, mode: int):

@@ -17,6 +17,9 @@ packages=(
     util-linux                  # setpriv, to drop to the test user; unshare, nsenter
     iproute2                    # ip netns, a bridge, veths: the multi-node cluster (tests/harness/cluster.py)
     slurmctld slurmd slurm-client munge  # a one-node Slurm cluster (tests/harness/slurm.py)
+    # Slurm's accounting, for who cancelled a job (tests/harness/slurmdbd.py;
+    # the one-node cluster's option accounting=True, tests/test_kernel_endings.py).
+    slurmdbd mariadb-server
     # srun --mpi=pmix (tests/test_mpi.py): Debian's Slurm has the mpi/pmix
     # plugin (slurm-wlm-basic-plugins), which opens pmix2/lib/libpmix.so,
     # and only the -dev package has that name; without it srun --mpi=pmix

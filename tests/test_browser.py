@@ -32,9 +32,11 @@ from playwright.sync_api import (
 )
 
 from tests.harness.browser import (CHROMIUM, KERNEL_MS, LAB_MS, PAGE_MS,
-                                   delete_notebooks, explain, log_in_and_spawn,
+                                   delete_notebooks, explain, log_in, log_in_and_spawn, screenshot,
                                    open_notebook, run_cell, run_first_cell, watch_progress)
+from tests.harness.center import shorten
 from tests.harness.hub import Hub, stop_server
+from tests.harness.wait import wait_until
 
 PASSWORD = secrets.token_hex(8)
 # /etc/chspawner-test-image exists only inside the test images.
@@ -107,8 +109,9 @@ def test_a_kernel_lost_with_its_node_is_told_in_the_notebook(center_hub) -> None
                 # Slurm ends the job once it has the node down (SlurmdTimeout),
                 # then the kernel is restarted as a new job elsewhere.
                 expect(output).to_contain_text(
-                    f"The kernel's node {node} was lost, and the kernel with it",
+                    f"on node {node} ended: its node failed (NODE_FAIL)",
                     timeout=KERNEL_MS)
+                screenshot(page, "kernel-died.png")
                 # JupyterLab's own notice ("Kernel Restarting"), after ours.
                 accept = page.locator(".jp-Dialog .jp-mod-accept")
                 expect(accept).to_be_visible(timeout=KERNEL_MS)
@@ -132,6 +135,68 @@ def test_a_kernel_lost_with_its_node_is_told_in_the_notebook(center_hub) -> None
     finally:
         for node in lost:
             cluster.restore(node)
+        asyncio.run(delete_notebooks(hub))
+        asyncio.run(stop_server(hub))
+
+
+def server_jobs(hub) -> list[str]:
+    """The user's running server jobs."""
+    return hub.cluster.run("squeue", "-h", "-u", hub.user, "-t", "RUNNING", "-n",
+                           f"jupyterhub-{hub.user}", "-o", "%i").stdout.split()
+
+
+def test_a_session_moved_before_its_time_limit_in_jupyterlab(center_hub) -> None:
+    """On the multi-node cluster, as a center's hub runs it: the user ticks
+    "Keep my session past the time limit" on the spawn form, opens a
+    notebook and runs a cell that counts for a while. The server's job is
+    shortened (scontrol, an admin) under the center's move_lead: the
+    session moves to a successor job while the cell counts; JupyterLab says
+    so, and the cell's output holds every number exactly once."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} missing: run scripts/setup-system.sh")
+    hub = center_hub
+    kernel = "Python 3 (ipykernel) — image python"
+    count = 90  # one every 0.5 s: 45 s, across the move
+    page: Page | None = None
+    try:
+        with sync_playwright() as pw:
+            browser: Browser = pw.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 800})
+                page.set_default_timeout(PAGE_MS)
+                log_in(page, hub, hub.password)
+                expect(page).to_have_url(re.compile(r"/hub/spawn(\?.*)?$"), timeout=PAGE_MS)
+                form = page.locator("#spawn_form")
+                form.locator('select[name="image"]').select_option("python")
+                form.locator('input[name="mode"][value="kernels"]').check()
+                form.locator('input[name="keep_session"]').check()
+                form.locator('button[type="submit"]').click()
+                notebook = open_notebook(page, hub, kernel="image python")
+                # (One line: the editor indents a typed newline itself.)
+                output = run_first_cell(
+                    page, notebook, "import time; _ = [(print(i, flush=True), time.sleep(0.5)) "
+                    f"for i in range(1, {count + 1})]", kernel=kernel)
+                expect(output).to_contain_text("3", timeout=KERNEL_MS)
+                # (From Slurm: the hub's API is async, and Playwright's loop runs here.)
+                [old] = server_jobs(hub)
+                shorten(hub, old, 300)
+                moved = page.locator(".Toastify__toast",
+                                     has_text="Your session moved before the time limit")
+                expect(moved).to_be_visible(timeout=KERNEL_MS)
+                wait_until(lambda: server_jobs(hub) not in ([], [old]),
+                           "the old job to end, the successor running", 60)
+                expect(page.locator("#jp-main-statusbar")).to_contain_text(
+                    re.compile(re.escape(kernel) + r" \| (Busy|Idle)"),
+                    timeout=KERNEL_MS)  # (reconnected)
+                screenshot(page, "moved.png")
+                expect(output).to_contain_text(str(count), timeout=KERNEL_MS)
+                numbers = [int(n) for n in output.inner_text().split() if n.isdigit()]
+                assert numbers == list(range(1, count + 1)), numbers
+            except Exception as failure:
+                raise AssertionError(explain(failure, page, hub)) from failure
+            finally:
+                browser.close()
+    finally:
         asyncio.run(delete_notebooks(hub))
         asyncio.run(stop_server(hub))
 

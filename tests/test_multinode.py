@@ -5,37 +5,18 @@ in a job of its own on another, each listening at its node's address."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
-from tests.harness.center import CenterHub, listening
+from tests.harness.center import (KERNEL, WHERE, CenterHub, end_kernel_jobs, kernel_jobs,
+                                   listening, start_cell)
 from tests.harness.hub import history, server_state, spawn, stop_server
 from tests.harness.kernel_client import (N, Transcript, count_to, execute, kernels_url, read,
-                                         reconnect, send, start_kernel, warm_up)
+                                         reconnect, start_kernel, warm_up)
 from tests.harness.wait import wait_until
 
 # The module's hub starts within the first test's limit.
 pytestmark = pytest.mark.timeout(600)
-
-KERNEL = "chspawner-python--python3"   # the center's "python" image's kernel
-WHERE = "import socket; print(socket.gethostname())"
-
-
-def kernel_jobs(hub: CenterHub) -> dict[str, str]:
-    """{job id: node} of the user's running kernel jobs."""
-    out = hub.cluster.run("squeue", "-h", "-u", hub.user, "-t", "RUNNING",
-                          "-o", "%i %N %j").stdout
-    return {job: node for job, node, name in (line.split(" ", 2) for line in out.splitlines())
-            if name.startswith("chspawner-kernel-")}
-
-
-def end_kernel_jobs(hub: CenterHub) -> None:
-    """After a test: no kernel job of the user's left for the next one (a
-    server stopped after a failure may not have ended them)."""
-    if kernel_jobs(hub):
-        hub.cluster.run("scancel", "-u", hub.user, "-t", "RUNNING,PENDING", check=False)
-    wait_until(lambda: not kernel_jobs(hub), "the kernel jobs to end", 30)
 
 
 async def kernel_node(hub: CenterHub) -> tuple[str, str]:
@@ -85,18 +66,6 @@ def test_server_on_one_node_kernel_on_another(center_hub, user):
         asyncio.run(stop_server(hub))
     # Stopping the server on purpose ends its kernels' jobs.
     wait_until(lambda: not kernel_jobs(hub), "the kernel's job to end", 30)
-
-
-async def start_cell(http, hub: CenterHub, code: str):
-    """A new kernel, a websocket to it at the session's URL with a client
-    session id of its own, and ``code`` running in it:
-    (kernel, the websocket's URL, the websocket, the transcript)."""
-    kernel = await start_kernel(http, hub, KERNEL)
-    url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
-    url = url.replace("http", "ws", 1)
-    ws = await http.ws_connect(url)
-    await warm_up(ws)
-    return kernel, url, ws, await send(ws, code)
 
 
 def test_a_session_moves_off_a_lost_node(center_hub, user):
@@ -179,7 +148,8 @@ def test_a_kernel_lost_with_its_node_is_told_and_replaced(center_hub, user):
         except Exception as e:
             raise AssertionError(f"{e!r}; hub log:\n{hub.log()[-6000:]}") from e
         [b] = lost
-        assert f"The kernel's node {b} was lost" in "".join(t.stderr), t.stderr
+        assert f"on node {b} ended: its node failed (NODE_FAIL). A new kernel is starting" \
+            in "".join(t.stderr), t.stderr
         assert status == "ok" and now_on not in (b, server_node) and now_on in cluster.nodes
         assert len(t.numbers) < N  # the cell did not go on: its kernel is gone
     finally:
@@ -192,18 +162,23 @@ def test_a_kernel_lost_with_its_node_is_told_and_replaced(center_hub, user):
 
 @pytest.mark.unit
 def test_the_words_say_why_a_kernel_job_ended():
-    """A kernel job that ended by itself: Slurm's TIMEOUT says its time
-    limit; anything else (NODE_FAIL; a job Slurm has forgotten) says its
-    node was lost. Said as the restart begins, then once it is done."""
+    """A kernel job that ended: Slurm's word for its state says why, in
+    the words of chspawner.slurm_words; said as the restart begins, then
+    once it is done. (Every cause: tests/test_slurm_words.py.)"""
     from chspawner.persist.kernel_manager import lost_kernel_notice, why_job_ended
     from chspawner.slurm import Job, JobState
 
-    assert why_job_ended(Job("7", JobState.GONE, "TIMEOUT", "n1")) == "time"
-    for job in (Job("7", JobState.GONE, "NODE_FAIL", "n1"), Job("7", JobState.GONE), None):
-        assert why_job_ended(job) == "node", job
-    told = lost_kernel_notice("n1", "time", "n3")
-    assert told.startswith("[chspawner] The kernel's job on node n1 reached its time limit")
-    assert "a new kernel was started on n3" in told and "\n" not in told
-    assert lost_kernel_notice("n1", "node").startswith(
-        "[chspawner] The kernel's node n1 was lost, and the kernel with it: a new kernel "
-        "is starting on another node. ")
+    assert why_job_ended(Job("7", JobState.GONE, "TIMEOUT", "n1")) == \
+        "job 7 on node n1 ended: it reached its time limit (TIMEOUT)"
+    assert why_job_ended(Job("7", JobState.GONE, "NODE_FAIL", "n1")) == \
+        "job 7 on node n1 ended: its node failed (NODE_FAIL)"
+    assert why_job_ended(None, "7", "n1") == \
+        "job 7 on node n1 ended: Slurm no longer knows the job (it ended a while ago)"
+    told = lost_kernel_notice(why_job_ended(Job("7", JobState.GONE, "TIMEOUT", "n1")),
+                              new_node="n3")
+    assert told.startswith("[chspawner] The kernel's job 7 on node n1 ended: it reached "
+                           "its time limit (TIMEOUT). A new kernel was started on n3. ")
+    assert "\n" not in told
+    assert lost_kernel_notice(why_job_ended(Job("7", JobState.GONE, "NODE_FAIL", "n1"))) \
+        .startswith("[chspawner] The kernel's job 7 on node n1 ended: its node failed "
+                    "(NODE_FAIL). A new kernel is starting, as a new job. ")

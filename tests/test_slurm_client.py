@@ -172,7 +172,7 @@ def test_jobs_asks_one_squeue_for_all_of_them(fake):
     fake.answers("squeue", "12|RUNNING|node1|None\n13|PENDING||Resources\n"
                            "15|COMPLETING|node2|None\n")
     jobs = asyncio.run(fake.client.jobs(["12", "13", "14", "15", "12"]))
-    assert fake.calls() == ["squeue --noheader --jobs=12,13,14,15 --format=%i|%T|%N|%r "]
+    assert fake.calls() == ["squeue --noheader --jobs=12,13,14,15 --format=%i|%T|%N|%r|%S|%e "]
     assert jobs == {
         "12": Job("12", JobState.RUNNING, "RUNNING", "node1", ""),
         "13": Job("13", JobState.PENDING, "PENDING", "", "Resources"),
@@ -197,8 +197,8 @@ def test_a_forgotten_job_among_several_is_asked_about_alone(fake):
     fake.answers("squeue", err="slurm_load_jobs error: Invalid job id specified\n")
     jobs = asyncio.run(fake.client.jobs(["1", "2"]))
     assert jobs == {"1": Job("1", JobState.GONE), "2": Job("2", JobState.GONE)}
-    assert fake.calls()[1:] == ["squeue --noheader --jobs=1 --format=%i|%T|%N|%r ",
-                                "squeue --noheader --jobs=2 --format=%i|%T|%N|%r "]
+    assert fake.calls()[1:] == ["squeue --noheader --jobs=1 --format=%i|%T|%N|%r|%S|%e ",
+                                "squeue --noheader --jobs=2 --format=%i|%T|%N|%r|%S|%e "]
 
 
 def test_a_failing_squeue_is_one_line_slurm_error(fake):

@@ -30,6 +30,9 @@ class FakeClient:
         self.calls: list[tuple[str, ...]] = []
         self.times: list[float] = []  # (when each squeue began)
 
+    def times_env(self) -> dict[str, str]:
+        return {"SLURM_TIME_FORMAT": "%s"}
+
     async def run(self, *argv: str, env=None, timeout=None) -> str:
         self.calls.append(argv)
         if argv[0] == "squeue":
@@ -352,7 +355,7 @@ def test_publishing_never_writes_through_a_link_left_in_the_directory(tmp_path):
     hub.table.publish({"5": Job("5", JobState.RUNNING, "RUNNING", "n1")}, time.time())
     assert target.read_text() == "keep\n"
     table = (tmp_path / "table" / "jobs.json")
-    assert '"5": ["RUNNING", "n1", ""]' in table.read_text()
+    assert '"5": ["RUNNING", "n1", "", null, null, null]' in table.read_text()
     assert '"queries": 0' in table.read_text()  # (the hub's numbers, for monitors)
     assert table.stat().st_mode & 0o777 == 0o644
 

@@ -18,8 +18,8 @@ import pytest
 
 from chspawner.images.trees import remove_tree
 from tests.harness.env import REPO
-from tests.harness.hub import (Hub, kernel_in_server, spawn, spawn_page, stop_server,
-                                user_server)
+from tests.harness.hub import (Hub, kernel_in_server, server_state, spawn, spawn_page,
+                                stop_server, user_server)
 from tests.harness.wait import wait_until
 
 
@@ -597,18 +597,83 @@ def queued_jobs(slurm, user) -> list[str]:
 
 
 def test_slurm_stop_during_the_queue_wait_cancels_the_job(slurm_hub, slurm, drained):
-    events = asyncio.run(spawn_until(slurm_hub, {"image": "deb"}, "pending"))
+    events = asyncio.run(spawn_until(slurm_hub, {"image": "deb"}, " waits: "))
     assert any(e.startswith("submitted Slurm job") for e in events)
+    # (The node drained: Slurm's reason, in words.)
+    assert "nodes it needs are not available (down, drained or reserved)" in events[-1], \
+        events
     assert "place 1 of 1 in the queue" in events[-1], events
     assert len(queued_jobs(slurm, slurm_hub.user)) == 1
     asyncio.run(stop_server(slurm_hub))
     wait_until(lambda: not queued_jobs(slurm, slurm_hub.user), "the job to go")
 
 
+def test_slurm_a_job_held_behind_another_says_why_where_and_when(slurm_hub, slurm):
+    """Another job holds the whole node for 10 minutes: the spawn page
+    says, in words, that the server's job waits for busy nodes, its place
+    in the queue and when Slurm expects it to start (the blocker's end);
+    once the blocker ends, the job starts and the server answers."""
+    blocker = slurm.submit("--exclusive", "--time=10", "--job-name=blocker",
+                           "--output=/dev/null", "--wrap=sleep 600")
+    try:
+        slurm.wait_job(blocker, {"RUNNING"})
+        events = asyncio.run(spawn_until(slurm_hub, {"image": "deb"}, "Slurm expects it"))
+        said = events[-1]
+        job = next(e.split()[3] for e in events if e.startswith("submitted Slurm job"))
+        assert said.startswith(f"job {job} waits: the nodes it needs are busy with other "
+                               "jobs (Resources); place 1 of 1 in the queue; Slurm expects "
+                               "it to start at "), events
+        # (The blocker's end: ten minutes after it started, give or take.)
+        assert re.search(r"\(in (9|10) min\)$", said), said
+    finally:
+        slurm.run("scancel", str(blocker))
+    wait_until(lambda: asyncio.run(user_server(slurm_hub)).get("ready"),
+               "the server to be ready once the node is free", 120)
+    asyncio.run(stop_server(slurm_hub))
+    wait_until(lambda: not queued_jobs(slurm, slurm_hub.user), "the job to go")
+
+
+def test_slurm_a_server_job_ended_by_someone_else_is_explained_on_the_form(slurm_hub, slurm):
+    """An administrator cancels the running server's job (scancel, as
+    root): once the hub's poll has seen it gone, the spawn form says
+    which job ended, on which node, and why, in words; with no Slurm
+    accounting here, that who cancelled it is not known. The next spawn's
+    page says it first."""
+    result = asyncio.run(spawn(slurm_hub, {"image": "deb"}))
+    assert result.get("ready"), result
+    state = asyncio.run(server_state(slurm_hub))
+    job, node = state["job_id"], state["node"]
+    slurm.run("scancel", job)
+    # (The hub polls its servers every poll_interval, 30 s by default.)
+    wait_until(lambda: asyncio.run(user_server(slurm_hub)) == {},
+               "the hub to see the server's job gone", 90)
+    status, page = asyncio.run(spawn_page(slurm_hub))
+    said = re.search(r'id="chspawner-last-end">([^<]*)<', page)
+    assert status == 200 and said, page[-2000:]
+    assert re.fullmatch(
+        rf"Your last server&#39;s job {job} on node {node} ended: it was cancelled "
+        r"\(CANCELLED\); by whom is not known here: only Slurm&#39;s accounting "
+        r"\(slurmdbd\) records that \(at \d\d:\d\d\)\.", said[1]), said[1]
+    result = asyncio.run(spawn(slurm_hub, {"image": "deb"}))
+    try:
+        events = result["events"]
+        said = [i for i, e in enumerate(events)
+                if e.startswith(f"Your last server's job {job} on node {node} ended: it was "
+                                "cancelled")]
+        submitted = [i for i, e in enumerate(events) if e.startswith("submitted Slurm job")]
+        assert result.get("ready") and said and said[0] < submitted[0], result
+    finally:
+        asyncio.run(stop_server(slurm_hub))
+    # Said, and the server stopped on purpose: nothing on the next form.
+    status, page = asyncio.run(spawn_page(slurm_hub))
+    assert status == 200 and "chspawner-last-end" not in page
+    wait_until(lambda: not queued_jobs(slurm, slurm_hub.user), "the job to go")
+
+
 def test_slurm_hub_restart_during_the_queue_wait_reattaches(slurm_hub, slurm, drained):
     """The job id was saved at submission: the restarted hub follows the
     same job until its server answers, and no second job is submitted."""
-    events = asyncio.run(spawn_until(slurm_hub, {"image": "deb"}, "pending"))
+    events = asyncio.run(spawn_until(slurm_hub, {"image": "deb"}, " waits: "))
     job = next(e.split()[3] for e in events if e.startswith("submitted Slurm job"))
     try:
         slurm_hub.restart(wait_checked=False)

@@ -417,3 +417,80 @@ def test_a_lost_servers_node_is_left_out_of_its_next_job(tmp_path):
     asyncio.run(spawner.stop())
     assert not any(a.startswith("--exclude") for a in spawner.job_argv()), \
         (spawner._lost_node, spawner.port, [a for a in spawner.job_argv() if "exclu" in a])
+
+
+# ------------------------------------------ past the time limit (move) ---
+
+@pytest.mark.parametrize("setting, options, moves", [
+    ("never", {"image": "deb"}, False),
+    ("always", {"image": "deb"}, True),
+    ("offer", {"image": "deb"}, False),
+    ("offer", {"image": "deb", "keep_session": True}, True),
+    ("offer", {"image": "deb", "keep_session": False}, False),
+])
+def test_whether_a_session_moves_at_its_time_limit(tmp_path, setting, options, moves):
+    spawner = make(tmp_path, SlurmChSpawner, walltime_move=setting)
+    spawn_checks(spawner, options)
+    assert spawner.moves_at_walltime() is moves
+
+
+def test_an_images_entry_moves_its_sessions_whatever_the_setting(tmp_path):
+    spawner = make(tmp_path, SlurmChSpawner)
+    spawner.images = [*IMAGES, {"name": "long", "move_at_walltime": True}]
+    spawn_checks(spawner, {"image": "long"})
+    assert spawner.moves_at_walltime()
+    with pytest.raises(Exception, match="'move_at_walltime' must be bool"):
+        spawner.images = [{"name": "long", "move_at_walltime": "yes"}]
+
+
+@pytest.mark.parametrize("setting, options, words", [
+    ("never", {"image": "deb", "keep_session": True},
+     "keep_session is not offered here: this hub does not move sessions past their "
+     "time limit"),
+    ("always", {"image": "deb", "keep_session": True},
+     "keep_session is not offered here: this hub moves every session"),
+    ("offer", {"image": "deb", "keep_session": "yes"}, "keep_session must be true or false"),
+    ("offer", {"image": "deb", "keep_session": 1}, "keep_session must be true or false"),
+])
+def test_keep_session_mistakes_are_refused(tmp_path, setting, options, words):
+    assert words in refused(make(tmp_path, SlurmChSpawner, walltime_move=setting), options)
+
+
+def test_the_form_offers_keep_session_and_says_why_the_last_job_ended(tmp_path):
+    spawner = make(tmp_path, SlurmChSpawner, walltime_move="offer")
+    spawner.last_end = "Your last server's job 7 ended by itself at 14:05: it <reached>."
+    text = spawner.render_options_form()
+    assert 'name="keep_session" id="keep_session" value="on"' in text
+    assert "it &lt;reached&gt;." in text  # (escaped)
+    assert spawner.options_from_form({"image": ["deb"], "keep_session": ["on"]}) == \
+        {"image": "deb", "keep_session": True}
+    assert "keep_session" not in make(tmp_path, SlurmChSpawner).render_options_form()
+
+
+def test_the_server_is_told_what_happens_at_its_time_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(ChSpawner, "get_env", lambda self: {})  # (JupyterHub's: a hub's)
+    spawner = make(tmp_path, SlurmChSpawner, walltime_move="offer",
+                   walltime_warnings=[20, 2.5])
+    spawn_checks(spawner, {"image": "deb", "keep_session": True})
+    env = spawner.get_env()
+    assert env["CHSPAWNER_AT_WALLTIME"] == "move"
+    assert env["CHSPAWNER_WALLTIME_WARNINGS"] == "20,2.5"
+    assert "CHSPAWNER_PREVIOUS_END" not in env
+    spawner.keep_session, spawner.last_end = False, "Your last server's job 7 ended."
+    env = spawner.get_env()
+    assert env["CHSPAWNER_AT_WALLTIME"] == "stop"
+    assert env["CHSPAWNER_PREVIOUS_END"] == "Your last server's job 7 ended."
+
+
+def test_the_successor_and_why_the_last_job_ended_are_kept_in_the_state(tmp_path):
+    spawner = make(tmp_path, SlurmChSpawner)
+    spawner.load_state({"job_id": "5", "node": "n1", "port": 1234, "spawn_nonce": "x",
+                        "successor_job_id": "6", "successor_port": 4321,
+                        "successor_nonce": "y", "keep_session": True})
+    assert (spawner.successor_job_id, spawner.successor_port) == ("6", 4321)
+    state = spawner.get_state()
+    assert state["successor_job_id"] == "6" and state["keep_session"] is True
+    spawner.last_end = "why"
+    spawner.clear_state()
+    assert (spawner.job_id, spawner.successor_job_id) == ("", "")
+    assert spawner.get_state()["last_end"] == "why"  # (about the server that ended)

@@ -526,6 +526,20 @@ class ReplayingKernelConnection(BatchedReplay, WebsocketConnectionHooks,
                 km.told_before_restart.discard(self.session.session)
         super().on_kernel_restarted()
 
+    def on_restart_failed(self) -> None:
+        """Before the client hears "dead": a kernel not restarted (its job
+        was cancelled on purpose, see the kernel manager's
+        KernelJobRestarter) is told why, in words, in the running cell."""
+        km = self.kernel_manager
+        before = getattr(km, "notice_before_restart", None)
+        words = before(self.session.session) if before is not None else ""
+        if words:
+            try:
+                self.write_stderr(words, km.running_cell or {})
+            except WebSocketClosedError:
+                pass  # (the kernel is gone for good: no later connection to tell)
+        super().on_restart_failed()
+
     def _tell_notice(self) -> None:
         """The kernel's notice (it was lost with its node, see the kernel
         manager), once to each client session, in the output of the cell

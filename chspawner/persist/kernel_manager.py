@@ -71,6 +71,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from jupyter_client.ioloop.restarter import AsyncIOLoopKernelRestarter
 from jupyter_client.kernelspec import NATIVE_KERNEL_NAME
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_runtime_dir
@@ -98,6 +99,7 @@ from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.sockets import PrivateIpcMixin
 from chspawner.provisioner.transport import secure_client
 from chspawner.slurm import Job, JobState
+from chspawner.slurm_words import ended_on_purpose, job_ended_words, job_ending
 
 
 def can_reattach(provisioner: Any) -> bool:
@@ -120,27 +122,105 @@ def image_default_kernel_name(kernel_spec_manager: Any) -> str:
     return name or NATIVE_KERNEL_NAME
 
 
-def why_job_ended(job: Job | None) -> str:
-    """Why a kernel's job ended by itself: "time" when Slurm says it reached
-    its time limit, else "node" (its node lost: NODE_FAIL, or a job Slurm
-    has forgotten)."""
-    return "time" if job is not None and job.slurm_state.upper().startswith("TIMEOUT") \
-        else "node"
+def restarts_after(job: Job | None) -> bool:
+    """Whether a kernel whose job ended so is started again, as a new job.
+    Yes when Slurm or the kernel ended it (its time limit, its memory, its
+    node, a preemption, the kernel's own end: what jupyter_client does for
+    any kernel found dead); no when someone cancelled it (scancel, the user
+    or an administrator): that is on purpose, and a new job would undo it
+    (and take the allocation again, or come back behind an administrator's
+    back)."""
+    return not ended_on_purpose(job)
 
 
-def lost_kernel_notice(lost_node: str, because: str, new_node: str = "") -> str:
-    """What the notebooks of a kernel are told, in words, when its job ended
-    by itself: as its restart begins (no ``new_node`` yet), or once a new
-    kernel took its place on ``new_node``."""
-    if because == "time":
-        what = (f"The kernel's job on node {lost_node} reached its time limit, and the "
-                "kernel ended")
+def why_job_ended(job: Job | None, job_id: str = "", node: str = "",
+                  owner_uid: int | None = None) -> str:
+    """Why a kernel's job ended, in Slurm's vocabulary
+    (chspawner.slurm_words): "job 1234 on node n2 ended: it reached its time
+    limit (TIMEOUT)"; a cancelled one says by whom (you, an administrator),
+    or that it is not known. ``job_id`` and ``node``: where the job (None:
+    Slurm has forgotten it) doesn't say. ``owner_uid``: the kernel's user
+    (this process's)."""
+    return job_ended_words(job, job_id, node,
+                           os.getuid() if owner_uid is None else owner_uid)
+
+
+def lost_kernel_notice(because: str, restarting: bool = True, new_node: str = "") -> str:
+    """What the notebooks of a kernel are told, in words, when its job
+    ended (``because``: :func:`why_job_ended`'s words): as its restart
+    begins (no ``new_node`` yet), once a new kernel took its place on
+    ``new_node``, or (not ``restarting``) that none is started."""
+    if not restarting:
+        then = ("It is not restarted: a cancel is on purpose. Its variables and imports "
+                "are gone: start a kernel again to go on.")
     else:
-        what = f"The kernel's node {lost_node} was lost, and the kernel with it"
-    new = f"a new kernel was started on {new_node}" if new_node else \
-        "a new kernel is starting on another node"
-    return (f"[chspawner] {what}: {new}. Its variables and imports are gone: run the "
-            "cells it needs again.")
+        new = f"A new kernel was started on {new_node}" if new_node else \
+            "A new kernel is starting, as a new job"
+        then = f"{new}. Its variables and imports are gone: run the cells it needs again."
+    return f"[chspawner] The kernel's {because}. {then}"
+
+
+def job_words(provisioner: Any, job: Job | None) -> str:
+    """:func:`why_job_ended` for a kernel's provisioner (its job's id and
+    node where Slurm forgot the job)."""
+    return why_job_ended(job, str(getattr(provisioner, "job_id", "") or ""),
+                         getattr(provisioner, "node", "") or "")
+
+
+class KernelJobRestarter(AsyncIOLoopKernelRestarter):
+    """jupyter_client's restarter (a kernel found dead is started again),
+    for a kernel in a Slurm job of its own:
+
+    - while Slurm is still ending the job (COMPLETING), it waits, up to
+      the kernel manager's ``kernel_job_ending_wait``, for the job's final
+      state, which says why it ended (the words the notebook gets);
+    - a job someone cancelled on purpose (scancel: the user, an
+      administrator) is not restarted (see :func:`restarts_after`): the
+      notebook is told so and the kernel counts as dead, as after restarts
+      that failed (jupyter_server then drops it, and a page shows it dead).
+
+    Public parts of jupyter_client only: ``poll``, ``stop`` and the
+    ``callbacks`` it fires."""
+
+    _ending_since: float | None = None
+
+    async def poll(self) -> None:
+        km = self.kernel_manager
+        if not isinstance(km, PersistentServerKernelManager) or not in_job(km.provisioner) \
+                or await km.is_alive():
+            self._ending_since = None
+            return await super().poll()
+        # (is_alive just asked the job watch: the provisioner's last_job is now's)
+        job = km.ended_job()
+        if job_ending(job):
+            now = time.monotonic()
+            self._ending_since = self._ending_since or now
+            wait = getattr(km.parent, "kernel_job_ending_wait", 0.0)
+            if now - self._ending_since < wait:
+                return  # asked again at the next poll
+        self._ending_since = None
+        if job is not None and not restarts_after(job):
+            await self.give_up(km, job)
+            return
+        await super().poll()
+
+    async def give_up(self, km: PersistentServerKernelManager, job: Job) -> None:
+        """The kernel stays dead: the restarter stops, its connections tell
+        their notebooks why (notice_before_restart) and that it is dead, and
+        jupyter_server drops it ("dead": as after restarts that failed)."""
+        self.log.warning("chspawner: kernel %s is not restarted: its %s", km.kernel_id,
+                         job_words(km.provisioner, job))
+        self.stop()
+        for callback in list(self.callbacks["dead"]):
+            try:
+                callback()
+            except Exception:
+                self.log.exception("chspawner: a 'dead' callback of kernel %s failed",
+                                   km.kernel_id)
+        try:  # (after: the callbacks still speak to its clients)
+            await km.cleanup_resources(restart=False)
+        except Exception:  # (a dead job's staging: nothing must stop the rest)
+            self.log.exception("chspawner: cleaning up after kernel %s", km.kernel_id)
 
 
 class PrivateIpcServerKernelManager(PrivateIpcMixin, ServerKernelManager):
@@ -205,7 +285,7 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     #: The kernel moved (a job kernel restarted): websockets must start afresh.
     moved = False
     #: The node the kernel's job was lost with, until its restart is told,
-    #: and why the job ended ("time": its time limit; "node": its node).
+    #: and why the job ended (why_job_ended's words).
     lost_node = ""
     lost_because = ""
     #: What the notebooks of this kernel are told, in words, after it was
@@ -231,33 +311,46 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     witness_stream: Any = None
     witness_port: int | None = None
 
+    @default("restarter_class")
+    def _default_restarter_class(self) -> type:
+        return KernelJobRestarter
+
     async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any):
-        """A restart of a kernel whose job ended by itself (jupyter_client's
-        restarter found it dead): its node was lost, or the job reached its
-        time limit (a job ends on its own only so; Slurm's word for its
-        state tells which). Noted for the words after the restart."""
+        """A restart of a kernel whose job ended (jupyter_client's restarter
+        found it dead): its time limit, its memory, its node, a preemption,
+        its program's end (Slurm's word for its state tells which). Noted
+        for the words after the restart."""
         provisioner = self.provisioner
         self.lost_node = self.lost_because = ""
         if in_job(provisioner) and await provisioner.poll() is not None:
             self.lost_node = getattr(provisioner, "node", "") or "?"
-            self.lost_because = why_job_ended(provisioner.last_job)
+            self.lost_because = job_words(provisioner, provisioner.last_job)
         return await super().restart_kernel(now=now, newports=newports, **kw)
+
+    def ended_job(self) -> Job | None:
+        """The kernel's job, if it ran in one of its own and Slurm was last
+        seen to end it (None otherwise)."""
+        provisioner = self.provisioner
+        job = provisioner.last_job if in_job(provisioner) else None
+        return None if job is None or job.alive else job
 
     def notice_before_restart(self, session: str) -> str:
         """For a client session, as jupyter_client's restarter found the
-        kernel dead and before the restart: the words for its notebook when
-        the kernel's job ended by itself ("" otherwise). Said then, they
-        reach the cell the kernel was running: JupyterLab forgets that cell
-        once it hears "restarting". Told sessions aren't told again after
-        the restart."""
-        provisioner = self.provisioner
-        job = provisioner.last_job if in_job(provisioner) else None
-        if job is None or job.alive:
+        kernel dead, before its restart (or, for a job cancelled on
+        purpose, before it is given up: see KernelJobRestarter): the words
+        for its notebook when the kernel's job ended ("" otherwise). Said
+        then, they reach the cell the kernel was running: JupyterLab
+        forgets that cell once it hears "restarting". Told sessions aren't
+        told again after the restart."""
+        job = self.ended_job()
+        if job is None:
             return ""
         if self.told_before_restart is None:
             self.told_before_restart = set()
+        if session in self.told_before_restart:
+            return ""
         self.told_before_restart.add(session)
-        return lost_kernel_notice(getattr(provisioner, "node", "") or "?", why_job_ended(job))
+        return lost_kernel_notice(job_words(self.provisioner, job), restarts_after(job))
 
     def kernel_job_command(self, staging: Path) -> list[str]:
         """For a kernel in a job of its own: the keeper, which starts it
@@ -337,6 +430,16 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
 
     buffer_bytes = Integer(
         64 << 20, help="Bytes of IOPub messages each kernel's keeper holds at most.",
+    ).tag(config=True)
+
+    kernel_job_ending_wait = Float(
+        15.0,
+        help="Seconds to wait, once a kernel's Slurm job is found ending (COMPLETING: "
+             "Slurm still tidying up after it), for its final state, which says why it "
+             "ended (its time limit, its memory, its node, a preemption, a cancel): the "
+             "words its notebook gets, and whether it is restarted (not after a "
+             "cancel). Past it, the kernel is restarted and the words give Slurm's "
+             "reason.",
     ).tag(config=True)
 
     keeper_grace = Float(
@@ -527,8 +630,8 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
             # keeper that is gone and talk to the old node.
             km.moved = True
             if km.lost_node:
-                km.notice = lost_kernel_notice(km.lost_node, km.lost_because,
-                                               getattr(km.provisioner, "node", ""))
+                km.notice = lost_kernel_notice(km.lost_because, True,
+                                               getattr(km.provisioner, "node", "") or "?")
                 km.notice_told, km.told_before_restart = km.told_before_restart or set(), None
                 km.lost_node = ""
                 self.log.warning("chspawner: kernel %s: %s", kernel_id, km.notice)

@@ -75,7 +75,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, Launcher, LocalProcess,
-                                             SrunStep)
+                                             SrunStep, register_kernel_job)
 from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, clear_ipc, ipc_bound, ipc_prefix
 from chspawner.runtime.launcher import SQUASH_SUFFIX, Fail, find_image
@@ -216,19 +216,18 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
             return SrunStep(self.log, client, self._job_name, _username(),
                             jobid=_jobid(settings), srun_args=[*settings.srun_args, *where])
         prefix = km.kernel_job_command(self._staging) if isinstance(km, KernelJobHost) else []
-        return BatchJob(self.log, client, job_name=self._job_name, output=self._job_log(),
-                        chdir=str(kwargs.get("cwd") or Path.home()),
-                        sbatch_args=[*settings.sbatch_args, *away, *where],
-                        env=job_environment(kwargs.get("env")), prefix=prefix,
-                        watch=self._job_watch())
+        job = BatchJob(self.log, client, job_name=self._job_name, output=self._job_log(),
+                       chdir=str(kwargs.get("cwd") or Path.home()),
+                       sbatch_args=[*settings.sbatch_args, *away, *where],
+                       env=job_environment(kwargs.get("env")), prefix=prefix,
+                       watch=self._job_watch())
+        # (the session status shows its wait, and its time left: see register_kernel_job)
+        register_kernel_job(self.kernel_id, job)
+        return job
 
     def _job_watch(self) -> JobWatch:
         """The server's one watch of its kernels' jobs (shared by them all)."""
-        settings = self.settings
-        return shared_watch(job_environment(), interval=settings.slurm_poll_interval,
-                            command=settings.slurm_query_command,
-                            sacct=settings.slurm_accounting_command,
-                            table_dir=settings.slurm_table_dir)
+        return kernel_job_watch(self.settings)
 
     def _same_node(self, away: list[str]) -> list[str]:
         """A restart asked while the kernel ran keeps it on its node: there,
@@ -535,8 +534,10 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
     def _adopted_launcher(self, info: dict) -> Launcher | None:
         """What follows a kernel another process started: its job, or its PID."""
         if info.get("job_id"):
-            return BatchJob(self.log, SlurmClient(env=job_environment()),
-                            job_id=str(info["job_id"]), watch=self._job_watch())
+            job = BatchJob(self.log, SlurmClient(env=job_environment()),
+                           job_id=str(info["job_id"]), watch=self._job_watch())
+            register_kernel_job(self.kernel_id, job)
+            return job
         if info.get("pid") is None:
             return None
         srun = None
@@ -544,6 +545,17 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
             srun = SrunStep(self.log, SlurmClient(env=job_environment()), self._job_name,
                             _username(), jobid=_jobid(self.settings))
         return AdoptedProcess(self.log, int(info["pid"]), info.get("pgid"), srun=srun)
+
+
+def kernel_job_watch(settings: ProvisionerSettings) -> JobWatch:
+    """This process's one watch of kernel jobs run with ``settings`` (a
+    server gives all its image kernels the same): whoever else in the server
+    asks about a job through it (the session status, about the server's own
+    job) costs no query of its own."""
+    return shared_watch(job_environment(), interval=settings.slurm_poll_interval,
+                        command=settings.slurm_query_command,
+                        sacct=settings.slurm_accounting_command,
+                        table_dir=settings.slurm_table_dir)
 
 
 def _jobid(settings: ProvisionerSettings) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from subprocess import Popen
@@ -267,6 +268,26 @@ class BatchJob(Launcher):
                 pass
         return (f"the kernel's Slurm job {self.job_id} ended before the kernel was "
                 f"ready{': ' + last[0] if last else ''} (its output: {self.output})")
+
+
+#: This process's kernels' batch jobs, by kernel id: the BatchJob a
+#: provisioner made for each (a restart's replaces the one before). Kept
+#: here because a kernel still waiting for its job is out of reach
+#: elsewhere: jupyter_client's kernel manager keeps a starting kernel to
+#: itself until it runs, and that wait is what its user wants explained.
+#: Weak: an entry goes with its provisioner.
+_kernel_jobs: weakref.WeakValueDictionary[str, BatchJob] = weakref.WeakValueDictionary()
+
+
+def register_kernel_job(kernel_id: str, job: BatchJob) -> None:
+    """Make ``job`` the batch job of kernel ``kernel_id`` (its provisioner's)."""
+    _kernel_jobs[kernel_id] = job
+
+
+def kernel_jobs() -> dict[str, BatchJob]:
+    """The kernels' batch jobs that were submitted (have a job id), by kernel
+    id; whether each still runs is its watch's to say."""
+    return {kernel_id: job for kernel_id, job in list(_kernel_jobs.items()) if job.job_id}
 
 
 class AdoptedProcess(Launcher):

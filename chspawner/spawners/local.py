@@ -76,7 +76,9 @@ class ChSpawner(LocalProcessSpawner):
         without TLS. "groups": ["physics", ...] offers the image only to
         members of those JupyterHub groups (default: to everyone).
         "modes": ["kernels"] lets it run only in those of ``modes`` (the
-        form says so). Checked when the hub starts: an unknown key or a bad
+        form says so). "move_at_walltime": true (SlurmChSpawner) moves its
+        sessions to a successor job before their time limit, whatever
+        ``walltime_move`` says. Checked when the hub starts: an unknown key or a bad
         name stops it with a message that says which entry.""",
     ).tag(config=True)
     chspawner_cmd = List(
@@ -317,8 +319,10 @@ class ChSpawner(LocalProcessSpawner):
                               + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
         for key, kind in self.OPTION_TYPES.items():
             value = options.get(key)
-            if key in options and not (isinstance(value, kind)
-                                       and not isinstance(value, bool)):
+            # (JSON's true is a Python int too: only a bool option takes it.)
+            right = isinstance(value, bool) if kind is bool else \
+                isinstance(value, kind) and not isinstance(value, bool)
+            if key in options and not right:
                 raise OptionError(self.type_problem(key, value))
         for key, value in options.items():
             if isinstance(value, str):
@@ -412,7 +416,9 @@ class ChSpawner(LocalProcessSpawner):
                 # One item per flag: the server doesn't know this class
                 # up front, so a list literal would stay one string.
                 f"--ContainerKernelSpecManager.only_images={self.image}",
-                f"--ContainerKernelSpecManager.include_native={self.offer_host_kernels}"]
+                f"--ContainerKernelSpecManager.include_native={self.offer_host_kernels}",
+                # The session's jobs for chspawner's JupyterLab extension (its time left).
+                "--ServerApp.jpserver_extensions=chspawner.persist.session_status=True"]
         config = self.kernel_provisioner_config()
         if config:
             # A Python literal: traitlets reads a Dict from the command line

@@ -16,7 +16,7 @@ from chspawner.runtime.spec import Bind
 
 #: The keys of an entry of ``images``, and their JSON types.
 IMAGE_KEYS: dict[str, type] = {"name": str, "description": str, "pull": str, "insecure": bool,
-                               "modes": list, "groups": list}
+                               "modes": list, "groups": list, "move_at_walltime": bool}
 
 #: The modes a server may run in.
 MODES = ("kernels", "server")

@@ -25,10 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from traitlets import Bool, Dict, Float, Integer, List, Unicode, default, observe, validate
+from jupyterhub.utils import random_port
+from traitlets import Bool, Dict, Enum, Float, Integer, List, Unicode, default, observe, validate
 
 from chspawner.slurm import (Job, JobState, JobWatch, Resources, SlurmClient, SlurmError,
                              sbatch_argv, shared_watch)
+from chspawner import slurm_words
 from chspawner.spawners import joblog
 from chspawner.spawners.listening import MINE, NONCE_ENV, TAKEN, read_report
 from chspawner.spawners.local import ChSpawner, SpawnFailed
@@ -124,7 +126,8 @@ class SlurmChSpawner(ChSpawner):
         Unicode(), ["squeue"],
         help="The command the hub (and, with kernel_jobs, each server) runs to learn "
              "job states, given squeue's own arguments after it (--noheader "
-             "--states=all --jobs=IDS --format=%i|%T|%N|%r; and, for queue places, "
+             "--states=all --jobs=IDS --format=%i|%T|%N|%r|%S|%e, with SLURM_TIME_FORMAT=%s; "
+             "and, for queue places, "
              "--states=PENDING --sort=-p,i --format=%i|%P); it must answer as squeue "
              "does. E.g. ['squeue', '--clusters=hpc'], or a site's wrapper that serves "
              "squeue's answers from a cache.",
@@ -216,11 +219,50 @@ class SlurmChSpawner(ChSpawner):
              "lines of its log.",
     ).tag(config=True)
 
+    walltime_move = Enum(
+        ["never", "offer", "always"], "never",
+        help="Whether a server's session outlives its job's time limit: before "
+             "the end (move_lead), a successor job is queued with the same "
+             "options; once its server answers, the hub's route is switched to "
+             "it and the old job ends (its kernels' own jobs go on: kernel_jobs), "
+             "so no request fails. 'always': every server; 'offer': the spawn "
+             "form offers it (user option keep_session); 'never': only the "
+             "images whose entry says \"move_at_walltime\": true. A successor "
+             "that has not started by the old job's end is cancelled, and the "
+             "session comes back as after any loss (the session manager).",
+    ).tag(config=True)
+    move_lead = Float(
+        600.0, help="Seconds before the server's job ends at which its successor "
+                    "is submitted (walltime_move): time for it to wait in the queue "
+                    "and start.",
+    ).tag(config=True)
+    walltime_check_interval = Float(
+        60.0, help="Seconds between looks at a server's job end time (Slurm's, as "
+                   "the hub's one squeue per slurm_poll_interval last saw it: no "
+                   "query of its own): a time limit changed by an admin is noticed "
+                   "within this.",
+    ).tag(config=True)
+    walltime_warnings = List(
+        Float(), [15.0, 5.0],
+        help="Minutes before a job's time limit at which JupyterLab warns its "
+             "user, saying what will happen then (the server's job, and each "
+             "kernel's).",
+    ).tag(config=True)
+
     job_id = Unicode("", help="The server's Slurm job (state).")
+    successor_job_id = Unicode("", help="The job queued to take the server over "
+                                        "before its time limit (state).")
+    successor_port = Integer(0, help="The port of the successor's server (state).")
+    successor_nonce = Unicode("", help="The successor's listening report's token (state).")
     spawn_nonce = Unicode("", help="This spawn's random token, which its job's "
                                    "listening report must carry (state).")
     node = Unicode("", help="Where it runs (state).")
     request = Dict(help="The validated Slurm request of this spawn.")
+    keep_session = Bool(False, help="The user chose to keep the session past the "
+                                    "job's time limit (walltime_move 'offer').")
+    last_end = Unicode("", help="Why the user's last server's job ended by itself, "
+                                "in words (state, kept after the server: the "
+                                "spawn form and the next spawn's page say it).")
 
     RESOURCES = ("partition", "account", "qos", "cpus", "mem_gb", "hours", "gpus")
     #: The Slurm options a user chooses from the admin's lists, by trait.
@@ -233,7 +275,8 @@ class SlurmChSpawner(ChSpawner):
     # ---------------------------------------------------- user options ---
 
     OPTION_TYPES = {**ChSpawner.OPTION_TYPES, "partition": str, "account": str, "qos": str,
-                    "cpus": int, "mem_gb": int, "hours": int, "gpus": int}
+                    "cpus": int, "mem_gb": int, "hours": int, "gpus": int,
+                    "keep_session": bool}
 
     _slurm_accounts: list[str] | None = None  # (the user's associations, once asked)
 
@@ -267,6 +310,12 @@ class SlurmChSpawner(ChSpawner):
         if self.accounts_from_slurm and not self.offered("account"):
             raise OptionError("you have no Slurm account this hub may use; ask your "
                               "site's admins for one")
+        if options.get("keep_session") and self.walltime_move != "offer":
+            raise OptionError("keep_session is not offered here: this hub "
+                              + ("moves every session before its time limit"
+                                 if self.walltime_move == "always" else
+                                 "does not move sessions past their time limit"))
+        self.keep_session = bool(options.get("keep_session"))
         slurm = {k: options[k] for k in self.RESOURCES if k in options}
         request = self.default_request()
         for key, value in slurm.items():
@@ -280,10 +329,12 @@ class SlurmChSpawner(ChSpawner):
                     raise OptionError(self.type_problem(key, value))
             request[key] = value
         super().validate_user_options({k: v for k, v in options.items()
-                                       if k not in slurm})
+                                       if k not in slurm and k != "keep_session"})
         self.request = request
 
     def type_problem(self, key: str, value: object) -> str:
+        if key == "keep_session":
+            return "keep_session must be true or false"
         if key in self.bounds():
             low, high = self.bounds()[key]
             return f"{key} must be a whole number from {low} to {high}"
@@ -309,7 +360,9 @@ class SlurmChSpawner(ChSpawner):
         labels = {"partition": "Partition", "account": "Account", "qos": "QOS"}
         choices = [{"name": key, "label": labels[key], "values": self.offered(key)}
                    for key in self.CHOICES]
-        return {**super().options_form_context(), "choices": choices, "numbers": numbers}
+        return {**super().options_form_context(), "choices": choices, "numbers": numbers,
+                "keep_session": self.walltime_move == "offer",
+                "last_end": self.last_end}
 
     @default("options_form")
     def _default_options_form(self):
@@ -332,6 +385,8 @@ class SlurmChSpawner(ChSpawner):
             number = key in self.bounds() and value.isascii() and value.isdigit() \
                 and len(value) <= 18
             options[key] = int(value) if number else value
+        if self.walltime_move == "offer" and (formdata.get("keep_session") or [""])[0]:
+            options["keep_session"] = True
         return options
 
     # ------------------------------------------------------ the request --
@@ -391,7 +446,7 @@ class SlurmChSpawner(ChSpawner):
             args += ["--PersistentKernelManager.keep_kernels_on_sigterm=True"]
         return args
 
-    def job_argv(self) -> list[str]:
+    def job_argv(self, exclude: list[str] | None = None) -> list[str]:
         """sbatch for the server's job: the server (``get_command()``), and
         beside it (before the exec: the server stays the job's script,
         which scancel --batch signals) the check that the port is the
@@ -403,7 +458,8 @@ class SlurmChSpawner(ChSpawner):
         return sbatch_argv(self.get_command(), job_name=f"jupyterhub-{self.user.name}",
                            output=log, chdir=self._home_dir(),
                            resources=self.server_resources(),
-                           extra=[*self.lost_node_exclusion(), *self.extra_sbatch_args],
+                           extra=[*(exclude or []), *self.lost_node_exclusion(),
+                                  *self.extra_sbatch_args],
                            background=watch, setup=[*self.job_setup, *self.bind_lines()])
 
     _lost_node: tuple[str, float] | None = None  # (node, when its server stopped answering)
@@ -464,6 +520,8 @@ class SlurmChSpawner(ChSpawner):
     async def reattach(self) -> bool:
         """A job from before a hub restart, queued or starting: take it over
         rather than submit a second one."""
+        if self.last_end and not self.job_id:
+            self._emit(5, self.last_end)  # (why the last one ended, first)
         if self.job_id and await self._job_alive():
             self._emit(10, f"re-attaching to Slurm job {self.job_id}")
             return True
@@ -536,12 +594,11 @@ class SlurmChSpawner(ChSpawner):
             if self.node and self._proven(report) and await _answers(self.node, self.port):
                 self._emit(60, f"server responding on {self.node}")
                 return self.node, self.port
-            if (job.slurm_state, job.reason) != last and job.slurm_state != "RUNNING":
-                self._emit(30, f"job {self.job_id} {job.slurm_state.lower()}"
-                               + (f" ({job.reason})" if job.reason else "")
-                               + (await self._queue_place()
-                                  if job.slurm_state == "PENDING" else ""))
-                last = job.slurm_state, job.reason
+            if job.slurm_state != "RUNNING":
+                words = await self._waiting_words(job)
+                if words != last:  # (said again whenever it changes)
+                    self._emit(30, words)
+                    last = words
 
     async def _ended_message(self, job: Job) -> str:
         """Why the spawn failed: the job ended first; its state and the last
@@ -588,15 +645,21 @@ class SlurmChSpawner(ChSpawner):
         return bool(report) and report["status"] == MINE and \
             report.get("node") == self.node and report.get("port") == self.port
 
-    async def _queue_place(self) -> str:
-        """', place 3 of 5 in the queue' (Slurm's priority order), if known
-        (one listing of the queue per interval for the whole hub)."""
+    async def _waiting_words(self, job: Job) -> str:
+        """What the spawn page says of a job not yet running: pending, why
+        (Slurm's reason, in words), its place in its partition's queue
+        (Slurm's priority order: one listing of the queue per interval for
+        the whole hub) and when Slurm expects it to start, if it has worked
+        that out (squeue --start's figure); or its state (CONFIGURING...)."""
+        if job.state is not JobState.PENDING or job.slurm_state != "PENDING":
+            return f"job {self.job_id} {job.slurm_state.lower()}" + \
+                (f" ({job.reason})" if job.reason else "")
         try:
             place = await self.job_watch().queue_place(self.job_id,
                                                        self.request.get("partition", ""))
         except SlurmError:
-            return ""
-        return f", place {place[0]} of {place[1]} in the queue" if place else ""
+            place = None
+        return slurm_words.waiting_words(job, place)
 
     async def get_url(self) -> str:
         """Where the server is, asked by a hub restarted while it was not
@@ -639,9 +702,45 @@ class SlurmChSpawner(ChSpawner):
             # watch logs the outage, once).
             return None
         if job.alive:
+            self._plan_move()  # (a restarted hub's first poll)
             return None
+        self._note_end(job)
         self.clear_state()
         return 1
+
+    #: Seconds to wait for Slurm's final word on a job seen COMPLETING.
+    ENDING_WAIT = 15.0
+
+    def _note_end(self, job: Job) -> None:
+        """Keep, in words, why the server's job ended without the hub
+        stopping it (poll, or a stop by the session manager, found it
+        gone): the spawn form and the next spawn's page say it, and so does
+        JupyterLab in the next server (CHSPAWNER_PREVIOUS_END). squeue says
+        COMPLETING first: Slurm's final word (TIMEOUT...) is waited for in
+        the background, briefly, and the words made again from it."""
+        node, uid, at = self.node, self.user_uid(), slurm_words.when(time.time())
+
+        def words(job: Job) -> str:
+            return (f"Your last server's {slurm_words.job_ended_words(job, job.id, node, uid)}"
+                    f" (at {at}).")
+
+        self.last_end = words(job)
+        self.log.info("chspawner: %s: %s", self._log_name, self.last_end)
+        if not slurm_words.job_ending(job):
+            return
+
+        async def final_word(job: Job) -> None:
+            deadline = time.monotonic() + self.ENDING_WAIT
+            while slurm_words.job_ending(job) and time.monotonic() < deadline:
+                try:
+                    job = await self.job_watch().job(job.id)
+                except SlurmError:
+                    return
+            if not slurm_words.job_ending(job) and self.last_end and not self.job_id:
+                self.last_end = words(job)
+                self.log.info("chspawner: %s: %s", self._log_name, self.last_end)
+                self._save_state()
+        asyncio.ensure_future(final_word(job))
 
     async def stop(self, now=False):
         """Ask the server to stop as the hub asks a local one (SIGINT: it
@@ -650,7 +749,15 @@ class SlurmChSpawner(ChSpawner):
         that keeps its kernels for its successor."""
         if self.job_id:
             answering = bool(self.node) and await _answers(self.node, self.port)
-            running = await self._job_running()
+            try:
+                job: Job | None = await self.job()
+            except SlurmError:
+                job = None
+            running = job is not None and job.state is JobState.RUNNING
+            if job is not None and not job.alive:
+                # It ended by itself (the session manager stops and starts a
+                # lost server before the hub's poll has seen it): say why.
+                self._note_end(job)
             if self.node and not answering:
                 # Nothing there to shut kernels down. A job Slurm still runs
                 # whose server does not answer: its node is gone (Slurm has
@@ -664,13 +771,10 @@ class SlurmChSpawner(ChSpawner):
                 await self.slurm().cancel(self.job_id)
             except SlurmError as e:
                 self.log.warning("chspawner: scancel %s: %s", self.job_id, e)
+        if self._mover is not None:
+            self._mover.cancel()
+        await self._drop_successor()
         self.clear_state()
-
-    async def _job_running(self) -> bool:
-        try:
-            return (await self.job()).state is JobState.RUNNING
-        except SlurmError:
-            return False
 
     async def _interrupt_and_wait(self) -> None:
         try:  # batch only: the job's script, which is the server (exec)
@@ -683,6 +787,177 @@ class SlurmChSpawner(ChSpawner):
         while asyncio.get_running_loop().time() < deadline and await self._job_alive(0):
             pass
 
+
+    # --------------------------------------------- the planned move --
+
+    def moves_at_walltime(self) -> bool:
+        """Whether this server's session moves to a successor job before
+        its time limit (``walltime_move``, the image's entry, the user's
+        choice)."""
+        if (self.site_entry(self.image) or {}).get("move_at_walltime"):
+            return True
+        return self.walltime_move == "always" or \
+            (self.walltime_move == "offer" and self.keep_session)
+
+    def get_env(self) -> dict:
+        """ChSpawner's, and for JupyterLab's time-left display: what happens
+        at the job's end, and when to warn (chspawner.persist.session_status)."""
+        env = super().get_env()
+        env["CHSPAWNER_AT_WALLTIME"] = "move" if self.moves_at_walltime() else "stop"
+        env["CHSPAWNER_WALLTIME_WARNINGS"] = ",".join(f"{m:g}" for m in self.walltime_warnings)
+        if self.last_end:
+            env["CHSPAWNER_PREVIOUS_END"] = self.last_end
+        return env
+
+    async def start(self) -> tuple[str, int]:
+        """ChSpawner's recipe; then, if the session moves at its time limit,
+        the move is planned."""
+        where = await super().start()
+        self.last_end = ""  # (said: on this spawn's page and, once, in JupyterLab)
+        self._plan_move()
+        return where
+
+    _mover: asyncio.Task | None = None
+
+    def _plan_move(self) -> None:
+        """Follow the job's end time and move the session before it
+        (once per server: a hub restarted plans it again at its first poll)."""
+        if not self.moves_at_walltime() or not self.job_id:
+            return
+        if self._mover is None or self._mover.done():
+            self._mover = asyncio.ensure_future(self._move_before_walltime())
+
+    async def _move_before_walltime(self) -> None:
+        """Wait until ``move_lead`` s before the job's end (its end time as
+        the hub's watch last saw it: an admin's new limit counts), then move;
+        the successor's own end is followed in turn."""
+        failed_for = ""
+        while self.job_id:
+            try:
+                job = await self.job(max_age=self.walltime_check_interval)
+            except SlurmError:
+                job = None
+            if job is not None and not job.alive:
+                return  # (poll() tells the hub)
+            due = None if job is None or job.end_time is None else \
+                job.end_time - self.move_lead - time.time()
+            if self.successor_job_id or (due is not None and due <= 0
+                                         and failed_for != self.job_id):
+                moving = self.job_id
+                try:
+                    moved = await self.move()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.log.exception("chspawner: %s: the planned move failed",
+                                       self._log_name)
+                    moved = False
+                if not moved:
+                    failed_for = moving  # (not tried again for this job)
+                continue
+            await asyncio.sleep(self.walltime_check_interval if due is None
+                                else min(max(due, 0.1), self.walltime_check_interval))
+
+    async def move(self) -> bool:
+        """The planned move: a successor job with the same options, its
+        server up first (proven the user's own, as at a spawn), then the
+        hub's record and route switched to it, then the old job ended
+        (SIGTERM: its server lets go of its kernels, which the successor
+        has taken over). True if moved; False if the successor ended, or
+        the old job did, first (the successor is then cancelled)."""
+        old_job, old_node = self.job_id, self.node
+        if not self.successor_job_id:
+            await self._submit_successor()
+        submitted = time.monotonic()
+        self.log.info("chspawner: %s: job %s ends soon; successor job %s queued",
+                      self._log_name, old_job, self.successor_job_id)
+        node = await self._wait_successor()
+        if not node:
+            await self._drop_successor()
+            return False
+        answered = time.monotonic()
+        # The switch: the hub's record, then the route (new requests go to
+        # the successor; the old server finishes what it has).
+        self.job_id, self.node, self.port = self.successor_job_id, node, self.successor_port
+        self.spawn_nonce = self.successor_nonce
+        self.successor_job_id, self.successor_port, self.successor_nonce = "", 0, ""
+        self._save_state()
+        if self.server is not None:
+            self.server.ip, self.server.port = node, self.port
+            db = getattr(self.user, "db", None)
+            if db is not None:
+                db.commit()
+        proxy = getattr(self.user, "settings", {}).get("proxy")
+        if proxy is not None:
+            await proxy.add_user(self.user, self.name)
+        switched = time.monotonic()
+        self.log.info("chspawner: %s moved from job %s on %s to job %s on %s: queued and "
+                      "started in %.1f s, route switched %.3f s after its server answered",
+                      self._log_name, old_job, old_node, self.job_id, node,
+                      answered - submitted, switched - answered)
+        try:
+            await self.slurm().cancel(old_job)
+        except SlurmError as e:
+            self.log.warning("chspawner: scancel %s: %s", old_job, e)
+        return True
+
+    async def _submit_successor(self) -> None:
+        """Queue the successor: the same command and request, a port of
+        its own (the admin's fixed one on another node) and a new token
+        for its listening report."""
+        fixed = not getattr(self, "_port_picked", False)
+        port, nonce = (self.port if fixed else random_port()), secrets.token_hex(16)
+        exclude = [f"--exclude={self.node}"] if fixed and self.node else []
+        saved = self.port, self.spawn_nonce
+        self.port, self.spawn_nonce = port, nonce
+        try:
+            argv = self.job_argv(exclude=exclude)
+            env = {**self.get_env(), NONCE_ENV: nonce, **self.slurm_env,
+                   # (its JupyterLab says so, once)
+                   "CHSPAWNER_MOVED_FROM": f"job {self.job_id} on {self.node}"}
+        finally:
+            self.port, self.spawn_nonce = saved
+        self.successor_job_id = await self.slurm().submit(argv, env=env)
+        self.successor_port, self.successor_nonce = port, nonce
+        self._save_state()
+
+    async def _wait_successor(self) -> str:
+        """The successor's node once its server answers there, proven the
+        user's own; "" if it ends first, or the old job does."""
+        watch = self.job_watch()
+        while True:
+            try:
+                succ = await watch.job(self.successor_job_id)
+                old = await watch.job(self.job_id, max_age=self.slurm_poll_interval)
+            except SlurmError:
+                continue  # (an outage: each look waits for the next round)
+            if not succ.alive or not old.alive:
+                self.log.warning("chspawner: %s: successor job %s %s before it answered",
+                                 self._log_name, self.successor_job_id,
+                                 "ended" if not succ.alive else "did not start: the old job "
+                                 "ended first")
+                return ""
+            if succ.state is not JobState.RUNNING or not succ.node:
+                continue
+            report = read_report(self.report_path(), self.user_uid(), self.successor_nonce)
+            if report and report["status"] == TAKEN:
+                self.log.warning("chspawner: %s: successor's port %d on %s is taken",
+                                 self._log_name, self.successor_port, succ.node)
+                return ""
+            if report and report["status"] == MINE and report.get("node") == succ.node \
+                    and report.get("port") == self.successor_port \
+                    and await _answers(succ.node, self.successor_port):
+                return succ.node
+
+    async def _drop_successor(self) -> None:
+        if self.successor_job_id:
+            try:
+                await self.slurm().cancel(self.successor_job_id)
+            except SlurmError as e:
+                self.log.warning("chspawner: scancel %s: %s", self.successor_job_id, e)
+        self.successor_job_id, self.successor_port, self.successor_nonce = "", 0, ""
+        self._save_state()
+
     # ------------------------------------------------------------- state --
 
     def get_state(self) -> dict:
@@ -690,7 +965,13 @@ class SlurmChSpawner(ChSpawner):
         if self.job_id:  # (image and mode come from ChSpawner)
             # The port too: the hub records it only once start() returns.
             state.update(job_id=self.job_id, node=self.node, port=self.port,
-                         spawn_nonce=self.spawn_nonce)
+                         spawn_nonce=self.spawn_nonce, keep_session=self.keep_session)
+        if self.successor_job_id:
+            state.update(successor_job_id=self.successor_job_id,
+                         successor_port=self.successor_port,
+                         successor_nonce=self.successor_nonce)
+        if self.last_end:
+            state["last_end"] = self.last_end
         return state
 
     def load_state(self, state: dict) -> None:
@@ -698,12 +979,19 @@ class SlurmChSpawner(ChSpawner):
         self.job_id = state.get("job_id", "")
         self.node = state.get("node", "")
         self.spawn_nonce = state.get("spawn_nonce", "")
+        self.keep_session = bool(state.get("keep_session"))
+        self.successor_job_id = state.get("successor_job_id", "")
+        self.successor_port = state.get("successor_port", 0)
+        self.successor_nonce = state.get("successor_nonce", "")
+        self.last_end = state.get("last_end", "")
         if state.get("port"):
             self.port = state["port"]
 
     def clear_state(self) -> None:
         super().clear_state()
         self.job_id = self.node = self.spawn_nonce = ""
+        self.successor_job_id, self.successor_port, self.successor_nonce = "", 0, ""
+        # (last_end stays: it is about the server that ended.)
 
 
 async def _answers(host: str, port: int) -> bool:

@@ -77,6 +77,12 @@ c.SlurmChSpawner.constraint = CONSTRAINT
 # The site's set-up before every server starts, in its job (the admin's
 # lines, never a user's; a failing line doesn't stop the job).
 c.SlurmChSpawner.job_setup = ["[ -r /etc/profile.d/site.sh ] && . /etc/profile.d/site.sh"]
+# Sessions past the time limit: the form offers "keep my session" (a
+# successor job queued move_lead seconds before the end takes over; the
+# route switches once its server answers). JupyterLab warns at these minutes.
+c.SlurmChSpawner.walltime_move = "offer"
+c.SlurmChSpawner.move_lead = 600
+c.SlurmChSpawner.walltime_warnings = [15, 5]
 c.Spawner.start_timeout = 600           # a job may wait in the queue
 c.Spawner.http_timeout = 120
 # JupyterHub's own poll stays at its default or longer: the session

@@ -3,6 +3,7 @@ through the hub to JupyterLab, the steps a user takes (log in, spawn,
 open a notebook, run a cell), and what to show when a step fails."""
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 from pathlib import Path
@@ -17,6 +18,22 @@ FAILURE_SCREENSHOT = Path("/tmp/chspawner-browser-failure.png")
 # Generous, in milliseconds as Playwright counts: CI machines may have 2
 # cores, and JupyterLab's first load there can take tens of seconds.
 PAGE_MS, SPAWN_MS, LAB_MS, KERNEL_MS = 30_000, 180_000, 120_000, 120_000
+
+
+def screenshot(page: Page, name: str) -> None:
+    """What the user sees, for the docs (docs/user/img), where the
+    environment's CHSPAWNER_SCREENSHOTS says (nothing when unset): once the
+    notifications have slid in, JupyterLab's own offer of news declined."""
+    directory = os.environ.get("CHSPAWNER_SCREENSHOTS")
+    if not directory:
+        return
+    news = page.locator(".Toastify__toast", has_text="official Jupyter news")
+    if news.count():
+        news.get_by_role("button", name="No", exact=True).click()
+        expect(news).to_have_count(0)
+    expect(page.locator(".Toastify__toast.Toastify--animate")).to_have_count(0)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(Path(directory, name)))
 
 
 def log_in(page: Page, hub: Hub, password: str) -> None:

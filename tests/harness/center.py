@@ -33,18 +33,22 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import shutil
 import subprocess
 import tempfile
 import textwrap
+import uuid
 from pathlib import Path
 
 from chspawner.images.trees import remove_tree
 from tests.harness.cluster import Cluster
 from tests.harness.env import REPO, VENV_BIN
 from tests.harness.hub import Hub
+from tests.harness.kernel_client import kernels_url, send, start_kernel, warm_up
 from tests.harness.net import free_port
+from tests.harness.wait import wait_until
 
 CENTER_CONFIG = REPO / "docs" / "admin" / "center_jupyterhub_config.py"
 #: The session manager's service name in the center's configuration.
@@ -53,6 +57,9 @@ SESSIONS = "chspawner-sessions"
 SITE_IMAGES = {"python": "deb", "jupyter": "jupyter"}
 # The least the tests ask of the hub's API (admin:server_state: a server's
 # job id and node).
+#: The center's "python" image's kernel, and code that says where it runs.
+KERNEL = "chspawner-python--python3"
+WHERE = "import socket; print(socket.gethostname())"
 TESTER_SCOPES = ["admin:users", "admin:servers", "access:servers", "read:users",
                  "tokens", "admin:server_state"]
 
@@ -141,6 +148,8 @@ class CenterHub(Hub):
             # Answer a spawn request at once (202); the progress stream is
             # followed, as the spawn page does.
             c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
+            # A time limit a test shortens is noticed within a second.
+            c.SlurmChSpawner.walltime_check_interval = 1.0
             c.JupyterHub.services.append({{"name": "tester", "api_token": {self.token!r}}})
             c.JupyterHub.load_roles.append({{"name": "tester", "services": ["tester"],
                                              "scopes": {TESTER_SCOPES!r}}})
@@ -171,6 +180,19 @@ class CenterHub(Hub):
         self.stop()
 
 
+def shorten(hub: CenterHub, job: str, left_s: int) -> None:
+    """The admin's scontrol: the job's time limit now ends about
+    ``left_s`` seconds from now (Slurm counts whole minutes)."""
+    elapsed = hub.cluster.run("squeue", "-h", "-j", job, "-o", "%M").stdout.strip()
+    days, _, clock = elapsed.rpartition("-")  # ([D-][HH:]MM:SS)
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part)
+    seconds += int(days or 0) * 86400
+    minutes = (seconds + left_s) // 60 + 1
+    hub.cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}")
+
+
 def listening(cluster: Cluster, node: str, uid: int) -> set[tuple[str, int]]:
     """The (address, port) pairs on which uid's processes listen on node (TCP)."""
     out = cluster.run_on(node, "ss", "-H", "-l", "-t", "-n", "-e").stdout
@@ -182,3 +204,33 @@ def listening(cluster: Cluster, node: str, uid: int) -> set[tuple[str, int]]:
         address, _, port = fields[3].rpartition(":")
         found.add((address.strip("[]"), int(port)))
     return found
+
+
+# ------------------------------------------ the user's kernels' jobs ---
+
+def kernel_jobs(hub: CenterHub) -> dict[str, str]:
+    """{job id: node} of the user's running kernel jobs."""
+    out = hub.cluster.run("squeue", "-h", "-u", hub.user, "-t", "RUNNING",
+                          "-o", "%i %N %j").stdout
+    return {job: node for job, node, name in (line.split(" ", 2) for line in out.splitlines())
+            if name.startswith("chspawner-kernel-")}
+
+
+def end_kernel_jobs(hub: CenterHub) -> None:
+    """After a test: no kernel job of the user's left for the next one (a
+    server stopped after a failure may not have ended them)."""
+    if kernel_jobs(hub):
+        hub.cluster.run("scancel", "-u", hub.user, "-t", "RUNNING,PENDING", check=False)
+    wait_until(lambda: not kernel_jobs(hub), "the kernel jobs to end", 30)
+
+
+async def start_cell(http, hub: CenterHub, code: str):
+    """A new kernel, a websocket to it at the session's URL with a client
+    session id of its own, and ``code`` running in it:
+    (kernel, the websocket's URL, the websocket, the transcript)."""
+    kernel = await start_kernel(http, hub, KERNEL)
+    url = f"{kernels_url(hub)}/{kernel}/channels?session_id={uuid.uuid4().hex}"
+    url = url.replace("http", "ws", 1)
+    ws = await http.ws_connect(url)
+    await warm_up(ws)
+    return kernel, url, ws, await send(ws, code)

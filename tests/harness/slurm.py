@@ -20,6 +20,14 @@ For tests of what a job asks for: ``features(node, ...)`` and
 slurmctld) and ``submissions()`` (what slurmctld received, QOS included,
 which Slurm drops without accounting).
 
+For tests of how jobs end, opt-in (each changes what every job on the
+cluster gets): ``accounting`` (slurmdbd on a throwaway MariaDB,
+tests/harness/slurmdbd.py: sacct, and who cancelled a job),
+``memory_limits`` (task/cgroup with ConstrainRAMSpace and memory a
+consumable resource: a job over its --mem is killed, OUT_OF_MEMORY) and
+``preemption`` (a second partition, ``urgent``, on the same node, whose
+jobs preempt the default partition's: PREEMPTED).
+
 Clients as the unprivileged test user go through scripts/as-user.sh with
 ``env SLURM_CONF=...``; other programs that call Slurm clients (spawners)
 need ``cluster.env`` in their environment.
@@ -47,7 +55,7 @@ from pathlib import Path
 import pytest
 
 # A module attribute, not a copy: tests replace it (a port taken on purpose).
-from tests.harness import net, procs
+from tests.harness import net, procs, slurmdbd
 from tests.harness.env import AS_USER
 from tests.harness.text import tail
 
@@ -63,6 +71,11 @@ MIN_CPUS = 8
 # scancel sends SIGTERM, then SIGKILL after KillWait (default 30 s); a
 # kernel that ignores SIGTERM shouldn't hold a test up that long.
 KILL_WAIT = 5
+# With memory_limits: what a job that names no --mem may use (memory is a
+# consumable resource then, so the default must leave room for the others).
+DEF_MEM_PER_CPU = 1024  # MB
+# With preemption: the partition whose jobs preempt the default one's.
+URGENT_PARTITION = "urgent"
 
 # Job states after which a job never runs again (squeue's long names).
 TERMINAL_STATES = frozenset({
@@ -105,6 +118,14 @@ def _client_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 # --- one daemon ----------------------------------------------------------------
@@ -196,7 +217,9 @@ class Slurm:
     SLURMD_FILES = "slurmd"
 
     def __init__(self, workdir: Path | None = None, *, cpus: int | None = None,
-                 partition: str = "debug", cluster_name: str = "chspawner-test"):
+                 partition: str = "debug", cluster_name: str = "chspawner-test",
+                 accounting: bool = False, memory_limits: bool = False,
+                 preemption: bool = False):
         self._own_workdir = workdir is None
         # /tmp, not $TMPDIR: munged wants every directory above its socket
         # open to all users, and the test user's clients need the conf.
@@ -216,6 +239,11 @@ class Slurm:
         self.munge_socket = self.munge_dir / "munge.socket"
         self.ports: tuple[int, int] | None = None   # slurmctld's, slurmd's
         self._daemons: dict[str, _Daemon] = {}
+        # The opt-in parts (see the module's docstring).
+        self.accounting, self.memory_limits = accounting, memory_limits
+        self.urgent_partition = URGENT_PARTITION if preemption else None
+        self.database: slurmdbd.MariaDB | None = None
+        self.dbd_port = 0
 
     def __enter__(self) -> Slurm:
         return self.start()
@@ -284,8 +312,17 @@ class Slurm:
         for log in (self.workdir / "slurmctld.log", *self.workdir.glob("slurmd*.log")):
             log.unlink(missing_ok=True)
         self.ports = (net.free_port(), net.free_port())
+        if self.accounting:
+            self._start_accounting(deadline)
         self.conf.write_text(self._config(hardware))
         self.conf.chmod(0o644)
+        if self.memory_limits:
+            # (slurmd reads cgroup.conf beside slurm.conf) autodetect: v1 on
+            # a machine with v1's memory controller, v2 on a unified one.
+            # No swap: a job over its memory is killed, not swapped out.
+            (self.workdir / "cgroup.conf").write_text(
+                "CgroupPlugin=autodetect\nConstrainRAMSpace=yes\n"
+                "ConstrainSwapSpace=yes\nAllowedSwapSpace=0\n")
         # (slurmd reads gres.conf beside slurm.conf)
         (self.workdir / "gres.conf").write_text("".join(
             f"NodeName={self.node} Name=gpu File={device}\n" for device in self.GPU_FILES))
@@ -295,6 +332,35 @@ class Slurm:
                            log_path=self.workdir / "slurmctld.log", env=daemon_env)
         self._poll(ctld, self._controller_up, deadline, "did not answer ping")
         self._start_nodes(daemon_env, deadline)
+
+    def _start_accounting(self, deadline: float) -> None:
+        """MariaDB, then slurmdbd on it (before slurmctld, which asks it
+        for its TRES as it starts). slurmctld registers the cluster itself;
+        with no AccountingStorageEnforce, jobs need no association."""
+        if not slurmdbd.available():
+            raise SlurmError("accounting: mariadb-server or slurmdbd missing: run "
+                             "scripts/setup-system.sh")
+        self.database = slurmdbd.MariaDB(self.workdir / "mariadb", net.free_port())
+        self.database.install()
+        db = self._spawn("mariadb", self.database.argv(),
+                         log_path=self.database.log_path)
+        self._poll(db, self.database.up, deadline, "did not answer")
+        self.database.create_user()
+        self.dbd_port = net.free_port()
+        # slurmdbd reads slurmdbd.conf beside $SLURM_CONF's slurm.conf, and
+        # wants it its SlurmUser's alone (it holds the database password).
+        dbd_conf = self.workdir / "slurmdbd.conf"
+        dbd_conf.write_text("\n".join([
+            "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}",
+            "DbdAddr=127.0.0.1", f"DbdHost={self.node}", f"DbdPort={self.dbd_port}",
+            "SlurmUser=root", f"LogFile={self.workdir / 'slurmdbd.log'}",
+            f"PidFile={self.workdir / 'slurmdbd.pid'}",
+            *self.database.slurmdbd_lines(), ""]))
+        dbd_conf.chmod(0o600)
+        dbd = self._spawn("slurmdbd", ["slurmdbd", "-D"],
+                          log_path=self.workdir / "slurmdbd.log",
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **self.env})
+        self._poll(dbd, lambda: _listening(self.dbd_port), deadline, "did not listen")
 
     def _start_nodes(self, env: Mapping[str, str], deadline: float) -> None:
         """cluster hook: every node's slurmd, each node idle after."""
@@ -321,11 +387,45 @@ class Slurm:
 
     def _nodes_config(self, hardware: Mapping[str, str]) -> list[str]:
         """cluster hook: the NodeName and PartitionName lines."""
-        return [
+        lines = [
             f"NodeName={self.node} NodeAddr=127.0.0.1 {self._node_size(hardware)} "
             f"Gres=gpu:{len(self.GPU_FILES)} State=UNKNOWN",
             f"PartitionName={self.partition} Nodes={self.node} Default=YES "
             "MaxTime=INFINITE State=UP"]
+        if self.urgent_partition:
+            # partition_prio: a job of the higher tier that needs the node
+            # preempts the lower tier's jobs there (PreemptMode=CANCEL below).
+            lines[-1] += " PriorityTier=1"
+            lines.append(f"PartitionName={self.urgent_partition} Nodes={self.node} "
+                         "MaxTime=INFINITE State=UP PriorityTier=2")
+        return lines
+
+    def _ending_config(self) -> list[str]:
+        """slurm.conf's lines for the opt-in parts (accounting, memory
+        limits, preemption), in place of the defaults they change."""
+        lines = []
+        if self.accounting:
+            lines += ["AccountingStorageType=accounting_storage/slurmdbd",
+                      "AccountingStorageHost=127.0.0.1",
+                      f"AccountingStoragePort={self.dbd_port}",
+                      # (for MUNGE, the socket to the dbd's munged: ours)
+                      f"AccountingStoragePass={self.munge_socket}"]
+        else:
+            lines.append("AccountingStorageType=accounting_storage/none")
+        if self.memory_limits:
+            lines += ["TaskPlugin=task/cgroup",
+                      # Memory a consumable resource, so a job's --mem is its
+                      # allocation, which task/cgroup enforces.
+                      "SelectTypeParameters=CR_Core_Memory",
+                      f"DefMemPerCPU={DEF_MEM_PER_CPU}",
+                      # cgroup v1 paths hold the job id: not another
+                      # cluster's on this machine (they all count from 1).
+                      f"FirstJobId={1_000_000 + os.getpid() % 1000 * 10_000}"]
+        else:
+            lines += ["TaskPlugin=task/none", "SelectTypeParameters=CR_Core"]
+        if self.urgent_partition:
+            lines += ["PreemptType=preempt/partition_prio", "PreemptMode=CANCEL"]
+        return lines
 
     def _extra_config(self) -> list[str]:
         """cluster hook: more slurm.conf lines."""
@@ -354,11 +454,10 @@ class Slurm:
             f"SlurmdPidFile={work / f'{slurmd}.pid'}",
             f"SlurmctldLogFile={work / 'slurmctld.log'}",
             f"SlurmdLogFile={work / f'{slurmd}.log'}",
-            # No cgroups and no accounting: neither works (nor is needed) here.
+            # No cgroups and no accounting unless asked for (_ending_config):
+            # tests of how jobs end need them, nothing else does.
             "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             # slurmctld logs what each job was submitted with (submissions()):
             # the QOS asked for among it, which without accounting Slurm
@@ -367,14 +466,16 @@ class Slurm:
             "MpiDefault=none",
             "GresTypes=gpu",
             "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
+            *self._ending_config(),
             # Trust the CPUs below over the hardware slurmd finds.
             "SlurmdParameters=config_overrides",
             # The node goes idle as soon as slurmd registers.
             "ReturnToService=2",
             # Schedule on the controller's 1 s tick: a batch job starts within
             # ~1 s, not ~3 s (srun's allocations are immediate either way).
-            "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0",
+            # Backfill every second (default 30 s): a pending job's expected
+            # start (squeue --start) is known at once.
+            "SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,bf_interval=1",
             f"KillWait={KILL_WAIT}",
             *self._extra_config()]
 
@@ -455,7 +556,8 @@ class Slurm:
         ctld = self._daemons.get("slurmctld")
         if ctld is None or not ctld.alive():
             return None
-        self.run("scancel", f"--partition={self.partition}", check=False)
+        for partition in filter(None, (self.partition, self.urgent_partition)):
+            self.run("scancel", f"--partition={partition}", check=False)
         deadline = time.monotonic() + STOP_TIMEOUT
         while True:
             result = self.run("squeue", "--noheader", "--format=%i %T", check=False)
@@ -480,7 +582,7 @@ class Slurm:
     def _remove_files(self) -> None:
         # slurmctld under a non-root SlurmUser can't unlink its pid file,
         # and a SIGKILLed daemon never does: remove them whatever happened.
-        for pid_file in ("slurmctld.pid", "munge/munged.pid"):
+        for pid_file in ("slurmctld.pid", "slurmdbd.pid", "munge/munged.pid"):
             (self.workdir / pid_file).unlink(missing_ok=True)
         for pid_file in self.workdir.glob("slurmd*.pid"):
             pid_file.unlink(missing_ok=True)

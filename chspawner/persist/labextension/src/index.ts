@@ -18,6 +18,7 @@ import { Kernel, KernelMessage } from '@jupyterlab/services';
 
 import { ForeignOutputs, ICellLike } from './foreign';
 import { Reconnector } from './retry';
+import sessionPlugin from './session';
 import { persistingWebSocket, ReceivedStore } from './socket';
 import { onlyServerWrites, outputsRecord, sourcesOf } from './sources';
 import { acceptDiskVersion } from './upstream';
@@ -296,4 +297,5 @@ const plugin: JupyterFrontEndPlugin<void> = {
   activate
 };
 
-export default plugin;
+// (and the session's Slurm jobs: session.ts)
+export default [plugin, sessionPlugin];
