@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.harness.browser import (CHROMIUM, PAGE_MS, SPAWN_MS, explain, log_in_and_spawn,
                                    screenshot)
-from tests.harness.hub import Hub, user_server
+from tests.harness.hub import Hub, slurm_spawner_config, user_server
 from tests.harness.wait import wait_until
 
 PASSWORD = secrets.token_hex(8)
@@ -29,14 +28,8 @@ PASSWORD = secrets.token_hex(8)
 
 @pytest.fixture(scope="module")
 def hub(user, kernel_store, slurm) -> Iterator[Hub]:
-    extra = textwrap.dedent(f"""
-        c.DummyAuthenticator.password = "{PASSWORD}"
-        c.JupyterHub.spawner_class = "slurmchspawner"
-        c.SlurmChSpawner.slurm_env = {slurm.env!r}
-        c.SlurmChSpawner.partitions = ["{slurm.partition}"]
-        c.SlurmChSpawner.max_cpus = 2
-    """)
-    hub = Hub(kernel_store, user.pw_name, extra_config=extra)
+    extra = f'c.DummyAuthenticator.password = "{PASSWORD}"\n'
+    hub = Hub(kernel_store, user.pw_name, extra_config=slurm_spawner_config(slurm) + extra)
     yield hub
     hub.stop()
 

@@ -31,7 +31,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tests.harness.browser import (CHROMIUM, KERNEL_MS, LAB_MS, PAGE_MS, SPAWN_MS,
                                    delete_notebooks, explain, log_in_and_spawn, open_notebook,
                                    screenshot)
-from tests.harness.hub import Hub, stop_server
+from tests.harness.hub import Hub, slurm_spawner_config, stop_server
 from tests.harness.wait import wait_until
 
 PASSWORD = secrets.token_hex(8)
@@ -48,14 +48,10 @@ SHOWN_MS = 60_000
 def hub(user, kernel_store, slurm) -> Iterator[Hub]:
     extra = textwrap.dedent(f"""
         c.DummyAuthenticator.password = "{PASSWORD}"
-        c.JupyterHub.spawner_class = "slurmchspawner"
-        c.SlurmChSpawner.slurm_env = {slurm.env!r}
-        c.SlurmChSpawner.partitions = ["{slurm.partition}"]
-        c.SlurmChSpawner.max_cpus = 2
         c.SlurmChSpawner.args = ["--SessionStatus.poll_seconds={POLL_S}",
                                  "--SessionStatus.max_age={MAX_AGE_S}"]
     """)
-    hub = Hub(kernel_store, user.pw_name, extra_config=extra)
+    hub = Hub(kernel_store, user.pw_name, extra_config=slurm_spawner_config(slurm) + extra)
     yield hub
     hub.stop()
 

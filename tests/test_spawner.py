@@ -19,7 +19,7 @@ import pytest
 from chspawner.images.trees import remove_tree
 from tests.harness.env import REPO
 from tests.harness.hub import (Hub, kernel_in_server, server_state, spawn, spawn_page,
-                                stop_server, user_server)
+                                slurm_spawner_config, stop_server, user_server)
 from tests.harness.wait import wait_until
 
 
@@ -373,13 +373,7 @@ def test_the_job_log_directory_is_made_private_or_says_why_not(tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm_hub(user, kernel_store, slurm):
-    extra = textwrap.dedent(f"""
-        c.JupyterHub.spawner_class = "slurmchspawner"
-        c.SlurmChSpawner.slurm_env = {slurm.env!r}
-        c.SlurmChSpawner.partitions = ["{slurm.partition}"]
-        c.SlurmChSpawner.max_cpus = 2
-    """)
-    hub = Hub(kernel_store, user.pw_name, extra_config=extra)
+    hub = Hub(kernel_store, user.pw_name, extra_config=slurm_spawner_config(slurm))
     yield hub
     hub.stop()
 

@@ -516,20 +516,22 @@ class ReplayingKernelConnection(BatchedReplay, WebsocketConnectionHooks,
         cell the kernel was running, and shows nothing more in it): a kernel
         whose job ended by itself is told so, in words, in that cell's
         output (see the kernel manager's notice_before_restart)."""
-        km = self.kernel_manager
-        before = getattr(km, "notice_before_restart", None)
-        words = before(self.session.session) if before is not None else ""
-        if words:
-            try:
-                self.write_stderr(words, km.running_cell or {})
-            except WebSocketClosedError:
-                km.told_before_restart.discard(self.session.session)
+        if not self._say_before_restart():
+            # (told again when the client reconnects)
+            self.kernel_manager.told_before_restart.discard(self.session.session)
         super().on_kernel_restarted()
 
     def on_restart_failed(self) -> None:
         """Before the client hears "dead": a kernel not restarted (its job
         was cancelled on purpose, see the kernel manager's
-        KernelJobRestarter) is told why, in words, in the running cell."""
+        KernelJobRestarter) is told why, in words, in the running cell.
+        (Gone for good: no later connection to tell if this one is closed.)"""
+        self._say_before_restart()
+        super().on_restart_failed()
+
+    def _say_before_restart(self) -> bool:
+        """The kernel manager's words for this client session (if any), on
+        the running cell's output; False if the socket was closed."""
         km = self.kernel_manager
         before = getattr(km, "notice_before_restart", None)
         words = before(self.session.session) if before is not None else ""
@@ -537,8 +539,8 @@ class ReplayingKernelConnection(BatchedReplay, WebsocketConnectionHooks,
             try:
                 self.write_stderr(words, km.running_cell or {})
             except WebSocketClosedError:
-                pass  # (the kernel is gone for good: no later connection to tell)
-        super().on_restart_failed()
+                return False
+        return True
 
     def _tell_notice(self) -> None:
         """The kernel's notice (it was lost with its node, see the kernel

@@ -580,7 +580,10 @@ class SlurmChSpawner(ChSpawner):
             report = self._report()
             if report and report["status"] == TAKEN:
                 # (Its server can't listen there: the job ends, if it has
-                # not yet; the hub stops it, which cancels it.)
+                # not yet; the hub stops it, which cancels it. Its node is
+                # forgotten first: stop() must not connect to that port,
+                # another user's process.)
+                self.node = ""
                 raise SpawnFailed(f"port {self.port} on node {report.get('node')} is taken "
                                   "by another user's process; your server was not "
                                   "connected to it. " + self.port_advice())

@@ -145,6 +145,17 @@ class Hub:
             remove_tree(self.dir)
 
 
+def slurm_spawner_config(slurm) -> str:
+    """A hub's configuration lines for SlurmChSpawner on the one-node test
+    cluster (``slurm``: tests/harness/slurm.py), for a Hub's extra_config."""
+    return textwrap.dedent(f"""
+        c.JupyterHub.spawner_class = "slurmchspawner"
+        c.SlurmChSpawner.slurm_env = {slurm.env!r}
+        c.SlurmChSpawner.partitions = ["{slurm.partition}"]
+        c.SlurmChSpawner.max_cpus = 2
+    """)
+
+
 async def spawn(hub: Hub, options: dict) -> dict:
     """POST the server with ``options``; follow the progress stream to the
     end. Returns the status, the reply and the progress messages."""
