@@ -634,19 +634,24 @@ class SlurmChSpawner(ChSpawner):
         by each spawn)."""
         return Path(self.report_dir.format(home=self._home_dir())) / f"{self.server_stem()}.json"
 
-    def _report(self) -> dict | None:
-        """The job's listening report of this spawn, if it wrote one yet."""
-        if not self.spawn_nonce:
+    def _report(self, nonce: str | None = None) -> dict | None:
+        """The job's listening report of this spawn (or of the job whose
+        token is ``nonce``: a successor's), if it wrote one yet."""
+        nonce = self.spawn_nonce if nonce is None else nonce
+        if not nonce:
             return None
-        return read_report(self.report_path(), self.user_uid(), self.spawn_nonce)
+        return read_report(self.report_path(), self.user_uid(), nonce)
 
-    def _proven(self, report: dict | None) -> bool:
+    def _proven(self, report: dict | None, node: str | None = None,
+                port: int | None = None) -> bool:
         """Whether the job reported, from the server's node, that the
-        user's own process, alone, listens on the server's port: only
-        then is the server routed to. Without a nonce (a job submitted
-        before chspawner checked this) nothing proves it."""
+        user's own process, alone, listens on the server's port (or on
+        ``node`` and ``port``: a successor's): only then is the server
+        routed to. Without a nonce (a job submitted before chspawner
+        checked this) nothing proves it."""
         return bool(report) and report["status"] == MINE and \
-            report.get("node") == self.node and report.get("port") == self.port
+            report.get("node") == (self.node if node is None else node) and \
+            report.get("port") == (self.port if port is None else port)
 
     async def _waiting_words(self, job: Job) -> str:
         """What the spawn page says of a job not yet running: pending, why
@@ -942,13 +947,12 @@ class SlurmChSpawner(ChSpawner):
                 return ""
             if succ.state is not JobState.RUNNING or not succ.node:
                 continue
-            report = read_report(self.report_path(), self.user_uid(), self.successor_nonce)
+            report = self._report(self.successor_nonce)
             if report and report["status"] == TAKEN:
                 self.log.warning("chspawner: %s: successor's port %d on %s is taken",
                                  self._log_name, self.successor_port, succ.node)
                 return ""
-            if report and report["status"] == MINE and report.get("node") == succ.node \
-                    and report.get("port") == self.successor_port \
+            if self._proven(report, succ.node, self.successor_port) \
                     and await _answers(succ.node, self.successor_port):
                 return succ.node
 
