@@ -76,6 +76,8 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from chspawner.provisioner.hooks import Adoptable, KernelJobHost
 from chspawner.provisioner.launchers import (AdoptedProcess, BatchJob, Launcher, LocalProcess,
                                              SrunStep, register_kernel_job)
+from chspawner.provisioner.session_state import (SNAPSHOTS, is_ipykernel,
+                                                  recording_command, stage_recorder)
 from chspawner.provisioner.settings import ProvisionerSettings, SettingsError
 from chspawner.provisioner.transport import TransportError, clear_ipc, ipc_bound, ipc_prefix
 from chspawner.runtime.launcher import SQUASH_SUFFIX, Fail, find_image
@@ -190,8 +192,11 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
             cmd[0] = self.kernel_spec.argv[0]
         self._check_command(image, cmd)
         self._program = cmd[0]
+        env = dict(settings.env)
+        if settings.session_state:
+            cmd = self._record_session(cmd, env)
         spec = RunSpec(
-            image=image, command=cmd, binds=list(settings.binds), env=dict(settings.env),
+            image=image, command=cmd, binds=list(settings.binds), env=env,
             devices=list(settings.devices),
             image_env=_has_environment(image), home=self._home(),
             cwd=self._container_cwd(kwargs.get("cwd")))
@@ -332,6 +337,21 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         with os.fdopen(fd, "w") as f:
             json.dump(info, f, indent=1)
         return inside / self._staging.relative_to(base) / "kernel.json"
+
+    def _record_session(self, cmd: list[str], env: dict[str, str]) -> list[str]:
+        """An ipykernel kernel started with chspawner's session recorder
+        (settings ``session_state``), its snapshots under the user's home;
+        any other kernel, or one without a view of the home, as it is."""
+        if not is_ipykernel(cmd) or not self._home():
+            self.log.warning("chspawner: session_state needs an ipykernel kernel "
+                             "(-m ipykernel_launcher) and the home bound: not recorded")
+            return cmd
+        base, inside = self._staging_base()
+        stage_recorder(self._staging)
+        snapshots = Path.home() / SNAPSHOTS
+        snapshots.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env["CHSPAWNER_SNAPSHOTS"] = str(Path("/home") / _username() / SNAPSHOTS)
+        return recording_command(cmd, inside / self._staging.relative_to(base) / "session")
 
     def _check_command(self, image: str, cmd: list[str]) -> None:
         """A kernel whose program isn't in the image fails now, clearly."""

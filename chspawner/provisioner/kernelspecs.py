@@ -206,13 +206,18 @@ def install_kernelspec(image: str, kernel: dict, name: str, display_name: str,
     return target
 
 
+def kernel_files(name: str) -> Path:
+    """A folder of the repository's kernels/ folder, which the wheel ships
+    as ``chspawner/kernels``."""
+    shipped = resources.files("chspawner") / "kernels"
+    if not shipped.is_dir():  # a source checkout or an editable install
+        shipped = Path(__file__).resolve().parents[2] / "kernels"
+    return Path(str(shipped / name))
+
+
 def kernel_template(name: str) -> dict:
-    """A kernelspec template (``kernel.json``) of the repository's kernels/
-    folder, which the wheel ships as ``chspawner/kernels``."""
-    templates = resources.files("chspawner") / "kernels"
-    if not templates.is_dir():  # a source checkout or an editable install
-        templates = Path(__file__).resolve().parents[2] / "kernels"
-    return json.loads((templates / name / "kernel.json").read_text())
+    """A kernelspec template (``kernel.json``) of the kernels/ folder."""
+    return json.loads((kernel_files(name) / "kernel.json").read_text())
 
 
 def default_kernel() -> dict:
@@ -221,4 +226,4 @@ def default_kernel() -> dict:
 
 
 __all__ = ["ContainerKernelSpecManager", "install_kernelspec", "spec_name",
-           "default_kernel", "kernel_template"]
+           "default_kernel", "kernel_files", "kernel_template"]

@@ -85,6 +85,12 @@ class ProvisionerSettings(HasTraits):
                  "publishes job states (the spawner gives its slurm_table_dir): the "
                  "kernels' jobs are listed there and their states read there, squeue "
                  "run here only when no fresh table comes. Empty: squeue here.")
+    session_state = Bool(
+        False, help="An ipykernel kernel records which cells make and change which "
+                    "variables, so that its session can be saved and restored in a new "
+                    "kernel (docs/user/kernel-state.md). Snapshots go under the user's "
+                    "~/.local/share/chspawner/snapshots; needs ``home``. The image needs "
+                    "nothing beyond ipykernel.")
     launch_timeout = Float(
         None, allow_none=True,
         help="Seconds the kernel has to bind its ports, queueing included "

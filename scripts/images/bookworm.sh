@@ -1,6 +1,8 @@
 #!/bin/bash
 # Image recipe "bookworm": Debian 12 minbase + python3 and ipykernel (a
-# Jupyter kernel to run in an image), for tests and demos.
+# Jupyter kernel to run in an image), with numpy and pandas (the values a
+# kernel's saved session must carry: docs/user/kernel-state.md), for tests
+# and demos. No cloudpickle: chspawner brings its own to the kernel.
 # Usage: bookworm.sh TARGET_DIR   (TARGET_DIR exists and is empty; run as root)
 # Any change to this file changes the cache key in scripts/build-image.sh.
 set -euo pipefail
@@ -28,7 +30,8 @@ if mount -t proc proc "$t/proc" 2>/dev/null; then
     trap 'exit 130' INT TERM HUP   # run the EXIT trap when interrupted too
 fi
 in_chroot apt-get update
-in_chroot apt-get install -y --no-install-recommends python3 python3-ipykernel
+in_chroot apt-get install -y --no-install-recommends python3 python3-ipykernel \
+    python3-numpy python3-pandas
 in_chroot apt-get clean
 if mountpoint -q "$t/proc"; then umount "$t/proc"; trap - EXIT INT TERM HUP; fi
 

@@ -1,0 +1,253 @@
+"""A kernel's session saved and restored in a new kernel process (issue 19's
+kernel side: kernels/ipykernel/session/chspawner_session.py).
+
+The unit tests read the recorder's planning on its own; the others run
+IPython in the test image (Debian's ipykernel, numpy and pandas; no
+cloudpickle, which chspawner brings), as the unprivileged user: one
+container records a session and saves it, a second, new one restores it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.harness.env import CHSPAWNER, VENV_BIN
+from tests.harness.users import as_user
+
+SESSION = Path(__file__).resolve().parent.parent / "kernels" / "ipykernel" / "session"
+sys.path.insert(0, str(SESSION))
+import chspawner_session as cs  # noqa: E402
+
+# ------------------------------------------------------------ planning --
+
+
+def cell(n, reads=(), writes=()):
+    return cs.CellRecord(n, f"cell {n}", set(reads), set(writes), 0.1, True)
+
+
+@pytest.mark.unit
+def test_plan_reruns_the_cells_that_made_what_cant_be_saved():
+    cells = [cell(1, writes={"big"}), cell(2, reads={"big"}, writes={"gen"})]
+    rerun, again, lost = cs.plan(cells, {"big", "gen"}, {"gen"})
+    assert rerun == [1] and again == {"gen"} and lost == {}
+
+
+@pytest.mark.unit
+def test_plan_remakes_what_a_rerun_cell_read_if_a_later_cell_changed_it():
+    # gen read x as cell 2 saw it; cell 3 changed x: x must be made again too.
+    cells = [cell(1, writes={"x"}), cell(2, reads={"x"}, writes={"gen"}),
+             cell(3, reads={"x"}, writes={"x"})]
+    rerun, again, _ = cs.plan(cells, {"x", "gen"}, {"gen"})
+    assert rerun == [0, 1, 2] and again == {"x", "gen"}
+
+
+@pytest.mark.unit
+def test_plan_reports_what_no_recorded_cell_made():
+    rerun, again, lost = cs.plan([], {"f"}, {"f"}, unrecorded={"f"})
+    assert rerun == [] and "before chspawner began recording" in lost["f"]
+
+
+@pytest.mark.unit
+def test_cell_names_tell_reads_from_changes():
+    names = cs.CellNames()
+    names.visit(cs.ast.parse("a.append(1)\nb[0] = 2\nm = c.mean()\ng = (x for x in d.items())"))
+    assert names.changed == {"a", "b"}
+    assert {"a", "b", "c", "d"} <= names.loaded
+
+
+# --------------------------------------------------- in the test image --
+
+SAVE = '''
+import json, os, sys
+sys.path.append("/mnt")
+from IPython.core.interactiveshell import InteractiveShell
+import chspawner_session as cs
+ip = InteractiveShell.instance()
+cs.load_ipython_extension(ip)
+for code in json.load(open("/srv/cells.json")):
+    assert ip.run_cell(code).success, code
+ip.run_cell("import random as _r, numpy as _np; _s = _r.getstate(); _n = _np.random.get_state(); "
+            "expected = (_r.random(), _np.random.rand()); _r.setstate(_s); _np.random.set_state(_n)")
+report = json.loads(cs.snapshot("k1", int(sys.argv[1])))
+ns = ip.user_ns
+report["expected"] = {"random": ns["expected"], "arr": ns["arr"].tolist()[:3],
+                      "arr_sum": float(ns["arr"].sum()), "df": ns["df"].to_dict(),
+                      "twice": ns["p"].twice()}
+print(json.dumps(report))
+'''
+
+RESTORE = '''
+import json, sys
+sys.path.append("/mnt")
+from IPython.core.interactiveshell import InteractiveShell
+import chspawner_session as cs
+ip = InteractiveShell.instance()
+cs.load_ipython_extension(ip)
+report = json.loads(cs.restore("k1"))
+if report["ok"]:
+    assert ip.run_cell(sys.argv[1]).success
+    report["got"] = ip.user_ns.get("got")
+print(json.dumps(report))
+'''
+
+CELLS = [
+    "import numpy as np, pandas as pd, random",
+    "random.seed(7); np.random.seed(5); arr = np.arange(200000, dtype=float)",
+    "df = pd.DataFrame({'a': range(4), 'b': list('wxyz')})",
+    "def double(x):\n    return 2 * x + k",
+    "k = 1",
+    "class P:\n    def __init__(self, v):\n        self.v = v\n"
+    "    def twice(self):\n        return double(self.v)",
+    "p = P(3); ps = [p, P(4)]",
+    "gen = (i * i for i in range(10)); first = next(gen)",
+    "fh = open('/srv/data.txt'); line = fh.readline()",
+    "arr += 1",
+]
+
+#: A cell run after the restore, using every kind of value.
+USE = ("import random; got = {'random': [random.random(), float(np.random.rand())], "
+       "'arr': arr.tolist()[:3], 'arr_sum': float(arr.sum()), 'df': df.to_dict(), "
+       "'twice': p.twice(), 'instance': isinstance(p, P) and ps[0] is p, "
+       "'gen': next(gen), 'line': line, 'fh': fh.readline()}")
+
+
+@pytest.fixture
+def session_dir(user, user_dir) -> Path:
+    """The recorder and a cloudpickle, where the container sees them
+    (/mnt), as the provisioner stages them; the session's files in /srv."""
+    import cloudpickle
+    staged = user_dir / "session"
+    shutil.copytree(SESSION, staged)
+    shutil.copytree(Path(cloudpickle.__file__).parent, staged / "cloudpickle")
+    (user_dir / "work").mkdir()
+    (user_dir / "work" / "cells.json").write_text(json.dumps(CELLS))
+    (user_dir / "work" / "save.py").write_text(textwrap.dedent(SAVE))
+    (user_dir / "work" / "restore.py").write_text(textwrap.dedent(RESTORE))
+    (user_dir / "work" / "data.txt").write_text("first line\nsecond line\n")
+    for path in [user_dir, *user_dir.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return user_dir
+
+
+def run_in_image(builtin, bookworm, where: Path, script: str, arg: str) -> dict:
+    out = builtin.ok("-b", f"{where}/session:/mnt", "-b", f"{where}/work:/srv",
+                     "--set-env=CHSPAWNER_SNAPSHOTS=/srv/snapshots",
+                     "--set-env=IPYTHONDIR=/srv/.ipython", str(bookworm), "--",
+                     "python3", f"/srv/{script}", arg, timeout=120)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_session_moves_to_a_new_kernel_process(builtin, bookworm, session_dir):
+    saved = run_in_image(builtin, bookworm, session_dir, "save.py", str(10**9))
+    assert saved["ok"], saved
+    assert {"arr", "df", "p", "ps", "P", "double", "k", "np", "pd"} <= set(saved["saved"])
+    assert {"gen", "fh", "first", "line"} <= set(saved["rebuilt"])  # not picklable
+    assert "will be rebuilt by re-running cells [8], [9]" in saved["message"], saved
+    snapshot = session_dir / "work" / "snapshots" / "k1"
+    assert snapshot.stat().st_mode & 0o777 == 0o700
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in snapshot.iterdir())
+
+    restored = run_in_image(builtin, bookworm, session_dir, "restore.py", USE)
+    assert restored["ok"], restored
+    got, expected = restored["got"], saved["expected"]
+    assert got["random"] == expected["random"]  # random's and numpy's global states
+    assert got["arr"] == expected["arr"] and got["arr_sum"] == expected["arr_sum"]
+    assert got["df"] == expected["df"]
+    assert got["twice"] == expected["twice"] and got["instance"]
+    assert got["gen"] == 1  # rebuilt, and where it stood (first took 0)
+    assert got["line"] == "first line\n" and got["fh"] == "second line\n"
+    assert restored["rerun_cells"] == [8, 9] and not restored["lost"]
+    assert "Session restored from the snapshot of" in restored["message"]
+
+
+def test_a_value_over_the_size_limit_is_rebuilt_instead(builtin, bookworm, session_dir):
+    saved = run_in_image(builtin, bookworm, session_dir, "save.py", str(100_000))
+    assert saved["ok"], saved
+    # The array doesn't fit: its cells ([2], [10]) make it again instead.
+    assert "arr" not in saved["saved"] and saved["bytes"] < 100_000
+    assert "arr" in saved["rebuilt"] and 2 in saved["rerun_cells"] and not saved["lost"]
+
+
+def test_a_snapshot_others_could_write_is_never_loaded(builtin, bookworm, session_dir):
+    assert run_in_image(builtin, bookworm, session_dir, "save.py", str(10**9))["ok"]
+    snapshot = session_dir / "work" / "snapshots" / "k1"
+    os.chmod(snapshot / "manifest.json", 0o666)
+    refused = run_in_image(builtin, bookworm, session_dir, "restore.py", "got = 1")
+    assert not refused["ok"] and "not loaded" in refused["message"], refused
+    os.chmod(snapshot / "manifest.json", 0o600)
+    os.chmod(snapshot, 0o777)
+    refused = run_in_image(builtin, bookworm, session_dir, "restore.py", "got = 1")
+    assert not refused["ok"] and "only they can write" in refused["message"], refused
+
+
+# ------------------------------------- through the provisioner, a real kernel --
+
+DRIVER = '''
+import ast, json, sys
+from jupyter_client.manager import KernelManager
+km = KernelManager(kernel_name=sys.argv[1])
+km.start_kernel()
+kc = km.client(); kc.start_channels(); kc.wait_for_ready(timeout=60)
+
+def run(code):
+    out = []
+    reply = kc.execute_interactive(code, timeout=60,
+        output_hook=lambda m: out.append(m["content"].get("text", "")))
+    return reply["content"]["status"], "".join(out)
+
+def call(expression):
+    """What the server does: a silent execution, its answer as a user expression."""
+    reply = kc.execute_interactive("", silent=True, timeout=60,
+                                   user_expressions={"r": expression})
+    return json.loads(ast.literal_eval(reply["content"]["user_expressions"]["r"]["data"]["text/plain"]))
+
+report = {}
+for code in json.loads(sys.argv[2]):
+    assert run(code)[0] == "ok", code
+report["snapshot"] = call("__import__('chspawner_session').snapshot('k1')")
+pid = run("import os; print(os.getpid())")[1]
+km.restart_kernel(now=True)
+kc.wait_for_ready(timeout=60)
+report["new_process"] = run("import os; print(os.getpid())")[1] != pid
+report["restore"] = call("__import__('chspawner_session').restore('k1')")
+report["use"] = run(sys.argv[3])
+kc.stop_channels()
+km.shutdown_kernel(now=True)
+print(json.dumps(report))
+'''
+
+
+def test_a_provisioned_kernel_records_and_its_restart_restores(user, user_dir, kernel_store):
+    """The provisioner's ``session_state``: the image's own ipykernel (no
+    cloudpickle in the image), the recorder loaded, snapshots in the
+    user's home; saved, the kernel restarted as a new process, restored."""
+    prefix = user_dir / "prefix"
+    as_user(user.pw_name, str(CHSPAWNER), "kernel", "install", "-s", kernel_store,
+            "--prefix", str(prefix), "--name", "rec", "deb")
+    spec_file = prefix / "share/jupyter/kernels/rec/kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["session_state"] = True
+    spec_file.write_text(json.dumps(spec))
+    (user_dir / "driver.py").write_text(DRIVER)
+    os.chmod(user_dir / "driver.py", 0o644)
+    cells = ["import numpy as np", "a = np.ones(1000) * 3", "g = (x for x in range(3))"]
+    use = "print(float(a.sum()), next(g))"
+    result = as_user(user.pw_name, "env", f"TMPDIR={user_dir}",
+                     f"JUPYTER_PATH={prefix}/share/jupyter", str(VENV_BIN / "python"),
+                     str(user_dir / "driver.py"), "rec", json.dumps(cells), use,
+                     check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["snapshot"]["ok"] and report["snapshot"]["rebuilt"] == ["g"], report
+    assert report["new_process"]
+    assert report["restore"]["ok"] and report["restore"]["rerun_cells"] == [3], report
+    assert report["use"] == ["ok", "3000.0 0\n"]
+    home = Path(user.pw_dir) / ".local/share/chspawner/snapshots"
+    assert (home / "k1" / "manifest.json").stat().st_uid == user.pw_uid
+    shutil.rmtree(home / "k1")
