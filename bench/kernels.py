@@ -19,9 +19,8 @@ import pwd
 import subprocess
 import sys
 
-from bench.workdir import user_workdir
-from tests.harness.env import CHSPAWNER, TEST_USER, VENV_BIN
-from tests.harness.images import image_path, tarball
+from bench.workdir import install_test_image_kernel, user_workdir
+from tests.harness.env import TEST_USER, VENV_BIN
 from tests.harness.users import as_user_or_exit
 
 TARGET = 1.05
@@ -38,14 +37,7 @@ def main() -> int:
     args = parser.parse_args()
     user = pwd.getpwnam(TEST_USER)
     with user_workdir("kernels", "kernels_worker.py") as (work, home, worker):
-        debian = tarball(image_path("bookworm"), work / "debian.tar")
-        env = {"TMPDIR": str(home), "CH_IMAGE_STORAGE": str(home / "store"),
-               "JUPYTER_PATH": str(home / "share/jupyter"),
-               "JUPYTER_RUNTIME_DIR": str(home / "runtime")}
-        chspawner = str(CHSPAWNER)
-        as_user_or_exit(TEST_USER, chspawner, "import", "-q", str(debian), "deb", env=env)
-        as_user_or_exit(TEST_USER, chspawner, "kernel", "install", "--prefix", str(home),
-                        "deb", env=env)
+        env = install_test_image_kernel(work, home)
         native = home / "share/jupyter/kernels" / NATIVE
         native.mkdir(parents=True)
         native.joinpath("kernel.json").write_text(json.dumps({

@@ -14,6 +14,8 @@ echo "== images: chspawner pull vs skopeo copy + umoci unpack; import vs tar -x"
 "$CHSPAWNER_VENV/bin/python" -m bench.images --check
 echo "== kernels: in an image vs native; many at once"
 "$CHSPAWNER_VENV/bin/python" -m bench.kernels --check
+echo "== a kernel's session: snapshot and restore vs re-running the notebook; recording's overhead"
+"$CHSPAWNER_VENV/bin/python" -m bench.kernel_state --check
 echo "== kernels on a compute node (multi-node cluster): in an image vs native, srun and sbatch"
 "$CHSPAWNER_VENV/bin/python" -m bench.node_kernels --check
 echo "== listing kernels and images: records vs a walk of every image (50 images)"

@@ -166,9 +166,13 @@ def server_end_words(at_walltime: str = "") -> str:
     return "your server stops then: save your work"
 
 
-def kernel_end_words() -> str:
-    """What the end of a kernel's own job means to its user (the kernel is
-    started again in a new job, without its state)."""
+def kernel_end_words(moves_before: bool = False) -> str:
+    """What the end of a kernel's own job means to its user: the kernel is
+    started again in a new job, without its state; or (``moves_before``:
+    its session is recorded and kernels move before their limit, see
+    chspawner.persist.kernel_state) it moves first, its variables with it."""
+    if moves_before:
+        return "the kernel moves to a new job before then, its variables with it"
     return "the kernel restarts in a new job then: its variables are lost"
 
 

@@ -37,7 +37,8 @@ from collections.abc import Callable, Iterator
 import aiohttp
 import pytest
 
-from tests.harness.kernel_client import Transcript, connect, count_to, execute, start_cell
+from tests.harness.kernel_client import (Transcript, connect, count_to, execute, send,
+                                         start_kernel, warm_up)
 from tests.harness.servers import Servers
 from tests.harness.slurm import Slurm, SlurmError
 from tests.harness.wait import wait_until
@@ -141,10 +142,15 @@ def end_a_kernel_job(s: Servers, code: str, end: Callable[[str], None],
     async def scenario() -> tuple[str, Told]:
         await asyncio.to_thread(s.start)
         async with aiohttp.ClientSession(headers=s.headers) as http:
-            kernel, _, ws, t = await start_cell(http, s, code)
-            told = Told(t)
-            await read_until(ws, told, lambda told: told.t.stdout, 60)
+            kernel, session = await start_kernel(http, s), uuid.uuid4().hex
+            ws = await connect(http, s, kernel, session)
+            await warm_up(ws)
+            # The job before the cell runs: a cell that ends its own job
+            # (out of memory) may see the kernel restarted in a new job
+            # before its first output is read.
             job = str(s.records()[kernel]["provisioner_info"]["job_id"])
+            told = Told(await send(ws, code, session))
+            await read_until(ws, told, lambda told: told.t.stdout, 60)
             await asyncio.to_thread(end, job)
             await read_until(ws, told, lambda told: told.words and (
                 {"restarting", "dead"} & set(told.statuses)), timeout)

@@ -61,6 +61,49 @@ def test_cell_names_tell_reads_from_changes():
     assert {"a", "b", "c", "d"} <= names.loaded
 
 
+@pytest.mark.unit
+def test_a_function_that_changes_nothing_is_told_from_one_that_does():
+    def verdict(code):
+        return cs.changes_nothing(cs.ast.parse(code).body[0], cs.PURE_BUILTINS)
+    assert verdict("def scale(v, by=2):\n    total = v * by\n    total += 1\n    return total")
+    assert verdict("def first(xs):\n    out = list(xs)\n    out.append(1)\n    return sorted(out)")
+    assert not verdict("def push(xs):\n    xs.append(1)")
+    assert not verdict("def put(d):\n    d['k'] = 1")
+    assert not verdict("def grow():\n    global n\n    n = 1")
+    assert not verdict("def hand(xs):\n    other(xs)")  # other may change it
+
+
+@pytest.mark.unit
+def test_kernels_are_moved_when_idle_near_their_jobs_limit():
+    """The server's choice of kernels to move before their limit: idle,
+    recording, within move_lead, each job once (a fake kernel manager)."""
+    from types import SimpleNamespace
+
+    from chspawner.persist.kernel_state import KernelSessions, KernelState
+    from chspawner.slurm import Job, JobState
+
+    def kernel(end_time, state="idle", records=True, job_id="1"):
+        settings = SimpleNamespace(session_state=records)
+        job = Job(job_id, JobState.RUNNING, end_time=end_time)
+        return SimpleNamespace(execution_state=state, provisioner=SimpleNamespace(
+            settings=settings, last_job=job))
+
+    now = 1_000_000.0
+    kernels = {"near": kernel(now + 300, job_id="1"), "far": kernel(now + 3600, job_id="2"),
+               "busy": kernel(now + 300, state="busy", job_id="3"),
+               "plain": kernel(now + 300, records=False, job_id="4"),
+               "no-limit": kernel(None, job_id="5")}
+    manager = SimpleNamespace(list_kernel_ids=lambda: list(kernels),
+                              get_kernel=kernels.__getitem__,
+                              __contains__=lambda self, k: k in kernels)
+    sessions = KernelSessions(manager, KernelState(move_lead=600))
+    assert [k for k, _ in sessions.due_for_move(now)] == ["near"]
+    sessions._moved_jobs.add("1")  # (as check_limits notes it)
+    assert sessions.due_for_move(now) == []
+    kernels["busy"].execution_state = "idle"  # its cell ended
+    assert [k for k, _ in sessions.due_for_move(now)] == ["busy"]
+
+
 # --------------------------------------------------- in the test image --
 
 SAVE = '''
@@ -251,3 +294,83 @@ def test_a_provisioned_kernel_records_and_its_restart_restores(user, user_dir, k
     home = Path(user.pw_dir) / ".local/share/chspawner/snapshots"
     assert (home / "k1" / "manifest.json").stat().st_uid == user.pw_uid
     shutil.rmtree(home / "k1")
+
+
+# ------------------------------- through a Jupyter server's REST call --
+
+async def _save_restart_restore(s) -> dict:
+    import aiohttp
+    from tests.harness.kernel_client import execute, kernels_url, start_kernel, warm_up
+    report = {}
+    async with aiohttp.ClientSession(headers=s.headers) as http:
+        kernel = await start_kernel(http, s, "chspawner-deb--python3")
+        ws = await http.ws_connect(f"{kernels_url(s)}/{kernel}/channels".replace("http", "ws", 1))
+        await warm_up(ws)
+        for code in ["import numpy as np", "a = np.arange(10) * 2",
+                     "g = (x for x in 'abc'); next(g)"]:
+            assert (await execute(ws, code))[0] == "ok", code
+        api = f"{s.base}/chspawner/api"
+        async with http.post(f"{api}/kernels/{kernel}/snapshot") as r:
+            report["snapshot"] = (r.status, await r.json())
+        async with http.post(f"{kernels_url(s)}/{kernel}/restart") as r:
+            assert r.status == 200, await r.text()
+        await ws.close()
+        ws = await http.ws_connect(f"{kernels_url(s)}/{kernel}/channels".replace("http", "ws", 1))
+        await warm_up(ws)
+        report["empty"] = await execute(ws, "print('a' in globals())")
+        async with http.post(f"{api}/kernels/{kernel}/restore", json={}) as r:
+            report["restore"] = (r.status, await r.json())
+        report["use"] = await execute(ws, "print(int(a.sum()), next(g))")
+        async with http.get(f"{api}/snapshots") as r:
+            report["list"] = (await r.json())["snapshots"]
+        async with http.post(f"{api}/kernels/{kernel}/restore", json={"from": "../x"}) as r:
+            report["bad_key"] = r.status
+        # A move: here (no Slurm) a restart in place, the session with it.
+        async with http.post(f"{api}/kernels/{kernel}/move") as r:
+            report["move"] = (r.status, await r.json())
+        await ws.close()
+        ws = await http.ws_connect(f"{kernels_url(s)}/{kernel}/channels".replace("http", "ws", 1))
+        await warm_up(ws)
+        report["moved_use"] = await execute(ws, "print(int(a.sum()), next(g))")
+        async with http.get(f"{s.base}/chspawner/api/session") as r:
+            report["notices"] = [n["text"] for n in (await r.json())["notices"]]
+        await ws.close()
+    return report
+
+
+def test_the_rest_call_saves_and_restores_a_servers_kernel(user, user_dir, kernel_store):
+    """The server extension (chspawner.persist.kernel_state) with the
+    persistent kernel manager: save, restart the kernel (a new process,
+    its variables gone), restore through the REST call."""
+    import asyncio
+    from tests.harness.servers import Servers
+    conf = user_dir / "conf.py"
+    conf.write_text("c.ContainerKernelSpecManager.provisioner_config = "
+                    "{'session_state': True}\n")
+    os.chmod(conf, 0o644)
+    s = Servers(user, user_dir, kernel_store, [
+        "--ServerApp.jpserver_extensions=chspawner.persist.kernel_state=True",
+        "--ServerApp.jpserver_extensions=chspawner.persist.session_status=True",
+        f"--config={conf}"])
+    try:
+        s.start()
+        report = asyncio.run(_save_restart_restore(s))
+    finally:
+        s.close()
+    status, saved = report["snapshot"]
+    assert status == 200 and saved["ok"] and saved["rebuilt"] == ["g"], (report, s.log()[-3000:])
+    assert report["empty"][:2] == ("ok", "False\n")
+    status, restored = report["restore"]
+    # (cell 1 was the warm-up's; cell 4 made the generator)
+    assert status == 200 and restored["ok"] and restored["rerun_cells"] == [4], report
+    assert report["use"][:2] == ("ok", "90 b\n")
+    assert report["list"][0]["key"] == saved["key"] and report["list"][0]["rerun"] == 1
+    assert report["bad_key"] == 400
+    status, moved = report["move"]
+    assert status == 200 and moved["ok"] and moved["action"] == "move", report
+    # (the generator's cells re-run: its place as at the move)
+    assert report["moved_use"][:2] == ("ok", "90 c\n"), report
+    # JupyterLab is told of each restore, once, in a sentence.
+    assert report["notices"] and all(n.startswith("Kernel session restored from a snapshot")
+                                     for n in report["notices"]), report["notices"]
+    shutil.rmtree(Path(user.pw_dir) / ".local/share/chspawner/snapshots" / saved["key"])

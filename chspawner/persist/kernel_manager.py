@@ -92,6 +92,7 @@ from chspawner.persist.kernel_connection import (
     stop_following,
 )
 from chspawner.persist.keeper_state import Takeover
+from chspawner.persist.kernel_state import age_words
 from chspawner.persist.notebook_outputs import NotebookWriters
 from chspawner.persist.records import KernelRecords, state_dir_name
 from chspawner.persist.witness import Witness
@@ -145,19 +146,32 @@ def why_job_ended(job: Job | None, job_id: str = "", node: str = "",
                            os.getuid() if owner_uid is None else owner_uid)
 
 
-def lost_kernel_notice(because: str, restarting: bool = True, new_node: str = "") -> str:
+def lost_kernel_notice(because: str, restarting: bool = True, new_node: str = "",
+                       snapshot_age: float | None = None) -> str:
     """What the notebooks of a kernel are told, in words, when its job
     ended (``because``: :func:`why_job_ended`'s words): as its restart
     begins (no ``new_node`` yet), once a new kernel took its place on
-    ``new_node``, or (not ``restarting``) that none is started."""
+    ``new_node``, or (not ``restarting``) that none is started. With a
+    ``snapshot_age``, the new kernel gets the session saved then."""
     if not restarting:
         then = ("It is not restarted: a cancel is on purpose. Its variables and imports "
                 "are gone: start a kernel again to go on.")
     else:
         new = f"A new kernel was started on {new_node}" if new_node else \
             "A new kernel is starting, as a new job"
-        then = f"{new}. Its variables and imports are gone: run the cells it needs again."
+        if snapshot_age is None:
+            then = f"{new}. Its variables and imports are gone: run the cells it needs again."
+        else:
+            then = (f"{new}, and the session saved {age_words(snapshot_age)} ago is restored "
+                    f"into it: what ran since then must be run again.")
     return f"[chspawner] The kernel's {because}. {then}"
+
+
+def moved_kernel_notice(new_node: str) -> str:
+    """What the notebooks of a kernel that was moved (its session saved,
+    restarted as a new job, see chspawner.persist.kernel_state) are told."""
+    return (f"[chspawner] The kernel moved to a new job on {new_node or '?'}: its session "
+            f"was saved and is restored there.")
 
 
 def job_words(provisioner: Any, job: Job | None) -> str:
@@ -294,6 +308,9 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
     notice_told: set[str]
     #: The client sessions told before the restart (notice_before_restart).
     told_before_restart: set[str] | None = None
+    #: Its session is to be restored once it runs again (a move, or a
+    #: restart after its job ended with a snapshot there).
+    restore_pending = False
     #: The parent header of the last cell the kernel began (its
     #: execute_input): where a notice shows, in that cell's output.
     running_cell: dict | None = None
@@ -325,7 +342,25 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
         if in_job(provisioner) and await provisioner.poll() is not None:
             self.lost_node = getattr(provisioner, "node", "") or "?"
             self.lost_because = job_words(provisioner, provisioner.last_job)
+        if getattr(provisioner, "moving", False):
+            newports = True  # (a new job, maybe on another node: its own ports there)
+        sessions = self.kernel_sessions()
+        if self.lost_node and sessions is not None:
+            sessions.wants_restore_after_loss(self)  # (its latest snapshot, if any)
         return await super().restart_kernel(now=now, newports=newports, **kw)
+
+    def kernel_sessions(self) -> Any:
+        """The server's KernelSessions (chspawner.persist.kernel_state), when
+        that extension runs; None otherwise."""
+        return getattr(self.parent, "kernel_sessions", None)
+
+    def snapshot_age(self) -> float | None:
+        """How old the session snapshot a restart would restore is (None:
+        none, or the kernel does not record its session)."""
+        sessions = self.kernel_sessions()
+        if sessions is None or not sessions.records_session(self):
+            return None
+        return sessions.age(self.kernel_id)
 
     def ended_job(self) -> Job | None:
         """The kernel's job, if it ran in one of its own and Slurm was last
@@ -350,7 +385,9 @@ class PersistentServerKernelManager(client_private.KernelManagerHooks, KernelJob
         if session in self.told_before_restart:
             return ""
         self.told_before_restart.add(session)
-        return lost_kernel_notice(job_words(self.provisioner, job), restarts_after(job))
+        restarts = restarts_after(job)
+        return lost_kernel_notice(job_words(self.provisioner, job), restarts,
+                                  snapshot_age=self.snapshot_age() if restarts else None)
 
     def kernel_job_command(self, staging: Path) -> list[str]:
         """For a kernel in a job of its own: the keeper, which starts it
@@ -629,12 +666,16 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
             # A restart moved it (a new job): its open websockets follow a
             # keeper that is gone and talk to the old node.
             km.moved = True
+            node = getattr(km.provisioner, "node", "") or "?"
             if km.lost_node:
-                km.notice = lost_kernel_notice(km.lost_because, True,
-                                               getattr(km.provisioner, "node", "") or "?")
+                km.notice = lost_kernel_notice(
+                    km.lost_because, True, node,
+                    km.snapshot_age() if km.restore_pending else None)
                 km.notice_told, km.told_before_restart = km.told_before_restart or set(), None
                 km.lost_node = ""
                 self.log.warning("chspawner: kernel %s: %s", kernel_id, km.notice)
+            elif km.restore_pending:
+                km.notice, km.notice_told = moved_kernel_notice(node), set()
             close_connections(kernel_id, "the kernel restarted elsewhere")
         km.keeper_address = keeper
         km.acks_dir = str(self.records.acks_dir(kernel_id))
@@ -653,6 +694,9 @@ class PersistentKernelManager(BusyIsActivity, server_private.MappingKernelManage
             self._learn_keeper(km, info)
             self._watch_keepers()
             self._witness(km)
+        sessions = km.kernel_sessions()
+        if km.restore_pending and sessions is not None:
+            sessions.restore_after_restart(km)
 
     async def _job_keeper_address(self, km: PersistentServerKernelManager,
                                   staging: Path) -> str:

@@ -11,6 +11,7 @@ JupyterLab extension, which polls this) answering::
      "pending_poll_seconds": 5,           # ... while a kernel's job waits
      "server": {"job_id", "node", "state", "end_time", "time_left", "at_end"}
                or null (the server is not in a Slurm job),
+     "notices": [{"id", "text"}],         # said once each (a page remembers ids)
      "kernels": [{"kernel_id", "job_id", "node", "state": "pending"|"running",
                   "waiting": words or null, "waiting_brief": the same without
                   Slurm's own word for the reason (for a notification),
@@ -135,6 +136,8 @@ class KernelJob:
     job_id: str
     partition: str = ""  # the queue its place is counted in ("": the whole queue)
     watch: Watch | None = None  # the kernel's own (default: the server's)
+    #: it moves to a new job before the limit, its session with it
+    moves_before_end: bool = False
 
 
 def notices(env: Mapping[str, str], job_id: str | None) -> list[dict[str, str]]:
@@ -208,7 +211,7 @@ async def session_model(watch: Watch, *, server_job_id: str | None,
             brief = brief_waiting_words(job, place, now)
         return {"kernel_id": entry.kernel_id, "job_id": entry.job_id, "node": job.node,
                 "state": job.state.value, "waiting": waiting, "waiting_brief": brief,
-                **_time_left(job, now), "at_end": kernel_end_words()}
+                **_time_left(job, now), "at_end": kernel_end_words(entry.moves_before_end)}
 
     # Together: one round of the watch answers them all.
     answers = await asyncio.gather(server(), *(kernel(k) for k in kernels))
@@ -249,8 +252,10 @@ class SessionStatusHandler(APIHandler):
     async def get(self) -> None:
         # (ContainerKernelSpecManager's: the spawner's Slurm settings; else none)
         watch = server_watch(getattr(self.kernel_spec_manager, "provisioner_config", None))
+        sessions = getattr(self.kernel_manager, "kernel_sessions", None)
         kernels = [KernelJob(kernel_id, str(job.job_id), partition_of(job.sbatch_args),
-                             job.job_watch())
+                             job.job_watch(),
+                             sessions is not None and sessions.moves_before_limit(kernel_id))
                    for kernel_id, job in sorted(kernel_jobs().items())]
         status = self.status
         model = await session_model(
@@ -261,6 +266,10 @@ class SessionStatusHandler(APIHandler):
         young = time.time() - status.started < status.notice_seconds
         model["notices"] = notices(os.environ, model["server"] and model["server"]["job_id"]) \
             if young else []
+        # Kernels' sessions restored or moved (chspawner.persist.kernel_state),
+        # for as long after as the server's own notices.
+        if sessions is not None:
+            model["notices"] += sessions.recent_notices(status.notice_seconds)
         self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(model))
 

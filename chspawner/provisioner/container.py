@@ -109,6 +109,8 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         self.node = ""
         #: a restart was asked while the kernel ran: it stays on its node
         self._restart_in_place = False
+        #: the next restart is a move (see move_at_next_restart)
+        self._moving = False
 
     # ----------------------------------------------------------- config --
 
@@ -240,6 +242,7 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         client of a kernel that moved would talk to the old node). Not on a
         node the kernel must stay off (the server's, since moved there)."""
         node, self._restart_in_place = self.node if self._restart_in_place else "", False
+        self._moving = False
         if not node or f"--exclude={node}" in away:
             return []
         return [f"--nodelist={node}"]
@@ -501,9 +504,21 @@ class ContainerProvisioner(LocalProvisioner, Adoptable):
         kills, first): whether the kernel still runs. A restart someone asked
         for keeps the kernel on its node; one of a kernel found dead (its
         node lost, its job at its time limit) goes wherever Slurm puts it."""
-        if restart and not self._restart_in_place:
+        if restart and not self._restart_in_place and not self._moving:
             self._restart_in_place = self.launcher is not None and \
                 await self.launcher.poll() is None
+
+    def move_at_next_restart(self) -> None:
+        """The next restart is a move (its session saved first, see
+        chspawner.persist.kernel_state): a new job wherever Slurm puts it
+        (a drained node gets none), not kept on this node as a restart
+        the user asked for is."""
+        self._moving = True
+
+    @property
+    def moving(self) -> bool:
+        """Whether the restart under way (or the next) is a move."""
+        return self._moving
 
     async def job_state(self) -> JobState:
         """The kernel job's state now; SlurmError when Slurm can't say."""

@@ -48,7 +48,7 @@ from subprocess import Popen
 from jupyterhub.apihandlers.base import APIHandler
 from jupyterhub.spawner import LocalProcessSpawner
 from jupyterhub.utils import random_port
-from traitlets import Bool, Dict, List, Unicode, default, validate
+from traitlets import Bool, Dict, Integer, List, Unicode, default, validate
 
 from chspawner.images import ImageError
 from chspawner.images.store import Store, StoreError, check_name
@@ -128,6 +128,22 @@ class ChSpawner(LocalProcessSpawner):
         Unicode(), ["jupyterhub-singleuser"],
         help="The single-user server's command inside an image (server mode), "
              "found on the image's PATH.",
+    ).tag(config=True)
+    kernel_session_state = Bool(
+        False, help="Kernels mode: each ipykernel kernel of an image records its "
+                    "session as cells run (chspawner's session recorder, brought by "
+                    "the provisioner: the image needs only ipykernel), so that the "
+                    "session can be saved and restored into a new kernel: on request "
+                    "(JupyterLab's Save/Restore Kernel Session, the REST calls), "
+                    "when a kernel job is moved before its time limit, and after a "
+                    "kernel job is lost (its latest snapshot). Snapshots live in the "
+                    "user's ~/.local/share/chspawner/snapshots. See the user guide's "
+                    "'Kernel state across moves'.",
+    ).tag(config=True)
+    kernel_snapshot_limit = Integer(
+        2 * 1000**3, help="With kernel_session_state: the most bytes of variables one "
+                          "snapshot holds; larger values are rebuilt by re-running the "
+                          "cells that made them, or reported as not restored. 0: no limit.",
     ).tag(config=True)
     persistent_kernels = Bool(
         True, help="Kernels mode: kernels outlive their server (chspawner.persist's "
@@ -418,7 +434,10 @@ class ChSpawner(LocalProcessSpawner):
                 f"--ContainerKernelSpecManager.only_images={self.image}",
                 f"--ContainerKernelSpecManager.include_native={self.offer_host_kernels}",
                 # The session's jobs for chspawner's JupyterLab extension (its time left).
-                "--ServerApp.jpserver_extensions=chspawner.persist.session_status=True"]
+                "--ServerApp.jpserver_extensions=chspawner.persist.session_status=True",
+                # Kernels' sessions saved, restored and moved (kernel_session_state).
+                "--ServerApp.jpserver_extensions=chspawner.persist.kernel_state=True",
+                f"--KernelState.snapshot_limit={self.kernel_snapshot_limit}"]
         config = self.kernel_provisioner_config()
         if config:
             # A Python literal: traitlets reads a Dict from the command line
@@ -442,6 +461,8 @@ class ChSpawner(LocalProcessSpawner):
         """The chspawner provisioner's settings for every image kernel
         (chspawner.provisioner.settings: its ``home`` is on by default)."""
         config: dict = {"binds": list(self.binds)} if self.binds else {}
+        if self.kernel_session_state:
+            config["session_state"] = True
         devices = self.container_devices()
         if devices:
             config["devices"] = devices

@@ -169,6 +169,13 @@ class SlurmChSpawner(ChSpawner):
                    "its node is started again and takes its kernels over. False: "
                    "kernels run inside the server's job and end with it.",
     ).tag(config=True)
+    kernel_move_lead = Float(
+        600.0, help="With kernel_jobs and kernel_session_state: seconds before a kernel "
+                    "job's time limit at which its kernel is moved to a new job (its "
+                    "session saved, restored there) once it is idle. A kernel busy "
+                    "until the limit is restarted after it with its latest snapshot. "
+                    "0: no planned moves.",
+    ).tag(config=True)
     kernel_jobs_elsewhere = Bool(
         False, help="With kernel_jobs: keep each kernel's job off the node its server "
                     "runs on (sbatch --exclude=that node), so that losing one node loses "
@@ -443,7 +450,8 @@ class SlurmChSpawner(ChSpawner):
         if self.kernels_in_jobs():
             # A job's end (scancel, its time limit, a preemption) sends
             # SIGTERM: that is a loss, not the user's stop.
-            args += ["--PersistentKernelManager.keep_kernels_on_sigterm=True"]
+            args += ["--PersistentKernelManager.keep_kernels_on_sigterm=True",
+                     f"--KernelState.move_lead={self.kernel_move_lead}"]
         return args
 
     def job_argv(self, exclude: list[str] | None = None) -> list[str]:

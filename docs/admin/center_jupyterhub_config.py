@@ -83,6 +83,13 @@ c.SlurmChSpawner.job_setup = ["[ -r /etc/profile.d/site.sh ] && . /etc/profile.d
 c.SlurmChSpawner.walltime_move = "offer"
 c.SlurmChSpawner.move_lead = 600
 c.SlurmChSpawner.walltime_warnings = [15, 5]
+# Kernels' variables across moves: each Python kernel records its session;
+# a kernel job is moved to a new job 10 minutes before its time limit (its
+# session saved and restored there), and one lost gets its latest snapshot
+# back. Snapshots (at most 2 GB of variables each) stay in the user's home.
+c.ChSpawner.kernel_session_state = True
+c.ChSpawner.kernel_snapshot_limit = 2 * 1000**3
+c.SlurmChSpawner.kernel_move_lead = 600
 c.Spawner.start_timeout = 600           # a job may wait in the queue
 c.Spawner.http_timeout = 120
 # JupyterHub's own poll stays at its default or longer: the session

@@ -106,9 +106,13 @@ def user_variables(shell) -> dict:
     """The user's variables: the namespace less IPython's own names, the
     names it hides (still bound to what it put there) and ``_`` names."""
     hidden, ns = shell.user_ns_hidden, shell.user_ns
-    return {name: value for name, value in ns.items()
-            if not name.startswith("_") and name not in IPYTHON_NAMES
-            and not (name in hidden and hidden[name] is value)}
+    return {name: value for name, value in ns.items() if is_users(name, value, hidden)}
+
+
+def is_users(name: str, value, hidden: dict) -> bool:
+    """Whether a name in the namespace is one of the user's variables."""
+    return not name.startswith("_") and name not in IPYTHON_NAMES \
+        and not (name in hidden and hidden[name] is value)
 
 
 class CellNames(ast.NodeVisitor):
@@ -191,6 +195,33 @@ def _root(node: ast.expr) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
+def changes_nothing(fn: ast.FunctionDef | ast.AsyncFunctionDef, pure: set[str]) -> bool:
+    """Whether a function, by its code, only reads what it is given and
+    what it sees: no ``global`` or ``nonlocal``, no store into an attribute
+    or an item, no method call that may change an object, no argument
+    passed to a call that may change it (``pure``: the functions known not
+    to), except on names the function binds itself and are not its
+    parameters. A call of such a function reads its arguments only, so a
+    notebook of cells like ``m = scale(frame['x'])`` doesn't count
+    ``frame`` as changed by each."""
+    if any(isinstance(node, (ast.Global, ast.Nonlocal)) for node in ast.walk(fn)):
+        return False
+    names = CellNames()
+    for statement in fn.body:
+        names.visit(statement)
+    changed = set(names.changed)
+    for function, arguments in names.called:
+        if not (isinstance(function, ast.Name) and function.id in pure):
+            changed.update(filter(None, map(_root, arguments)))
+    arguments = fn.args
+    parameters = {a.arg for a in [*arguments.posonlyargs, *arguments.args,
+                                  *arguments.kwonlyargs, arguments.vararg, arguments.kwarg]
+                  if a is not None}
+    own = {node.id for node in ast.walk(fn)
+           if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)} - parameters
+    return changed <= own
+
+
 def _function_globals(fn, ns: dict, depth: int = 2) -> set[str]:
     """The user's variables a notebook function uses (it may change them
     when called), through the notebook functions it calls, ``depth`` deep."""
@@ -220,9 +251,18 @@ class Recorder:
         self.unrecorded: set[str] = set(user_variables(shell))
         self._before: dict[str, int] | None = None
         self._started = 0.0
+        #: notebook functions that change nothing (changes_nothing): name ->
+        #: the id of the function the cell that defined it made
+        self._pure: dict[str, int] = {}
+        #: the cell's code as IPython parsed it (not parsed twice)
+        self.catcher = _TreeCatcher()
+
+    # The hot path (every cell, with the whole namespace): the ids of
+    # everything, the filter only on what a cell bound or touched.
 
     def before(self, info=None) -> None:
-        self._before = {name: id(value) for name, value in user_variables(self.shell).items()}
+        self.catcher.tree = None
+        self._before = _ids(self.shell.user_ns)
         self._started = time.perf_counter()
 
     def after(self, result) -> None:
@@ -232,39 +272,98 @@ class Recorder:
             return
         info = getattr(result, "info", None)
         code = getattr(info, "raw_cell", None) or ""
-        now = user_variables(self.shell)
-        bound = {name for name, value in now.items() if before.get(name) != id(value)}
-        bound |= before.keys() - now.keys()  # deleted
-        reads, changed = self._read_and_changed(code, before.keys(), now)
+        ns, hidden = self.shell.user_ns, self.shell.user_ns_hidden
+        bound = {name for name, _ in _ids(ns).items() - before.items()
+                 if is_users(name, ns[name], hidden)}
+        bound |= {name for name in before.keys() - ns.keys()  # deleted
+                  if not name.startswith("_") and name not in IPYTHON_NAMES}
+        existed = _UsersBefore(before, ns, hidden)
+        tree, self.catcher.tree = self.catcher.tree, None
+        reads, changed = self._read_and_changed(code, existed, ns, tree)
         n = getattr(result, "execution_count", None) or len(self.cells) + 1
         self.cells.append(CellRecord(n, code, reads, bound | changed,
                                      seconds, bool(getattr(result, "success", True))))
 
-    def _read_and_changed(self, code: str, existed, ns: dict) -> tuple[set, set]:
-        """From the cell's code: the earlier variables it read, and those it
-        may have changed in place (values that can change, only)."""
+    def _read_and_changed(self, code: str, existed, ns: dict,
+                          tree: ast.Module | None = None) -> tuple[set, set]:
+        """From the cell's code (``tree``: as IPython parsed it): the earlier
+        variables it read, and those it may have changed in place (values
+        that can change, only)."""
         try:
-            tree = ast.parse(self.shell.transform_cell(code))
+            if tree is None:
+                tree = ast.parse(self.shell.transform_cell(code))
         except (SyntaxError, ValueError, TypeError):
             # Code we can't read: everything it could see may have changed.
-            return set(existed), {n for n in existed if not isinstance(ns.get(n), IMMUTABLE)}
+            everything = set(existed)
+            return everything, {n for n in everything if not isinstance(ns.get(n), IMMUTABLE)}
         names = CellNames()
         names.visit(tree)
-        reads, changed = names.loaded & set(existed), set(names.changed)
+        reads, changed = {n for n in names.loaded if n in existed}, set(names.changed)
         for function, arguments in names.called:
-            pure = isinstance(function, ast.Name) and function.id in PURE_BUILTINS \
-                and function.id not in ns
+            pure = isinstance(function, ast.Name) and (
+                (function.id in PURE_BUILTINS and function.id not in ns)
+                or self._pure.get(function.id, -1) == id(ns.get(function.id)))
             if not pure:
                 changed.update(filter(None, map(_root, arguments)))
             root = _root(function)
             callee = ns.get(root) if root else None
             if isinstance(function, ast.Name) and isinstance(callee, types.FunctionType):
                 used = _function_globals(callee, ns)
-                reads |= used & set(existed)
-                changed |= used
-        changed &= set(existed)
-        changed = {n for n in changed if n in ns and not isinstance(ns[n], IMMUTABLE)}
+                reads |= {n for n in used if n in existed}
+                if not pure:
+                    changed |= used
+        self._learn_functions(tree, ns)
+        changed = {n for n in changed
+                   if n in existed and n in ns and not isinstance(ns[n], IMMUTABLE)}
         return reads, changed
+
+
+    def _learn_functions(self, tree: ast.Module, ns: dict) -> None:
+        """The functions the cell defined: which change nothing."""
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                known = PURE_BUILTINS | self._pure.keys() | {node.name}
+                if changes_nothing(node, known) and isinstance(ns.get(node.name),
+                                                               types.FunctionType):
+                    self._pure[node.name] = id(ns[node.name])
+                else:
+                    self._pure.pop(node.name, None)
+
+
+class _TreeCatcher(ast.NodeTransformer):
+    """An IPython AST transformer that changes nothing: it keeps the tree
+    of the cell being run, for the recorder to read after it ran."""
+
+    tree: ast.Module | None = None
+
+    def visit(self, node):
+        if isinstance(node, ast.Module):
+            self.tree = node
+        return node
+
+
+def _ids(ns: dict) -> dict[str, int]:
+    """{name: id(value)}, built in C (this runs twice per cell on the
+    whole namespace)."""
+    return dict(zip(ns.keys(), map(id, ns.values())))
+
+
+class _UsersBefore:
+    """The user's variables before a cell, as ``in`` and iteration see
+    them, from the ids of the whole namespace then: each name filtered
+    when asked, not all of them every cell."""
+
+    def __init__(self, before: dict[str, int], ns: dict, hidden: dict):
+        self.before, self.ns, self.hidden = before, ns, hidden
+
+    def __contains__(self, name: str) -> bool:
+        if name not in self.before or name.startswith("_") or name in IPYTHON_NAMES:
+            return False
+        # (hidden: IPython's own value, still bound then as now)
+        return not (name in self.hidden and id(self.hidden[name]) == self.before[name])
+
+    def __iter__(self):
+        return (name for name in self.before if name in self)
 
 
 # --------------------------------------------------------------- planning --
@@ -727,6 +826,7 @@ def load_ipython_extension(shell) -> None:
     _session = Session(shell)
     shell.events.register("pre_run_cell", _session.recorder.before)
     shell.events.register("post_run_cell", _session.recorder.after)
+    shell.ast_transformers.append(_session.recorder.catcher)
 
 
 def unload_ipython_extension(shell) -> None:
@@ -735,4 +835,6 @@ def unload_ipython_extension(shell) -> None:
         return
     shell.events.unregister("pre_run_cell", _session.recorder.before)
     shell.events.unregister("post_run_cell", _session.recorder.after)
+    if _session.recorder.catcher in shell.ast_transformers:
+        shell.ast_transformers.remove(_session.recorder.catcher)
     _session = None

@@ -18,6 +18,7 @@ import { Kernel, KernelMessage } from '@jupyterlab/services';
 
 import { ForeignOutputs, ICellLike } from './foreign';
 import { Reconnector } from './retry';
+import kernelSessionPlugin from './kernelsession';
 import sessionPlugin from './session';
 import { persistingWebSocket, ReceivedStore } from './socket';
 import { onlyServerWrites, outputsRecord, sourcesOf } from './sources';
@@ -297,5 +298,6 @@ const plugin: JupyterFrontEndPlugin<void> = {
   activate
 };
 
-// (and the session's Slurm jobs: session.ts)
-export default [plugin, sessionPlugin];
+// (and the session's Slurm jobs: session.ts; a kernel's session saved,
+// restored and moved on request: kernelsession.ts)
+export default [plugin, sessionPlugin, kernelSessionPlugin];
