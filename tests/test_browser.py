@@ -139,6 +139,57 @@ def test_a_kernel_lost_with_its_node_is_told_in_the_notebook(center_hub) -> None
         asyncio.run(stop_server(hub))
 
 
+def palette(page: Page, command: str, label: str | None = None) -> None:
+    """Run one of JupyterLab's commands as a user does: the command
+    palette, ``command`` typed, the item of that ``label`` clicked."""
+    page.keyboard.press("Control+Shift+C")
+    page.locator(".lm-CommandPalette-input:visible").fill(command)
+    page.locator(".lm-CommandPalette-item:visible",
+                 has_text=label or command).first.click(timeout=PAGE_MS)
+
+
+def test_a_kernel_session_saved_and_restored_from_jupyterlab(center_hub) -> None:
+    """The center's hub (kernel_session_state on): a variable made in a
+    notebook, the palette's "Save Kernel Session", the variable deleted,
+    "Restore Kernel Session": the variable is back, and each step said so
+    in a notification, in the kernel's words."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} missing: run scripts/setup-system.sh")
+    hub = center_hub
+    kernel = "Python 3 (ipykernel) — image python"
+    page: Page | None = None
+    try:
+        with sync_playwright() as pw:
+            browser: Browser = pw.chromium.launch(executable_path=CHROMIUM)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 800})
+                page.set_default_timeout(PAGE_MS)
+                log_in_and_spawn(page, hub, hub.password, image="python", mode="kernels")
+                notebook = open_notebook(page, hub, kernel="image python")
+                made = run_first_cell(page, notebook, "x = 41; print('made')", kernel=kernel)
+                expect(made).to_contain_text("made", timeout=KERNEL_MS)
+                palette(page, "Save Kernel Session")
+                expect(page.locator(".Toastify__toast", has_text="Session saved")) \
+                    .to_be_visible(timeout=KERNEL_MS)
+                cells = notebook.locator(".jp-Cell")
+                empty = run_cell(page, cells.nth(cells.count() - 1),
+                                 "del x; print('x' in globals())")
+                expect(empty).to_contain_text("False", timeout=KERNEL_MS)
+                palette(page, "Restore Kernel Session")
+                expect(page.locator(".Toastify__toast", has_text="Session restored")) \
+                    .to_be_visible(timeout=KERNEL_MS)
+                screenshot(page, "kernel-session-restored.png")
+                back = run_cell(page, cells.nth(cells.count() - 1), "print(x + 1)")
+                expect(back).to_contain_text("42", timeout=KERNEL_MS)
+            except Exception as failure:
+                raise AssertionError(explain(failure, page, hub)) from failure
+            finally:
+                browser.close()
+    finally:
+        asyncio.run(delete_notebooks(hub))
+        asyncio.run(stop_server(hub))
+
+
 def server_jobs(hub) -> list[str]:
     """The user's running server jobs."""
     return hub.cluster.run("squeue", "-h", "-u", hub.user, "-t", "RUNNING", "-n",

@@ -97,7 +97,9 @@ def test_time_left_warnings_and_a_waiting_kernel_in_jupyterlab(hub, slurm, user)
                     re.compile(rf"Job {server_job}: (59|1 h 00) min left"), timeout=LAB_MS)
                 expect(status).to_have_attribute(
                     "title", re.compile(rf"Your server: Slurm job {server_job} on node "
-                                        rf"{slurm.node}: .* left \(until \d\d:\d\d\): your "
+                                        rf"{slurm.node}: .* left \(until "
+                                        # (a day named when it ends on another)
+                                        r"(\w{3} \d\d \w{3} )?\d\d:\d\d\): your "
                                         "server stops then: save your work\\."))
 
                 # A kernel whose job can't start: its node takes no new jobs.

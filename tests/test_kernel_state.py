@@ -104,6 +104,39 @@ def test_kernels_are_moved_when_idle_near_their_jobs_limit():
     assert [k for k, _ in sessions.due_for_move(now)] == ["busy"]
 
 
+@pytest.mark.unit
+def test_idle_kernels_are_saved_every_interval_once_they_ran_something(tmp_path):
+    """autosave_interval: an idle recording kernel without a snapshot, or
+    with one older than the interval, that ran something since (its
+    last_activity moved past what it was after the save)."""
+    import time as clock
+    from types import SimpleNamespace
+
+    from chspawner.persist.kernel_state import KernelSessions, KernelState
+
+    def kernel(state="idle", records=True):
+        return SimpleNamespace(execution_state=state, last_activity=1, provisioner=SimpleNamespace(
+            settings=SimpleNamespace(session_state=records)))
+
+    kernels = {"new": kernel(), "busy": kernel("busy"), "plain": kernel(records=False),
+               "fresh": kernel(), "old": kernel()}
+    for key, created in (("fresh", clock.time() - 60), ("old", clock.time() - 7200)):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "manifest.json").write_text(json.dumps({"created": created}))
+    manager = SimpleNamespace(list_kernel_ids=lambda: list(kernels),
+                              get_kernel=kernels.__getitem__)
+    off = KernelSessions(manager, KernelState(), root=tmp_path)
+    assert off.due_for_save(clock.time()) == []  # (0: never)
+    sessions = KernelSessions(manager, KernelState(autosave_interval=1800), root=tmp_path)
+    now = clock.time()
+    assert sessions.due_for_save(now) == ["old"]  # ("new" first seen now)
+    assert sessions.due_for_save(now + 1800) == ["new", "old"]
+    sessions._saved_activity["old"] = 1  # as a save leaves it: nothing ran since
+    assert sessions.due_for_save(now + 1800) == ["new"]
+    kernels["old"].last_activity = 2  # a cell ran
+    assert sessions.due_for_save(now + 1800) == ["new", "old"]
+
+
 # --------------------------------------------------- in the test image --
 
 SAVE = '''
@@ -227,6 +260,16 @@ def test_a_snapshot_others_could_write_is_never_loaded(builtin, bookworm, sessio
     os.chmod(snapshot, 0o777)
     refused = run_in_image(builtin, bookworm, session_dir, "restore.py", "got = 1")
     assert not refused["ok"] and "only they can write" in refused["message"], refused
+    # Another user's snapshot (here root's), readable by all: never loaded
+    # into this user's kernel.
+    os.chmod(snapshot, 0o755)
+    for path in [snapshot, *snapshot.iterdir()]:
+        os.chown(path, 0, 0)
+        if path != snapshot:
+            os.chmod(path, 0o644)
+    refused = run_in_image(builtin, bookworm, session_dir, "restore.py", "got = 1")
+    assert not refused["ok"] and "this user's that only they can write" in \
+        refused["message"], refused
 
 
 # ------------------------------------- through the provisioner, a real kernel --
@@ -374,3 +417,46 @@ def test_the_rest_call_saves_and_restores_a_servers_kernel(user, user_dir, kerne
     assert report["notices"] and all(n.startswith("Kernel session restored from a snapshot")
                                      for n in report["notices"]), report["notices"]
     shutil.rmtree(Path(user.pw_dir) / ".local/share/chspawner/snapshots" / saved["key"])
+
+
+async def _work_then_wait_for_autosave(s, snapshots: Path) -> tuple[dict, str]:
+    import aiohttp
+    from tests.harness.kernel_client import execute, kernels_url, start_kernel, warm_up
+    from tests.harness.wait import until
+    async with aiohttp.ClientSession(headers=s.headers) as http:
+        kernel = await start_kernel(http, s, "chspawner-deb--python3")
+        ws = await http.ws_connect(f"{kernels_url(s)}/{kernel}/channels".replace("http", "ws", 1))
+        await warm_up(ws)
+        assert (await execute(ws, "v = 5"))[0] == "ok"
+        manifest = snapshots / kernel / "manifest.json"
+
+        async def saved() -> bool:
+            return manifest.exists()
+        await until(saved, "the kernel's session saved by itself", timeout=60)
+        await ws.close()
+    return json.loads(manifest.read_text()), kernel
+
+
+def test_a_working_kernel_is_saved_every_autosave_interval(user, user_dir, kernel_store):
+    """KernelState.autosave_interval (the spawner's kernel_autosave_interval):
+    a kernel that ran a cell is saved by itself, with no request."""
+    import asyncio
+    from tests.harness.servers import Servers
+    conf = user_dir / "conf.py"
+    conf.write_text("c.ContainerKernelSpecManager.provisioner_config = "
+                    "{'session_state': True}\n"
+                    "c.KernelState.autosave_interval = 2.0\n"
+                    "c.KernelState.limit_check_interval = 0.5\n")
+    os.chmod(conf, 0o644)
+    snapshots = Path(user.pw_dir) / ".local/share/chspawner/snapshots"
+    s = Servers(user, user_dir, kernel_store, [
+        "--ServerApp.jpserver_extensions=chspawner.persist.kernel_state=True",
+        f"--config={conf}"])
+    try:
+        s.start()
+        manifest, kernel = asyncio.run(_work_then_wait_for_autosave(s, snapshots))
+    finally:
+        s.close()
+    assert manifest["note"] == "autosave", manifest
+    assert manifest["variables"]["v"]["how"] == "saved", manifest
+    shutil.rmtree(snapshots / kernel)

@@ -73,10 +73,18 @@ class KernelState(Configurable):
              "once it is idle; a kernel busy until the limit is restarted after it "
              "with its latest snapshot. 0: no planned moves. Only kernels started "
              "with the provisioner's session_state.")
+    autosave_interval = Float(
+        0.0, config=True,
+        help="Seconds between automatic snapshots of a recording kernel's session: "
+             "once it is idle and has run cells since its last snapshot, so that a "
+             "kernel lost without warning (its node, its memory) comes back as of "
+             "then. 0: only before moves and on request. Each snapshot costs the "
+             "time and space of writing the session's data (see the benchmarks).")
     limit_check_interval = Float(
         30.0, config=True,
-        help="Seconds between looks at the kernels' jobs' time limits (Slurm's "
-             "figures, as the kernels' job watch last saw them: no query of its own).")
+        help="Seconds between looks at the kernels (their jobs' time limits, as the "
+             "kernels' job watch last saw them: no query of its own; the snapshots "
+             "autosave_interval asks for).")
 
 
 class RecorderError(Exception):
@@ -197,6 +205,12 @@ class KernelSessions:
         self._restoring: dict[str, asyncio.Future] = {}
         #: the jobs already moved (or being moved) off before their limit
         self._moved_jobs: set[str] = set()
+        #: kernel id -> its last_activity just after its last snapshot (its
+        #: own busy and idle count as activity: only later activity is new)
+        self._saved_activity: dict[str, Any] = {}
+        self._saving: set[str] = set()
+        #: kernel id -> when the autosave's look first saw it
+        self._first_seen: dict[str, float] = {}
         self._watch: PeriodicCallback | None = None
 
     @staticmethod
@@ -218,11 +232,23 @@ class KernelSessions:
         return self.kernel_manager.get_kernel(kernel_id)
 
     async def save(self, kernel_id: str, note: str) -> dict:
-        return await self._ask(self._kernel(kernel_id),
-                               snapshot_call(kernel_id, self.state.snapshot_limit, note))
+        km = self._kernel(kernel_id)
+        self._saving.add(kernel_id)
+        try:
+            report = await self._ask(km, snapshot_call(kernel_id, self.state.snapshot_limit,
+                                                       note))
+        finally:
+            self._saving.discard(kernel_id)
+        if report.get("ok"):
+            self._saved_activity[kernel_id] = getattr(km, "last_activity", None)
+        return report
 
     async def restore(self, kernel_id: str, key: str | None = None) -> dict:
-        report = await self._ask(self._kernel(kernel_id), restore_call(key or kernel_id))
+        km = self._kernel(kernel_id)
+        report = await self._ask(km, restore_call(key or kernel_id))
+        if report.get("ok") and (key or kernel_id) == kernel_id:
+            # (its snapshot is its session again: nothing new to save yet)
+            self._saved_activity[kernel_id] = getattr(km, "last_activity", None)
         self.say(kernel_id, restored_brief(report))
         log = self.log.info if report.get("ok") else self.log.warning
         log("chspawner: kernel %s: %s", kernel_id, report.get("message"))
@@ -259,12 +285,12 @@ class KernelSessions:
         self._restoring.pop(kernel_id, None)
         self.log.info("chspawner: moving kernel %s %s (%d bytes saved)", kernel_id, why,
                       saved.get("bytes", 0))
-        # (jupyter_server's restart: its clients follow; the persistent
+        # jupyter_server's restart: its clients follow, and the persistent
         # kernel manager's kernel_started starts the restore as soon as the
-        # new kernel runs, see restore_after_restart)
-        # (Not its returned future, which waits for a kernel_info reply:
-        # jupyter_server drops that wait, unresolved, when the restart
-        # changed the kernel's ports, as a move to a new job does.)
+        # new kernel runs (restore_after_restart). Not awaited: the future it
+        # returns, which waits for a kernel_info reply; jupyter_server drops
+        # that wait, unresolved, when the restart changed the kernel's ports,
+        # as a move to a new job does.
         await self.kernel_manager.restart_kernel(kernel_id)
         restoring = self._restoring.pop(kernel_id, None)
         if restoring is not None:
@@ -295,20 +321,68 @@ class KernelSessions:
 
     # -------------------------------------------------- planned moves ---
 
-    def watch_limits(self) -> None:
-        """Start looking at the kernels' time limits (once)."""
-        if self.state.move_lead <= 0 or self.state.limit_check_interval <= 0 or self._watch:
+    def watch(self) -> None:
+        """Start looking at the kernels every ``limit_check_interval`` (once)."""
+        if self._watch is not None or self.state.limit_check_interval <= 0 or (
+                self.state.move_lead <= 0 and self.state.autosave_interval <= 0):
             return
-        self._watch = PeriodicCallback(self.check_limits,
-                                       self.state.limit_check_interval * 1000)
+        self._watch = PeriodicCallback(self.look, self.state.limit_check_interval * 1000)
         self._watch.start()
 
-    def check_limits(self) -> None:
-        """Move each kernel :meth:`due_for_move`, once per job."""
+    def look(self) -> None:
+        """Move each kernel :meth:`due_for_move` (once per job); save each
+        :meth:`due_for_save`."""
         now = time.time()
+        self._forget_gone()
+        moving = set()
         for kernel_id, job in self.due_for_move(now):
             self._moved_jobs.add(job.id)
+            moving.add(kernel_id)
             asyncio.ensure_future(self._move_before_limit(kernel_id, job.end_time - now))
+        for kernel_id in self.due_for_save(now):
+            if kernel_id not in moving:
+                asyncio.ensure_future(self._autosave(kernel_id))
+
+    def _forget_gone(self) -> None:
+        """Drop what is kept of kernels the server no longer has."""
+        known = set(self.kernel_manager.list_kernel_ids())
+        for kept in (self._saved_activity, self._first_seen, self._restoring):
+            for kernel_id in kept.keys() - known:
+                del kept[kernel_id]
+
+    def due_for_save(self, now: float) -> list[str]:
+        """The recording, idle kernels whose last snapshot is older than
+        ``autosave_interval`` (or that have none and were first seen that
+        long ago) and that did something since it."""
+        interval = self.state.autosave_interval
+        if interval <= 0:
+            return []
+        due = []
+        for kernel_id in list(self.kernel_manager.list_kernel_ids()):
+            km = self._kernel(kernel_id)
+            if kernel_id in self._saving or not self.records_session(km) \
+                    or getattr(km, "execution_state", "") != "idle":
+                continue
+            age = self.age(kernel_id)
+            if age is None:  # none yet: one an interval after the server first saw it
+                age = now - self._first_seen.setdefault(kernel_id, now)
+            if age < interval:
+                continue
+            saved = self._saved_activity.get(kernel_id)
+            if saved is not None and getattr(km, "last_activity", None) == saved:
+                continue  # nothing ran since
+            due.append(kernel_id)
+        return due
+
+    async def _autosave(self, kernel_id: str) -> None:
+        try:
+            report = await self.save(kernel_id, "autosave")
+        except Exception:
+            self.log.exception("chspawner: saving kernel %s's session", kernel_id)
+            return
+        if not report.get("ok"):
+            self.log.warning("chspawner: kernel %s's session was not saved: %s", kernel_id,
+                             report.get("message"))
 
     def due_for_move(self, now: float) -> list[tuple[str, Any]]:
         """The kernels to move now, with their jobs: recording their session,
@@ -418,7 +492,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         (base + kernel + "/move", MoveHandler, given),
         (base + "/snapshots", SnapshotsHandler, given),
     ])
-    sessions.watch_limits()
-    serverapp.log.info("chspawner: kernels' sessions saved, restored and moved at %s%s",
-                       base, f" (moves {state.move_lead:.0f} s before a kernel job's "
-                             f"limit)" if state.move_lead > 0 else "")
+    sessions.watch()
+    serverapp.log.info("chspawner: kernels' sessions saved, restored and moved at %s (moves "
+                       "%.0f s before a kernel job's limit, saves every %.0f s; 0: none)",
+                       base, state.move_lead, state.autosave_interval)

@@ -145,6 +145,12 @@ class ChSpawner(LocalProcessSpawner):
                           "snapshot holds; larger values are rebuilt by re-running the "
                           "cells that made them, or reported as not restored. 0: no limit.",
     ).tag(config=True)
+    kernel_autosave_interval = Integer(
+        0, help="With kernel_session_state: seconds between automatic snapshots of "
+                "an idle kernel that ran cells since its last one, so that a kernel "
+                "lost without warning (its node, its memory) comes back as of then. "
+                "0: snapshots only before moves and on request.",
+    ).tag(config=True)
     persistent_kernels = Bool(
         True, help="Kernels mode: kernels outlive their server (chspawner.persist's "
                    "kernel manager): a server started again (by the session manager, "
@@ -437,7 +443,8 @@ class ChSpawner(LocalProcessSpawner):
                 "--ServerApp.jpserver_extensions=chspawner.persist.session_status=True",
                 # Kernels' sessions saved, restored and moved (kernel_session_state).
                 "--ServerApp.jpserver_extensions=chspawner.persist.kernel_state=True",
-                f"--KernelState.snapshot_limit={self.kernel_snapshot_limit}"]
+                f"--KernelState.snapshot_limit={self.kernel_snapshot_limit}",
+                f"--KernelState.autosave_interval={self.kernel_autosave_interval}"]
         config = self.kernel_provisioner_config()
         if config:
             # A Python literal: traitlets reads a Dict from the command line

@@ -86,9 +86,11 @@ c.SlurmChSpawner.walltime_warnings = [15, 5]
 # Kernels' variables across moves: each Python kernel records its session;
 # a kernel job is moved to a new job 10 minutes before its time limit (its
 # session saved and restored there), and one lost gets its latest snapshot
-# back. Snapshots (at most 2 GB of variables each) stay in the user's home.
+# (taken every 30 minutes while it works) back. Snapshots (at most 2 GB of
+# variables each) stay in the user's home.
 c.ChSpawner.kernel_session_state = True
 c.ChSpawner.kernel_snapshot_limit = 2 * 1000**3
+c.ChSpawner.kernel_autosave_interval = 1800
 c.SlurmChSpawner.kernel_move_lead = 600
 c.Spawner.start_timeout = 600           # a job may wait in the queue
 c.Spawner.http_timeout = 120
